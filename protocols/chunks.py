@@ -1,0 +1,149 @@
+"""Micro-turn chunks: what enters and leaves the interaction model every 200 ms.
+
+An `InputChunk` is one session's 200 ms of input for tick `seq`; an `OutputChunk` is the
+model's 200 ms answer for the same tick. Both validate on construction, so a malformed chunk
+never exists: bad input raises `ProtocolError` with a message fit to show the client.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+SAMPLE_RATE = 16_000  # Hz, mono, inside the system
+CHUNK_MS = 200  # one micro-turn
+CHUNK_SAMPLES = SAMPLE_RATE * CHUNK_MS // 1000  # 3,200
+PATCH = 40  # video patches are PATCH x PATCH pixels
+FRAME_SIZE = 160  # default frame edge: 160 x 160 -> 16 patches
+MAX_FRAME_EDGE = 640  # larger frames are refused, not silently resized
+MAX_TEXT_CHARS = 4_096  # typed text per chunk
+
+# What the model may emit each micro-turn instead of a harness deciding it.
+CONTROLS = ("speak", "silent", "yield", "backchannel", "delegate", "tool_call")
+
+
+class ProtocolError(ValueError):
+    """Input that breaks a contract. `code` is a stable machine-readable reason."""
+
+    def __init__(self, message: str, code: str = "invalid_value", param: str | None = None):
+        super().__init__(message)
+        self.code = code
+        self.param = param
+
+
+def check_session_id(session_id: Any) -> str:
+    if not isinstance(session_id, str) or not session_id or len(session_id) > 128:
+        raise ProtocolError(f"session_id must be a non-empty string of at most 128 characters, got {session_id!r}", "invalid_session", "session_id")
+    return session_id
+
+
+def check_audio(audio: Any, param: str = "audio") -> np.ndarray:
+    """A chunk's audio: exactly CHUNK_SAMPLES int16 samples, 1-D (16 kHz mono)."""
+    if not isinstance(audio, np.ndarray):
+        raise ProtocolError(f"{param} must be a numpy int16 array, got {type(audio).__name__}", "invalid_audio", param)
+    if audio.dtype != np.int16:
+        raise ProtocolError(f"{param} must be int16 PCM at {SAMPLE_RATE} Hz, got dtype {audio.dtype}", "invalid_audio", param)
+    if audio.shape != (CHUNK_SAMPLES,):
+        raise ProtocolError(f"{param} must hold {CHUNK_SAMPLES} samples (200 ms at {SAMPLE_RATE} Hz mono), got shape {audio.shape}", "invalid_audio", param)
+    return audio
+
+
+def check_frame(frame: Any, param: str = "frame") -> np.ndarray | None:
+    """An optional RGB frame: uint8 (H, W, 3), both edges multiples of PATCH, at most MAX_FRAME_EDGE."""
+    if frame is None:
+        return None
+    if not isinstance(frame, np.ndarray) or frame.dtype != np.uint8:
+        raise ProtocolError(f"{param} must be a uint8 RGB array", "invalid_frame", param)
+    if frame.ndim != 3 or frame.shape[2] != 3:
+        raise ProtocolError(f"{param} must have shape (H, W, 3), got {frame.shape}", "invalid_frame", param)
+    h, w = frame.shape[:2]
+    if h == 0 or w == 0 or h % PATCH or w % PATCH or max(h, w) > MAX_FRAME_EDGE:
+        raise ProtocolError(f"{param} edges must be positive multiples of {PATCH} up to {MAX_FRAME_EDGE}, got {h}x{w}", "invalid_frame", param)
+    return frame
+
+
+def check_text(text: Any, param: str = "text") -> str:
+    if not isinstance(text, str):
+        raise ProtocolError(f"{param} must be a string", "invalid_text", param)
+    if len(text) > MAX_TEXT_CHARS:
+        raise ProtocolError(f"{param} is longer than {MAX_TEXT_CHARS} characters", "invalid_text", param)
+    return text
+
+
+def check_events(events: Any, param: str = "events") -> list[dict]:
+    if not isinstance(events, list) or not all(isinstance(e, dict) for e in events):
+        raise ProtocolError(f"{param} must be a list of JSON objects", "invalid_value", param)
+    return events
+
+
+def _check_seq(seq: Any) -> int:
+    if isinstance(seq, bool) or not isinstance(seq, (int, np.integer)) or seq < 0:
+        raise ProtocolError(f"seq must be a non-negative integer, got {seq!r}", "invalid_value", "seq")
+    return int(seq)
+
+
+def silence() -> np.ndarray:
+    return np.zeros(CHUNK_SAMPLES, dtype=np.int16)
+
+
+@dataclass
+class InputChunk:
+    """One session's input for tick `seq`, covering [t_start, t_start + 0.2 s) on the actor clock.
+
+    `missing` marks a chunk that did not arrive by the tick's deadline: its audio is silence.
+    """
+
+    session_id: str
+    seq: int
+    t_start: float
+    audio: np.ndarray
+    frame: np.ndarray | None = None
+    text: str = ""
+    events: list[dict] = field(default_factory=list)
+    missing: bool = False
+
+    def __post_init__(self) -> None:
+        check_session_id(self.session_id)
+        self.seq = _check_seq(self.seq)
+        self.t_start = float(self.t_start)
+        check_audio(self.audio)
+        check_frame(self.frame)
+        check_text(self.text)
+        check_events(self.events)
+        self.missing = bool(self.missing)
+
+    @classmethod
+    def silent(cls, session_id: str, seq: int, t_start: float, missing: bool = True) -> "InputChunk":
+        return cls(session_id, seq, t_start, silence(), missing=missing)
+
+
+@dataclass
+class OutputChunk:
+    """The model's answer for tick `seq`: 200 ms of audio, the text it spoke, its control tokens.
+
+    `step_ms` is the batched step's compute time; `events` are Realtime-style server events the
+    step raised (e.g. a delegated task id).
+    """
+
+    session_id: str
+    seq: int
+    t_start: float
+    audio: np.ndarray
+    text: str = ""
+    controls: list[str] = field(default_factory=list)
+    events: list[dict] = field(default_factory=list)
+    step_ms: float = 0.0
+
+    def __post_init__(self) -> None:
+        check_session_id(self.session_id)
+        self.seq = _check_seq(self.seq)
+        self.t_start = float(self.t_start)
+        check_audio(self.audio)
+        check_text(self.text)
+        check_events(self.events)
+        unknown = [c for c in self.controls if c not in CONTROLS]
+        if unknown:
+            raise ProtocolError(f"unknown control token(s) {unknown}; known: {list(CONTROLS)}", "invalid_value", "controls")
+        self.step_ms = float(self.step_ms)

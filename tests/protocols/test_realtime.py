@@ -1,0 +1,93 @@
+import json
+
+import numpy as np
+import pytest
+
+from protocols import ProtocolError
+from protocols.realtime import (
+    CLIENT_EVENT_TYPES, ConversationItemTruncate, InputAudioBufferAppend, SessionUpdate, decode_pcm16,
+    encode_pcm16, error_from, is_error, parse_client_event, server_event,
+)
+
+VALID = {
+    "session.update": {"session": {"type": "realtime", "instructions": "be brief", "audio": {"input": {"format": {"type": "audio/pcm", "rate": 24000}}, "output": {"voice": "alloy"}}}},
+    "input_audio_buffer.append": {"audio": encode_pcm16(np.arange(480, dtype=np.int16))},
+    "input_audio_buffer.commit": {},
+    "input_audio_buffer.clear": {},
+    "conversation.item.create": {"item": {"type": "message", "role": "user", "content": [{"type": "input_text", "text": "hi"}]}},
+    "conversation.item.truncate": {"item_id": "item_1", "content_index": 0, "audio_end_ms": 1500},
+    "conversation.item.delete": {"item_id": "item_1"},
+    "response.create": {},
+    "response.cancel": {},
+    "output_audio_buffer.clear": {},
+}
+
+
+@pytest.mark.parametrize("kind", CLIENT_EVENT_TYPES)
+def test_every_client_event_parses_from_json_text(kind):
+    event = parse_client_event(json.dumps({"type": kind, "event_id": "c1", **VALID[kind]}))
+    assert not is_error(event), event
+    assert event.type == kind and event.event_id == "c1"
+
+
+def test_session_keeps_unknown_fields_and_defaults_rate():
+    event = parse_client_event({"type": "session.update", "session": {"audio": {"input": {"format": {"type": "audio/pcm"}}}, "future_knob": 3}})
+    assert isinstance(event, SessionUpdate)
+    assert event.session.audio.input.format.rate == 24000
+    assert event.session.model_extra == {"future_knob": 3}
+
+
+@pytest.mark.parametrize(
+    "raw, code, param",
+    [
+        ("{not json", "invalid_json", None),
+        ("[1, 2]", "invalid_json", None),
+        ({"event_id": "c9"}, "missing_type", "type"),
+        ({"type": "response.explode", "event_id": "c9"}, "unknown_event", "type"),
+        ({"type": "conversation.item.truncate", "item_id": "i", "content_index": 0, "audio_end_ms": -1, "event_id": "c9"}, "invalid_value", "audio_end_ms"),
+        ({"type": "session.update", "session": {"audio": {"input": {"format": {"type": "audio/pcm", "rate": 11025}}}}}, "invalid_value", "session.audio.input.format"),
+        ({"type": "input_audio_buffer.append"}, "invalid_value", "audio"),
+        ({"type": "input_audio_buffer.append", "audio": "AA==", "junk": 1}, "invalid_value", "junk"),
+    ],
+)
+def test_bad_client_events_become_error_events(raw, code, param):
+    event = parse_client_event(raw)
+    assert is_error(event)
+    assert event["error"]["code"] == code
+    assert event["error"].get("param") == param
+    assert event["error"]["message"]
+    if isinstance(raw, dict) and "event_id" in raw:
+        assert event["error"]["event_id"] == raw["event_id"]
+
+
+def test_oversized_event_is_refused_before_parsing():
+    event = parse_client_event("x" * 2000, max_bytes=1000)
+    assert is_error(event) and event["error"]["code"] == "message_too_large"
+
+
+def test_pcm16_round_trip_and_bad_audio():
+    samples = np.array([0, 1, -1, 32767, -32768], dtype=np.int16)
+    assert np.array_equal(decode_pcm16(encode_pcm16(samples)), samples)
+    with pytest.raises(ProtocolError, match="base64"):
+        decode_pcm16("***")
+
+
+def test_odd_byte_count_is_refused():
+    import base64
+
+    with pytest.raises(ProtocolError, match="even number"):
+        decode_pcm16(base64.b64encode(b"\x01\x02\x03").decode())
+
+
+def test_server_events_have_ids_and_refuse_typos():
+    delta = server_event("response.output_audio.delta", response_id="r", item_id="i", output_index=0, content_index=0, delta="AA==")
+    assert delta["type"] == "response.output_audio.delta" and delta["event_id"].startswith("event_")
+    err = error_from(ProtocolError("bad frame", "invalid_frame", "frame"), "c1")
+    assert err["error"] == {"type": "invalid_request_error", "code": "invalid_frame", "message": "bad frame", "param": "frame", "event_id": "c1"}
+    with pytest.raises(ValueError):
+        server_event("response.audio.delta")
+
+
+def test_typed_models_are_returned():
+    assert isinstance(parse_client_event({"type": "input_audio_buffer.append", "audio": "AA=="}), InputAudioBufferAppend)
+    assert isinstance(parse_client_event({"type": "conversation.item.truncate", "item_id": "a", "content_index": 0, "audio_end_ms": 0}), ConversationItemTruncate)
