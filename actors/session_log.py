@@ -177,7 +177,7 @@ class SessionLog:
         wal_dir: str | None = None,
         fsync: bool = False,
     ):
-        root = root or os.path.join(os.getcwd(), "data", "log")
+        root = os.fspath(root) if root else os.path.join(os.getcwd(), "data", "log")
         if "://" not in root:
             root = os.path.abspath(root)
         self.root = root

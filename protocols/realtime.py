@@ -233,6 +233,9 @@ SERVER_EVENT_TYPES = (
     "output_audio_buffer.stopped",
     "output_audio_buffer.cleared",
     "rate_limits.updated",
+    # Our one extension, sent only to clients that opt in with session.interplay.tick_events:
+    # per-tick input/output level and step time, for the browser page's live timeline.
+    "interplay.tick",
 )
 
 

@@ -1,0 +1,83 @@
+"""The `interplay` command: bring the system up on a Ray cluster and look at it.
+
+`interplay serve` starts (or joins) a Ray cluster and brings up every part on the configured
+defaults, printing each part's status as it comes up; `interplay status` reports on a running one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+from .config import AppConfig
+
+NAMESPACE = "interplay"
+
+
+def _init_ray(address: str | None) -> None:
+    import ray
+
+    print(f"[interplay] starting Ray ({'joining ' + address if address else 'local cluster'}) ...", flush=True)
+    t = time.monotonic()
+    ray.init(address=address, namespace=NAMESPACE, include_dashboard=False, logging_level="ERROR")
+    res = ray.cluster_resources()
+    print(f"[interplay] Ray up in {time.monotonic() - t:.1f} s: {res.get('CPU', 0):.0f} CPU, {res.get('GPU', 0):.0f} GPU", flush=True)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from .app import start
+
+    config = AppConfig.load(args.config)
+    if args.port:
+        config.http.port = args.port
+    if args.host:
+        config.http.host = args.host
+    _init_ray(args.address)
+    parts = start(config)
+    for name, status in parts.items():
+        print(f"[interplay] {name:<12} {status}", flush=True)
+    if args.once:
+        return 0
+    print("[interplay] running; Ctrl-C stops it", flush=True)
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        print("\n[interplay] stopping", flush=True)
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    import ray
+
+    from .app import status
+
+    ray.init(address=args.address or "auto", namespace=NAMESPACE, logging_level="ERROR")
+    for name, state in status().items():
+        print(f"{name:<12} {state}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="interplay", description="Serve full-duplex interaction models on Ray.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="start a local Ray cluster (or join one) and bring Interplay up")
+    serve.add_argument("--config", help="YAML file overriding the embedded defaults")
+    serve.add_argument("--address", help="join an existing Ray cluster (e.g. 'auto') instead of starting one")
+    serve.add_argument("--host", help="HTTP host (default from config: 127.0.0.1)")
+    serve.add_argument("--port", type=int, help="HTTP port (default from config: 8000)")
+    serve.add_argument("--once", action="store_true", help="bring everything up, print status, exit (for checks)")
+    serve.set_defaults(func=cmd_serve)
+
+    st = sub.add_parser("status", help="report on a running Interplay")
+    st.add_argument("--address", help="Ray address (default: auto)")
+    st.set_defaults(func=cmd_status)
+
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

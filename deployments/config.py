@@ -1,0 +1,65 @@
+"""The deployment's configuration: one pydantic model, loaded from YAML, with working defaults.
+
+`AppConfig()` alone is the embedded default a fresh `interplay serve` runs on: the `tiny` model
+on CPU, a local session log under ./data/log, HTTP on 127.0.0.1:8000. A YAML file overrides any
+part; unknown keys are refused so a typo never silently does nothing.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ModelSection(_Section):
+    preset: str = "tiny"
+    checkpoint: str | None = None  # a safetensors directory with its config.json
+    device: str = "auto"  # auto: cuda when present, else cpu
+
+
+class InteractionSection(_Section):
+    max_sessions: int = Field(16, ge=1)
+    tick_ms: int = Field(200, ge=20)
+    grace_ms: int = Field(40, ge=0)  # how long past the tick a chunk may still arrive
+
+
+class LogSection(_Section):
+    root: str = "./data/log"  # a directory or any pyarrow filesystem URI (s3://..., gs://...)
+    retention_s: float = Field(120.0, gt=0)
+
+
+class HttpSection(_Section):
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=1, le=65535)
+
+
+class AuthSection(_Section):
+    # Empty means open (local development). Keys may also come from INTERPLAY_API_KEYS (comma-separated).
+    api_keys: list[str] = Field(default_factory=list)
+    client_secret_ttl_s: int = Field(60, ge=5, le=3600)
+
+    def keys(self) -> list[str]:
+        env = [k for k in os.environ.get("INTERPLAY_API_KEYS", "").split(",") if k]
+        return self.api_keys + env
+
+
+class AppConfig(_Section):
+    model: ModelSection = Field(default_factory=ModelSection)
+    interaction: InteractionSection = Field(default_factory=InteractionSection)
+    log: LogSection = Field(default_factory=LogSection)
+    http: HttpSection = Field(default_factory=HttpSection)
+    auth: AuthSection = Field(default_factory=AuthSection)
+
+    @classmethod
+    def load(cls, path: str | Path | None) -> "AppConfig":
+        if path is None:
+            return cls()
+        data = yaml.safe_load(Path(path).read_text()) or {}
+        return cls.model_validate(data)
