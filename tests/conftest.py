@@ -19,6 +19,13 @@ def ray_cluster():
     ray.shutdown()
 
 
+def pytest_configure(config):
+    """WebRTC media in tests stays on loopback: aioice would otherwise offer the machine's interfaces."""
+    from actors.ingress import use_ice_addresses
+
+    use_ice_addresses(["127.0.0.1"])
+
+
 def pytest_collection_modifyitems(config, items):
     """GPU tests run only where CUDA is present."""
     try:

@@ -1,0 +1,403 @@
+"""The Ingress with real aiortc clients over the machine's own interfaces. A fake exchange stands in
+for the interaction side (the real InteractionActor plugs in through the same callable); the Ray
+test uses a fake InteractionActor with the surface IngressActor calls."""
+
+import asyncio
+import fractions
+import json
+import time
+
+import av
+import numpy as np
+import pytest
+import ray
+from aiortc import RTCPeerConnection, RTCSessionDescription
+from aiortc.mediastreams import MediaStreamError, MediaStreamTrack, VideoStreamTrack
+
+from actors.ingress import Ingress, IngressActor, _Session, check_sdp
+from actors.media import AudioChunker
+from protocols import OutputChunk, ProtocolError
+
+pytestmark = pytest.mark.timeout(30)
+
+
+class Sine(MediaStreamTrack):
+    """A microphone stand-in: 440 Hz, 48 kHz stereo, 20 ms frames in real time."""
+
+    kind = "audio"
+
+    def __init__(self):
+        super().__init__()
+        self.n = 0
+        self.start = None
+
+    async def recv(self):
+        if self.readyState != "live":
+            raise MediaStreamError
+        if self.start is None:
+            self.start = time.time()
+        await asyncio.sleep(max(0.0, self.start + self.n * 0.02 - time.time()))
+        t = (self.n * 960 + np.arange(960)) / 48000
+        x = (8000 * np.sin(2 * np.pi * 440 * t)).astype(np.int16)
+        frame = av.AudioFrame.from_ndarray(np.repeat(x, 2).reshape(1, -1), format="s16", layout="stereo")
+        frame.sample_rate, frame.pts, frame.time_base = 48000, self.n * 960, fractions.Fraction(1, 48000)
+        self.n += 1
+        return frame
+
+
+class Camera(VideoStreamTrack):
+    """A small, slow camera (5 fps, 320x240) so that VP8 costs little CPU."""
+
+    def __init__(self):
+        super().__init__()
+        self.n = 0
+
+    async def recv(self):
+        await asyncio.sleep(0.2)
+        frame = av.VideoFrame.from_ndarray(np.full((240, 320, 3), 180, np.uint8), format="rgb24").reformat(format="yuv420p")
+        frame.pts, frame.time_base = self.n * 18000, fractions.Fraction(1, 90000)
+        self.n += 1
+        return frame
+
+
+class Client:
+    """An aiortc peer that talks to the ingress like a browser would."""
+
+    def __init__(self, video: bool = False):
+        self.pc = RTCPeerConnection()
+        self.pc.addTrack(Sine())
+        if video:
+            self.pc.addTrack(Camera())
+        self.channel = self.pc.createDataChannel("oai-events")
+        self.events: list[dict] = []
+        self.channel.on("message", lambda m: self.events.append(json.loads(m)))
+        self.audio: list[np.ndarray] = []
+        self.pc.on("track", lambda track: asyncio.ensure_future(self._read(track)))
+
+    async def _read(self, track):
+        try:
+            while True:
+                frame = await track.recv()
+                self.audio.append(frame.to_ndarray().reshape(-1))
+        except MediaStreamError:
+            pass
+
+    async def connect(self, ingress) -> str:
+        await self.pc.setLocalDescription(await self.pc.createOffer())
+        answer = await ingress.offer(self.pc.localDescription.sdp)
+        await self.pc.setRemoteDescription(RTCSessionDescription(answer["sdp"], "answer"))
+        self.session_id = answer["session_id"]
+        return self.session_id
+
+    def send(self, event):
+        self.channel.send(event if isinstance(event, str) else json.dumps(event))
+
+    def of_type(self, kind: str) -> list[dict]:
+        return [e for e in self.events if e["type"] == kind]
+
+    async def wait_for(self, kind: str, timeout: float = 3.0) -> dict:
+        deadline = time.time() + timeout
+        while not self.of_type(kind):
+            assert time.time() < deadline, f"no {kind} event; got {[e['type'] for e in self.events]}"
+            await asyncio.sleep(0.02)
+        return self.of_type(kind)[-1]
+
+    def loud_frames(self) -> int:
+        return sum(int(np.abs(a).max() > 2000) for a in self.audio)
+
+
+class Echo:
+    """The fake interaction side: every session speaks its own input back, with a word of text."""
+
+    def __init__(self):
+        self.calls: list[tuple[int, list[str]]] = []
+        self.chunks = []
+
+    async def __call__(self, tick, chunks, session_ids):
+        self.calls.append((tick, list(session_ids)))
+        self.chunks.extend(chunks)
+        return [OutputChunk(c.session_id, c.seq, c.t_start, c.audio, text="la ", controls=["speak"]) for c in chunks]
+
+
+def test_bad_sdp_is_refused():
+    async def main():
+        ingress = Ingress(Echo(), max_sessions=1)
+        bad = [
+            None,
+            "hello",
+            "v=0\r\n" + "a=x\r\n" * 20000,  # oversized
+            "v=0\r\nm=video 9 UDP/TLS/RTP/SAVPF 96\r\n",  # no audio
+            "v=0\r\n" + "m=audio 9 UDP/TLS/RTP/SAVPF 111\r\n" * 3,  # too many audio lines
+            "v=0\r\no=- 1 1 IN IP4 0.0.0.0\r\ns=-\r\nt=0 0\r\nm=audio 9 UDP/TLS/RTP/SAVPF 111\r\nc=IN IP4 0.0.0.0\r\n",  # no ICE/DTLS
+            "v=0\r\nm=audio x\x00\r\n",
+            "v=0\r\nm=audio 9 X 111\r\n" + "a=candidate:1 1 udp 1 10.0.0.1 9 typ host\r\n" * 40,
+        ]
+        for sdp in bad:
+            with pytest.raises(ProtocolError) as info:
+                await ingress.offer(sdp)
+            assert info.value.code == "invalid_sdp"
+        assert not ingress.sessions and ingress._negotiating == 0
+        with pytest.raises(ProtocolError) as info:
+            await ingress.offer(check_sdp("v=0\r\nm=audio 9 X 111\r\n"), session_config={"type": "nope"})
+        assert info.value.code == "invalid_value"
+        await ingress.shutdown()
+
+    asyncio.run(main())
+
+
+class FakeChannel:
+    readyState = "open"
+
+    def __init__(self):
+        self.sent = []
+
+    def send(self, message):
+        self.sent.append(json.loads(message))
+
+
+def test_speaking_runs_become_realtime_responses():
+    """The event sequence of a response, without a network: speak, speak, yield, drain."""
+
+    async def main():
+        ingress = Ingress(Echo(), clock_t0=0.0)
+        s = _Session(None, AudioChunker(0.0), 160, 0.6, {"type": "realtime"})
+        s.channel = FakeChannel()
+        tone = (8000 * np.sin(np.arange(3200) / 5)).astype(np.int16)
+        for seq, controls, text in [(0, ["speak"], "hel"), (1, [], "lo"), (2, ["yield"], ""), (3, [], "")]:
+            ingress._deliver(s, OutputChunk(s.id, seq, seq * 0.2, tone if seq < 2 else np.zeros(3200, np.int16), text=text, controls=controls))
+        ingress._deliver(s, OutputChunk(s.id, 1, 0.2, tone, controls=["speak"]))  # stale: ignored
+        assert s.track.queued_ms == pytest.approx(460, abs=2)  # 60 ms margin + two chunks
+        types = [e["type"] for e in s.channel.sent]
+        assert types == [
+            "response.created", "response.output_item.added", "conversation.item.added", "output_audio_buffer.started",
+            "response.output_audio_transcript.delta", "response.output_audio_transcript.delta",
+            "response.output_audio_transcript.done", "response.output_audio.done", "response.output_item.done", "response.done",
+        ]
+        done = s.channel.sent[-1]["response"]
+        assert done["status"] == "completed" and done["output"][0]["content"][0]["transcript"] == "hello"
+        await asyncio.sleep(0.5)  # once the queued audio would have played out
+        assert s.channel.sent[-1]["type"] == "output_audio_buffer.stopped" and s.channel.sent[-1]["response_id"] == done["id"]
+
+    asyncio.run(main())
+
+
+def test_a_call_that_never_connects_is_closed():
+    async def main():
+        ingress = Ingress(Echo(), max_sessions=1, connect_timeout_s=0.3)
+        pc = RTCPeerConnection()
+        pc.addTransceiver("audio")
+        await pc.setLocalDescription(await pc.createOffer())
+        await ingress.offer(pc.localDescription.sdp)  # and never takes the answer
+        assert len(ingress.sessions) == 1
+        await asyncio.sleep(0.6)
+        assert not ingress.sessions
+        await pc.close()
+        await ingress.shutdown()
+
+    asyncio.run(main())
+
+
+def test_call_audio_and_events():
+    """One call for ~3 s: echoed audio comes back, Realtime events flow, bad events get errors."""
+
+    async def main():
+        echo = Echo()
+        ingress = Ingress(echo, clock_t0=time.time() - 0.13, max_event_bytes=4096)
+        client = Client(video=True)
+        sid = await client.connect(ingress)
+        created = await client.wait_for("session.created")
+        assert created["session"]["id"] == sid
+        await client.wait_for("output_audio_buffer.started")
+        await asyncio.sleep(1.5)
+        # audio came back: the echoed tone, continuous after the first ticks
+        assert len(client.audio) > 50
+        assert client.loud_frames() > 30
+        loud = [np.abs(a).max() > 2000 for a in client.audio]
+        assert np.mean(loud[loud.index(True) :]) > 0.8  # loose: a loaded machine may miss a tick
+        # chunks the interaction side saw: consecutive ticks, 3,200 samples, the tone inside
+        seqs = [c.seq for c in echo.chunks]
+        assert seqs == list(range(seqs[0], seqs[0] + len(seqs)))
+        assert sum(not c.missing for c in echo.chunks) >= len(seqs) - 3
+        assert np.abs(echo.chunks[-1].audio).max() > 6000
+        frames = [c.frame for c in echo.chunks if c.frame is not None]
+        assert len(frames) >= 3 and frames[-1].shape == (160, 160, 3) and abs(int(frames[-1].mean()) - 180) < 10
+        response = await client.wait_for("response.created")
+        assert client.of_type("response.output_audio_transcript.delta")[0]["delta"] == "la "
+        assert client.of_type("response.output_item.added")[0]["response_id"] == response["response"]["id"]
+
+        # bad events: an error each, and the call goes on
+        client.send("not json")
+        client.send({"type": "no.such.event"})
+        client.send({"type": "session.update", "session": {"audio": {"output": {"speed": 9}}}})
+        client.send({"type": "x", "pad": "y" * 5000})  # oversized for this ingress
+        await asyncio.sleep(0.3)
+        codes = [e["error"]["code"] for e in client.of_type("error")]
+        assert codes == ["invalid_json", "unknown_event", "invalid_value", "message_too_large"]
+
+        # good events: session.update, typed text reaches the next chunk
+        client.send({"type": "session.update", "session": {"instructions": "be brief"}})
+        client.send({"type": "conversation.item.create", "item": {"type": "message", "role": "user", "content": [{"type": "input_text", "text": "hello there"}]}})
+        updated = await client.wait_for("session.updated")
+        assert updated["session"]["instructions"] == "be brief"
+        await client.wait_for("conversation.item.added")
+        await asyncio.sleep(0.5)
+        assert any(c.text == "hello there" for c in echo.chunks)
+        assert any(e["type"] == "session.update" for c in echo.chunks for e in c.events)
+
+        # truncation: beyond what was played is an error; within it interrupts the response
+        item_id = client.of_type("response.output_item.added")[0]["item"]["id"]
+        client.send({"type": "conversation.item.truncate", "item_id": item_id, "content_index": 0, "audio_end_ms": 600_000})
+        await asyncio.sleep(0.2)
+        assert client.of_type("error")[-1]["error"]["param"] == "audio_end_ms"
+        client.send({"type": "conversation.item.truncate", "item_id": item_id, "content_index": 0, "audio_end_ms": 500})
+        truncated = await client.wait_for("conversation.item.truncated")
+        assert truncated["audio_end_ms"] == 500
+        await client.wait_for("output_audio_buffer.cleared")
+        done = await client.wait_for("response.done")
+        assert done["response"]["status"] == "cancelled"
+        n_before = len(client.audio)
+        await asyncio.sleep(0.6)  # muted: the model still "speaks", the client hears silence
+        assert all(np.abs(a).max() < 500 for a in client.audio[n_before + 10 :])
+        assert len(client.audio) - n_before > 20  # but the track keeps sending
+        client.send({"type": "response.cancel", "event_id": "ev1"})
+        client.send({"type": "output_audio_buffer.clear"})
+        await asyncio.sleep(0.2)
+        assert client.of_type("error")[-1]["error"] == {"type": "invalid_request_error", "code": "response_cancel_not_active", "message": "there is no active response to cancel", "event_id": "ev1"}
+        assert len(client.of_type("output_audio_buffer.cleared")) == 2
+
+        stats = await ingress.stats()
+        assert stats["sessions"] == 1 and stats["failed_exchanges"] == 0 and stats["exchanges"] >= 10
+        await client.pc.close()
+        await ingress.shutdown()
+
+    asyncio.run(main())
+
+
+def test_two_calls_share_each_tick_and_a_leaving_call_frees_its_slot():
+    async def main():
+        echo = Echo()
+        closed = []
+
+        async def on_close(sid):
+            closed.append(sid)
+
+        ingress = Ingress(echo, max_sessions=2, on_close=on_close)
+        a, b = Client(), Client()
+        sa, sb = await asyncio.gather(a.connect(ingress), b.connect(ingress))
+        with pytest.raises(ProtocolError) as info:
+            await Client().connect(ingress)
+        assert info.value.code == "capacity"
+        await asyncio.sleep(1.5)
+        ticks = [tick for tick, _ in echo.calls]
+        assert ticks == sorted(set(ticks))  # one exchange per tick, never one per session
+        both = [ids for _, ids in echo.calls if len(ids) == 2]
+        assert len(both) >= 5 and all(set(ids) == {sa, sb} for ids in both)
+        assert a.loud_frames() > 20 and b.loud_frames() > 20
+
+        await a.pc.close()  # hangs up mid-call
+        deadline = time.time() + 5
+        while sa in ingress.sessions:
+            assert time.time() < deadline, "the closed call kept its slot"
+            await asyncio.sleep(0.05)
+        assert closed == [sa]
+        n = len(b.audio)
+        await asyncio.sleep(0.5)
+        assert len(b.audio) - n > 15  # the other call goes on
+        c = Client()
+        sc = await c.connect(ingress)  # the freed slot takes a new call
+        assert len(ingress.sessions) == 2
+        await ingress.close(sc)  # the server hangs up (POST .../hangup)
+        assert list(ingress.sessions) == [sb] and closed == [sa, sc]
+        with pytest.raises(ProtocolError) as info:
+            await ingress.close(sc)
+        assert info.value.code == "unknown_session"
+        for client in (b, c):
+            await client.pc.close()
+        await ingress.shutdown()
+
+    asyncio.run(main())
+
+
+def test_slow_or_failing_exchange_does_not_stall_ticks():
+    async def flaky(tick, chunks, session_ids):
+        if tick % 3 == 0:
+            raise RuntimeError("interaction side hiccup")
+        if tick % 3 == 1:
+            await asyncio.sleep(5)  # past the timeout
+        return [OutputChunk(c.session_id, c.seq, c.t_start, c.audio, controls=["speak"]) for c in chunks]
+
+    async def main():
+        ingress = Ingress(flaky, exchange_timeout_s=0.5)
+        client = Client()
+        await client.connect(ingress)
+        await asyncio.sleep(2.0)
+        stats = await ingress.stats()
+        assert stats["exchanges"] >= 2 and stats["failed_exchanges"] >= 4
+        assert stats["ticks"] >= 7 and stats["skipped_ticks"] == 0
+        assert client.loud_frames() > 5 and len(client.audio) > 70  # silence fills the gaps
+        await client.pc.close()
+        await ingress.shutdown()
+
+    asyncio.run(main())
+
+
+@ray.remote
+class FakeInteraction:
+    """The InteractionActor's surface the ingress uses: clock_info, join, leave, exchange."""
+
+    def __init__(self, max_sessions: int):
+        self.t0, self.max_sessions, self.members = time.time(), max_sessions, []
+
+    def clock_info(self):
+        return {"t0": self.t0, "tick_s": 0.2, "grace_s": 0.04}
+
+    async def join(self, session_id):
+        if len(self.members) >= self.max_sessions:
+            raise ProtocolError("the interaction actor is full", "capacity")
+        self.members.append(session_id)
+
+    async def leave(self, session_id):
+        self.members.remove(session_id)
+
+    async def exchange(self, tick, chunks, session_ids):
+        return [OutputChunk(c.session_id, c.seq, c.t_start, c.audio, controls=["speak"]) for c in chunks]
+
+    def get_members(self):
+        return self.members
+
+
+@pytest.mark.timeout(60)
+def test_ingress_inside_a_ray_actor(ray_cluster):
+    async def main():
+        interaction = FakeInteraction.remote(max_sessions=1)
+        actor = IngressActor.remote(interaction, ice_addresses=["127.0.0.1"])
+        with pytest.raises(ProtocolError) as info:  # what the HTTP layer maps to 400
+            await actor.offer.remote("v=0\r\nm=audio 9 X 0\r\n")
+        assert info.value.code == "invalid_sdp"
+        client = Client()
+        sid = await client.connect(_RayIngress(actor))
+        await client.wait_for("session.created", timeout=10)
+        with pytest.raises(ProtocolError) as info:  # refused by the interaction side's join
+            await Client().connect(_RayIngress(actor))
+        assert info.value.code == "capacity"
+        await asyncio.sleep(1.5)
+        assert client.loud_frames() > 20
+        stats = await actor.stats.remote()
+        assert stats["sessions"] == 1 and stats["exchanges"] >= 5 and stats["missing_chunks"] <= 2
+        assert await interaction.get_members.remote() == [sid]
+        await client.pc.close()
+        await asyncio.sleep(0.5)
+        assert await interaction.get_members.remote() == []
+        await actor.shutdown.remote()
+        for handle in (actor, interaction):
+            ray_cluster.kill(handle)
+
+    asyncio.run(main())
+
+
+class _RayIngress:
+    def __init__(self, actor):
+        self.actor = actor
+
+    async def offer(self, sdp, session_config=None):
+        return await self.actor.offer.remote(sdp, session_config)

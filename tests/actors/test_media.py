@@ -1,0 +1,160 @@
+"""AudioChunker, FrameSampler and PacedAudioTrack, without any network."""
+
+import asyncio
+import time
+
+import av
+import numpy as np
+import pytest
+
+from actors.media import AudioChunker, FrameSampler, PacedAudioTrack, resize_frame
+
+T0 = 1000.0  # the interaction clock's t0 in these tests
+
+
+def tone(rate: int, seconds: float, channels: int = 1, hz: float = 440.0) -> np.ndarray:
+    t = np.arange(int(rate * seconds)) / rate
+    x = (8000 * np.sin(2 * np.pi * hz * t)).astype(np.int16)
+    return np.stack([x] * channels, axis=1) if channels > 1 else x
+
+
+def one_shot(x: np.ndarray, rate: int) -> np.ndarray:
+    """The whole signal resampled to 16 kHz in one call (the reference for chunked output)."""
+    r = av.AudioResampler(format="s16", layout="mono", rate=16000)
+    frame = av.AudioFrame.from_ndarray(np.ascontiguousarray(x).reshape(1, -1), format="s16", layout="mono")
+    frame.sample_rate = rate
+    return np.concatenate([f.to_ndarray().reshape(-1) for f in [*r.resample(frame), *r.resample(None)]])
+
+
+def feed(chunker: AudioChunker, x: np.ndarray, rate: int, frame_s: float = 0.02, start: float = T0):
+    """Push x in real-time-sized frames, each stamped with the wall time its last sample ends."""
+    n = int(rate * frame_s)
+    for i in range(0, len(x), n):
+        block = x[i : i + n]
+        chunker.push(block, rate, start + (i + len(block)) / rate)
+
+
+def test_chunker_48k_stereo_matches_one_shot():
+    x = tone(48000, 1.0, channels=2)
+    chunker = AudioChunker(T0, jitter_s=0.0)
+    feed(chunker, x, 48000)
+    chunks = chunker.pop_ready()
+    assert [seq for seq, _ in chunks] == [0, 1, 2, 3, 4]
+    assert all(a.dtype == np.int16 and a.shape == (3200,) for _, a in chunks)
+    got = np.concatenate([a for _, a in chunks])
+    assert not got[:16].any()  # placed 1 ms late: the resampler's delay
+    ref = one_shot(x[:, 0], 48000)
+    assert np.abs(got[16:].astype(int) - ref[: len(got) - 16]).max() <= 1
+
+
+def test_chunker_24k_mono_and_alignment_padding():
+    x = tone(24000, 0.5)
+    chunker = AudioChunker(T0, jitter_s=0.04)
+    feed(chunker, x, 24000, start=T0 + 0.05)  # joins 50 ms into tick 0; placed 40 ms later
+    chunks = chunker.pop_ready()
+    assert [seq for seq, _ in chunks] == [0, 1]
+    first = chunks[0][1]
+    assert not first[:1440].any()  # 90 ms of leading silence
+    assert np.abs(first[1500:]).max() > 7000
+    got = np.concatenate([a for _, a in chunks])[1440:]
+    ref = one_shot(x, 24000)
+    errors = [np.abs(got[d:].astype(int) - ref[: len(got) - d]).max() for d in range(32)]  # up to 2 ms resampler delay
+    assert min(errors) <= 1
+
+
+def test_chunker_gap_then_resume_lands_at_arrival_tick():
+    chunker = AudioChunker(T0, jitter_s=0.04)
+    feed(chunker, tone(48000, 0.3), 48000)  # placed at 0.04-0.34 s: ticks 0 and part of 1
+    feed(chunker, tone(48000, 0.2), 48000, start=T0 + 1.0)  # resumes: 1.04-1.24 s, ticks 5 and 6
+    chunks = dict(chunker.pop_ready(until=6))
+    assert sorted(chunks) == [0, 1, 5, 6]  # ticks 2-4 are not produced
+    assert chunks[1][:2000].any() and not chunks[1][2300:].any()  # padded after the stall
+    assert chunker.gaps == 1
+    # a chunk handed out is final: audio later landing in its tick is dropped
+    chunker.push(tone(48000, 0.02), 48000, T0 + 1.26)
+    assert chunker.pop_ready(until=10) == []
+
+
+def test_chunker_lost_packets_and_bursts_keep_their_place():
+    x = tone(48000, 0.6)
+    n = 960
+    chunker = AudioChunker(T0, jitter_s=0.04)
+    for k in range(len(x) // n):
+        if k in (5, 6):
+            continue  # lost in the network: the RTP timestamps (pts) jump
+        arrival = T0 + (k + 1) * n / 48000
+        if 10 <= k < 15:
+            arrival = T0 + 15 * n / 48000 + 0.001  # a 100 ms hiccup, then a burst
+        chunker.push(x[k * n : (k + 1) * n], 48000, arrival, pts=k * n)
+    assert chunker.gaps == 0 and chunker.dropped_blocks == 0
+    chunks = dict(chunker.pop_ready(until=3))
+    got = np.concatenate([chunks[k] for k in sorted(chunks)])[640 + 16 :]  # jitter_s + resampler delay
+    ref = one_shot(x, 48000)[:9000]
+    got = got[: len(ref)]
+    lost = slice(5 * 320 - 16, 7 * 320 + 16)
+    assert np.abs(got[lost][32:-32]).max() < 50  # silence where the packets were lost
+    keep = np.ones(len(got), bool)
+    keep[lost] = False
+    assert np.abs(got[keep].astype(int) - ref[keep]).max() <= 1  # everything else in its place
+
+
+def test_chunker_resyncs_a_client_whose_clock_runs_slow():
+    chunker = AudioChunker(T0, jitter_s=0.04)
+    for k in range(120):  # 20 ms of audio every 21 ms
+        chunker.push(np.full(320, 1000, np.int16), 16000, T0 + (k + 1) * 0.021)
+    assert chunker.gaps == 1 and chunker.dropped_blocks == 0
+
+
+def test_chunker_drops_audio_running_ahead_and_bounds_its_buffer():
+    chunker = AudioChunker(T0, max_ready=3)
+    x = tone(16000, 2.0)
+    chunker.push(x[:320], 16000, T0 + 0.02)
+    chunker.push(x[320:], 16000, T0 + 0.04)  # 2 s of audio "arriving" in 20 ms
+    assert chunker.dropped_blocks == 1
+    feed(chunker, tone(16000, 1.0), 16000, start=T0 + 0.02)  # back in real time: 5 chunks, 3 kept
+    assert len(chunker.pop_ready()) == 3 and chunker.dropped_chunks == 2
+
+
+def test_resize_frame_matches_torch_version():
+    rng = np.random.default_rng(0)
+    from models.features import resize_frame as torch_resize
+
+    for h, w, size in [(480, 640, 160), (100, 120, 160), (161, 170, 40)]:
+        frame = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+        ours = resize_frame(frame, size)
+        assert ours.shape == (size, size, 3) and ours.dtype == np.uint8
+        assert np.abs(ours.astype(int) - torch_resize(frame, size)).max() <= 1
+
+
+def test_frame_sampler_keeps_newest_once():
+    sampler = FrameSampler(160)
+    assert sampler.take() is None
+    sampler.push(np.zeros((480, 640, 3), np.uint8))
+    sampler.push(av.VideoFrame.from_ndarray(np.full((240, 320, 3), 200, np.uint8), format="rgb24"))
+    frame = sampler.take()
+    assert frame.shape == (160, 160, 3) and abs(int(frame.mean()) - 200) <= 2
+    assert sampler.take() is None
+
+
+@pytest.mark.timeout(10)
+def test_paced_track_timing_pts_silence_and_clear():
+    async def main():
+        track = PacedAudioTrack()
+        track.write(tone(16000, 0.5))
+        t0 = time.perf_counter()
+        frames = [await track.recv() for _ in range(50)]
+        elapsed = time.perf_counter() - t0
+        assert 0.8 < elapsed < 1.5  # 50 frames of 20 ms, paced in real time
+        assert [f.pts for f in frames] == [i * 960 for i in range(50)]
+        assert all(f.sample_rate == 48000 and f.samples == 960 and f.layout.name == "mono" for f in frames)
+        pcm = [f.to_ndarray().reshape(-1) for f in frames]
+        assert np.abs(pcm[10]).max() > 7000 and not pcm[30].any()  # tone for 0.5 s, then silence
+        assert abs(track.played_ms - 500) < 2 and track.queued_ms < 2
+        track.write(tone(16000, 1.0))
+        await track.recv()
+        dropped = track.clear()
+        assert 970 < dropped < 990 and track.queued_ms == 0
+        assert not (await track.recv()).to_ndarray().any()
+        track.stop()
+
+    asyncio.run(main())
