@@ -2,7 +2,7 @@
 
 `DMel` turns 200 ms chunks of 16 kHz audio into 8 causal log-mel frames (80 bins, 25 ms hop),
 streaming with an explicit state so that chunk-by-chunk equals one-shot; `quantize` maps them
-to 16 levels per bin. `resize_frame` and `patchify` turn RGB frames into the (B, N, 3, 40, 40)
+to 16 levels per bin. `patchify` turns RGB frames (already resized by the ingress) into the (B, N, 3, 40, 40)
 patches the hMLP stem consumes.
 """
 
@@ -107,21 +107,6 @@ class DMel(torch.nn.Module):
         """Level codes -> the log-mel at each level's centre."""
         cfg = self.cfg
         return cfg.lo + (codes.float() + 0.5) * (cfg.hi - cfg.lo) / cfg.levels
-
-
-def resize_frame(frame: np.ndarray, size: int = 160) -> np.ndarray:
-    """uint8 (H, W, 3) -> uint8 (size, size, 3): centre-crop to a square, then resize."""
-    h, w = frame.shape[:2]
-    side = min(h, w)
-    top, left = (h - side) // 2, (w - side) // 2
-    square = torch.from_numpy(np.ascontiguousarray(frame[top : top + side, left : left + side]))
-    x = square.permute(2, 0, 1)[None].float()  # (1, 3, side, side)
-    # Area averaging when shrinking avoids aliasing; bilinear when growing avoids blocks.
-    if side >= size:
-        x = F.interpolate(x, size=(size, size), mode="area")
-    else:
-        x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
-    return x[0].permute(1, 2, 0).round().clamp(0, 255).to(torch.uint8).numpy()
 
 
 def patchify(frames: torch.Tensor, patch: int = 40) -> torch.Tensor:

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from models.features import DMel, FeatureConfig, mel_filterbank, patchify, resize_frame
+from models.features import DMel, FeatureConfig, mel_filterbank, patchify
 
 SR = 16_000
 
@@ -112,12 +112,3 @@ def test_patchify_refuses_edges_off_the_patch_grid():
         patchify(torch.zeros(1, 100, 160, 3, dtype=torch.uint8))
 
 
-def test_resize_centre_crops_then_resizes():
-    frame = np.zeros((480, 640, 3), dtype=np.uint8)
-    frame[:, :80] = (255, 0, 0)  # left and right margins are cropped away
-    frame[:, 560:] = (255, 0, 0)
-    frame[:, 80:560] = (0, 0, 200)
-    out = resize_frame(frame)
-    assert out.shape == (160, 160, 3) and out.dtype == np.uint8
-    assert (out == np.array([0, 0, 200], dtype=np.uint8)).all()
-    assert resize_frame(np.full((80, 120, 3), 7, dtype=np.uint8)).shape == (160, 160, 3)  # upscaling too
