@@ -19,7 +19,8 @@ Output events, per speaking run (consecutive speaking chunks, see `is_speaking`)
   interrupted -> (response.cancel, output_audio_buffer.clear, or truncating the item that is
                  still playing) queued audio is dropped, response.done (status "cancelled"),
                  output_audio_buffer.cleared; the model's speech stays muted until it yields.
-Client events that parse are forwarded to the model in the next InputChunk's `events`; typed
+Over a WebSocket the same, less the output_audio_buffer.* events (the client plays the audio,
+which arrives as response.output_audio.delta). Client events that parse are forwarded to the model in the next InputChunk's `events`; typed
 user text (`conversation.item.create`) goes into its `text`. Bad events get an `error` event
 and the call goes on.
 """
@@ -43,9 +44,10 @@ from aiortc.mediastreams import MediaStreamError
 
 from protocols import CHUNK_SAMPLES, SAMPLE_RATE, InputChunk, OutputChunk, ProtocolError, new_id
 from protocols.chunks import MAX_FRAME_EDGE, MAX_TEXT_CHARS, PATCH, silence
-from protocols.realtime import SessionConfig, error_event, error_from, is_error, parse_client_event, server_event
+from protocols.realtime import MAX_EVENT_BYTES as REALTIME_MAX_EVENT_BYTES
+from protocols.realtime import DEFAULT_RATE, SessionConfig, decode_pcm16, error_event, error_from, is_error, parse_client_event, server_event
 
-from .media import OUT_RATE, AudioChunker, FrameSampler, PacedAudioTrack, frame_to_samples
+from .media import OUT_RATE, AudioChunker, BufferedAudioInput, EventAudioSink, FrameSampler, PacedAudioTrack, frame_to_samples
 
 log = logging.getLogger(__name__)
 
@@ -149,14 +151,53 @@ class _Run:
     transcript: list[str] = field(default_factory=list)
 
 
+class QueueChannel:
+    """A WebSocket session's outgoing events: the gateway drains `queue` into the socket.
+
+    Shaped like the data channel (`readyState`, `send`) so a session speaks to both alike; `None`
+    in the queue means the session ended.
+    """
+
+    readyState = "open"
+
+    def __init__(self, max_queued: int = 2000):
+        self.queue: asyncio.Queue = asyncio.Queue(max_queued)
+
+    def send(self, text: str) -> None:
+        try:
+            self.queue.put_nowait(text)
+        except asyncio.QueueFull:  # a client that stopped reading loses events, nobody else does
+            log.warning("websocket client is not reading; dropping an event")
+
+    def close(self) -> None:
+        self.readyState = "closed"
+        try:
+            self.queue.put_nowait(None)
+        except asyncio.QueueFull:
+            pass
+
+
+def _rate(config: dict, direction: str) -> int:
+    fmt = ((config.get("audio") or {}).get(direction) or {}).get("format") or {}
+    return int(fmt.get("rate") or DEFAULT_RATE)
+
+
 class _Session:
-    def __init__(self, pc: RTCPeerConnection, chunker: AudioChunker, frame_size: int, max_playout_s: float, config: dict):
+    """One call. Over WebRTC audio rides tracks and events the data channel; over a WebSocket
+    (`websocket=True`) both ride events: audio in through a FIFO, audio out as deltas."""
+
+    def __init__(self, pc: RTCPeerConnection | None, chunker, frame_size: int, max_playout_s: float, config: dict, clock: dict | None = None, websocket: bool = False):
         self.id = new_id("sess")
         self.pc = pc
+        self.websocket = websocket
         self.chunker = chunker
         self.frames = FrameSampler(frame_size)
-        self.track = PacedAudioTrack(max_queue_s=max_playout_s)
-        self.channel = None
+        self.track = EventAudioSink(_rate(config, "output")) if websocket else PacedAudioTrack(max_queue_s=max_playout_s)
+        self.channel = QueueChannel() if websocket else None
+        # A data channel message is capped by SCTP; a WebSocket append may carry far more audio.
+        self.max_event_bytes = REALTIME_MAX_EVENT_BYTES if websocket else MAX_EVENT_BYTES
+        self.clock = clock or {}
+        self.levels: dict[int, float] = {}  # input RMS per tick, for interplay.tick events
         self.config = config
         self.first_tick: int | None = None  # stepped from this tick on; set once connected
         self.early: dict[int, np.ndarray] = {}  # chunks that came before their tick was gathered
@@ -179,7 +220,8 @@ class _Session:
                 log.debug("session %s: send failed: %s", self.id, exc)
 
     def session_object(self) -> dict:
-        return {"id": self.id, "object": "realtime.session", **self.config}
+        extension = {**self.config.get("interplay", {}), "clock": {**self.clock, "first_tick": self.first_tick}}
+        return {"id": self.id, "object": "realtime.session", **self.config, "interplay": extension}
 
     def item_played(self, item: _Item) -> int:
         """Samples of the item consumed by the track so far (sent, or skipped on overflow)."""
@@ -260,7 +302,8 @@ class Ingress:
         self._ensure_loop()
         self._negotiating += 1
         pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))  # host candidates only: no STUN
-        s = _Session(pc, AudioChunker(self.t0, self.tick_s, self.jitter_s), self.frame_size, self.max_playout_s, config)
+        s = _Session(pc, AudioChunker(self.t0, self.tick_s, self.jitter_s), self.frame_size, self.max_playout_s, config, self._clock())
+        s.max_event_bytes = self.max_event_bytes
         try:
             self._wire(s)
             try:
@@ -285,6 +328,42 @@ class Ingress:
         s.tasks.append(asyncio.create_task(self._watch_connect(s)))
         return {"session_id": s.id, "sdp": pc.localDescription.sdp}
 
+    async def open_websocket(self, session_config: dict | None = None) -> tuple[str, QueueChannel]:
+        """A Realtime session over a WebSocket: returns its id and the channel its events leave by.
+
+        The caller feeds the client's messages to `receive` and sends what the channel's queue
+        yields until it yields None; `close` ends the session.
+        """
+        config = _check_config(session_config)
+        if len(self.sessions) + self._negotiating >= self.max_sessions:
+            raise ProtocolError(f"this ingress is full ({self.max_sessions} calls)", "capacity")
+        self._ensure_loop()
+        s = _Session(None, BufferedAudioInput(tick_s=self.tick_s), self.frame_size, self.max_playout_s, config, self._clock(), websocket=True)
+        if self.on_join is not None:
+            self._negotiating += 1
+            try:
+                await self.on_join(s.id)
+            except ProtocolError as exc:
+                cause = getattr(exc, "cause", exc)
+                raise ProtocolError(str(cause), cause.code, cause.param) from None
+            finally:
+                self._negotiating -= 1
+        s.first_tick = self._tick_of(time.time())
+        self.sessions[s.id] = s
+        self._counts["calls"] += 1
+        s.send(server_event("session.created", session=s.session_object()))
+        return s.id, s.channel
+
+    def receive(self, session_id: str, message: str | bytes) -> None:
+        """A client message of a WebSocket session (errors go back on its channel)."""
+        s = self.sessions.get(session_id)
+        if s is None:
+            raise ProtocolError(f"unknown session {session_id!r}", "unknown_session", "session_id")
+        self._on_message(s, message)
+
+    def _clock(self) -> dict:
+        return {"t0": self.t0, "tick_s": self.tick_s}
+
     async def close(self, session_id: str) -> None:
         """End a call (hang up) and free its slot; ProtocolError "unknown_session" if there is none."""
         if not await self._end(session_id):
@@ -301,7 +380,10 @@ class Ingress:
             if task is not asyncio.current_task():
                 task.cancel()
         s.track.stop()
-        await s.pc.close()
+        if s.pc is not None:
+            await s.pc.close()
+        if s.websocket:
+            s.channel.close()
         if self.on_close is not None:
             try:
                 await self.on_close(s.id)
@@ -371,10 +453,10 @@ class Ingress:
 
     def _on_message(self, s: _Session, message) -> None:
         size = len(message) if isinstance(message, (bytes, bytearray)) else len(message.encode("utf-8", "surrogatepass"))
-        if size > self.max_event_bytes:
-            s.send(error_event(f"event of {size} bytes exceeds the limit of {self.max_event_bytes} bytes", "message_too_large"))
+        if size > s.max_event_bytes:
+            s.send(error_event(f"event of {size} bytes exceeds the limit of {s.max_event_bytes} bytes", "message_too_large"))
             return
-        event = parse_client_event(message, self.max_event_bytes)
+        event = parse_client_event(message, s.max_event_bytes)
         if is_error(event):
             s.send(event)
             return
@@ -388,7 +470,13 @@ class Ingress:
             raise ProtocolError(f"more than {MAX_EVENTS_PER_TICK} events in one tick", "rate_limit_exceeded")
         kind = ev.type
         if kind == "input_audio_buffer.append":
-            raise ProtocolError("over WebRTC, audio rides the audio track; input_audio_buffer.append is for WebSocket sessions", "unsupported_event", "type")
+            if not s.websocket:
+                raise ProtocolError("over WebRTC, audio rides the audio track; input_audio_buffer.append is for WebSocket sessions", "unsupported_event", "type")
+            try:
+                s.chunker.push(decode_pcm16(ev.audio), _rate(s.config, "input"), time.time())
+            except ValueError as exc:
+                raise ProtocolError(str(exc), "input_audio_buffer_full", "audio") from None
+            return  # audio is not forwarded to the model as an event: it is the chunk itself
         if kind == "session.update":
             s.config = _merge(s.config, ev.session.model_dump(mode="json", exclude_none=True))
             s.send(server_event("session.updated", session=s.session_object()))
@@ -410,6 +498,8 @@ class Ingress:
         elif kind == "output_audio_buffer.clear":
             self._interrupt(s)
         elif kind == "input_audio_buffer.clear":
+            if s.websocket:
+                s.chunker.clear()
             s.send(server_event("input_audio_buffer.cleared"))
         elif kind == "conversation.item.delete":
             s.items.pop(ev.item_id, None)
@@ -445,7 +535,8 @@ class Ingress:
             s.muted = True
         else:
             response_id = s.last_response_id
-        s.send(server_event("output_audio_buffer.cleared", response_id=response_id))
+        if not s.websocket:  # the output audio buffer is WebRTC's: over a socket the client plays
+            s.send(server_event("output_audio_buffer.cleared", response_id=response_id))
 
     # --- output ---------------------------------------------------------------------------------
 
@@ -455,6 +546,8 @@ class Ingress:
         s.last_out_seq = out.seq
         for event in out.events:
             s.send(event)
+        if s.config.get("interplay", {}).get("tick_events"):
+            self._send_tick(s, out)
         speaking = is_speaking(out)
         if s.muted:  # interrupted: drop speech until the model yields
             if speaking:
@@ -468,9 +561,22 @@ class Ingress:
             self._start_run(s)
         s.track.write(out.audio)
         s.items[s.run.item_id].end = s.track.written
+        if s.websocket:
+            s.send(server_event("response.output_audio.delta", response_id=s.run.response_id, item_id=s.run.item_id, output_index=0, content_index=0, delta=s.track.take()))
         if out.text:
             s.run.transcript.append(out.text)
             s.send(server_event("response.output_audio_transcript.delta", response_id=s.run.response_id, item_id=s.run.item_id, output_index=0, content_index=0, delta=out.text))
+
+    def _send_tick(self, s: _Session, out: OutputChunk) -> None:
+        """Our extension event: the tick's input/output level (RMS, 0..1 of full scale), the step's
+        time, and where on the output stream (48 kHz samples) this tick's audio would begin."""
+        out_level = float(np.sqrt(np.mean(out.audio.astype(np.float32) ** 2)) / 32768)
+        s.send({
+            "type": "interplay.tick", "event_id": new_id("event"), "tick": out.seq, "step_ms": round(out.step_ms, 3),
+            "in_level": round(s.levels.pop(out.seq, 0.0), 4), "out_level": round(out_level, 4), "out_sample": s.track.written,
+        })
+        for old in [k for k in s.levels if k < out.seq]:
+            del s.levels[old]
 
     def _start_run(self, s: _Session) -> None:
         if s.stop_timer:  # the previous response's audio is still playing out: close it first
@@ -487,7 +593,8 @@ class Ingress:
         s.send(server_event("response.created", response={"id": run.response_id, "object": "realtime.response", "status": "in_progress", "output": []}))
         s.send(server_event("response.output_item.added", response_id=run.response_id, output_index=0, item=item))
         s.send(server_event("conversation.item.added", item=item))
-        s.send(server_event("output_audio_buffer.started", response_id=run.response_id))
+        if not s.websocket:
+            s.send(server_event("output_audio_buffer.started", response_id=run.response_id))
 
     def _end_run(self, s: _Session, status: str) -> None:
         run, s.run = s.run, None
@@ -503,7 +610,7 @@ class Ingress:
         s.send(server_event("response.output_audio.done", **ids))
         s.send(server_event("response.output_item.done", response_id=run.response_id, output_index=0, item=item))
         s.send(server_event("response.done", response={"id": run.response_id, "object": "realtime.response", "status": status, "output": [item]}))
-        if status == "completed":
+        if status == "completed" and not s.websocket:
             s.stop_timer = asyncio.get_running_loop().call_later(
                 s.track.queued_ms / 1000, s.send, server_event("output_audio_buffer.stopped", response_id=run.response_id)
             )
@@ -555,6 +662,8 @@ class Ingress:
         audio = s.early.pop(k, None)
         if audio is None:
             self._counts["missing_chunks"] += 1
+        else:
+            s.levels[k] = float(np.sqrt(np.mean(audio.astype(np.float32) ** 2)) / 32768)
         text, size = [], 0
         while s.text and size + len(s.text[0]) + len(text) <= MAX_TEXT_CHARS:
             size += len(s.text[0])
@@ -587,7 +696,7 @@ class Ingress:
                     log.exception("session %s: delivering tick %d failed", s.id, k)
 
 
-class IngressActorImpl(Ingress):
+class InteractionIngress(Ingress):
     """The Ray actor's class: an Ingress wired to an InteractionActor (its name or handle).
 
     It takes the interaction actor's clock (`clock_info()`: t0, tick_s, grace_s), gathers each
@@ -612,4 +721,4 @@ class IngressActorImpl(Ingress):
 
 
 # Ray's async actor: every method runs on the actor's event loop, next to aiortc's tasks.
-IngressActor = ray.remote(max_concurrency=1000)(IngressActorImpl)
+IngressActor = ray.remote(max_concurrency=1000)(InteractionIngress)

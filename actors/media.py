@@ -5,11 +5,14 @@
 - `FrameSampler`: keeps the newest video frame and hands it out once, centre-cropped and resized.
 - `PacedAudioTrack`: an aiortc audio track that plays the model's 16 kHz audio as 20 ms 48 kHz
   frames on an absolute wall-clock schedule, with silence whenever nothing is queued.
+- `BufferedAudioInput` / `EventAudioSink`: the same two jobs for WebSocket sessions, whose audio
+  rides base64 events and may arrive faster than real time.
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
 import fractions
 import functools
 import time
@@ -19,7 +22,7 @@ import av
 import numpy as np
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 
-SAMPLE_RATE = 16_000  # the system's internal rate (protocols.chunks.SAMPLE_RATE)
+from protocols.chunks import CHUNK_SAMPLES, SAMPLE_RATE
 
 
 def _to_frame(samples: np.ndarray, rate: int) -> av.AudioFrame:
@@ -343,3 +346,99 @@ class PacedAudioTrack(MediaStreamTrack):
         frame.time_base = fractions.Fraction(1, OUT_RATE)
         self._n += 1
         return frame
+
+
+# --- WebSocket sessions -----------------------------------------------------------------------
+
+
+class BufferedAudioInput:
+    """Audio from a client that may send faster than real time (a WebSocket `input_audio_buffer.append`).
+
+    Samples are resampled to 16 kHz into a FIFO and handed out one chunk per tick, in order,
+    never dropped for being early (so a file streamed at once is heard in full, in real time).
+    `pop_ready(until=k)` gives chunk k when a whole chunk is buffered, or the padded remainder once
+    the client has sent nothing for a tick (the end of what it said). At most `max_s` buffered.
+    """
+
+    def __init__(self, max_s: float = 60.0, tick_s: float = 0.2):
+        self.max_samples = int(max_s * SAMPLE_RATE)
+        self.tick_s = tick_s
+        self._fifo = np.zeros(0, np.int16)
+        self._resampler: av.AudioResampler | None = None
+        self._rate: int | None = None
+        self._last_push = 0.0
+
+    def push(self, samples: np.ndarray, rate: int, t_arrival: float | None = None, pts: int | None = None) -> None:
+        x = np.asarray(samples)
+        if x.dtype != np.int16 or x.ndim != 1:
+            raise ValueError("samples must be mono int16 PCM")
+        if rate != self._rate:
+            self._resampler = av.AudioResampler(format="s16", layout="mono", rate=SAMPLE_RATE)
+            self._rate = rate
+        y = x if rate == SAMPLE_RATE else _resample(self._resampler, _to_frame(x, rate))
+        if len(self._fifo) + len(y) > self.max_samples:
+            raise ValueError(f"more than {self.max_samples / SAMPLE_RATE:.0f} s of input audio buffered")
+        self._fifo = np.concatenate([self._fifo, y])
+        self._last_push = time.time() if t_arrival is None else t_arrival
+
+    def clear(self) -> None:
+        self._fifo = np.zeros(0, np.int16)
+
+    @property
+    def buffered_s(self) -> float:
+        return len(self._fifo) / SAMPLE_RATE
+
+    def pop_ready(self, until: int | None = None) -> list[tuple[int, np.ndarray]]:
+        n = len(self._fifo)
+        if until is None or n == 0 or (n < CHUNK_SAMPLES and time.time() - self._last_push < self.tick_s):
+            return []
+        chunk = np.zeros(CHUNK_SAMPLES, np.int16)
+        take = min(n, CHUNK_SAMPLES)
+        chunk[:take] = self._fifo[:take]
+        self._fifo = self._fifo[take:]
+        return [(until, chunk)]
+
+
+class EventAudioSink:
+    """The WebSocket counterpart of PacedAudioTrack: model audio goes out as events, not a track.
+
+    `write()` resamples 16 kHz model audio to the session's output `rate` and keeps it for
+    `take()` (base64 PCM16 for `response.output_audio.delta`). The client plays it, so nothing is
+    queued here: counters are in 48 kHz samples like the track's, with `position == written`.
+    """
+
+    def __init__(self, rate: int = 24_000):
+        self.rate = rate
+        self._resampler = av.AudioResampler(format="s16", layout="mono", rate=rate)
+        self._pending: list[np.ndarray] = []
+        self.written = 0
+        self.played = 0
+
+    def write(self, samples: np.ndarray) -> None:
+        self._pending.append(_resample(self._resampler, _to_frame(samples, SAMPLE_RATE)))
+        self.written += len(samples) * OUT_RATE // SAMPLE_RATE
+        self.played = self.written
+
+    def take(self) -> str:
+        data = np.concatenate(self._pending) if self._pending else np.zeros(0, np.int16)
+        self._pending = []
+        return base64.b64encode(data.astype("<i2").tobytes()).decode()
+
+    @property
+    def position(self) -> int:
+        return self.written
+
+    @property
+    def queued_ms(self) -> float:
+        return 0.0
+
+    @property
+    def played_ms(self) -> float:
+        return self.played * 1000 / OUT_RATE
+
+    def clear(self) -> float:
+        self._pending = []
+        return 0.0
+
+    def stop(self) -> None:
+        self._pending = []

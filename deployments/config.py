@@ -40,6 +40,12 @@ class HttpSection(_Section):
     port: int = Field(8000, ge=1, le=65535)
 
 
+class IngressSection(_Section):
+    # Addresses WebRTC media is offered on; None: every interface, or loopback alone when the
+    # HTTP server is bound to loopback.
+    ice_addresses: list[str] | None = None
+
+
 class AuthSection(_Section):
     # Empty means open (local development). Keys may also come from INTERPLAY_API_KEYS (comma-separated).
     api_keys: list[str] = Field(default_factory=list)
@@ -55,6 +61,7 @@ class AppConfig(_Section):
     interaction: InteractionSection = Field(default_factory=InteractionSection)
     log: LogSection = Field(default_factory=LogSection)
     http: HttpSection = Field(default_factory=HttpSection)
+    ingress: IngressSection = Field(default_factory=IngressSection)
     auth: AuthSection = Field(default_factory=AuthSection)
 
     @classmethod
