@@ -12,7 +12,7 @@ PIP := $(PY) -m pip --disable-pip-version-check
 
 # OS packages the tests use: Chromium and its driver (the browser test), espeak-ng and sox
 # (speech to call with). Installed with apt when missing; nothing else needs root.
-SYSTEM_DEPS := chromium chromium-driver espeak-ng sox
+SYSTEM_DEPS := chromium chromium-driver espeak-ng sox iproute2
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 $(STAMP): pyproject.toml
@@ -30,14 +30,19 @@ serve: $(STAMP)
 	$(VENV)/bin/interplay serve
 
 system-deps:
-	@if command -v chromium >/dev/null && command -v chromedriver >/dev/null && command -v espeak-ng >/dev/null && command -v sox >/dev/null; then :; \
+	@if command -v chromium >/dev/null && command -v chromedriver >/dev/null && command -v espeak-ng >/dev/null && command -v sox >/dev/null && command -v ip >/dev/null; then :; \
 	elif command -v apt-get >/dev/null; then \
 		echo "== installing $(SYSTEM_DEPS) with apt"; \
 		$(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends $(SYSTEM_DEPS) >/dev/null; \
 	else echo "== apt-get not found: install $(SYSTEM_DEPS) yourself; the tests that need them are skipped"; fi
 
+# The tests run in a network namespace of their own that has only loopback, so no test traffic
+# (WebRTC media included) can reach any other address; where that is not permitted, as they are.
 test: $(STAMP) system-deps
-	$(PY) -m pytest -q -ra
+	@if unshare -n true 2>/dev/null && command -v ip >/dev/null; then \
+		echo "== running the tests in a loopback-only network namespace"; \
+		unshare -n sh -c 'ip link set lo up && exec $(PY) -m pytest -q -ra'; \
+	else $(PY) -m pytest -q -ra; fi
 
 bench: $(STAMP)
 	$(PY) -m bench.session_log

@@ -47,7 +47,10 @@ from protocols.chunks import MAX_FRAME_EDGE, MAX_TEXT_CHARS, PATCH, silence
 from protocols.realtime import MAX_EVENT_BYTES as REALTIME_MAX_EVENT_BYTES
 from protocols.realtime import DEFAULT_RATE, SessionConfig, decode_pcm16, error_event, error_from, is_error, parse_client_event, server_event
 
-from .media import OUT_RATE, AudioChunker, BufferedAudioInput, EventAudioSink, FrameSampler, PacedAudioTrack, frame_to_samples
+from .media import (
+    OUT_RATE, AudioChunker, BufferedAudioInput, EventAudioSink, FrameSampler, PacedAudioTrack, allowed_candidates,
+    frame_to_samples, pinned_ice_addresses, use_ice_addresses,
+)
 
 log = logging.getLogger(__name__)
 
@@ -74,23 +77,6 @@ def is_speaking(out: OutputChunk) -> bool:
     if controls & NOT_SPEAKING:
         return False
     return bool(out.text) or bool(np.any(out.audio))
-
-
-def use_ice_addresses(addresses: list[str] | None) -> None:
-    """Gather ICE host candidates on `addresses` only (process-wide), or on every interface (None).
-
-    aioice never offers 127.0.0.1 on its own; a server bound to loopback (the local default, and
-    every test) must keep its media there too, so calls never leave the machine.
-    """
-    import aioice.ice
-
-    if not hasattr(aioice.ice, "_all_host_addresses"):
-        aioice.ice._all_host_addresses = aioice.ice.get_host_addresses
-    if addresses is None:
-        aioice.ice.get_host_addresses = aioice.ice._all_host_addresses
-    else:
-        fixed = list(addresses)
-        aioice.ice.get_host_addresses = lambda use_ipv4=True, use_ipv6=True: [a for a in fixed if (":" in a and use_ipv6) or (":" not in a and use_ipv4)]
 
 
 def check_sdp(sdp) -> str:
@@ -197,6 +183,7 @@ class _Session:
         # A data channel message is capped by SCTP; a WebSocket append may carry far more audio.
         self.max_event_bytes = REALTIME_MAX_EVENT_BYTES if websocket else MAX_EVENT_BYTES
         self.clock = clock or {}
+        self.log_token: str | None = None
         self.levels: dict[int, float] = {}  # input RMS per tick, for interplay.tick events
         self.config = config
         self.first_tick: int | None = None  # stepped from this tick on; set once connected
@@ -219,8 +206,13 @@ class _Session:
             except Exception as exc:  # a closing channel must not break the tick
                 log.debug("session %s: send failed: %s", self.id, exc)
 
+    def join_info(self, joined) -> None:
+        """What the interaction side said on join: the session's log token, its capability to
+        read its own log (and only that), handed to the client in session.created."""
+        self.log_token = joined.get("log_token") if isinstance(joined, dict) else None
+
     def session_object(self) -> dict:
-        extension = {**self.config.get("interplay", {}), "clock": {**self.clock, "first_tick": self.first_tick}}
+        extension = {**self.config.get("interplay", {}), "clock": {**self.clock, "first_tick": self.first_tick}, "log_token": self.log_token}
         return {"id": self.id, "object": "realtime.session", **self.config, "interplay": extension}
 
     def item_played(self, item: _Item) -> int:
@@ -307,14 +299,14 @@ class Ingress:
         try:
             self._wire(s)
             try:
-                await pc.setRemoteDescription(RTCSessionDescription(sdp=sdp, type="offer"))
+                await pc.setRemoteDescription(RTCSessionDescription(sdp=allowed_candidates(sdp, pinned_ice_addresses()), type="offer"))
                 pc.addTrack(s.track)  # sends on the transceiver of the client's audio m-line
                 await pc.setLocalDescription(await pc.createAnswer())  # returns once ICE gathering is done
             except Exception as exc:
                 raise ProtocolError(f"could not negotiate the SDP offer: {exc}", "invalid_sdp", "sdp") from None
             if self.on_join is not None:
                 try:
-                    await self.on_join(s.id)
+                    s.join_info(await self.on_join(s.id))
                 except ProtocolError as exc:
                     cause = getattr(exc, "cause", exc)  # unwrap a RayTaskError into a plain ProtocolError
                     raise ProtocolError(str(cause), cause.code, cause.param) from None
@@ -342,7 +334,7 @@ class Ingress:
         if self.on_join is not None:
             self._negotiating += 1
             try:
-                await self.on_join(s.id)
+                s.join_info(await self.on_join(s.id))
             except ProtocolError as exc:
                 cause = getattr(exc, "cause", exc)
                 raise ProtocolError(str(cause), cause.code, cause.param) from None

@@ -129,7 +129,7 @@ class Gateway:
             return _error(exc.status, str(exc), "unauthorized")
         body = await request.body()
         if len(body) > MAX_SDP_BYTES:
-            return _error(413, f"offer larger than {MAX_SDP_BYTES} bytes", "invalid_sdp")
+            return _error(400, f"offer larger than {MAX_SDP_BYTES} bytes", "invalid_sdp")
         try:
             sdp, session = await _read_offer(request, body)
             answer = await self.ingress.offer.remote(sdp, session)

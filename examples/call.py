@@ -18,6 +18,7 @@ import sys
 import time
 import urllib.request
 import wave
+from urllib.parse import urlparse
 from dataclasses import dataclass, field
 
 import av
@@ -132,9 +133,20 @@ def post_offer(url: str, sdp: str, api_key: str | None) -> tuple[int, str, str |
         return err.code, err.read().decode(), None
 
 
-async def call(url: str, samples: np.ndarray, rate: int, api_key: str | None = None, tail_s: float = 1.5, send_events: list[dict] | None = None, verbose: bool = False) -> CallReport:
-    """Stream `samples` in real time, keep listening `tail_s` after they end, hang up; the report."""
+async def call(
+    url: str, samples: np.ndarray, rate: int, api_key: str | None = None, tail_s: float = 1.5,
+    send_events: list[dict] | None = None, stop_sending_after_s: float | None = None, verbose: bool = False,
+) -> CallReport:
+    """Stream `samples` in real time, keep listening `tail_s` after they end, hang up; the report.
+
+    `stop_sending_after_s` ends the outgoing track early (a client that goes quiet mid-call)
+    while the call and the recording go on.
+    """
     report = CallReport()
+    if urlparse(url).hostname in ("127.0.0.1", "localhost", "::1"):
+        from actors.media import use_ice_addresses
+
+        use_ice_addresses(["127.0.0.1"])  # a local server: keep the media on loopback too
     pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
     track = FileTrack(resample(samples, rate))
     pc.addTrack(track)
@@ -185,7 +197,11 @@ async def call(url: str, samples: np.ndarray, rate: int, api_key: str | None = N
     await asyncio.wait_for(opened.wait(), 20)
     for event in send_events or []:
         channel.send(json.dumps(event))
-    while not track.done:
+    started, duration = time.time(), len(track.samples) / RATE
+    while not track.done or time.time() - started < duration:
+        if stop_sending_after_s is not None and time.time() - started >= stop_sending_after_s and track.readyState == "live":
+            track.stop()  # goes quiet, but stays on the call
+            track.sent = len(track.samples)
         await asyncio.sleep(0.05)
     await asyncio.sleep(tail_s)
     await pc.close()

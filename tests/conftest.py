@@ -21,7 +21,7 @@ def ray_cluster():
 
 def pytest_configure(config):
     """WebRTC media in tests stays on loopback: aioice would otherwise offer the machine's interfaces."""
-    from actors.ingress import use_ice_addresses
+    from actors.media import use_ice_addresses
 
     use_ice_addresses(["127.0.0.1"])
 
@@ -40,3 +40,43 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+APP_PORT = 8123
+API_KEY = "sk-test-interplay"
+
+
+@pytest.fixture(scope="session")
+def app_url(ray_cluster, tmp_path_factory):
+    """The whole application on the local cluster (log, interaction, ingress, Serve), with a key."""
+    from deployments.app import start, stop
+    from deployments.config import AppConfig
+
+    config = AppConfig.model_validate({
+        "log": {"root": str(tmp_path_factory.mktemp("log"))},
+        "http": {"port": APP_PORT},
+        "auth": {"api_keys": [API_KEY]},
+        "interaction": {"max_sessions": 8, "grace_ms": 60},
+    })
+    start(config)
+    yield f"http://127.0.0.1:{APP_PORT}"
+    stop()
+
+
+@pytest.fixture(scope="session")
+def speech_wav(tmp_path_factory):
+    """About 3 s of real speech (espeak-ng) as a 16-bit WAV, or a tone where espeak-ng is missing."""
+    import shutil
+    import subprocess
+
+    import numpy as np
+
+    path = tmp_path_factory.mktemp("audio") / "speech.wav"
+    if shutil.which("espeak-ng"):
+        subprocess.run(["espeak-ng", "-w", str(path), "Hello, can you hear me? What is the weather like tomorrow?"], check=True)
+    else:
+        from examples.call import write_wav
+
+        t = np.arange(3 * 16000) / 16000
+        write_wav(str(path), (8000 * np.sin(2 * np.pi * 220 * t)).astype(np.int16), 16000)
+    return str(path)

@@ -1,0 +1,161 @@
+"""End to end over loopback: real Ray, Serve, aiortc peers, the openai library, the session log."""
+
+import asyncio
+import base64
+import json
+import time
+import urllib.error
+import urllib.request
+
+import numpy as np
+import pytest
+import ray
+
+from examples.call import RATE, call, read_wav, resample
+from tests.conftest import API_KEY
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+def post(url, body=b"", headers=None):
+    request = urllib.request.Request(url, data=body, headers=headers or {}, method="POST")
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as err:
+        return err.code, err.read().decode()
+
+
+def stats(name):
+    return ray.get(ray.get_actor(name, namespace="interplay").stats.remote())
+
+
+def test_a_call_gets_continuous_audio_back_for_its_whole_input(app_url, speech_wav):
+    samples, rate = read_wav(speech_wav)
+    seconds = len(samples) / rate
+    report = run(call(app_url, samples, rate, api_key=API_KEY, tail_s=1.0))
+    assert len(report.audio) >= seconds * RATE
+    assert report.max_gap_ms < 250  # paced 20 ms frames, no holes
+    assert report.event_types().get("session.created") == 1
+    steps = [t["step_ms"] for t in report.ticks]
+    assert len(steps) >= 10 * seconds / 2 and all(s > 0 for s in steps)
+    # the call ended: its slot is free and its log is whole
+    deadline = time.time() + 10
+    while stats("ingress")["sessions"] and time.time() < deadline:
+        time.sleep(0.2)
+    assert stats("ingress")["sessions"] == 0 and stats("interaction")["sessions"] == 0
+    token = report.events[0]["session"]["interplay"]["log_token"]
+    table = ray.get(ray.get_actor("session_log", namespace="interplay").read.remote(report.session_id, token))
+    kinds = table.column("kind").to_pylist()
+    out_seqs = [s for k, s in zip(kinds, table.column("seq").to_pylist()) if k == "output_chunk"]
+    assert kinds.count("input_chunk") == len(out_seqs) >= 5 * seconds
+    assert out_seqs == list(range(out_seqs[0], out_seqs[0] + len(out_seqs)))  # every tick, in order
+    with pytest.raises(Exception, match="forbidden"):
+        ray.get(ray.get_actor("session_log", namespace="interplay").read.remote(report.session_id, "not-the-token"))
+
+
+def test_events_flow_both_ways_and_a_bad_event_does_not_end_the_call(app_url, speech_wav):
+    samples, rate = read_wav(speech_wav)
+    events = [
+        {"type": "conversation.item.create", "item": {"type": "message", "role": "user", "content": [{"type": "input_text", "text": "hi there"}]}},
+        {"type": "response.explode"},
+        {"type": "conversation.item.truncate", "item_id": "nope", "content_index": 0, "audio_end_ms": 10},
+    ]
+    report = run(call(app_url, samples, rate, api_key=API_KEY, tail_s=1.0, send_events=events))
+    types = report.event_types()
+    assert types.get("conversation.item.added", 0) >= 1 and types.get("session.updated") == 1
+    codes = [e["error"]["code"] for e in report.events if e["type"] == "error"]
+    assert "unknown_event" in codes and "item_not_found" in codes
+    assert len(report.audio) >= len(samples) / rate * RATE  # the call went on
+
+
+def test_four_concurrent_calls_all_progress_and_a_quiet_client_stalls_nobody(app_url, speech_wav):
+    samples, rate = read_wav(speech_wav)
+    seconds = len(samples) / rate
+    missing_before = stats("interaction")["missing_chunks"]
+
+    async def four():
+        return await asyncio.gather(
+            call(app_url, samples, rate, api_key=API_KEY, tail_s=1.0),
+            call(app_url, samples, rate, api_key=API_KEY, tail_s=1.0),
+            call(app_url, samples, rate, api_key=API_KEY, tail_s=1.0),
+            call(app_url, samples, rate, api_key=API_KEY, tail_s=1.0, stop_sending_after_s=0.6),
+        )
+
+    reports = run(four())
+    for report in reports:
+        assert len(report.audio) >= seconds * RATE and report.max_gap_ms < 300
+        assert len(report.ticks) >= 4 * seconds
+    # the quiet one was stepped as missing, never waited for
+    assert stats("interaction")["missing_chunks"] > missing_before or stats("ingress")["missing_chunks"] > 0
+
+
+def test_the_openai_librarys_realtime_client_works_over_the_websocket(app_url, speech_wav):
+    from openai import AsyncOpenAI
+
+    samples, rate = read_wav(speech_wav)
+    pcm = resample(samples, rate, 24_000)
+
+    async def session():
+        client = AsyncOpenAI(base_url=f"{app_url}/v1", api_key=API_KEY)
+        seen, audio = {}, 0
+        async with client.realtime.connect(model="interplay-tiny") as conn:
+            await conn.session.update(session={"type": "realtime", "instructions": "be brief"})
+            for i in range(0, len(pcm), 4800):
+                await conn.input_audio_buffer.append(audio=base64.b64encode(pcm[i : i + 4800].tobytes()).decode())
+            await conn.send({"type": "bogus.event"})
+            end = time.time() + len(pcm) / 24_000 + 1.5
+            while time.time() < end:
+                try:
+                    event = await asyncio.wait_for(conn.recv(), 1.0)
+                except asyncio.TimeoutError:
+                    continue
+                seen[event.type] = seen.get(event.type, 0) + 1
+                if event.type == "response.output_audio.delta":
+                    audio += len(base64.b64decode(event.delta)) // 2
+        return seen, audio
+
+    seen, audio = run(session())
+    assert seen.get("session.created") == 1 and seen.get("session.updated") == 1 and seen.get("error") == 1
+    assert audio >= 0.8 * len(pcm)  # the model spoke all along (24 kHz PCM16 deltas)
+    assert "output_audio_buffer.started" not in seen  # WebRTC-only events stay off the socket
+
+
+def test_hostile_sdp_is_400_and_bad_keys_are_401(app_url):
+    calls = f"{app_url}/v1/realtime/calls"
+    auth = {"Authorization": f"Bearer {API_KEY}", "Content-Type": "application/sdp"}
+    assert post(calls, b"hello", auth)[0] == 400
+    assert post(calls, b"v=0\r\n" + b"a=x\r\n" * 20000, auth)[0] == 400  # oversized
+    two_audio = b"v=0\r\no=- 1 1 IN IP4 127.0.0.1\r\ns=-\r\nt=0 0\r\nm=audio 9 UDP/TLS/RTP/SAVPF 111\r\nm=audio 9 UDP/TLS/RTP/SAVPF 111\r\n"
+    status, body = post(calls, two_audio, auth)
+    assert status == 400 and json.loads(body)["error"]["code"] == "invalid_sdp"
+    assert post(calls, b"v=0", {"Content-Type": "application/sdp"})[0] == 401
+    assert post(calls, b"v=0", {"Authorization": "Bearer sk-wrong", "Content-Type": "application/sdp"})[0] == 401
+    # a browser's short-lived secret works where a key does; a secret cannot mint more secrets
+    status, body = post(f"{app_url}/v1/realtime/client_secrets", b"{}", {"Authorization": f"Bearer {API_KEY}"})
+    secret = json.loads(body)["value"]
+    assert status == 200 and secret.startswith("ek_")
+    assert post(calls, b"hello", {"Authorization": f"Bearer {secret}", "Content-Type": "application/sdp"})[0] == 400  # past auth
+    assert post(f"{app_url}/v1/realtime/client_secrets", b"{}", {"Authorization": f"Bearer {secret}"})[0] == 401
+
+
+def test_websocket_without_a_key_is_refused(app_url):
+    import websockets
+
+    async def connect():
+        async with websockets.connect(app_url.replace("http", "ws") + "/v1/realtime"):
+            pass
+
+    with pytest.raises(Exception) as info:
+        run(connect())
+    assert "401" in str(info.value) or "1008" in str(info.value) or "403" in str(info.value)
+
+
+def test_health_and_metrics(app_url):
+    with urllib.request.urlopen(f"{app_url}/healthz", timeout=10) as response:
+        assert json.loads(response.read())["status"] == "ok"
+    with urllib.request.urlopen(f"{app_url}/metrics", timeout=10) as response:
+        text = response.read().decode()
+    assert "interplay_step_ms" in text and "interplay_ingress_calls" in text

@@ -1,0 +1,63 @@
+"""The browser page completes a call: headless Chromium, its fake microphone fed from a WAV."""
+
+import shutil
+import subprocess
+import time
+
+import pytest
+
+from tests.conftest import API_KEY
+
+pytestmark = pytest.mark.skipif(not (shutil.which("chromium") and shutil.which("chromedriver")), reason="needs Debian's chromium and chromium-driver")
+
+
+@pytest.fixture
+def browser(tmp_path, speech_wav):
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    wav48 = tmp_path / "mic.wav"  # Chromium's fake capture wants 48 kHz
+    subprocess.run(["sox", speech_wav, "-r", "48000", "-c", "1", str(wav48)], check=True)
+    opts = webdriver.ChromeOptions()
+    opts.binary_location = shutil.which("chromium")
+    for flag in [
+        "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+        "--disable-background-networking", "--disable-component-update", "--disable-sync",
+        f"--user-data-dir={tmp_path / 'profile'}", "--window-size=1400,900",
+        "--use-fake-ui-for-media-stream", "--use-fake-device-for-media-stream",
+        f"--use-file-for-fake-audio-capture={wav48}", "--autoplay-policy=no-user-gesture-required",
+        # media over loopback only (the server drops any other candidate)
+        "--allow-loopback-in-peer-connection", "--disable-features=WebRtcHideLocalIpsWithMdns",
+    ]:
+        opts.add_argument(flag)
+    driver = webdriver.Chrome(service=Service(shutil.which("chromedriver")), options=opts)
+    yield driver
+    driver.quit()
+
+
+def test_the_page_completes_a_call(app_url, browser, tmp_path):
+    from selenium.webdriver.common.by import By
+
+    browser.get(app_url + "/")
+    browser.find_element(By.ID, "key").send_keys(API_KEY)
+    browser.find_element(By.ID, "call").click()
+    deadline = time.time() + 30
+    while "output_audio_buffer.started" not in browser.find_element(By.ID, "log").text and time.time() < deadline:
+        time.sleep(0.2)
+    time.sleep(2.0)  # a few seconds of duplex talk
+    log = browser.find_element(By.ID, "log").text
+    assert browser.find_element(By.ID, "state").text == "connected"
+    assert "session.created" in log and "session.updated" in log and "error" not in log
+    ticks = browser.execute_script("return ticks.length")
+    assert ticks >= 8  # the timeline got a column per tick
+    assert browser.execute_script("return ticks.some((t) => t.in_level > 0.001)")  # it heard the WAV
+    assert browser.find_element(By.ID, "transcript").text  # and showed what the model said
+    browser.find_element(By.ID, "text").send_keys("hello model")
+    browser.find_element(By.CSS_SELECTOR, "#say button").click()
+    deadline = time.time() + 10
+    while "conversation.item.added" not in browser.find_element(By.ID, "log").text and time.time() < deadline:
+        time.sleep(0.2)
+    assert "conversation.item.added" in browser.find_element(By.ID, "log").text
+    browser.save_screenshot(str(tmp_path / "call.png"))
+    browser.find_element(By.ID, "call").click()  # hang up
+    assert browser.find_element(By.ID, "state").text == "idle"
