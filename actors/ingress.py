@@ -354,7 +354,9 @@ class Ingress:
         self._on_message(s, message)
 
     def _clock(self) -> dict:
-        return {"t0": self.t0, "tick_s": self.tick_s}
+        # jitter_s: audio is placed this long after it arrives, so the last sample of chunk k
+        # arrives at t0 + (k+1)·tick_s - jitter_s (what a client needs to time its turns).
+        return {"t0": self.t0, "tick_s": self.tick_s, "jitter_s": self.jitter_s}
 
     async def close(self, session_id: str) -> None:
         """End a call (hang up) and free its slot; ProtocolError "unknown_session" if there is none."""
@@ -561,11 +563,12 @@ class Ingress:
 
     def _send_tick(self, s: _Session, out: OutputChunk) -> None:
         """Our extension event: the tick's input/output level (RMS, 0..1 of full scale), the step's
-        time, and where on the output stream (48 kHz samples) this tick's audio would begin."""
+        time, and the sample of the outgoing stream (48 kHz, silence included) where this tick's
+        audio, if any, begins to play."""
         out_level = float(np.sqrt(np.mean(out.audio.astype(np.float32) ** 2)) / 32768)
         s.send({
             "type": "interplay.tick", "event_id": new_id("event"), "tick": out.seq, "step_ms": round(out.step_ms, 3),
-            "in_level": round(s.levels.pop(out.seq, 0.0), 4), "out_level": round(out_level, 4), "out_sample": s.track.written,
+            "in_level": round(s.levels.pop(out.seq, 0.0), 4), "out_level": round(out_level, 4), "out_sample": s.track.next_play_sample,
         })
         for old in [k for k in s.levels if k < out.seq]:
             del s.levels[old]
@@ -691,8 +694,8 @@ class Ingress:
 class InteractionIngress(Ingress):
     """The Ray actor's class: an Ingress wired to an InteractionActor (its name or handle).
 
-    It takes the interaction actor's clock (`clock_info()`: t0, tick_s, grace_s), gathers each
-    tick halfway into that actor's grace so chunks are in before its deadline, calls its
+    It takes the interaction actor's clock (`clock_info()`: t0, tick_s), gathers each tick just
+    after it ends, well before that actor's deadline, calls its
     `exchange` once per tick, and announces calls with its `join` / `leave`.
     """
 
@@ -700,7 +703,10 @@ class InteractionIngress(Ingress):
         use_ice_addresses(ice_addresses)
         handle = ray.get_actor(interaction, namespace=namespace) if isinstance(interaction, str) else interaction
         clock = ray.get(handle.clock_info.remote())
-        options.setdefault("grace_s", clock.get("grace_s", 0.04) / 2)
+        # Gather right after the tick ends: audio is already placed jitter_s after it arrived, so
+        # that margin, not a wait, absorbs late packets; the interaction actor steps as soon as
+        # all of a tick's chunks are in, and its grace only covers a late exchange.
+        options.setdefault("grace_s", 0.005)
         super().__init__(
             exchange=lambda tick, chunks, session_ids: handle.exchange.remote(tick, chunks, session_ids),
             clock_t0=clock["t0"],

@@ -1,9 +1,9 @@
 """The InteractionActor: owns the clock and steps every session in one batch per 200 ms tick.
 
 Tick k covers [t0 + k·tick, t0 + (k+1)·tick). Ingresses hand in chunk k of their sessions with
-one `exchange` call per tick; at the tick's deadline (end of tick + grace) every joined session
-is stepped, a session without chunk k as missing (silence), so one slow client never delays the
-others. `exchange` returns the outputs of tick k for the sessions asked about. Every input and
+one `exchange` call per tick; the tick is stepped as soon as every joined session's chunk is in,
+or at its deadline (end of tick + grace) with the absent ones stepped as missing (silence), so
+one slow client never delays the others. `exchange` returns the outputs of tick k for the sessions asked about. Every input and
 output chunk is appended to the SessionLog in one call per tick.
 """
 
@@ -82,6 +82,7 @@ class Interaction:
         self._inbox: dict[int, dict[str, InputChunk]] = {}
         self._outputs: dict[int, dict[str, OutputChunk]] = {}
         self._stepped: dict[int, asyncio.Event] = {}
+        self._complete: dict[int, asyncio.Event] = {}  # set when every session's chunk k is in
         self._next_tick = self.current_tick()
         self._stats: deque[TickStats] = deque(maxlen=600)
         self._late = 0
@@ -155,6 +156,8 @@ class Interaction:
             if inbox is None:
                 inbox = self._inbox.setdefault(tick, {})
             inbox[chunk.session_id] = chunk
+        if inbox is not None and self.sessions and all(sid in inbox for sid in self.sessions):
+            self._complete.setdefault(tick, asyncio.Event()).set()
         if tick >= self._next_tick:
             await self._stepped.setdefault(tick, asyncio.Event()).wait()
         outs = self._outputs.get(tick, {})
@@ -172,7 +175,11 @@ class Interaction:
             tick = self._next_tick
             delay = self.deadline(tick) - self.clock()
             if delay > 0:
-                await asyncio.sleep(delay)
+                complete = self._complete.setdefault(tick, asyncio.Event())
+                try:
+                    await asyncio.wait_for(complete.wait(), delay)
+                except asyncio.TimeoutError:
+                    pass
             try:
                 await self.step(tick, loop)
             except Exception:  # a broken step must not stop the clock for everyone
@@ -218,6 +225,7 @@ class Interaction:
         self._outputs.pop(tick - KEEP_TICKS, None)
         self._stepped.setdefault(tick, asyncio.Event()).set()
         self._stepped.pop(tick - KEEP_TICKS, None)
+        self._complete.pop(tick, None)
 
     # --- the log ----------------------------------------------------------------------------
 

@@ -323,6 +323,11 @@ class PacedAudioTrack(MediaStreamTrack):
     def played_ms(self) -> float:
         return self.played * 1000 / OUT_RATE
 
+    @property
+    def next_play_sample(self) -> int:
+        """Sample index of the outgoing stream (silence included) where audio written now will play."""
+        return self._n * OUT_SAMPLES + len(self._queue)
+
     async def recv(self) -> av.AudioFrame:
         if self.readyState != "live":
             raise MediaStreamError
@@ -469,6 +474,10 @@ class EventAudioSink:
 
     @property
     def position(self) -> int:
+        return self.written
+
+    @property
+    def next_play_sample(self) -> int:
         return self.written
 
     @property

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 import av
 import numpy as np
 from aiortc import MediaStreamTrack, RTCConfiguration, RTCPeerConnection, RTCSessionDescription
+from aiortc.jitterbuffer import JitterBuffer
 from aiortc.mediastreams import MediaStreamError
 
 RATE = 48_000
@@ -136,11 +137,13 @@ def post_offer(url: str, sdp: str, api_key: str | None) -> tuple[int, str, str |
 async def call(
     url: str, samples: np.ndarray, rate: int, api_key: str | None = None, tail_s: float = 1.5,
     send_events: list[dict] | None = None, stop_sending_after_s: float | None = None, verbose: bool = False,
+    prefetch: int | None = None,
 ) -> CallReport:
     """Stream `samples` in real time, keep listening `tail_s` after they end, hang up; the report.
 
     `stop_sending_after_s` ends the outgoing track early (a client that goes quiet mid-call)
-    while the call and the recording go on.
+    while the call and the recording go on. `prefetch` sets how many packets the receiver holds
+    before decoding (aiortc's default 4 adds 80 ms; 0 times audio as it arrives).
     """
     report = CallReport()
     if urlparse(url).hostname in ("127.0.0.1", "localhost", "::1"):
@@ -185,6 +188,10 @@ async def call(
 
     @pc.on("track")
     def _track(remote):
+        if prefetch is not None:  # aiortc holds 4 packets (80 ms) before decoding by default
+            for receiver in pc.getReceivers():
+                if receiver.track is remote:
+                    receiver._RTCRtpReceiver__jitter_buffer = JitterBuffer(capacity=16, prefetch=prefetch)
         recorders.append(asyncio.ensure_future(record(remote)))
 
     await pc.setLocalDescription(await pc.createOffer())

@@ -159,3 +159,20 @@ def test_ray_actor_keeps_time_when_a_client_stops_sending(ray_cluster, tmp_path)
     assert stats["sessions"] == 2 and stats["missing_chunks"] >= 8
     ray_cluster.kill(actor)
     ray_cluster.kill(log_actor)
+
+
+def test_a_tick_is_stepped_as_soon_as_every_chunk_is_in():
+    """With a long grace, a complete tick still steps at once instead of at its deadline."""
+
+    async def scenario():
+        inter = Interaction(StreamingEngine("tiny", max_sessions=2), None, t0=time.time(), grace_s=0.6)
+        first = (await inter.join("a"))["first_tick"]
+        inter.start()
+        for k in range(first, first + 3):
+            await asyncio.sleep(max(0.0, inter.t0 + (k + 1) * inter.tick_s - time.time()))
+            await inter.exchange(k, [chunk("a", k)], ["a"])
+        return inter.stats()["ticks"]
+
+    ticks = asyncio.run(scenario())
+    assert len(ticks) == 3
+    assert all(t["lag_ms"] < -300 for t in ticks)  # stepped long before end of tick + 600 ms
