@@ -61,6 +61,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, default=8.0, help="length of each call's input")
     parser.add_argument("--url", default=None, help="a running Interplay (with --api-key); default: start one here")
     parser.add_argument("--api-key", default=KEY)
+    parser.add_argument("--jitter-ms", type=float, default=None, help="ingress jitter margin (default: the config's)")
+    parser.add_argument("--prebuffer-ms", type=float, default=None, help="playout prebuffer (default: the config's)")
     args = parser.parse_args(argv)
     folder = tempfile.mkdtemp(prefix="interplay-bench-")
     url = args.url
@@ -72,7 +74,9 @@ def main(argv: list[str] | None = None) -> int:
 
         print("[e2e] starting Ray and the app (tiny preset on CPU) ...", flush=True)
         ray.init(namespace="interplay", include_dashboard=False, logging_level="ERROR", log_to_driver=False)
-        config = AppConfig.model_validate({"log": {"root": f"{folder}/log"}, "http": {"port": PORT}, "auth": {"api_keys": [args.api_key]}})
+        margins = {k: v for k, v in (("jitter_ms", args.jitter_ms), ("prebuffer_ms", args.prebuffer_ms)) if v is not None}
+        config = AppConfig.model_validate({"log": {"root": f"{folder}/log"}, "http": {"port": PORT}, "auth": {"api_keys": [args.api_key]}, "ingress": margins})
+        print(f"[e2e] ingress margins: jitter {config.ingress.jitter_ms:.0f} ms, prebuffer {config.ingress.prebuffer_ms:.0f} ms", flush=True)
         for name, status in start(config).items():
             print(f"[e2e] {name:<12} {status}", flush=True)
         url = f"http://127.0.0.1:{PORT}"
@@ -95,7 +99,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[e2e]   done in {time.monotonic() - t:.0f} s: overhead p50 {overhead['p50']:.0f} ms, p99 {overhead['p99']:.0f} ms", flush=True)
     print()
     print_table(rows, list(rows[0]))
-    path = write_json("e2e", {"rows": rows, "seconds": args.seconds, "machine": "see README"})
+    name = "e2e" if args.jitter_ms is None and args.prebuffer_ms is None else f"e2e-j{args.jitter_ms}-p{args.prebuffer_ms}"
+    path = write_json(name, {"rows": rows, "seconds": args.seconds, "jitter_ms": args.jitter_ms, "prebuffer_ms": args.prebuffer_ms})
     print(f"\nwritten {path}")
     if args.url is None:
         stop()

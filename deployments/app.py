@@ -71,7 +71,10 @@ class Gateway:
         # events then cross no extra actor hop, and the replica exchanges once per tick for all.
         from actors.ingress import InteractionIngress
 
-        self.websockets = InteractionIngress(self.interaction, NAMESPACE, self.config.interaction.max_sessions)
+        self.websockets = InteractionIngress(
+            self.interaction, NAMESPACE, self.config.interaction.max_sessions,
+            jitter_s=self.config.ingress.jitter_ms / 1000, prebuffer_ms=self.config.ingress.prebuffer_ms,
+        )
 
     @api.get("/")
     async def page(self) -> FileResponse:
@@ -183,7 +186,8 @@ def start(config: AppConfig) -> dict[str, str]:
     loopback = config.http.host in ("127.0.0.1", "localhost", "::1")
     ice = config.ingress.ice_addresses or (["127.0.0.1"] if loopback else None)
     ingress = IngressActor.options(name=INGRESS_NAME, namespace=NAMESPACE, get_if_exists=True, lifetime="detached").remote(
-        INTERACTION_NAME, NAMESPACE, config.interaction.max_sessions, ice_addresses=ice
+        INTERACTION_NAME, NAMESPACE, config.interaction.max_sessions, ice_addresses=ice,
+        jitter_s=config.ingress.jitter_ms / 1000, prebuffer_ms=config.ingress.prebuffer_ms,
     )
     ray.get(ingress.stats.remote())
     parts["ingress"] = f"up in {time.monotonic() - t:.1f} s"

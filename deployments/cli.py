@@ -1,7 +1,8 @@
 """The `interplay` command: bring the system up on a Ray cluster and look at it.
 
 `interplay serve` starts (or joins) a Ray cluster and brings up every part on the configured
-defaults, printing each part's status as it comes up; `interplay status` reports on a running one.
+defaults, printing each part's status as it comes up; `interplay status` reports on a running one;
+`interplay call --wav F` calls one over WebRTC with a WAV file and records the reply.
 """
 
 from __future__ import annotations
@@ -71,10 +72,18 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--once", action="store_true", help="bring everything up, print status, exit (for checks)")
     serve.set_defaults(func=cmd_serve)
 
+    dial = sub.add_parser("call", help="call a running Interplay with a WAV file and record the reply", add_help=False)
+    dial.set_defaults(func=None)
+
     st = sub.add_parser("status", help="report on a running Interplay")
     st.add_argument("--address", help="Ray address (default: auto)")
     st.set_defaults(func=cmd_status)
 
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["call"]:  # the client has its own options: examples/call.py
+        from examples.call import main as call_main
+
+        return call_main(argv[1:])
     args = parser.parse_args(argv)
     return args.func(args)
 

@@ -44,6 +44,10 @@ class IngressSection(_Section):
     # Addresses WebRTC media is offered on; None: every interface, or loopback alone when the
     # HTTP server is bound to loopback.
     ice_addresses: list[str] | None = None
+    # Input audio is placed this long after it arrives: the margin for network jitter.
+    jitter_ms: float = Field(40.0, ge=0, le=500)
+    # Silence queued ahead of each response: the margin for variation in step times.
+    prebuffer_ms: float = Field(60.0, ge=0, le=1000)
 
 
 class AuthSection(_Section):

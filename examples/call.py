@@ -218,7 +218,7 @@ async def call(
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Call Interplay with a WAV file and record the reply.")
+    parser = argparse.ArgumentParser(prog="interplay call", description="Call Interplay with a WAV file and record the reply.")
     parser.add_argument("--url", default="http://127.0.0.1:8000")
     parser.add_argument("--wav", required=True, help="16-bit PCM WAV to say (any rate; mono or stereo)")
     parser.add_argument("--out", default="reply.wav", help="where to write the reply (48 kHz mono)")
