@@ -1,7 +1,8 @@
 """End-to-end overhead of a micro-turn over loopback: N concurrent WebRTC calls (N = 1, 4, 8).
 
 Per micro-turn k: from the moment chunk k's last sample left the client to the moment the first
-audio of output k arrived back, minus the step's own compute. The server tells each client its
+audio of output k arrived back, minus the step's own compute. Each call asks for a response at once (response.create), so the model speaks throughout; the
+server tells each client its
 clock (t0, tick, jitter margin) in session.created and, per tick, the step time and the sample
 of the outgoing stream where that tick's audio plays; the client timestamps every frame it
 receives. Client and server share the machine's clock. Run: `python -m bench.e2e`.
@@ -52,7 +53,7 @@ def turns(report, skip: int = 5) -> list[dict]:
 
 
 async def calls(url: str, n: int, samples: np.ndarray, rate: int) -> list:
-    return await asyncio.gather(*(call(url, samples, rate, api_key=KEY, tail_s=1.0, prefetch=0) for _ in range(n)))
+    return await asyncio.gather(*(call(url, samples, rate, api_key=KEY, tail_s=1.0, prefetch=0, send_events=[{"type": "response.create"}]) for _ in range(n)))
 
 
 def main(argv: list[str] | None = None) -> int:

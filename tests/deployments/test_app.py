@@ -35,10 +35,11 @@ def stats(name):
 def test_a_call_gets_continuous_audio_back_for_its_whole_input(app_url, speech_wav):
     samples, rate = read_wav(speech_wav)
     seconds = len(samples) / rate
-    report = run(call(app_url, samples, rate, api_key=API_KEY, tail_s=1.0))
+    report = run(call(app_url, samples, rate, api_key=API_KEY, tail_s=1.0, send_events=[{"type": "response.create"}]))
     assert len(report.audio) >= seconds * RATE
     assert report.max_gap_ms < 250  # paced 20 ms frames, no holes
-    assert report.event_types().get("session.created") == 1
+    assert report.event_types().get("session.created") == 1 and report.event_types().get("response.created", 0) >= 1
+    assert np.abs(report.audio).max() > 1000  # the response was heard, not only silence
     steps = [t["step_ms"] for t in report.ticks]
     assert len(steps) >= 10 * seconds / 2 and all(s > 0 for s in steps)
     # the call ended: its slot is free and its log is whole
@@ -106,6 +107,7 @@ def test_the_openai_librarys_realtime_client_works_over_the_websocket(app_url, s
             for i in range(0, len(pcm), 4800):
                 await conn.input_audio_buffer.append(audio=base64.b64encode(pcm[i : i + 4800].tobytes()).decode())
             await conn.send({"type": "bogus.event"})
+            await conn.response.create()
             end = time.time() + len(pcm) / 24_000 + 1.5
             while time.time() < end:
                 try:
@@ -119,7 +121,8 @@ def test_the_openai_librarys_realtime_client_works_over_the_websocket(app_url, s
 
     seen, audio = run(session())
     assert seen.get("session.created") == 1 and seen.get("session.updated") == 1 and seen.get("error") == 1
-    assert audio >= 0.8 * len(pcm)  # the model spoke all along (24 kHz PCM16 deltas)
+    assert audio >= 2 * 24_000  # it answered: seconds of 24 kHz PCM16 deltas
+    assert seen.get("response.created", 0) >= 1
     assert "output_audio_buffer.started" not in seen  # WebRTC-only events stay off the socket
 
 
