@@ -32,7 +32,7 @@ import json
 import logging
 import math
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 from fractions import Fraction
 from typing import Awaitable, Callable
@@ -185,6 +185,7 @@ class _Session:
         self.clock = clock or {}
         self.log_token: str | None = None
         self.levels: dict[int, float] = {}  # input RMS per tick, for interplay.tick events
+        self.lateness: deque[float] = deque(maxlen=100)  # seconds after its tick's end each output came
         self.config = config
         self.first_tick: int | None = None  # stepped from this tick on; set once connected
         self.early: dict[int, np.ndarray] = {}  # chunks that came before their tick was gathered
@@ -233,7 +234,7 @@ class Ingress:
     t0 + (k+1)·tick_s + grace_s, which must come before the interaction side's own deadline;
     audio is placed `jitter_s` after its arrival (see AudioChunker), which is the margin for
     network jitter. Audio of tick k not in by the gather is dropped (the chunk is sent as
-    missing, or padded if partly in). Speech is played with `prebuffer_ms` of margin at the
+    missing, or padded if partly in). Speech is played with a margin of at most `prebuffer_ms` at the
     start of each response and at most `max_playout_s` queued; a call that does not connect
     within `connect_timeout_s` is closed.
     """
@@ -538,6 +539,8 @@ class Ingress:
         if out.seq <= s.last_out_seq:
             return  # an older tick answered after a newer one: its moment has passed
         s.last_out_seq = out.seq
+        # How late this output came relative to its tick's end: its spread sizes the prebuffer.
+        s.lateness.append(time.time() - (self.t0 + (out.seq + 1) * self.tick_s))
         for event in out.events:
             s.send(event)
         if s.config.get("interplay", {}).get("tick_events"):
@@ -573,13 +576,23 @@ class Ingress:
         for old in [k for k in s.levels if k < out.seq]:
             del s.levels[old]
 
+    def _prebuffer(self, s: _Session) -> float:
+        """The margin (ms) queued ahead of a response: enough to cover how much later than usual
+        this session's outputs have come lately (p95 minus p5 of their lateness, plus 10 ms),
+        never more than `prebuffer_ms`; the whole `prebuffer_ms` until there is history."""
+        if len(s.lateness) < 10:
+            return self.prebuffer_ms
+        spread = float(np.percentile(s.lateness, 95) - np.percentile(s.lateness, 5)) * 1000
+        return min(self.prebuffer_ms, spread + 10.0)
+
     def _start_run(self, s: _Session) -> None:
         if s.stop_timer:  # the previous response's audio is still playing out: close it first
             s.stop_timer.cancel()
             s.stop_timer = None
             s.send(server_event("output_audio_buffer.stopped", response_id=s.last_response_id))
-        if s.track.queued_ms < self.prebuffer_ms:  # margin for exchange jitter within the run
-            s.track.write(np.zeros(round((self.prebuffer_ms - s.track.queued_ms) * SAMPLE_RATE / 1000), np.int16))
+        margin = self._prebuffer(s)
+        if s.track.queued_ms < margin:  # so a later output that comes late still plays on time
+            s.track.write(np.zeros(round((margin - s.track.queued_ms) * SAMPLE_RATE / 1000), np.int16))
         run = s.run = _Run(new_id("resp"), new_id("item"))
         s.items[run.item_id] = _Item(s.track.written, s.track.written)
         while len(s.items) > MAX_ITEMS:

@@ -1,8 +1,8 @@
 """End-to-end overhead of a micro-turn over loopback: N concurrent WebRTC calls (N = 1, 4, 8).
 
 Per micro-turn k: from the moment chunk k's last sample left the client to the moment the first
-audio of output k arrived back, minus the step's own compute. Each call asks for a response at once (response.create), so the model speaks throughout; the
-server tells each client its
+audio of output k arrived back, minus the step's own compute. Each caller speaks for 2 s, then asks for a response (response.create), and the model speaks
+from then on; only micro-turns with output audio are timed. The server tells each client its
 clock (t0, tick, jitter margin) in session.created and, per tick, the step time and the sample
 of the outgoing stream where that tick's audio plays; the client timestamps every frame it
 receives. Client and server share the machine's clock. Run: `python -m bench.e2e`.
@@ -23,6 +23,7 @@ from bench.common import percentiles, print_table, write_json
 from examples.call import call, read_wav
 
 PORT = 8130
+RESPOND_AFTER_S = 2.0  # the caller speaks first, then asks for a response (response.create)
 KEY = "sk-bench"
 
 
@@ -53,7 +54,7 @@ def turns(report, skip: int = 5) -> list[dict]:
 
 
 async def calls(url: str, n: int, samples: np.ndarray, rate: int) -> list:
-    return await asyncio.gather(*(call(url, samples, rate, api_key=KEY, tail_s=1.0, prefetch=0, send_events=[{"type": "response.create"}]) for _ in range(n)))
+    return await asyncio.gather(*(call(url, samples, rate, api_key=KEY, tail_s=1.0, prefetch=0, respond_after_s=RESPOND_AFTER_S) for _ in range(n)))
 
 
 def main(argv: list[str] | None = None) -> int:

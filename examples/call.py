@@ -137,13 +137,14 @@ def post_offer(url: str, sdp: str, api_key: str | None) -> tuple[int, str, str |
 async def call(
     url: str, samples: np.ndarray, rate: int, api_key: str | None = None, tail_s: float = 1.5,
     send_events: list[dict] | None = None, stop_sending_after_s: float | None = None, verbose: bool = False,
-    prefetch: int | None = None,
+    prefetch: int | None = None, respond_after_s: float | None = None,
 ) -> CallReport:
     """Stream `samples` in real time, keep listening `tail_s` after they end, hang up; the report.
 
     `stop_sending_after_s` ends the outgoing track early (a client that goes quiet mid-call)
     while the call and the recording go on. `prefetch` sets how many packets the receiver holds
     before decoding (aiortc's default 4 adds 80 ms; 0 times audio as it arrives).
+    `respond_after_s` asks the model for a response (response.create) that long into the call.
     """
     report = CallReport()
     if urlparse(url).hostname in ("127.0.0.1", "localhost", "::1"):
@@ -206,6 +207,9 @@ async def call(
         channel.send(json.dumps(event))
     started, duration = time.time(), len(track.samples) / RATE
     while not track.done or time.time() - started < duration:
+        if respond_after_s is not None and time.time() - started >= respond_after_s:
+            channel.send(json.dumps({"type": "response.create"}))
+            respond_after_s = None
         if stop_sending_after_s is not None and time.time() - started >= stop_sending_after_s and track.readyState == "live":
             track.stop()  # goes quiet, but stays on the call
             track.sent = len(track.samples)

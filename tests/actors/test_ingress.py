@@ -401,3 +401,13 @@ class _RayIngress:
 
     async def offer(self, sdp, session_config=None):
         return await self.actor.offer.remote(sdp, session_config)
+
+
+def test_prebuffer_adapts_to_how_steadily_outputs_arrive():
+    ingress = Ingress(Echo(), clock_t0=0.0, prebuffer_ms=60.0)
+    s = _Session(None, AudioChunker(0.0), 160, 0.6, {"type": "realtime"})
+    assert ingress._prebuffer(s) == 60.0  # no history yet: the configured margin
+    s.lateness.extend(0.030 + 0.004 * (i % 3) for i in range(20))  # steady: within 8 ms
+    assert 10.0 <= ingress._prebuffer(s) <= 20.0
+    s.lateness.extend([0.030, 0.200] * 20)  # erratic: capped at the configured margin
+    assert ingress._prebuffer(s) == 60.0
