@@ -305,12 +305,7 @@ class Ingress:
                 await pc.setLocalDescription(await pc.createAnswer())  # returns once ICE gathering is done
             except Exception as exc:
                 raise ProtocolError(f"could not negotiate the SDP offer: {exc}", "invalid_sdp", "sdp") from None
-            if self.on_join is not None:
-                try:
-                    s.join_info(await self.on_join(s.id))
-                except ProtocolError as exc:
-                    cause = getattr(exc, "cause", exc)  # unwrap a RayTaskError into a plain ProtocolError
-                    raise ProtocolError(str(cause), cause.code, cause.param) from None
+            await self._join(s)
         except BaseException:
             await pc.close()
             raise
@@ -332,20 +327,26 @@ class Ingress:
             raise ProtocolError(f"this ingress is full ({self.max_sessions} calls)", "capacity")
         self._ensure_loop()
         s = _Session(None, BufferedAudioInput(tick_s=self.tick_s), self.frame_size, self.max_playout_s, config, self._clock(), websocket=True)
-        if self.on_join is not None:
-            self._negotiating += 1
-            try:
-                s.join_info(await self.on_join(s.id))
-            except ProtocolError as exc:
-                cause = getattr(exc, "cause", exc)
-                raise ProtocolError(str(cause), cause.code, cause.param) from None
-            finally:
-                self._negotiating -= 1
+        self._negotiating += 1
+        try:
+            await self._join(s)
+        finally:
+            self._negotiating -= 1
         s.first_tick = self._tick_of(time.time())
         self.sessions[s.id] = s
         self._counts["calls"] += 1
         s.send(server_event("session.created", session=s.session_object()))
         return s.id, s.channel
+
+    async def _join(self, s: _Session) -> None:
+        """Announce the session to the interaction side (which may refuse it, e.g. "capacity")."""
+        if self.on_join is None:
+            return
+        try:
+            s.join_info(await self.on_join(s.id))
+        except ProtocolError as exc:
+            cause = getattr(exc, "cause", exc)  # unwrap a RayTaskError into a plain ProtocolError
+            raise ProtocolError(str(cause), cause.code, cause.param) from None
 
     def receive(self, session_id: str, message: str | bytes) -> None:
         """A client message of a WebSocket session (errors go back on its channel)."""
