@@ -713,10 +713,13 @@ class InteractionIngress(Ingress):
     `exchange` once per tick, and announces calls with its `join` / `leave`.
     """
 
-    def __init__(self, interaction, namespace: str = "interplay", max_sessions: int = 32, ice_addresses: list[str] | None = None, **options):
+    def __init__(
+        self, interaction, namespace: str = "interplay", max_sessions: int = 32,
+        ice_addresses: list[str] | None = None, clock: dict | None = None, **options,
+    ):
         use_ice_addresses(ice_addresses)
         handle = ray.get_actor(interaction, namespace=namespace) if isinstance(interaction, str) else interaction
-        clock = ray.get(handle.clock_info.remote())
+        clock = clock or ray.get(handle.clock_info.remote())  # callers that know it spare a blocking call
         # Gather right after the tick ends: audio is already placed jitter_s after it arrived, so
         # that margin, not a wait, absorbs late packets; the interaction actor steps as soon as
         # all of a tick's chunks are in, and its grace only covers a late exchange.

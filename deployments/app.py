@@ -186,7 +186,7 @@ def start(config: AppConfig) -> dict[str, str]:
     loopback = config.http.host in ("127.0.0.1", "localhost", "::1")
     ice = config.ingress.ice_addresses or (["127.0.0.1"] if loopback else None)
     ingress = IngressActor.options(name=INGRESS_NAME, namespace=NAMESPACE, get_if_exists=True, lifetime="detached").remote(
-        INTERACTION_NAME, NAMESPACE, config.interaction.max_sessions, ice_addresses=ice,
+        INTERACTION_NAME, NAMESPACE, config.interaction.max_sessions, ice_addresses=ice, clock=clock,
         jitter_s=config.ingress.jitter_ms / 1000, prebuffer_ms=config.ingress.prebuffer_ms,
     )
     ray.get(ingress.stats.remote())
