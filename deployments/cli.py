@@ -27,9 +27,15 @@ def _init_ray(address: str | None) -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    from pydantic import ValidationError
+
     from .app import start
 
-    config = AppConfig.load(args.config)
+    try:
+        config = AppConfig.load(args.config)
+    except (OSError, ValidationError, ValueError) as exc:
+        print(f"interplay: bad config {args.config}: {exc}", file=sys.stderr)
+        return 2
     if args.port:
         config.http.port = args.port
     if args.host:
