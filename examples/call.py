@@ -137,7 +137,7 @@ def post_offer(url: str, sdp: str, api_key: str | None) -> tuple[int, str, str |
 async def call(
     url: str, samples: np.ndarray, rate: int, api_key: str | None = None, tail_s: float = 1.5,
     send_events: list[dict] | None = None, stop_sending_after_s: float | None = None, verbose: bool = False,
-    prefetch: int | None = None, respond_after_s: float | None = None,
+    prefetch: int | None = None, respond_after_s: float | None = None, video: str | None = None,
 ) -> CallReport:
     """Stream `samples` in real time, keep listening `tail_s` after they end, hang up; the report.
 
@@ -145,6 +145,7 @@ async def call(
     while the call and the recording go on. `prefetch` sets how many packets the receiver holds
     before decoding (aiortc's default 4 adds 80 ms; 0 times audio as it arrives).
     `respond_after_s` asks the model for a response (response.create) that long into the call.
+    `video` is a video file (anything PyAV decodes) sent alongside, in real time.
     """
     report = CallReport()
     if urlparse(url).hostname in ("127.0.0.1", "localhost", "::1"):
@@ -154,6 +155,14 @@ async def call(
     pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
     track = FileTrack(resample(samples, rate))
     pc.addTrack(track)
+    player = None
+    if video is not None:
+        from aiortc.contrib.media import MediaPlayer
+
+        player = MediaPlayer(video)
+        if player.video is None:
+            raise ValueError(f"{video}: no video stream")
+        pc.addTrack(player.video)
     channel = pc.createDataChannel("oai-events")
     opened = asyncio.Event()
 
@@ -218,6 +227,8 @@ async def call(
     await pc.close()
     for task in recorders:
         task.cancel()
+    if player is not None and player.video is not None:
+        player.video.stop()
     return report
 
 
@@ -227,12 +238,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--wav", required=True, help="16-bit PCM WAV to say (any rate; mono or stereo)")
     parser.add_argument("--out", default="reply.wav", help="where to write the reply (48 kHz mono)")
     parser.add_argument("--api-key", default=None)
+    parser.add_argument("--video", default=None, help="a video file to send alongside (any format PyAV reads)")
     parser.add_argument("--tail", type=float, default=1.5, help="seconds to keep listening after the file ends")
     parser.add_argument("-v", "--verbose", action="store_true")
     args = parser.parse_args(argv)
     samples, rate = read_wav(args.wav)
     print(f"calling {args.url} with {len(samples) / rate:.1f} s of audio ...", file=sys.stderr)
-    report = asyncio.run(call(args.url, samples, rate, args.api_key, args.tail, verbose=args.verbose))
+    report = asyncio.run(call(args.url, samples, rate, args.api_key, args.tail, verbose=args.verbose, video=args.video))
     write_wav(args.out, report.audio, RATE)
     print(f"session {report.session_id}: received {len(report.audio) / RATE:.1f} s of audio -> {args.out}; longest gap {report.max_gap_ms:.0f} ms")
     print(f"events: {report.event_types()}")

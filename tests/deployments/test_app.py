@@ -162,3 +162,26 @@ def test_health_and_metrics(app_url):
     with urllib.request.urlopen(f"{app_url}/metrics", timeout=10) as response:
         text = response.read().decode()
     assert "interplay_step_ms" in text and "interplay_ingress_calls" in text
+
+
+def test_video_sent_alongside_reaches_the_model_as_frames(app_url, speech_wav, tmp_path):
+    import av
+
+    path = str(tmp_path / "clip.mp4")  # 4 s of a moving gradient, 320x240 at 10 fps
+    with av.open(path, "w") as out:
+        stream = out.add_stream("mpeg4", rate=10)
+        stream.width, stream.height, stream.pix_fmt = 320, 240, "yuv420p"
+        for i in range(40):
+            img = np.zeros((240, 320, 3), np.uint8)
+            img[:, :, 0] = (np.arange(320) + 8 * i) % 256
+            for packet in stream.encode(av.VideoFrame.from_ndarray(img, format="rgb24")):
+                out.mux(packet)
+        for packet in stream.encode():
+            out.mux(packet)
+    samples, rate = read_wav(speech_wav)
+    report = run(call(app_url, samples, rate, api_key=API_KEY, tail_s=0.5, video=path))
+    token = report.events[0]["session"]["interplay"]["log_token"]
+    table = ray.get(ray.get_actor("session_log", namespace="interplay").read.remote(report.session_id, token))
+    shapes = {(h, w) for h, w in zip(table.column("frame_h").to_pylist(), table.column("frame_w").to_pylist()) if h}
+    assert shapes == {(160, 160)}  # centre-cropped and resized for the model
+    assert sum(1 for h in table.column("frame_h").to_pylist() if h) >= 5
