@@ -280,6 +280,7 @@ class Ingress:
         self._negotiating = 0
         self._loop: asyncio.Task | None = None
         self._exchanges: set[asyncio.Task] = set()
+        self._timing: dict[int, tuple[float, float]] = {}  # tick -> (gathered, exchange returned)
         self._counts = dict.fromkeys(
             ["ticks", "exchanges", "late_exchanges", "failed_exchanges", "skipped_ticks", "missing_chunks", "late_chunks", "calls", "closed"], 0
         )
@@ -567,12 +568,16 @@ class Ingress:
 
     def _send_tick(self, s: _Session, out: OutputChunk) -> None:
         """Our extension event: the tick's input/output level (RMS, 0..1 of full scale), the step's
-        time, and the sample of the outgoing stream (48 kHz, silence included) where this tick's
-        audio, if any, begins to play."""
+        time, the sample of the outgoing stream (48 kHz, silence included) where this tick's
+        audio, if any, begins to play, and the wall-clock times of each stage on the way."""
         out_level = float(np.sqrt(np.mean(out.audio.astype(np.float32) ** 2)) / 32768)
+        gathered, returned = self._timing.get(out.seq, (None, None))
+        sample = s.track.next_play_sample
         s.send({
             "type": "interplay.tick", "event_id": new_id("event"), "tick": out.seq, "step_ms": round(out.step_ms, 3),
-            "in_level": round(s.levels.pop(out.seq, 0.0), 4), "out_level": round(out_level, 4), "out_sample": s.track.next_play_sample,
+            "in_level": round(s.levels.pop(out.seq, 0.0), 4), "out_level": round(out_level, 4), "out_sample": sample,
+            # wall-clock times: chunk gathered, outputs back, audio written, and when it will play
+            "at": {"gathered": gathered, "returned": returned, "written": time.time(), "plays": s.track.time_of(sample)},
         })
         for old in [k for k in s.levels if k < out.seq]:
             del s.levels[old]
@@ -687,6 +692,7 @@ class Ingress:
             return InputChunk.silent(s.id, k, t_start)
 
     async def _exchange(self, k: int, chunks: list[InputChunk]) -> None:
+        gathered = time.time()
         try:
             outs = await asyncio.wait_for(self.exchange(k, chunks, [c.session_id for c in chunks]), self.exchange_timeout_s)
         except Exception as exc:
@@ -694,6 +700,8 @@ class Ingress:
             log.warning("exchange for tick %d failed: %r", k, exc)
             return
         self._counts["exchanges"] += 1
+        self._timing[k] = (gathered, time.time())
+        self._timing.pop(k - 50, None)
         if time.time() > self.t0 + (k + 2) * self.tick_s + self.grace_s:  # after the next tick's gather
             self._counts["late_exchanges"] += 1
         for out in outs or []:

@@ -328,6 +328,10 @@ class PacedAudioTrack(MediaStreamTrack):
         """Sample index of the outgoing stream (silence included) where audio written now will play."""
         return self._n * OUT_SAMPLES + len(self._queue)
 
+    def time_of(self, sample: int) -> float | None:
+        """The wall-clock time the frame holding stream sample `sample` is due to be sent."""
+        return None if self._start is None else self._start + (sample // OUT_SAMPLES) * PTIME
+
     async def recv(self) -> av.AudioFrame:
         if self.readyState != "live":
             raise MediaStreamError
@@ -479,6 +483,9 @@ class EventAudioSink:
     @property
     def next_play_sample(self) -> int:
         return self.written
+
+    def time_of(self, sample: int) -> float | None:
+        return None  # the client plays it
 
     @property
     def queued_ms(self) -> float:

@@ -47,10 +47,25 @@ def turns(report, skip: int = 5) -> list[dict]:
         arrival = report.arrival_of(tick["out_sample"])
         if arrival is None or tick.get("out_level", 0) == 0:
             continue
-        left_client = clock["t0"] + (tick["tick"] + 1) * clock["tick_s"] - clock.get("jitter_s", 0.0)
+        tick_end = clock["t0"] + (tick["tick"] + 1) * clock["tick_s"]
+        left_client = tick_end - clock.get("jitter_s", 0.0)
         latency = arrival - left_client
-        out.append({"latency_ms": latency * 1000, "step_ms": tick["step_ms"], "overhead_ms": latency * 1000 - tick["step_ms"]})
+        turn = {"latency_ms": latency * 1000, "step_ms": tick["step_ms"], "overhead_ms": latency * 1000 - tick["step_ms"]}
+        at = tick.get("at") or {}
+        if all(at.get(k) for k in ("gathered", "returned", "written", "plays")):
+            turn.update({
+                "jitter margin": (tick_end - left_client) * 1000,
+                "wait to gather": (at["gathered"] - tick_end) * 1000,
+                "exchange less step": (at["returned"] - at["gathered"]) * 1000 - tick["step_ms"],
+                "deliver": (at["written"] - at["returned"]) * 1000,
+                "playout queue": (at["plays"] - at["written"]) * 1000,
+                "send to arrival": (arrival - at["plays"]) * 1000,
+            })
+        out.append(turn)
     return out
+
+
+STAGES = ["jitter margin", "wait to gather", "exchange less step", "deliver", "playout queue", "send to arrival"]
 
 
 async def calls(url: str, n: int, samples: np.ndarray, rate: int) -> list:
@@ -78,12 +93,13 @@ def main(argv: list[str] | None = None) -> int:
         ray.init(namespace="interplay", include_dashboard=False, logging_level="ERROR", log_to_driver=False)
         margins = {k: v for k, v in (("jitter_ms", args.jitter_ms), ("prebuffer_ms", args.prebuffer_ms)) if v is not None}
         config = AppConfig.model_validate({"log": {"root": f"{folder}/log"}, "http": {"port": PORT}, "auth": {"api_keys": [args.api_key]}, "ingress": margins})
-        print(f"[e2e] ingress margins: jitter {config.ingress.jitter_ms:.0f} ms, prebuffer {config.ingress.prebuffer_ms:.0f} ms", flush=True)
+        jitter_ms, prebuffer_ms = config.margins_ms()
+        print(f"[e2e] ingress margins: jitter {jitter_ms:.0f} ms, playout at most {prebuffer_ms:.0f} ms", flush=True)
         for name, status in start(config).items():
             print(f"[e2e] {name:<12} {status}", flush=True)
         url = f"http://127.0.0.1:{PORT}"
     samples, rate = speech(args.seconds, folder)
-    rows = []
+    rows, stages = [], []
     for n in [int(x) for x in args.calls.split(",")]:
         t = time.monotonic()
         print(f"[e2e] {n} concurrent call(s) of {args.seconds:.0f} s ...", flush=True)
@@ -98,11 +114,15 @@ def main(argv: list[str] | None = None) -> int:
             "step p50 ms": step["p50"], "step p99 ms": step["p99"],
             "audio back / in": received, "max gap ms": max(r.max_gap_ms for r in reports),
         })
+        timed = [t for t in per_turn if STAGES[0] in t]
+        stages.append({"calls": n, **{k: percentiles(t[k] for t in timed)["p50"] for k in STAGES}})
         print(f"[e2e]   done in {time.monotonic() - t:.0f} s: overhead p50 {overhead['p50']:.0f} ms, p99 {overhead['p99']:.0f} ms", flush=True)
     print()
     print_table(rows, list(rows[0]))
+    print("\nwhere the overhead goes (p50 ms of each stage; they add up to about the overhead p50):")
+    print_table(stages, ["calls", *STAGES])
     name = "e2e" if args.jitter_ms is None and args.prebuffer_ms is None else f"e2e-j{args.jitter_ms}-p{args.prebuffer_ms}"
-    path = write_json(name, {"rows": rows, "seconds": args.seconds, "jitter_ms": args.jitter_ms, "prebuffer_ms": args.prebuffer_ms})
+    path = write_json(name, {"rows": rows, "stages": stages, "seconds": args.seconds, "jitter_ms": args.jitter_ms, "prebuffer_ms": args.prebuffer_ms})
     print(f"\nwritten {path}")
     if args.url is None:
         stop()

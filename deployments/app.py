@@ -71,9 +71,9 @@ class Gateway:
         # events then cross no extra actor hop, and the replica exchanges once per tick for all.
         from actors.ingress import InteractionIngress
 
+        jitter_ms, prebuffer_ms = self.config.margins_ms()
         self.websockets = InteractionIngress(
-            self.interaction, NAMESPACE, self.config.interaction.max_sessions,
-            jitter_s=self.config.ingress.jitter_ms / 1000, prebuffer_ms=self.config.ingress.prebuffer_ms,
+            self.interaction, NAMESPACE, self.config.interaction.max_sessions, jitter_s=jitter_ms / 1000, prebuffer_ms=prebuffer_ms,
         )
 
     @api.get("/")
@@ -183,14 +183,14 @@ def start(config: AppConfig) -> dict[str, str]:
 
     t = time.monotonic()
     # A server bound to loopback keeps its WebRTC media on loopback too (aioice skips 127.0.0.1).
-    loopback = config.http.host in ("127.0.0.1", "localhost", "::1")
-    ice = config.ingress.ice_addresses or (["127.0.0.1"] if loopback else None)
+    ice = config.ingress.ice_addresses or (["127.0.0.1"] if config.loopback else None)
+    jitter_ms, prebuffer_ms = config.margins_ms()
     ingress = IngressActor.options(name=INGRESS_NAME, namespace=NAMESPACE, get_if_exists=True, lifetime="detached").remote(
         INTERACTION_NAME, NAMESPACE, config.interaction.max_sessions, ice_addresses=ice, clock=clock,
-        jitter_s=config.ingress.jitter_ms / 1000, prebuffer_ms=config.ingress.prebuffer_ms,
+        jitter_s=jitter_ms / 1000, prebuffer_ms=prebuffer_ms,
     )
     ray.get(ingress.stats.remote())
-    parts["ingress"] = f"up in {time.monotonic() - t:.1f} s"
+    parts["ingress"] = f"up (margins: jitter {jitter_ms:.0f} ms, playout {prebuffer_ms:.0f} ms) in {time.monotonic() - t:.1f} s"
 
     t = time.monotonic()
     serve.start(http_options={"host": config.http.host, "port": config.http.port})

@@ -45,9 +45,11 @@ class IngressSection(_Section):
     # HTTP server is bound to loopback.
     ice_addresses: list[str] | None = None
     # Input audio is placed this long after it arrives: the margin for network jitter.
-    jitter_ms: float = Field(40.0, ge=0, le=500)
-    # Silence queued ahead of each response: the margin for variation in step times.
-    prebuffer_ms: float = Field(60.0, ge=0, le=1000)
+    # None: 10 ms when the server is bound to loopback (no network in between), else 40 ms.
+    jitter_ms: float | None = Field(None, ge=0, le=500)
+    # At most this much silence is queued ahead of a response (sized per session from how
+    # steadily outputs arrive). None: 20 ms on loopback, else 60 ms.
+    prebuffer_ms: float | None = Field(None, ge=0, le=1000)
 
 
 class AuthSection(_Section):
@@ -60,6 +62,9 @@ class AuthSection(_Section):
         return self.api_keys + env
 
 
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
+
+
 class AppConfig(_Section):
     model: ModelSection = Field(default_factory=ModelSection)
     interaction: InteractionSection = Field(default_factory=InteractionSection)
@@ -67,6 +72,16 @@ class AppConfig(_Section):
     http: HttpSection = Field(default_factory=HttpSection)
     ingress: IngressSection = Field(default_factory=IngressSection)
     auth: AuthSection = Field(default_factory=AuthSection)
+
+    @property
+    def loopback(self) -> bool:
+        return self.http.host in LOOPBACK_HOSTS
+
+    def margins_ms(self) -> tuple[float, float]:
+        """The ingress's (jitter, prebuffer) margins: as configured, or suited to where it listens."""
+        jitter = self.ingress.jitter_ms if self.ingress.jitter_ms is not None else (10.0 if self.loopback else 40.0)
+        prebuffer = self.ingress.prebuffer_ms if self.ingress.prebuffer_ms is not None else (20.0 if self.loopback else 60.0)
+        return jitter, prebuffer
 
     @classmethod
     def load(cls, path: str | Path | None) -> "AppConfig":

@@ -96,6 +96,7 @@ class CallReport:
     clock: dict = field(default_factory=dict)  # the server's {t0, tick_s, first_tick}
     received: list[np.ndarray] = field(default_factory=list)
     arrivals: list[tuple[float, int]] = field(default_factory=list)  # (time, samples received before)
+    packets: list[tuple[float, int]] = field(default_factory=list)  # (time, RTP timestamp) as packets arrive
     events: list[dict] = field(default_factory=list)
     ticks: list[dict] = field(default_factory=list)  # interplay.tick events, with arrival times
 
@@ -109,7 +110,18 @@ class CallReport:
         return float(np.max(np.diff(times)) * 1000) if len(times) > 1 else float("nan")
 
     def arrival_of(self, sample: int) -> float | None:
-        """When the received stream reached output sample `sample` (48 kHz), or None."""
+        """When the packet carrying output stream sample `sample` (48 kHz) arrived, or None.
+
+        Timed at the transport: the RTP timestamp (48 kHz) counts stream samples from the first
+        packet, so no receive-side buffering (aiortc holds an audio frame until the next packet
+        comes) is counted. Without packet times, the decoded frames' arrival is used.
+        """
+        if self.packets:
+            first = self.packets[0][1]
+            for t, ts in self.packets:
+                if ((ts - first) & 0xFFFFFFFF) + FRAME > sample:
+                    return t
+            return None
         for t, before in self.arrivals:
             if before + FRAME > sample:
                 return t
@@ -120,6 +132,17 @@ class CallReport:
         for e in self.events:
             counts[e.get("type", "?")] = counts.get(e.get("type", "?"), 0) + 1
         return counts
+
+
+def _time_packets(receiver, into: list) -> None:
+    """Record (arrival time, RTP timestamp) of every RTP packet the receiver gets."""
+    handle = receiver._handle_rtp_packet
+
+    async def timed(packet, arrival_time_ms):
+        into.append((time.time(), packet.timestamp))
+        return await handle(packet, arrival_time_ms)
+
+    receiver._handle_rtp_packet = timed
 
 
 def post_offer(url: str, sdp: str, api_key: str | None) -> tuple[int, str, str | None]:
@@ -198,6 +221,9 @@ async def call(
 
     @pc.on("track")
     def _track(remote):
+        for receiver in pc.getReceivers():
+            if receiver.track is remote and remote.kind == "audio":
+                _time_packets(receiver, report.packets)
         if prefetch is not None:  # aiortc holds 4 packets (80 ms) before decoding by default
             for receiver in pc.getReceivers():
                 if receiver.track is remote:

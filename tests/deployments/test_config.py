@@ -53,3 +53,11 @@ def test_cluster_launcher_file_is_valid_for_ray():
     types = config["available_node_types"]
     assert types["interaction_gpu"]["resources"] == {"interaction": 1}
     assert types["background_gpu"]["resources"] == {"background": 1}
+
+
+def test_margins_suit_where_the_server_listens():
+    assert AppConfig().margins_ms() == (10.0, 20.0)  # loopback: no network jitter to absorb
+    public = AppConfig.model_validate({"http": {"host": "0.0.0.0"}})
+    assert public.margins_ms() == (40.0, 60.0)
+    explicit = AppConfig.model_validate({"http": {"host": "0.0.0.0"}, "ingress": {"jitter_ms": 25, "prebuffer_ms": 30}})
+    assert explicit.margins_ms() == (25.0, 30.0)
