@@ -1,8 +1,10 @@
-"""Micro-turn chunks: what enters and leaves the interaction model every 200 ms.
+"""Micro-turn chunks: what enters and leaves the interaction model every tick.
 
-An `InputChunk` is one session's 200 ms of input for tick `seq`; an `OutputChunk` is the
-model's 200 ms answer for the same tick. Both validate on construction, so a malformed chunk
-never exists: bad input raises `ProtocolError` with a message fit to show the client.
+An `InputChunk` is one session's input for tick `seq`; an `OutputChunk` is the model's answer for
+the same tick. Both validate on construction, so a malformed chunk never exists: bad input raises
+`ProtocolError` with a message fit to show the client. The tick length is the model's (see
+`protocols.clock.TickClock`): a chunk holds a whole number of 25 ms hops of 16 kHz audio, and the
+engine checks that it holds exactly one tick's worth.
 """
 
 from __future__ import annotations
@@ -13,8 +15,8 @@ from typing import Any
 import numpy as np
 
 SAMPLE_RATE = 16_000  # Hz, mono, inside the system
-CHUNK_MS = 200  # one micro-turn
-CHUNK_SAMPLES = SAMPLE_RATE * CHUNK_MS // 1000  # 3,200
+HOP_SAMPLES = SAMPLE_RATE * 25 // 1000  # a chunk is whole 25 ms dMel hops
+MAX_CHUNK_SAMPLES = SAMPLE_RATE * 2  # the longest tick a model may use (2 s)
 PATCH = 40  # video patches are PATCH x PATCH pixels
 FRAME_SIZE = 160  # default frame edge: 160 x 160 -> 16 patches
 MAX_FRAME_EDGE = 640  # larger frames are refused, not silently resized
@@ -39,14 +41,16 @@ def check_session_id(session_id: Any) -> str:
     return session_id
 
 
-def check_audio(audio: Any, param: str = "audio") -> np.ndarray:
-    """A chunk's audio: exactly CHUNK_SAMPLES int16 samples, 1-D (16 kHz mono)."""
+def check_audio(audio: Any, param: str = "audio", samples: int | None = None) -> np.ndarray:
+    """A chunk's audio: 1-D int16 at 16 kHz, whole 25 ms hops; exactly `samples` when given."""
     if not isinstance(audio, np.ndarray):
         raise ProtocolError(f"{param} must be a numpy int16 array, got {type(audio).__name__}", "invalid_audio", param)
     if audio.dtype != np.int16:
         raise ProtocolError(f"{param} must be int16 PCM at {SAMPLE_RATE} Hz, got dtype {audio.dtype}", "invalid_audio", param)
-    if audio.shape != (CHUNK_SAMPLES,):
-        raise ProtocolError(f"{param} must hold {CHUNK_SAMPLES} samples (200 ms at {SAMPLE_RATE} Hz mono), got shape {audio.shape}", "invalid_audio", param)
+    if samples is not None and audio.shape != (samples,):
+        raise ProtocolError(f"{param} must hold {samples} samples (one tick at {SAMPLE_RATE} Hz mono), got shape {audio.shape}", "invalid_audio", param)
+    if audio.ndim != 1 or not 0 < audio.shape[0] <= MAX_CHUNK_SAMPLES or audio.shape[0] % HOP_SAMPLES:
+        raise ProtocolError(f"{param} must be 1-D with a whole number of {HOP_SAMPLES}-sample hops (at most {MAX_CHUNK_SAMPLES}), got shape {audio.shape}", "invalid_audio", param)
     return audio
 
 
@@ -84,15 +88,18 @@ def _check_seq(seq: Any) -> int:
     return int(seq)
 
 
-def silence() -> np.ndarray:
-    return np.zeros(CHUNK_SAMPLES, dtype=np.int16)
+def silence(samples: int) -> np.ndarray:
+    return np.zeros(samples, dtype=np.int16)
 
 
 @dataclass
 class InputChunk:
-    """One session's input for tick `seq`, covering [t_start, t_start + 0.2 s) on the actor clock.
+    """One session's input for tick `seq`, covering [t_start, t_start + tick) on the actor clock.
 
     `missing` marks a chunk that did not arrive by the tick's deadline: its audio is silence.
+    `forced` is a control the client's request imposes on this micro-turn (a Realtime
+    `response.create` holds "speak" until the model yields; `response.cancel` holds "silent"):
+    the model's own choice stands only where it is "yield".
     """
 
     session_id: str
@@ -103,6 +110,7 @@ class InputChunk:
     text: str = ""
     events: list[dict] = field(default_factory=list)
     missing: bool = False
+    forced: str | None = None
 
     def __post_init__(self) -> None:
         check_session_id(self.session_id)
@@ -113,15 +121,17 @@ class InputChunk:
         check_text(self.text)
         check_events(self.events)
         self.missing = bool(self.missing)
+        if self.forced is not None and self.forced not in CONTROLS:
+            raise ProtocolError(f"forced must be one of {list(CONTROLS)} or null, got {self.forced!r}", "invalid_value", "forced")
 
     @classmethod
-    def silent(cls, session_id: str, seq: int, t_start: float, missing: bool = True) -> "InputChunk":
-        return cls(session_id, seq, t_start, silence(), missing=missing)
+    def silent(cls, session_id: str, seq: int, t_start: float, samples: int, missing: bool = True) -> "InputChunk":
+        return cls(session_id, seq, t_start, silence(samples), missing=missing)
 
 
 @dataclass
 class OutputChunk:
-    """The model's answer for tick `seq`: 200 ms of audio, the text it spoke, its control tokens.
+    """The model's answer for tick `seq`: one tick of audio, the text it spoke, its control tokens.
 
     `step_ms` is the batched step's compute time; `events` are Realtime-style server events the
     step raised (e.g. a delegated task id).

@@ -1,0 +1,37 @@
+"""`Remote`: a Ray actor handle as an async port.
+
+`await Remote(handle).join(session_id)` is `await handle.join.remote(session_id)`, and a
+`ProtocolError` raised inside the actor comes out as itself, not wrapped in a `RayTaskError`, so
+code written against a port (`protocols.ports`) runs unchanged in process or across actors.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ray.exceptions import RayTaskError
+
+from protocols import ProtocolError
+
+
+class Remote:
+    def __init__(self, handle: Any):
+        self.handle = handle
+
+    def __getattr__(self, name: str):
+        method = getattr(self.handle, name)
+
+        async def call(*args, **kwargs):
+            try:
+                return await method.remote(*args, **kwargs)
+            except RayTaskError as exc:
+                cause = getattr(exc, "cause", None)
+                if isinstance(cause, ProtocolError):
+                    raise ProtocolError(str(cause), cause.code, cause.param) from None
+                raise
+
+        call.__name__ = name
+        return call
+
+    def __reduce__(self):
+        return Remote, (self.handle,)

@@ -1,0 +1,72 @@
+"""The typed ports parts talk through. Each is a `typing.Protocol`: any object with these methods
+fits, so a test passes a small real or mock implementation by constructor argument and the
+application binds Ray handles (through `actors.remote.Remote`) in one builder.
+
+- `Engine`: the batched streaming model (sync; the interaction actor runs it off its loop).
+- `Interaction`: what an ingress needs of the interaction side (join, leave, one exchange a tick).
+- `Log`: the session log's write side.
+- `BackgroundPool`: runs a delegated task and streams its updates back.
+"""
+
+from __future__ import annotations
+
+from typing import Any, AsyncIterator, Protocol, runtime_checkable
+
+from .background import BackgroundTask, BackgroundUpdate
+from .chunks import InputChunk, OutputChunk, ProtocolError
+
+
+@runtime_checkable
+class Engine(Protocol):
+    """Steps every session in one batch per tick. `tick_ms` is the tick length it was trained at."""
+
+    tick_ms: int
+    max_sessions: int
+
+    def add_session(self, session_id: str, seed: int | None = None) -> None: ...
+
+    def remove_session(self, session_id: str) -> None: ...
+
+    def step(self, chunks: list[InputChunk]) -> tuple[list[OutputChunk], dict[str, ProtocolError]]:
+        """One micro-turn for every session. A bad chunk never stops the others: its session is
+        stepped as missing and the error is returned under its id."""
+        ...
+
+    def push_update(self, session_id: str, text: str) -> None:
+        """Text of a background update, woven into the session's following micro-turns."""
+        ...
+
+    def export_session(self, session_id: str) -> dict: ...
+
+    def import_session(self, session_id: str, state: dict) -> None: ...
+
+
+@runtime_checkable
+class Interaction(Protocol):
+    """The interaction side as an ingress sees it (in process, or a Ray actor through `Remote`)."""
+
+    async def clock_info(self) -> dict: ...
+
+    async def join(self, session_id: str, seed: int | None = None) -> dict: ...
+
+    async def leave(self, session_id: str) -> None: ...
+
+    async def exchange(self, tick: int, chunks: list[InputChunk], session_ids: list[str]) -> list[OutputChunk]: ...
+
+
+@runtime_checkable
+class Log(Protocol):
+    """The session log's write side; `append` is idempotent per `request_id`."""
+
+    async def open(self, session_id: str) -> str: ...
+
+    async def close(self, session_id: str) -> None: ...
+
+    async def append(self, deltas: list[Any], request_id: str | None = None) -> dict: ...
+
+
+@runtime_checkable
+class BackgroundPool(Protocol):
+    """Runs one task; its updates stream back. Cancelling the consumer cancels the task."""
+
+    def run(self, task: BackgroundTask) -> AsyncIterator[BackgroundUpdate]: ...
