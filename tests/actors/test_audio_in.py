@@ -1,15 +1,13 @@
-"""AudioChunker, FrameSampler and PacedAudioTrack, without any network."""
-
-import asyncio
-import time
+"""AudioChunker and BufferedAudioInput, without any network."""
 
 import av
 import numpy as np
-import pytest
 
-from actors.media import AudioChunker, FrameSampler, PacedAudioTrack, resize_frame
+from actors.audio_in import AudioChunker, BufferedAudioInput
+from protocols.clock import TickClock
 
 T0 = 1000.0  # the interaction clock's t0 in these tests
+CLOCK = TickClock(T0, 200)
 
 
 def tone(rate: int, seconds: float, channels: int = 1, hz: float = 440.0) -> np.ndarray:
@@ -36,7 +34,7 @@ def feed(chunker: AudioChunker, x: np.ndarray, rate: int, frame_s: float = 0.02,
 
 def test_chunker_48k_stereo_matches_one_shot():
     x = tone(48000, 1.0, channels=2)
-    chunker = AudioChunker(T0, jitter_s=0.0)
+    chunker = AudioChunker(CLOCK, jitter_ms=0)
     feed(chunker, x, 48000)
     chunks = chunker.pop_ready()
     assert [seq for seq, _ in chunks] == [0, 1, 2, 3, 4]
@@ -49,7 +47,7 @@ def test_chunker_48k_stereo_matches_one_shot():
 
 def test_chunker_24k_mono_and_alignment_padding():
     x = tone(24000, 0.5)
-    chunker = AudioChunker(T0, jitter_s=0.04)
+    chunker = AudioChunker(CLOCK, jitter_ms=40)
     feed(chunker, x, 24000, start=T0 + 0.05)  # joins 50 ms into tick 0; placed 40 ms later
     chunks = chunker.pop_ready()
     assert [seq for seq, _ in chunks] == [0, 1]
@@ -63,7 +61,7 @@ def test_chunker_24k_mono_and_alignment_padding():
 
 
 def test_chunker_gap_then_resume_lands_at_arrival_tick():
-    chunker = AudioChunker(T0, jitter_s=0.04)
+    chunker = AudioChunker(CLOCK, jitter_ms=40)
     feed(chunker, tone(48000, 0.3), 48000)  # placed at 0.04-0.34 s: ticks 0 and part of 1
     feed(chunker, tone(48000, 0.2), 48000, start=T0 + 1.0)  # resumes: 1.04-1.24 s, ticks 5 and 6
     chunks = dict(chunker.pop_ready(until=6))
@@ -78,7 +76,7 @@ def test_chunker_gap_then_resume_lands_at_arrival_tick():
 def test_chunker_lost_packets_and_bursts_keep_their_place():
     x = tone(48000, 0.6)
     n = 960
-    chunker = AudioChunker(T0, jitter_s=0.04)
+    chunker = AudioChunker(CLOCK, jitter_ms=40)
     for k in range(len(x) // n):
         if k in (5, 6):
             continue  # lost in the network: the RTP timestamps (pts) jump
@@ -99,14 +97,14 @@ def test_chunker_lost_packets_and_bursts_keep_their_place():
 
 
 def test_chunker_resyncs_a_client_whose_clock_runs_slow():
-    chunker = AudioChunker(T0, jitter_s=0.04)
+    chunker = AudioChunker(CLOCK, jitter_ms=40)
     for k in range(120):  # 20 ms of audio every 21 ms
         chunker.push(np.full(320, 1000, np.int16), 16000, T0 + (k + 1) * 0.021)
     assert chunker.gaps == 1 and chunker.dropped_blocks == 0
 
 
 def test_chunker_drops_audio_running_ahead_and_bounds_its_buffer():
-    chunker = AudioChunker(T0, max_ready=3)
+    chunker = AudioChunker(CLOCK, max_ready=3)
     x = tone(16000, 2.0)
     chunker.push(x[:320], 16000, T0 + 0.02)
     chunker.push(x[320:], 16000, T0 + 0.04)  # 2 s of audio "arriving" in 20 ms
@@ -115,67 +113,30 @@ def test_chunker_drops_audio_running_ahead_and_bounds_its_buffer():
     assert len(chunker.pop_ready()) == 3 and chunker.dropped_chunks == 2
 
 
-def test_resize_centre_crops_then_resizes():
-    frame = np.zeros((480, 640, 3), dtype=np.uint8)
-    frame[:, :80] = (255, 0, 0)  # left and right margins are cropped away
-    frame[:, 560:] = (255, 0, 0)
-    frame[:, 80:560] = (0, 0, 200)
-    out = resize_frame(frame)
-    assert out.shape == (160, 160, 3) and out.dtype == np.uint8
-    assert (out == np.array([0, 0, 200], dtype=np.uint8)).all()
-    assert resize_frame(np.full((80, 120, 3), 7, dtype=np.uint8)).shape == (160, 160, 3)  # upscaling too
+def test_chunker_follows_the_clocks_tick_length():
+    clock = TickClock(T0, 100)
+    chunker = AudioChunker(clock, jitter_ms=0)
+    feed(chunker, tone(16000, 0.5), 16000)
+    chunks = chunker.pop_ready()
+    assert [seq for seq, _ in chunks] == [0, 1, 2, 3, 4]
+    assert all(len(a) == clock.samples() == 1600 for _, a in chunks)
 
 
-def test_resize_frame_averages_when_shrinking():
-    blocks = np.random.default_rng(0).integers(0, 256, (160, 160, 3), dtype=np.uint8)
-    frame = blocks.repeat(2, axis=0).repeat(2, axis=1)  # 320x320, each 2x2 block one colour
-    assert np.abs(resize_frame(frame, 160).astype(int) - blocks).max() <= 1
-
-def test_frame_sampler_keeps_newest_once():
-    sampler = FrameSampler(160)
-    assert sampler.take() is None
-    sampler.push(np.zeros((480, 640, 3), np.uint8))
-    sampler.push(av.VideoFrame.from_ndarray(np.full((240, 320, 3), 200, np.uint8), format="rgb24"))
-    frame = sampler.take()
-    assert frame.shape == (160, 160, 3) and abs(int(frame.mean()) - 200) <= 2
-    assert sampler.take() is None
-
-
-@pytest.mark.timeout(10)
-def test_paced_track_timing_pts_silence_and_clear():
-    async def main():
-        track = PacedAudioTrack()
-        track.write(tone(16000, 0.5))
-        t0 = time.perf_counter()
-        frames = [await track.recv() for _ in range(50)]
-        elapsed = time.perf_counter() - t0
-        assert 0.8 < elapsed < 1.5  # 50 frames of 20 ms, paced in real time
-        assert [f.pts for f in frames] == [i * 960 for i in range(50)]
-        assert all(f.sample_rate == 48000 and f.samples == 960 and f.layout.name == "mono" for f in frames)
-        pcm = [f.to_ndarray().reshape(-1) for f in frames]
-        assert np.abs(pcm[10]).max() > 7000 and not pcm[30].any()  # tone for 0.5 s, then silence
-        assert abs(track.played_ms - 500) < 2 and track.queued_ms < 2
-        track.write(tone(16000, 1.0))
-        await track.recv()
-        dropped = track.clear()
-        assert 970 < dropped < 990 and track.queued_ms == 0
-        assert not (await track.recv()).to_ndarray().any()
-        track.stop()
-
-    asyncio.run(main())
-
-
-def test_pinned_peer_keeps_only_allowed_remote_candidates():
-    from actors.media import allowed_candidates
-
-    offer = "\r\n".join([
-        "v=0", "m=audio 9 UDP/TLS/RTP/SAVPF 111",
-        "a=candidate:1 1 udp 2122260223 192.0.2.2 50000 typ host",
-        "a=candidate:2 1 udp 2122260223 3f1c6a2e-0000-4000-8000-000000000000.local 50001 typ host",
-        "a=candidate:3 1 udp 2122260223 127.0.0.1 50002 typ host",
-        "a=end-of-candidates",
-    ]) + "\r\n"
-    kept = allowed_candidates(offer, ["127.0.0.1"])
-    assert "127.0.0.1 50002" in kept and "192.0.2.2" not in kept and ".local" not in kept
-    assert "a=end-of-candidates" in kept and kept.startswith("v=0")
-    assert allowed_candidates(offer, None) == offer
+def test_buffered_input_hands_out_one_tick_at_a_time():
+    clock = TickClock(T0, 200)
+    audio = BufferedAudioInput(clock, max_s=2)
+    audio.push(tone(16000, 0.5), 16000)  # faster than real time: kept, not dropped
+    assert audio.pop_ready() == []
+    got = [audio.pop_ready(until=k) for k in (3, 4)]
+    assert [[seq for seq, _ in g] for g in got] == [[3], [4]]
+    assert all(len(g[0][1]) == 3200 for g in got)
+    assert audio.pop_ready(until=5) == []  # 100 ms left: waits for more until the client is quiet a tick
+    audio._last_push -= clock.tick_s
+    (seq, last), = audio.pop_ready(until=5)
+    assert seq == 5 and last[:1500].any() and not last[1700:].any()
+    try:
+        audio.push(tone(16000, 2.5), 16000)
+    except ValueError:
+        pass
+    else:
+        raise AssertionError("more than max_s buffered must be refused")
