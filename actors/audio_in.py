@@ -5,6 +5,9 @@
 - `BufferedAudioInput`: the same for WebSocket sessions, whose audio rides base64 events and may
   arrive faster than real time.
 - `frame_to_samples`: a decoded PyAV frame -> int16 samples and rate.
+- `release_on_arrival(pc_or_receiver)`: aiortc's receiver hands each audio packet on to the
+  decoder as it arrives instead of holding four (about 80 ms) in its jitter buffer: the
+  AudioChunker's own margin is the only receive-side buffer.
 """
 
 from __future__ import annotations
@@ -12,11 +15,17 @@ from __future__ import annotations
 import time
 from collections import deque
 
+import logging
+
 import av
 import numpy as np
+from aiortc.jitterbuffer import JitterBuffer, JitterFrame
+from aiortc.utils import uint16_add
 
 from protocols.chunks import SAMPLE_RATE
 from protocols.clock import TickClock
+
+log = logging.getLogger(__name__)
 
 
 def to_av_frame(samples: np.ndarray, rate: int) -> av.AudioFrame:
@@ -40,34 +49,117 @@ def frame_to_samples(frame: av.AudioFrame) -> tuple[np.ndarray, int]:
     return arr.T.astype(np.int16), frame.sample_rate
 
 
+class ArrivalBuffer:
+    """Stands in for aiortc's audio JitterBuffer: each RTP packet is one frame, released at once.
+
+    aiortc's own buffer (capacity 16, prefetch 4) holds an audio packet until four later ones
+    came, about 80 ms on 20 ms packets, and even with prefetch 0 until the next one came. An
+    audio packet is a whole frame, so here it goes to the decoder on arrival, in order: a packet
+    older than the newest one released (reordered, duplicated) is dropped, as a late packet is
+    by any playout buffer; one more than `MAX_MISORDER` behind starts a new stream.
+    """
+
+    MAX_MISORDER = 100
+    capacity = 16
+
+    def __init__(self) -> None:
+        self._last: int | None = None
+        self.released = 0
+        self.dropped = 0
+
+    def add(self, packet) -> tuple[bool, JitterFrame | None]:
+        seq = packet.sequence_number
+        if self._last is not None:
+            behind = uint16_add(self._last, -seq)  # 0: a duplicate
+            if behind <= self.MAX_MISORDER:
+                self.dropped += 1
+                return False, None
+        self._last = seq
+        data = getattr(packet, "_data", b"")
+        if not data:
+            return False, None
+        self.released += 1
+        return False, JitterFrame(data=data, timestamp=packet.timestamp)
+
+
+_BUFFER = "_RTCRtpReceiver__jitter_buffer"
+
+
+def release_on_arrival(target) -> int:
+    """Make aiortc audio receivers release packets as they arrive (see `ArrivalBuffer`).
+
+    `target`: an `RTCPeerConnection` (every audio receiver it has now, and any a later
+    negotiation adds, via its "track" event) or one `RTCRtpReceiver`. Call it right after
+    `setRemoteDescription` (or `addTrack`), before media flows. Returns how many receivers were
+    switched now; raises RuntimeError if this aiortc keeps its audio buffer elsewhere.
+    """
+    receivers = target.getReceivers() if hasattr(target, "getReceivers") else [target]
+    switched = sum(_switch(r) for r in receivers)
+    if hasattr(target, "getReceivers") and not getattr(target, "_released_on_arrival", False):
+        target._released_on_arrival = True
+
+        @target.on("track")
+        def _later(track) -> None:
+            for r in target.getReceivers():
+                if r.track is track:
+                    _switch(r)
+
+    return switched
+
+
+def _switch(receiver) -> bool:
+    track = getattr(receiver, "track", None)
+    kind = getattr(receiver, "_RTCRtpReceiver__kind", None) or getattr(track, "kind", None)
+    if kind != "audio":
+        return False
+    current = getattr(receiver, _BUFFER, None)
+    if isinstance(current, ArrivalBuffer):
+        return False
+    if not isinstance(current, JitterBuffer):
+        raise RuntimeError("this aiortc keeps no audio JitterBuffer where release_on_arrival expects it")
+    setattr(receiver, _BUFFER, ArrivalBuffer())
+    return True
+
+
 class AudioChunker:
     """Turns incoming audio into 16 kHz mono chunks aligned to the tick clock.
 
-    Placement rule. The first block is placed so that it ends at `t_arrival + jitter_s` on the
-    clock (`t_arrival`: wall time, `time.time()`, when it was received); the first chunk gets
-    leading silence up to where it starts. Every later block follows the previous one
+    Placement rule. The first block is placed so that it ends `margin` after its arrival on the
+    clock (`t_arrival`: local wall time, `time.time()`, when it was received); the first chunk
+    gets leading silence up to where it starts. Every later block follows the previous one
     contiguously; with `pts` (the block's first sample index in the sender's stream, e.g. the
-    RTP timestamp) a small forward jump (lost packets, up to `stall_s`) is filled with silence.
-    Arrival times then only keep the stream honest, with `lag` = how much later a block arrived
-    than its contiguous place implies, and tolerance = max(`jitter_s`, 20 ms):
-      - lag > `stall_s`, or lag > tolerance for every block over `resync_s` of audio (the client
-        stalled, or its clock runs slow): re-anchor this block by the first block's rule. Ticks
-        entirely inside the gap are never produced; a partly filled tick is padded with silence.
-      - lag < -tolerance (the client runs ahead of real time, or stale audio after a stall):
-        the block is dropped.
+    RTP timestamp) a small forward jump (lost packets, up to `stall_ms`) is filled with silence.
+    Arrival times then keep the stream honest, with `late` = how long after its placed end a
+    block arrived (normally between -margin and 0):
+      - late > `stall_ms` - margin, or late > max(0, 20 ms - margin) for every block over
+        `resync_ms` of audio (the client stalled, or its clock runs slow): re-anchor this block by
+        the first block's rule. Ticks entirely inside the gap are never produced; a partly
+        filled tick is padded with silence.
+      - late < -(margin + max(`jitter_ms`, 20 ms)) (the client runs ahead of real time, or stale
+        audio after a stall): the block is dropped.
       - otherwise (jitter, bursts after a hiccup) the block stays contiguous.
-    So tick k's audio is normally complete `jitter_s` before the tick ends: the margin for
-    network jitter, paid for in latency. `t_arrival=None` means contiguous, unchecked (the first
-    block is stamped now). The resampler's own delay (about 1 ms) is added to the placement, so
-    a chunk completes as soon as its input has arrived.
+
+    The margin adapts to each session. It starts at `jitter_ms` (the cap); once `history_ms` of
+    audio came, it is the `percentile` of the arrival spread over the last `window_ms` (each
+    block's lateness relative to the earliest-arriving block in the window) plus `floor_ms`,
+    capped at `jitter_ms`: a steady caller gets a few ms, a jittery one more. The placement moves
+    to a new margin only where that cannot tear audio: on a quiet block (RMS below `quiet`) or
+    over lost packets, and only by 1 ms or more. So tick k's audio is normally complete `margin`
+    before the tick ends. The resampler's own delay (about 1 ms) is added to the placement, so a
+    chunk completes as soon as its input has arrived. `t_arrival=None` means contiguous and
+    unchecked (the first block is stamped now); the margin then stays at the cap.
 
     Chunks come out of `pop_ready()`; `pop_ready(until=k)` also closes a partly filled chunk of
     tick <= k (padded with silence): samples that later land in an already emitted tick are
     dropped, so a chunk never changes after it was handed out. At most `max_ready` chunks wait;
-    older ones are dropped first.
+    older ones are dropped first. `source(k)` says where tick k's audio came from: the sender's
+    index just after its last sample, when that block arrived, and the margin then.
     """
 
-    def __init__(self, clock: TickClock, jitter_ms: float = 40.0, stall_ms: float = 300.0, resync_ms: float = 1000.0, max_ready: int = 25):
+    def __init__(
+        self, clock: TickClock, jitter_ms: float = 40.0, stall_ms: float = 300.0, resync_ms: float = 1000.0, max_ready: int = 25,
+        floor_ms: float = 3.0, percentile: float = 95.0, window_ms: float = 2000.0, history_ms: float = 300.0, quiet: float = 300.0,
+    ):
         self.clock = clock
         self.tick_samples = clock.samples()
         self.jitter_s = jitter_ms / 1000
@@ -75,6 +167,15 @@ class AudioChunker:
         self.stall_s = stall_ms / 1000
         self.resync_s = resync_ms / 1000
         self.max_ready = max_ready
+        self.floor_s = min(floor_ms / 1000, self.jitter_s)
+        self.percentile = percentile
+        self.window_s = window_ms / 1000
+        self.history_s = history_ms / 1000
+        self.quiet = quiet
+        self.margin_s = self.jitter_s  # how long before its placed end the earliest audio arrives
+        self._lates: deque[tuple[float, float]] = deque()  # (block seconds, late + _shift) in the window
+        self._window_len = 0.0
+        self._shift = 0.0  # sum of placement moves since the anchor
         self._ready: deque[tuple[int, np.ndarray]] = deque()
         self._resampler: av.AudioResampler | None = None
         self._rate: int | None = None
@@ -82,7 +183,9 @@ class AudioChunker:
         self._pos: int | None = None  # 16 kHz sample index (since t0) of the next resampled sample
         self._in_end = 0.0  # clock time (s since t0) where the input so far ends
         self._next_pts: int | None = None  # the sender's index of the sample expected next
-        self._late_run = 0.0  # seconds of consecutive audio that arrived more than jitter_s late
+        self._src = 0  # the sender's index after the last sample placed
+        self._late_run = 0.0  # seconds of consecutive audio that arrived late
+        self._sources: deque[tuple[int, dict]] = deque(maxlen=64)  # (16 kHz end position, source)
         self._seq = -1  # tick of the chunk being filled
         self._buf = np.zeros(self.tick_samples, np.int16)
         self._filled = 0  # samples written into _buf (including leading silence)
@@ -91,6 +194,12 @@ class AudioChunker:
         self.cut_short = 0  # chunks closed by pop_ready(until) before all their audio came
         self.dropped_blocks = 0
         self.dropped_chunks = 0
+        self.late_blocks = 0  # blocks that arrived after their placed end
+        self.moves = 0  # placement moves to a new margin
+
+    @property
+    def margin_ms(self) -> float:
+        return self.margin_s * 1000
 
     def push(self, samples: np.ndarray, rate: int, t_arrival: float | None = None, pts: int | None = None) -> None:
         x = np.asarray(samples)
@@ -105,28 +214,92 @@ class AudioChunker:
         if len(x) == 0:
             return
         rate = int(rate)
-        if t_arrival is None and self._pos is None:
+        checked = t_arrival is not None
+        if t_arrival is None:
             t_arrival = time.time()
-        start = None if t_arrival is None else self._since_t0(t_arrival) + self.jitter_s - len(x) / rate
+        arrived = self._since_t0(t_arrival)  # clock s
+        gap = 0
         if self._pos is None:
-            self._anchor(start, rate)
+            self._anchor(arrived + self.margin_s - len(x) / rate, rate)
         else:
             if rate != self._rate:
                 self._flush_resampler()
                 self._new_resampler(rate)
             elif pts is not None and self._next_pts is not None and 0 < pts - self._next_pts <= self.stall_s * rate:
-                self._feed(np.zeros(pts - self._next_pts, np.int16), rate)  # lost packets
-            lag = None if start is None else start - self._in_end
-            if lag is not None and lag < -self._tolerance:
+                gap = pts - self._next_pts  # lost packets
+            late = arrived - (self._in_end + (gap + len(x)) / rate) if checked else None
+            if late is not None and late < -(self.margin_s + self._tolerance):
                 self.dropped_blocks += 1
                 return
-            self._late_run = self._late_run + len(x) / rate if lag is not None and lag > self._tolerance else 0.0
-            if lag is not None and (lag > self.stall_s or self._late_run >= self.resync_s):
+            is_late = late is not None and late > max(0.0, 0.02 - self.margin_s)
+            self._late_run = self._late_run + len(x) / rate if is_late else 0.0
+            if late is not None and (late > self.stall_s - self.margin_s or self._late_run >= self.resync_s):
                 self._flush_resampler()
-                self._anchor(start, rate)
+                self._anchor(arrived + self.margin_s - len(x) / rate, rate)
                 self.gaps += 1
-        self._feed(x, rate)
-        self._next_pts = None if pts is None else pts + len(x)
+                gap = 0
+            elif late is not None:
+                self.late_blocks += late > 0
+                self._observe(len(x) / rate, late)
+                move = self._move()
+                if not (gap or self._is_quiet(x)):
+                    move = 0.0
+                if move < 0:  # place earlier: leave out part of the lost stretch, or of this quiet block
+                    cut = min(gap + len(x), round(-move * rate))
+                    from_gap = min(gap, cut)
+                    gap -= from_gap
+                    x = x[cut - from_gap :]
+                    self._moved(-cut / rate)
+                elif move > 0:  # place later: a little more silence
+                    gap += round(move * rate)
+                    self._moved(round(move * rate) / rate)
+            if gap:
+                self._feed(np.zeros(gap, np.int16), rate)
+        self._src = (pts if pts is not None else self._src) + len(samples)
+        if len(x):
+            self._feed(x, rate)
+        self._sources.append((self._pos, {"end": self._src, "arrived": t_arrival, "margin_ms": self.margin_ms}))
+        self._next_pts = None if pts is None else pts + len(samples)
+
+    def source(self, seq: int) -> dict | None:
+        """Where tick `seq`'s audio came from: {"end": the sender's index (its pts units, else
+        samples pushed) just after the last sample placed in it, "arrived": local wall time that
+        block arrived, "margin_ms": the margin then}; None if no audio of it is known."""
+        lo, hi = seq * self.tick_samples, (seq + 1) * self.tick_samples
+        found = None
+        for end, src in self._sources:
+            if end > hi:
+                break
+            if end > lo:
+                found = src
+        return found
+
+    def _is_quiet(self, x: np.ndarray) -> bool:
+        return float(np.sqrt(np.mean(x.astype(np.float32) ** 2))) < self.quiet
+
+    def _observe(self, seconds: float, late: float) -> None:
+        self._lates.append((seconds, late + self._shift))
+        self._window_len += seconds
+        while self._window_len - self._lates[0][0] >= self.window_s:
+            self._window_len -= self._lates.popleft()[0]
+
+    def _move(self) -> float:
+        """The placement move (s, + later) to the margin the arrival spread asks for (0 if under
+        1 ms); refreshes `margin_s` from the window."""
+        if self._window_len < self.history_s:
+            return 0.0
+        lates = np.fromiter((v for _, v in self._lates), float, len(self._lates)) - self._shift
+        earliest = float(lates.min())
+        self.margin_s = max(0.0, -earliest)
+        spread = float(np.percentile(lates, self.percentile)) - earliest
+        target = min(spread + self.floor_s, self.jitter_s)
+        move = earliest + target  # the earliest block then arrives `target` before its place
+        return move if abs(move) >= 0.001 else 0.0
+
+    def _moved(self, seconds: float) -> None:
+        self._shift += seconds
+        self.margin_s = max(0.0, self.margin_s + seconds)
+        self.moves += 1
 
     def pop_ready(self, until: int | None = None) -> list[tuple[int, np.ndarray]]:
         """Complete chunks, oldest first; with `until`, also the partly filled chunk of a tick <= until."""
@@ -145,6 +318,9 @@ class AudioChunker:
     def _anchor(self, start: float, rate: int) -> None:
         self._in_end = start
         self._late_run = 0.0
+        self._lates.clear()
+        self._window_len = 0.0
+        self._shift = 0.0
         pos = round(start * SAMPLE_RATE)
         self._pos = pos if self._pos is None else max(pos, self._pos)
         self._new_resampler(rate)

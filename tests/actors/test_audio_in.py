@@ -140,3 +140,74 @@ def test_buffered_input_hands_out_one_tick_at_a_time():
         pass
     else:
         raise AssertionError("more than max_s buffered must be refused")
+
+
+def speak(chunker: AudioChunker, pattern: list[tuple[str, float]], jitter_ms: float = 0.0, seed: int = 0, start: float = T0):
+    """16 kHz 20 ms blocks, tone or silence by `pattern`, each arriving when its last sample was
+    sent plus a random delay up to `jitter_ms` (in order, like packets). Returns what was sent."""
+    rng = np.random.default_rng(seed)
+    sent, arrival = [], start
+    for kind, seconds in pattern:
+        x = tone(16000, seconds, hz=300.0) if kind == "tone" else np.zeros(int(16000 * seconds), np.int16)
+        for i in range(0, len(x), 320):
+            n = len(sent) * 320
+            arrival = max(arrival, start + (n + 320) / 16000 + rng.uniform(0, jitter_ms / 1000))
+            chunker.push(x[i : i + 320], 16000, arrival, pts=n)
+            sent.append(x[i : i + 320])
+    return np.concatenate(sent)
+
+
+def found_at(got: np.ndarray, part: np.ndarray, lo: int, hi: int) -> list[int]:
+    """Where in got[lo:hi] `part` starts, whole and unchanged."""
+    return [i for i in range(lo, hi) if np.array_equal(got[i : i + len(part)], part)]
+
+
+def placed(chunker: AudioChunker, upto: int) -> np.ndarray:
+    chunks = dict(chunker.pop_ready(until=upto))
+    return np.concatenate([chunks.get(k, np.zeros(3200, np.int16)) for k in range(upto + 1)])
+
+
+def test_margin_shrinks_for_a_steady_caller_at_a_pause_without_tearing():
+    chunker = AudioChunker(CLOCK, jitter_ms=40)
+    sent = speak(chunker, [("tone", 0.6), ("silence", 0.2), ("tone", 0.6)], jitter_ms=0.5)
+    assert chunker.margin_ms <= 6 and chunker.moves >= 1
+    got = placed(chunker, 7)
+    # the first tone sits 40 ms after its arrival; the second a few ms after its arrival
+    assert found_at(got, sent[:9600], 640, 650)
+    assert found_at(got, sent[12800:], 12800, 12800 + 100), "the second tone must be placed whole and contiguous"
+    assert chunker.late_blocks <= 2 and chunker.gaps == 0 and chunker.dropped_blocks == 0
+
+
+def test_margin_grows_for_a_jittery_caller():
+    chunker = AudioChunker(CLOCK, jitter_ms=60)
+    talk = [("tone", 0.4), ("silence", 0.1)] * 4
+    speak(chunker, talk, jitter_ms=0.5)
+    steady = chunker.margin_ms
+    late_before = chunker.late_blocks
+    speak(chunker, talk * 2, jitter_ms=30, start=T0 + 2.0, seed=1)
+    assert steady <= 6 and 22 <= chunker.margin_ms <= 60
+    # once it has adapted (the window saw the jitter), at most a few blocks come after their place
+    late_after = chunker.late_blocks - late_before
+    late_again = chunker.late_blocks
+    speak(chunker, talk * 2, jitter_ms=30, start=T0 + 6.0, seed=2)
+    assert chunker.late_blocks - late_again <= 0.1 * 200, (late_after, chunker.late_blocks - late_again)
+    assert chunker.gaps == 0 and chunker.dropped_blocks == 0
+
+
+def test_margin_stays_put_while_audio_is_loud_and_is_capped():
+    chunker = AudioChunker(CLOCK, jitter_ms=40)
+    sent = speak(chunker, [("tone", 1.5)], jitter_ms=0.5)
+    assert chunker.moves == 0  # no pause: the placement holds, the audio is untouched
+    got = placed(chunker, 8)
+    assert found_at(got, sent[:-320], 640, 650)
+    wild = AudioChunker(CLOCK, jitter_ms=20)
+    speak(wild, [("tone", 0.2), ("silence", 0.2)] * 5, jitter_ms=80)
+    assert wild.margin_ms <= 21  # the cap (a move to it waits for a pause)
+
+
+def test_source_names_the_senders_last_sample_of_each_tick():
+    chunker = AudioChunker(CLOCK, jitter_ms=0)
+    speak(chunker, [("tone", 1.0)])
+    src = chunker.source(1)
+    assert src is not None and src["end"] == 2 * 3200 and abs(src["arrived"] - (T0 + 0.4)) < 1e-9
+    assert chunker.source(20) is None
