@@ -21,7 +21,7 @@ def ray_cluster():
 
 def pytest_configure(config):
     """WebRTC media in tests stays on loopback: aioice would otherwise offer the machine's interfaces."""
-    from actors.media import use_ice_addresses
+    from actors.ice import use_ice_addresses
 
     use_ice_addresses(["127.0.0.1"])
 

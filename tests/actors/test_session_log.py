@@ -10,9 +10,8 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from actors.session_log import SessionLog, start_session_log
+from actors.session_log import SessionLog, SessionLogActor
 from protocols import (
-    CHUNK_SAMPLES,
     SCHEMA,
     BackgroundTask,
     BackgroundUpdate,
@@ -28,14 +27,17 @@ from protocols import (
 from protocols.deltas import to_record
 
 
+SAMPLES = 3_200  # one 200 ms tick at 16 kHz, the tick the module's log is made for
+
+
 def tick(sid: str, k: int, t0: float = 0.0) -> list:
     """Tick k of a session: an input chunk (a frame every 5th tick) and an output chunk, both deterministic in k."""
     rng = np.random.default_rng(k)
     frame = rng.integers(0, 256, (40, 80, 3), dtype=np.uint8) if k % 5 == 0 else None
     t = t0 + k * 0.2
     return [
-        InputChunk(sid, k, t, rng.integers(-32768, 32767, CHUNK_SAMPLES, dtype=np.int16), frame=frame, text="hello" if k % 7 == 0 else "", events=[{"type": "x", "k": k}] if k % 3 == 0 else []),
-        OutputChunk(sid, k, t, rng.integers(-32768, 32767, CHUNK_SAMPLES, dtype=np.int16), text="hi", controls=["speak"] if k % 2 else ["silent"], step_ms=12.5),
+        InputChunk(sid, k, t, rng.integers(-32768, 32767, SAMPLES, dtype=np.int16), frame=frame, text="hello" if k % 7 == 0 else "", events=[{"type": "x", "k": k}] if k % 3 == 0 else []),
+        OutputChunk(sid, k, t, rng.integers(-32768, 32767, SAMPLES, dtype=np.int16), text="hi", controls=["speak"] if k % 2 else ["silent"], step_ms=12.5),
     ]
 
 
@@ -61,7 +63,7 @@ def assert_rows(table: pa.Table, deltas: list, first: int = 0) -> None:
 
 
 def new_log(root, **options):
-    return start_session_log(str(root), name=f"log-{uuid.uuid4().hex[:8]}", **options)
+    return SessionLogActor.remote(str(root), tick_ms=200, **options)
 
 
 @pytest.fixture(scope="module")
@@ -180,7 +182,7 @@ def _set(batch: pa.RecordBatch, name: str, row: int, value, type_=None) -> pa.Re
 
 
 BAD_ROWS = {
-    "wrong dtype (float32 audio)": (lambda b: _set(b, "audio", 1, np.zeros(CHUNK_SAMPLES, np.float32).tobytes()), "audio must be 6,400 bytes"),
+    "wrong dtype (float32 audio)": (lambda b: _set(b, "audio", 1, np.zeros(SAMPLES, np.float32).tobytes()), "audio must be 6,400 bytes (3,200 int16 samples: one tick"),
     "wrong length": (lambda b: _set(b, "audio", 1, bytes(6398)), "got 6,398 bytes"),
     "unknown kind": (lambda b: _set(b, "kind", 1, "video_chunk"), "unknown delta kind 'video_chunk'"),
     "malformed payload": (lambda b: _set(b, "payload", 1, "{not json"), "payload is not valid JSON"),
@@ -351,3 +353,19 @@ def test_wait_on_the_plain_class(tmp_path):
         assert (await log.wait("s", token, 1, 0.05)).num_rows == 0
 
     asyncio.run(scenario())
+
+
+def test_without_a_tick_length_chunks_need_whole_hops_not_3200_samples(tmp_path):
+    log = SessionLog(str(tmp_path))
+    token = log.open("s")
+    short = [InputChunk("s", 0, 0.0, np.ones(1_600, np.int16)), OutputChunk("s", 0, 0.0, np.ones(1_600, np.int16))]  # a 100 ms tick
+    assert log.append(short)["s"] == (0, 1)
+    batch = to_batch([InputChunk("s", 1, 0.1, np.ones(1_600, np.int16))])
+    torn = _set(batch, "audio", 0, bytes(3_202))
+    with pytest.raises(ProtocolError, match="whole 800-byte hops"):
+        log.append(torn)
+    assert_rows(log.read("s", token), short)
+    strict = SessionLog(str(tmp_path / "strict"), tick_ms=100)
+    strict.open("s")
+    with pytest.raises(ProtocolError, match="audio must be 3,200 bytes"):
+        strict.append(tick("s", 0))  # 200 ms chunks in a 100 ms log

@@ -1,0 +1,324 @@
+"""Where the SessionLog keeps its rows: in-memory blocks, write-ahead files and Parquet.
+
+Layout under `root` (a directory or any pyarrow filesystem URI), one folder per session:
+sessions/<dir>/session.json (id, hashed token, closed), sessions/<dir>/seg-<first>-<last>.parquet
+(persisted rows) and wal-<first>.arrows (rows not yet in Parquet, one Arrow IPC stream per
+in-memory segment; kept on local disk under `wal_dir` when `root` is remote). A row is
+acknowledged only once its batch is whole in the WAL file, so `LogStore.restore` rebuilds every
+session from these files alone: a torn last batch was never acknowledged and is dropped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import logging
+import math
+import os
+import re
+import tempfile
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.ipc as ipc
+import pyarrow.parquet as pq
+
+from protocols.chunks import ProtocolError
+from protocols.deltas import SCHEMA
+
+log = logging.getLogger("interplay.session_log")
+
+INDEX = SCHEMA.get_field_index("index")
+T = SCHEMA.get_field_index("t")
+_SEG_RE = re.compile(r"seg-(\d+)-(\d+)\.parquet")
+_WAL_RE = re.compile(r"wal-(\d+)\.arrows")
+
+
+@dataclass
+class Block:
+    """Rows [first, first + n) of one session, in memory."""
+
+    batch: pa.RecordBatch
+    first: int
+    t_min: float
+    t_max: float
+    sorted_t: bool
+
+    @property
+    def last(self) -> int:
+        return self.first + self.batch.num_rows - 1
+
+
+def block_of(batch: pa.RecordBatch, first: int) -> Block:
+    t = batch.column(T).to_numpy()
+    return Block(batch, first, float(t.min()), float(t.max()), bool(np.all(t[1:] >= t[:-1])))
+
+
+@dataclass
+class Segment:
+    """A contiguous index range of one session: in memory and in a WAL file, or (blocks None) in Parquet."""
+
+    first: int
+    last: int
+    t_min: float = math.inf
+    t_max: float = -math.inf
+    blocks: list[Block] | None = field(default_factory=list)
+    sealed: int = 0  # blocks[:sealed] are compacted; the rest are one slice per append
+    tail_rows: int = 0
+    wal_path: str | None = None
+    file: Any = None  # these three are open only for the session's current segment
+    sink: Any = None
+    writer: Any = None
+    wal_size: int = 0  # bytes of whole batches in the WAL file
+    parquet_path: str | None = None
+    parquet_bytes: int = 0
+
+    @property
+    def rows(self) -> int:
+        return self.last - self.first + 1
+
+
+@dataclass
+class LogSession:
+    """One session's log: its token (hashed), its segments, and who waits for its next rows."""
+
+    session_id: str
+    dirname: str
+    token_hash: str
+    closed: bool = False
+    next_index: int = 0
+    newest_t: float = -math.inf
+    segments: list[Segment] = field(default_factory=list)
+    changed: asyncio.Event | None = None
+
+    @property
+    def current(self) -> Segment | None:
+        seg = self.segments[-1] if self.segments else None
+        return seg if seg is not None and seg.writer is not None else None
+
+
+def hash_token(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+def dirname_of(session_id: str) -> str:
+    safe = re.sub(r"[^A-Za-z0-9_.-]", "_", session_id)[:40]
+    return f"{safe}-{hashlib.sha256(session_id.encode()).hexdigest()[:16]}"
+
+
+def concat(batches: list[pa.RecordBatch]) -> pa.RecordBatch:
+    if len(batches) == 1:
+        return batches[0]
+    if hasattr(pa, "concat_batches"):  # pyarrow >= 19
+        return pa.concat_batches(batches)
+    return pa.Table.from_batches(batches).combine_chunks().to_batches()[0]
+
+
+class LogStore:
+    """The files of one log root. One store owns a root: two on the same root would write over each other."""
+
+    def __init__(self, root: str, wal_dir: str | None = None, fsync: bool = False):
+        self.root = root
+        self.fs, base = pafs.FileSystem.from_uri(root)
+        self.local = isinstance(self.fs, pafs.LocalFileSystem)
+        self.base = base.rstrip("/") + "/sessions"
+        # Appending needs a local file: with a remote root the WAL lives on this node's disk.
+        self.wal_base = wal_dir or (self.base if self.local else os.path.join(tempfile.gettempdir(), "interplay-wal", hash_token(root)[:16]))
+        self.fsync = bool(fsync)
+        self.fs.create_dir(self.base, recursive=True)
+        os.makedirs(self.wal_base, exist_ok=True)
+
+    # --- writing -----------------------------------------------------------------------------
+
+    def write_meta(self, s: LogSession) -> None:
+        folder = f"{self.base}/{s.dirname}"
+        self.fs.create_dir(folder, recursive=True)
+        data = json.dumps({"session_id": s.session_id, "token_sha256": s.token_hash, "closed": s.closed}).encode()
+        path = f"{folder}/session.json"
+        if self.local:
+            with open(path + ".tmp", "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(path + ".tmp", path)
+        else:
+            with self.fs.open_output_stream(path) as f:
+                f.write(data)
+
+    def new_segment(self, s: LogSession) -> Segment:
+        folder = os.path.join(self.wal_base, s.dirname)
+        os.makedirs(folder, exist_ok=True)
+        path = os.path.join(folder, f"wal-{s.next_index:012d}.arrows")
+        file = pa.OSFile(path, "wb")
+        sink = pa.BufferedOutputStream(file, 1 << 20)
+        writer = ipc.new_stream(sink, SCHEMA)
+        sink.flush()
+        seg = Segment(s.next_index, s.next_index - 1, wal_path=path, file=file, sink=sink, writer=writer, wal_size=file.tell())
+        s.segments.append(seg)
+        return seg
+
+    def write(self, s: LogSession, seg: Segment, part: pa.RecordBatch, request_id: str | None) -> None:
+        """Append one batch to the segment's WAL file; ProtocolError("log_unavailable") if it fails,
+        with the file cut back to its last whole batch."""
+        try:
+            seg.writer.write_batch(part, custom_metadata={"request_id": request_id} if request_id else None)
+            seg.sink.flush()  # one write() per append, not one per buffer
+            if self.fsync:
+                os.fsync(seg.file.fileno())
+        except Exception as exc:
+            # Cut the torn batch off so the file stays a readable stream, and start a new file next time.
+            self.rotate(seg, truncate=True)
+            if seg.rows == 0:
+                s.segments.remove(seg)
+                os.remove(seg.wal_path)
+            raise ProtocolError(f"could not write session {s.session_id!r} to its log: {exc}", "log_unavailable") from None
+        seg.wal_size = seg.file.tell()
+
+    def seal(self, seg: Segment) -> None:
+        """Compact the per-append slices into one block: they pin the whole multi-session batch they came in."""
+        tail = seg.blocks[seg.sealed :]
+        if len(tail) > 1:
+            seg.blocks[seg.sealed :] = [block_of(concat([b.batch for b in tail]), tail[0].first)]
+        seg.sealed = len(seg.blocks)
+        seg.tail_rows = 0
+
+    def rotate(self, seg: Segment, truncate: bool = False) -> None:
+        """Finish the segment's WAL file; the session's next append starts a new one."""
+        self.seal(seg)
+        if truncate:
+            try:
+                seg.file.close()  # unflushed bytes of the torn batch die with the buffer
+            finally:
+                os.truncate(seg.wal_path, seg.wal_size)
+        else:
+            seg.writer.close()
+            seg.sink.close()
+            seg.wal_size = os.path.getsize(seg.wal_path)
+        seg.writer = seg.sink = seg.file = None
+
+    def persist(self, s: LogSession, seg: Segment) -> None:
+        """Write a segment to Parquet, then drop its WAL file and its rows from memory."""
+        if seg.writer is not None:
+            self.rotate(seg)
+        path = f"{self.base}/{s.dirname}/seg-{seg.first:012d}-{seg.last:012d}.parquet"
+        table = pa.Table.from_batches([b.batch for b in seg.blocks], schema=SCHEMA)
+        # Dictionaries only where values repeat: audio and frames never do.
+        options = {"filesystem": self.fs, "row_group_size": 256, "use_dictionary": ["session_id", "kind", "text", "payload"]}
+        if self.local:  # rename, so a crash never leaves half a segment under the final name
+            pq.write_table(table, path + ".tmp", **options)
+            self.fs.move(path + ".tmp", path)
+        else:
+            pq.write_table(table, path, **options)
+        seg.parquet_bytes = self.fs.get_file_info(path).size
+        seg.parquet_path = path
+        seg.blocks = None
+        seg.sealed = 0
+        if seg.wal_path is not None and os.path.exists(seg.wal_path):
+            os.remove(seg.wal_path)
+        seg.wal_path, seg.wal_size = None, 0
+
+    # --- reading -----------------------------------------------------------------------------
+
+    def load(self, seg: Segment, filters: list) -> list[pa.RecordBatch]:
+        table = pq.read_table(seg.parquet_path, filesystem=self.fs, filters=filters)
+        return table.select(SCHEMA.names).cast(SCHEMA).to_batches()
+
+    def restore(self) -> tuple[list[LogSession], list[tuple[str, str, tuple[int, int]]]]:
+        """Every session in storage (tokens and state from session.json, rows from Parquet and
+        WAL), and the (request_id, session_id, index range) of each append still in a WAL file."""
+        sessions, requests = [], []
+        for info in self.fs.get_file_info(pafs.FileSelector(self.base, allow_not_found=True)):
+            if info.type != pafs.FileType.Directory:
+                continue
+            try:
+                with self.fs.open_input_stream(f"{info.path}/session.json") as f:
+                    meta = json.loads(f.read())
+                s = LogSession(meta["session_id"], info.base_name, meta["token_sha256"], bool(meta.get("closed")))
+            except (OSError, ValueError, KeyError) as exc:
+                log.warning("skipping %s: no readable session.json (%s)", info.path, exc)
+                continue
+            requests += self._restore_session(s, info.path)
+            sessions.append(s)
+        return sessions, requests
+
+    def _restore_session(self, s: LogSession, folder: str) -> list[tuple[str, str, tuple[int, int]]]:
+        segments, broken, requests = [], [], []
+        for info in self.fs.get_file_info(pafs.FileSelector(folder)):
+            m = _SEG_RE.fullmatch(info.base_name)
+            if not m:
+                continue
+            first, last = int(m[1]), int(m[2])
+            try:
+                md = pq.read_metadata(info.path, filesystem=self.fs)
+                if md.num_rows != last - first + 1:
+                    raise ValueError(f"{md.num_rows} rows, expected {last - first + 1}")
+                t_min, t_max = _t_range(md)
+                segments.append(Segment(first, last, t_min, t_max, blocks=None, parquet_path=info.path, parquet_bytes=info.size))
+            except Exception as exc:
+                broken.append((first, last, info.path, exc))
+        wal_folder = os.path.join(self.wal_base, s.dirname)
+        for name in sorted(os.listdir(wal_folder)) if os.path.isdir(wal_folder) else []:
+            if not _WAL_RE.fullmatch(name):
+                continue
+            path = os.path.join(wal_folder, name)
+            batches, size = _read_wal(path)
+            if not batches:
+                os.remove(path)
+                continue
+            first = batches[0][0].column(INDEX)[0].as_py()
+            last = batches[-1][0].column(INDEX)[-1].as_py()
+            if any(p.blocks is None and p.first <= first and last <= p.last for p in segments):
+                os.remove(path)  # persisted already; the crash came before the WAL file was dropped
+                continue
+            block = block_of(concat([b for b, _ in batches]), first)
+            segments.append(Segment(first, last, block.t_min, block.t_max, blocks=[block], sealed=1, wal_path=path, wal_size=size))
+            for b, meta in batches:
+                rid = meta.get(b"request_id") if meta is not None else None
+                if rid is not None:
+                    requests.append((rid.decode(), s.session_id, (b.column(INDEX)[0].as_py(), b.column(INDEX)[-1].as_py())))
+        for first, last, path, exc in broken:
+            if any(p.first <= first and last <= p.last for p in segments):
+                self.fs.delete_file(path)  # a half-written segment whose rows the WAL still holds
+            else:
+                log.error("session %r: rows %d..%d are lost: %s is unreadable (%s)", s.session_id, first, last, path, exc)
+        segments.sort(key=lambda p: p.first)
+        for a, b in zip(segments, segments[1:]):
+            if b.first != a.last + 1:
+                log.error("session %r: rows %d..%d are missing from storage", s.session_id, a.last + 1, b.first - 1)
+        s.segments = segments
+        s.next_index = segments[-1].last + 1 if segments else 0
+        s.newest_t = max((p.t_max for p in segments), default=-math.inf)
+        return requests
+
+
+def _t_range(md: pq.FileMetaData) -> tuple[float, float]:
+    col = md.schema.to_arrow_schema().get_field_index("t")
+    lo, hi = math.inf, -math.inf
+    for i in range(md.num_row_groups):
+        st = md.row_group(i).column(col).statistics
+        if st is None or not st.has_min_max:
+            return -math.inf, math.inf  # unknown: every read_last looks at this segment
+        lo, hi = min(lo, st.min), max(hi, st.max)
+    return lo, hi
+
+
+def _read_wal(path: str) -> tuple[list[tuple[pa.RecordBatch, Any]], int]:
+    """The whole batches of a WAL file and their byte length. A torn last batch is dropped: its append was never acknowledged."""
+    out, size = [], 0
+    try:
+        with pa.OSFile(path, "rb") as f:
+            reader = ipc.open_stream(f)
+            size = f.tell()
+            while True:
+                try:
+                    out.append(reader.read_next_batch_with_custom_metadata())
+                except StopIteration:
+                    break
+                size = f.tell()
+    except (pa.ArrowInvalid, OSError) as exc:
+        log.warning("%s: stopped at a torn batch after %d whole ones (%s)", path, len(out), exc)
+    return out, size
