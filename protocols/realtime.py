@@ -1,10 +1,15 @@
-"""OpenAI Realtime (GA) client and server events, as pydantic models.
+"""OpenAI Realtime (GA) events on our wire: the `openai` package's own typed models where they fit.
 
-`parse_client_event` turns whatever a client sent (text, bytes, dict) into a typed client event,
-or into an `ErrorEvent` ready to send back: validation failures never escape as exceptions.
-Server events are built with `server_event(...)` or the model classes, and serialised with
-`.dump()`. Unknown fields inside `session` are kept (clients written for newer API versions
-still connect); unknown event types are refused.
+`parse_client_event` turns whatever a client sent (text, bytes, dict) into a typed client event
+(the `openai.types.realtime` model, strict about unknown top-level fields), or into an `error`
+event ready to send back: validation failures never escape as exceptions, unknown event types and
+oversized events are refused. `server_event(type, **fields)` builds a server event as a JSON-ready
+dict and checks it against the `openai` package's model of that event, so what we send is what
+the official clients parse.
+
+Our own extensions are kept apart, in the marked section below: the `session` object accepts
+more PCM rates than the API (16, 24 and 48 kHz) and an `interplay` field (`tick_events`, and on
+the way out the session's clock and log token), and the `interplay.tick` server event.
 """
 
 from __future__ import annotations
@@ -12,16 +17,30 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import typing
 import uuid
 from typing import Annotated, Any, Literal, Union
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+from openai.types.realtime import (
+    ConversationItemCreateEvent,
+    ConversationItemDeleteEvent,
+    ConversationItemTruncateEvent,
+    InputAudioBufferAppendEvent,
+    InputAudioBufferClearEvent,
+    InputAudioBufferCommitEvent,
+    OutputAudioBufferClearEvent,
+    RealtimeServerEvent,
+    RealtimeSessionCreateRequest,
+    ResponseCancelEvent,
+    ResponseCreateEvent,
+)
+from openai.types.realtime.conversation_item import ConversationItem
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, TypeAdapter, ValidationError
 
 from .chunks import ProtocolError
 
 MAX_EVENT_BYTES = 15 * 1024 * 1024  # the Realtime API's own limit for one append
-SUPPORTED_RATES = (16_000, 24_000, 48_000)
 DEFAULT_RATE = 24_000  # the Realtime API's audio/pcm rate
 
 
@@ -29,20 +48,17 @@ def event_id() -> str:
     return f"event_{uuid.uuid4().hex[:20]}"
 
 
-class _Model(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+# --- our extensions: the session object ---------------------------------------------------------
+# The API's session allows audio/pcm at 24 kHz only; we also take 16 and 48 kHz (no resampling on
+# the client), default `type` to "realtime", and carry our own `interplay` field.
 
-    def dump(self) -> dict:
-        return self.model_dump(mode="json", exclude_none=True)
+SUPPORTED_RATES = (16_000, 24_000, 48_000)
 
 
 class _Open(BaseModel):
     """Config objects: unknown keys are kept, so newer clients still work."""
 
     model_config = ConfigDict(extra="allow")
-
-
-# --- session configuration --------------------------------------------------------------------
 
 
 class AudioFormat(_Open):
@@ -76,196 +92,154 @@ class AudioConfig(_Open):
     output: AudioOutput | None = None
 
 
-class SessionConfig(_Open):
+class InterplaySession(_Open):
+    """`session.interplay`: `tick_events` asks for one `interplay.tick` event per tick."""
+
+    tick_events: bool | None = None
+
+
+class SessionConfig(RealtimeSessionCreateRequest):
+    """The API's realtime session (typed by the `openai` package) with our wider audio and field."""
+
+    model_config = ConfigDict(extra="allow")
     type: Literal["realtime"] = "realtime"
-    model: str | None = None
-    instructions: str | None = None
-    output_modalities: list[Literal["audio", "text"]] | None = None
     audio: AudioConfig | None = None
-    tools: list[dict] | None = None
-    tool_choice: str | dict | None = None
-    max_output_tokens: int | Literal["inf"] | None = None
+    interplay: InterplaySession | None = None
 
 
-# --- client events ----------------------------------------------------------------------------
+def rate_of(config: dict, direction: str) -> int:
+    """The PCM rate of a (dumped) session config's "input" or "output" audio."""
+    fmt = ((config.get("audio") or {}).get(direction) or {}).get("format") or {}
+    return int(fmt.get("rate") or DEFAULT_RATE)
 
 
-class SessionUpdate(_Model):
+# --- client events: the API's models, strict at the top level -----------------------------------
+
+
+def _item_tag(item: Any) -> str | None:
+    """Messages are told apart by role, the other items by type (the API's union has no tag)."""
+    if isinstance(item, BaseModel):
+        item = item.model_dump()
+    if not isinstance(item, dict):
+        return None
+    return f"message.{item.get('role')}" if item.get("type") == "message" else item.get("type")
+
+
+def _tagged(cls) -> Any:
+    fields = cls.model_fields
+    if "role" in fields:
+        return Annotated[cls, Tag(f"message.{typing.get_args(fields['role'].annotation)[0]}")]
+    return Annotated[cls, Tag(typing.get_args(fields["type"].annotation)[0])]
+
+
+Item = Annotated[Union[tuple(_tagged(c) for c in typing.get_args(typing.get_args(ConversationItem)[0]))], Discriminator(_item_tag)]
+
+
+def _strict(cls, **overrides):
+    """The API's event model, refusing unknown top-level fields, with `.dump()`."""
+    namespace = {"model_config": ConfigDict(extra="forbid"), "__module__": __name__, "__annotations__": {}}
+    for name, (annotation, default) in overrides.items():
+        namespace["__annotations__"][name] = annotation
+        namespace[name] = default
+    namespace["dump"] = lambda self: self.model_dump(mode="json", exclude_none=True)
+    return type(cls.__name__.removesuffix("Event"), (cls,), namespace)
+
+
+class SessionUpdate(BaseModel):
+    """`session.update`, with our session object (see above)."""
+
+    model_config = ConfigDict(extra="forbid")
     type: Literal["session.update"]
     event_id: str | None = None
     session: SessionConfig
-
-
-class InputAudioBufferAppend(_Model):
-    type: Literal["input_audio_buffer.append"]
-    event_id: str | None = None
-    audio: str  # base64 of audio in the session's input format
-
-
-class InputAudioBufferCommit(_Model):
-    type: Literal["input_audio_buffer.commit"]
-    event_id: str | None = None
-
-
-class InputAudioBufferClear(_Model):
-    type: Literal["input_audio_buffer.clear"]
-    event_id: str | None = None
-
-
-class ConversationItemCreate(_Model):
-    type: Literal["conversation.item.create"]
-    event_id: str | None = None
-    previous_item_id: str | None = None
-    item: dict
-
-
-class ConversationItemTruncate(_Model):
-    type: Literal["conversation.item.truncate"]
-    event_id: str | None = None
-    item_id: str
-    content_index: int = Field(ge=0)
-    audio_end_ms: int = Field(ge=0)
-
-
-class ConversationItemDelete(_Model):
-    type: Literal["conversation.item.delete"]
-    event_id: str | None = None
-    item_id: str
-
-
-class ResponseCreate(_Model):
-    type: Literal["response.create"]
-    event_id: str | None = None
-    response: dict | None = None
-
-
-class ResponseCancel(_Model):
-    type: Literal["response.cancel"]
-    event_id: str | None = None
-    response_id: str | None = None
-
-
-class OutputAudioBufferClear(_Model):
-    type: Literal["output_audio_buffer.clear"]
-    event_id: str | None = None
-
-
-ClientEvent = Annotated[
-    Union[
-        SessionUpdate,
-        InputAudioBufferAppend,
-        InputAudioBufferCommit,
-        InputAudioBufferClear,
-        ConversationItemCreate,
-        ConversationItemTruncate,
-        ConversationItemDelete,
-        ResponseCreate,
-        ResponseCancel,
-        OutputAudioBufferClear,
-    ],
-    Field(discriminator="type"),
-]
-CLIENT_EVENT_TYPES = (
-    "session.update",
-    "input_audio_buffer.append",
-    "input_audio_buffer.commit",
-    "input_audio_buffer.clear",
-    "conversation.item.create",
-    "conversation.item.truncate",
-    "conversation.item.delete",
-    "response.create",
-    "response.cancel",
-    "output_audio_buffer.clear",
-)
-_client_adapter: TypeAdapter = TypeAdapter(ClientEvent)
-
-
-# --- server events ----------------------------------------------------------------------------
-
-
-class ErrorDetail(_Model):
-    type: str = "invalid_request_error"
-    code: str | None = None
-    message: str
-    param: str | None = None
-    event_id: str | None = None  # the client event that caused it
-
-
-class ErrorEvent(_Model):
-    type: Literal["error"] = "error"
-    event_id: str = Field(default_factory=event_id)
-    error: ErrorDetail
-
-
-class ServerEvent(_Open):
-    """Any other server event: `type`, a fresh `event_id`, and the event's own fields."""
-
-    type: str
-    event_id: str = Field(default_factory=event_id)
 
     def dump(self) -> dict:
         return self.model_dump(mode="json", exclude_none=True)
 
 
-SERVER_EVENT_TYPES = (
-    "error",
-    "session.created",
-    "session.updated",
-    "input_audio_buffer.committed",
-    "input_audio_buffer.cleared",
-    "input_audio_buffer.speech_started",
-    "input_audio_buffer.speech_stopped",
-    "conversation.item.added",
-    "conversation.item.done",
-    "conversation.item.truncated",
-    "conversation.item.deleted",
-    "response.created",
-    "response.done",
-    "response.output_item.added",
-    "response.output_item.done",
-    "response.output_audio.delta",
-    "response.output_audio.done",
-    "response.output_audio_transcript.delta",
-    "response.output_audio_transcript.done",
-    "response.output_text.delta",
-    "response.output_text.done",
-    "output_audio_buffer.started",
-    "output_audio_buffer.stopped",
-    "output_audio_buffer.cleared",
-    "rate_limits.updated",
-    # Our one extension, sent only to clients that opt in with session.interplay.tick_events:
-    # per-tick input/output level and step time, for the browser page's live timeline.
-    "interplay.tick",
+InputAudioBufferAppend = _strict(InputAudioBufferAppendEvent)
+InputAudioBufferCommit = _strict(InputAudioBufferCommitEvent)
+InputAudioBufferClear = _strict(InputAudioBufferClearEvent)
+ConversationItemCreate = _strict(ConversationItemCreateEvent, item=(Item, ...))
+ConversationItemTruncate = _strict(ConversationItemTruncateEvent, content_index=(int, Field(ge=0)), audio_end_ms=(int, Field(ge=0)))
+ConversationItemDelete = _strict(ConversationItemDeleteEvent)
+ResponseCreate = _strict(ResponseCreateEvent)
+ResponseCancel = _strict(ResponseCancelEvent)
+OutputAudioBufferClear = _strict(OutputAudioBufferClearEvent)
+
+_CLIENT_MODELS = (
+    SessionUpdate, InputAudioBufferAppend, InputAudioBufferCommit, InputAudioBufferClear, ConversationItemCreate,
+    ConversationItemTruncate, ConversationItemDelete, ResponseCreate, ResponseCancel, OutputAudioBufferClear,
 )
+CLIENT_EVENT_TYPES = tuple(typing.get_args(m.model_fields["type"].annotation)[0] for m in _CLIENT_MODELS)
+ClientEvent = Annotated[Union[_CLIENT_MODELS], Field(discriminator="type")]
+_client_adapter: TypeAdapter = TypeAdapter(ClientEvent)
+
+
+# --- server events ------------------------------------------------------------------------------
+
+_SERVER_MODELS: dict[str, type[BaseModel]] = {
+    typing.get_args(cls.model_fields["type"].annotation)[0]: cls for cls in typing.get_args(typing.get_args(RealtimeServerEvent)[0])
+}
+# session.created / session.updated carry our session object: checked by SessionConfig instead.
+_OUR_SESSION_EVENTS = ("session.created", "session.updated")
+# Our one extension event, sent only to clients that opt in with session.interplay.tick_events:
+# per-tick input/output level, step time and stage times, for the browser page's live timeline.
+INTERPLAY_EVENT_TYPES = ("interplay.tick",)
+SERVER_EVENT_TYPES = tuple(_SERVER_MODELS) + INTERPLAY_EVENT_TYPES
 
 
 def server_event(type: str, **fields: Any) -> dict:
-    """A server event as a JSON-ready dict; refuses types we do not speak, to catch typos early."""
-    if type not in SERVER_EVENT_TYPES:
+    """A server event as a JSON-ready dict with a fresh `event_id`; None fields are left out.
+
+    Raises ValueError for a type the API does not have, or fields its model refuses: a bug here,
+    caught where it is made rather than by a client.
+    """
+    event = {"type": type, "event_id": event_id(), **{k: v for k, v in fields.items() if v is not None}}
+    if type in INTERPLAY_EVENT_TYPES:
+        return event
+    model = _SERVER_MODELS.get(type)
+    if model is None:
         raise ValueError(f"not a server event type: {type!r}")
-    if type == "error":
-        return ErrorEvent(error=ErrorDetail(**fields)).dump()
-    return ServerEvent(type=type, **fields).dump()
+    if type in _OUR_SESSION_EVENTS:
+        SessionConfig.model_validate(event.get("session"))
+    else:
+        model.model_validate(event)
+    return event
 
 
 def error_event(message: str, code: str = "invalid_value", param: str | None = None, client_event_id: str | None = None, type: str = "invalid_request_error") -> dict:
-    return ErrorEvent(error=ErrorDetail(type=type, code=code, message=message, param=param, event_id=client_event_id)).dump()
+    error = {"type": type, "code": code, "message": message, "param": param, "event_id": client_event_id}
+    return server_event("error", error={k: v for k, v in error.items() if v is not None})
 
 
 def error_from(exc: ProtocolError, client_event_id: str | None = None) -> dict:
     return error_event(str(exc), exc.code, exc.param, client_event_id)
 
 
-# --- parsing ----------------------------------------------------------------------------------
+def is_error(event: Any) -> bool:
+    return isinstance(event, dict) and event.get("type") == "error"
+
+
+# --- parsing ------------------------------------------------------------------------------------
+
+
+def _param(loc: tuple) -> str | None:
+    """A validation error's location as a dotted param, without union tags (which hold a '.')."""
+    return ".".join(str(p) for p in loc if not (isinstance(p, str) and "." in p)) or None
 
 
 def parse_client_event(raw: str | bytes | dict, max_bytes: int = MAX_EVENT_BYTES) -> Any:
-    """A typed client event, or an error event dict (never raises for bad input).
+    """A typed client event, or an error event dict (never raises for bad input)."""
+    try:
+        return _parse(raw, max_bytes)
+    except Exception as exc:  # a validator we did not foresee: still an error event, never a raise
+        return error_event(f"invalid event: {exc}", "invalid_value")
 
-    Returns a pydantic model on success; on failure a dict with `type == "error"`.
-    """
+
+def _parse(raw: Any, max_bytes: int) -> Any:
     if isinstance(raw, (str, bytes, bytearray)):
-        size = len(raw.encode() if isinstance(raw, str) else raw)
+        size = len(raw.encode("utf-8", "surrogatepass") if isinstance(raw, str) else raw)
         if size > max_bytes:
             return error_event(f"event of {size} bytes exceeds the limit of {max_bytes} bytes", "message_too_large")
         try:
@@ -284,16 +258,28 @@ def parse_client_event(raw: str | bytes | dict, max_bytes: int = MAX_EVENT_BYTES
         return _client_adapter.validate_python(raw)
     except ValidationError as exc:
         first = exc.errors()[0]
-        param = ".".join(str(p) for p in first["loc"][1:]) or None  # drop the union tag
+        param = _param(first["loc"])
         return error_event(f"invalid {kind}: {first['msg']}" + (f" at '{param}'" if param else ""), "invalid_value", param, client_id)
 
 
-def is_error(event: Any) -> bool:
-    return isinstance(event, dict) and event.get("type") == "error"
+def user_text(item: Any) -> str:
+    """The typed text of a user message item ('' for any other item)."""
+    if _item_tag(item) != "message.user":
+        return ""
+    parts = []
+    for part in item.content or []:
+        if part.type in ("input_text", None) and part.text is not None:
+            parts.append(part.text)
+        elif part.type == "input_text":
+            raise ProtocolError("input_text content needs a string 'text'", "invalid_value", "item.content")
+    return "\n".join(parts)
+
+
+# --- audio payloads -----------------------------------------------------------------------------
 
 
 def decode_pcm16(b64: str, max_bytes: int = MAX_EVENT_BYTES) -> np.ndarray:
-    """base64 little-endian PCM16 mono -> int16 samples; ProtocolError for anything else."""
+    """base64 little-endian PCM16 mono -> int16 samples; ProtocolError "invalid_audio" for anything else."""
     if len(b64) > max_bytes * 4 // 3 + 4:
         raise ProtocolError("audio is larger than the event limit", "message_too_large", "audio")
     try:
