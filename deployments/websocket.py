@@ -2,8 +2,9 @@
 
 The socket is authenticated (an `Authorization: Bearer` header, or for browsers, which cannot
 set headers, the `openai-insecure-api-key.<key>` subprotocol), then becomes one session of the
-gateway's own ingress: client messages go to `Ingress.receive`, and the session's events (audio
-as base64 PCM16 deltas) go back until either side ends it.
+gateway's own ingress (an in-process `Ingress`, bound to the interaction side like the actor is):
+client messages go to `Ingress.receive`, and the session's events (audio as base64 PCM16 deltas)
+go back from its outbox until either side ends it.
 """
 
 from __future__ import annotations
@@ -54,14 +55,14 @@ async def serve_websocket(ws: WebSocket, auth: Auth, ingress: Ingress) -> None:
         await _refuse(ws, exc.status, str(exc), "unauthorized")
         return
     try:
-        session_id, channel = await ingress.open_websocket(None)
+        session_id, outbox = await ingress.open_websocket(None)
     except ProtocolError as exc:
         await _refuse(ws, 503 if exc.code == "capacity" else 400, str(exc), exc.code)
         return
     await ws.accept(subprotocol=subprotocol)
 
     async def pump() -> None:
-        while (text := await channel.queue.get()) is not None:
+        while (text := await outbox.get()) is not None:
             await ws.send_text(text)
 
     sender = asyncio.create_task(pump())

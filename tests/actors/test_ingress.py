@@ -1,6 +1,6 @@
-"""The Ingress with real aiortc clients over the machine's own interfaces. A fake exchange stands in
-for the interaction side (the real InteractionActor plugs in through the same callable); the Ray
-test uses a fake InteractionActor with the surface IngressActor calls."""
+"""The Ingress with real aiortc clients over the machine's own interfaces. A fake interaction side
+implements the `protocols.ports.Interaction` port in process (the real InteractionActor plugs in
+through the same port, wrapped in `Remote`); the Ray test binds a fake actor that way."""
 
 import asyncio
 import fractions
@@ -14,9 +14,12 @@ import ray
 from aiortc import RTCPeerConnection, RTCSessionDescription
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack, VideoStreamTrack
 
-from actors.ingress import Ingress, IngressActor, _Session, check_sdp
-from actors.media import AudioChunker
-from protocols import OutputChunk, ProtocolError
+from actors.ingress import Ingress, IngressActor
+from actors.realtime_session import RealtimeSession
+from actors.remote import Remote
+from actors.transports import WebRTCTransport, check_sdp
+from protocols import OutputChunk, ProtocolError, TickClock
+from protocols.ports import Interaction
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -107,21 +110,49 @@ class Client:
 
 
 class Echo:
-    """The fake interaction side: every session speaks its own input back, with a word of text."""
+    """The fake interaction side (the Interaction port): every session speaks its own input back,
+    with a word of text. `max_sessions` bounds join; `members` are the sessions joined."""
 
-    def __init__(self):
+    def __init__(self, max_sessions: int = 100):
         self.calls: list[tuple[int, list[str]]] = []
         self.chunks = []
+        self.max_sessions = max_sessions
+        self.members: list[str] = []
+        self.left: list[str] = []
 
-    async def __call__(self, tick, chunks, session_ids):
+    async def clock_info(self):
+        return {"t0": 0.0, "tick_ms": 200, "tick_s": 0.2, "grace_s": 0.04}
+
+    async def join(self, session_id, seed=None):
+        if len(self.members) >= self.max_sessions:
+            raise ProtocolError("the interaction side is full", "capacity")
+        self.members.append(session_id)
+        return {"session_id": session_id, "first_tick": 0, "log_token": f"token-{session_id}"}
+
+    async def leave(self, session_id):
+        self.members.remove(session_id)
+        self.left.append(session_id)
+
+    async def exchange(self, tick, chunks, session_ids):
         self.calls.append((tick, list(session_ids)))
         self.chunks.extend(chunks)
+        return self.outputs(chunks)
+
+    def outputs(self, chunks):
         return [OutputChunk(c.session_id, c.seq, c.t_start, c.audio, text="la ", controls=["speak"]) for c in chunks]
+
+
+def now_clock(behind_s: float = 0.0) -> TickClock:
+    return TickClock(time.time() - behind_s)
+
+
+def test_the_fakes_fit_the_port():
+    assert isinstance(Echo(), Interaction)
 
 
 def test_bad_sdp_is_refused():
     async def main():
-        ingress = Ingress(Echo(), max_sessions=1)
+        ingress = Ingress(Echo(), now_clock(), max_sessions=1)
         bad = [
             None,
             "hello",
@@ -155,35 +186,39 @@ class FakeChannel:
         self.sent.append(json.loads(message))
 
 
-def test_speaking_runs_become_realtime_responses():
-    """The event sequence of a response, without a network: speak, speak, yield, drain."""
+def test_speaking_runs_become_realtime_responses_on_a_played_track():
+    """The event sequence of a response over WebRTC, without a network: speak, speak, yield, drain."""
 
     async def main():
-        ingress = Ingress(Echo(), clock_t0=0.0)
-        s = _Session(None, AudioChunker(0.0), 160, 0.6, {"type": "realtime"})
-        s.channel = FakeChannel()
+        transport = WebRTCTransport(TickClock(0.0))
+        transport.channel = FakeChannel()
+        s = RealtimeSession(transport, {"type": "realtime"})
         tone = (8000 * np.sin(np.arange(3200) / 5)).astype(np.int16)
         for seq, controls, text in [(0, ["speak"], "hel"), (1, [], "lo"), (2, ["yield"], ""), (3, [], "")]:
-            ingress._deliver(s, OutputChunk(s.id, seq, seq * 0.2, tone if seq < 2 else np.zeros(3200, np.int16), text=text, controls=controls))
-        ingress._deliver(s, OutputChunk(s.id, 1, 0.2, tone, controls=["speak"]))  # stale: ignored
-        assert s.track.queued_ms == pytest.approx(460, abs=2)  # 60 ms margin + two chunks
-        types = [e["type"] for e in s.channel.sent]
+            s.deliver(OutputChunk(s.id, seq, seq * 0.2, tone if seq < 2 else np.zeros(3200, np.int16), text=text, controls=controls), time.time())
+        s.deliver(OutputChunk(s.id, 1, 0.2, tone, controls=["speak"]), time.time())  # stale: ignored
+        assert transport.audio_out.queued_ms == pytest.approx(460, abs=2)  # 60 ms margin + two chunks
+        sent = transport.channel.sent
+        types = [e["type"] for e in sent]
         assert types == [
             "response.created", "response.output_item.added", "conversation.item.added", "output_audio_buffer.started",
             "response.output_audio_transcript.delta", "response.output_audio_transcript.delta",
             "response.output_audio_transcript.done", "response.output_audio.done", "response.output_item.done", "response.done",
         ]
-        done = s.channel.sent[-1]["response"]
+        done = sent[-1]["response"]
         assert done["status"] == "completed" and done["output"][0]["content"][0]["transcript"] == "hello"
-        await asyncio.sleep(0.5)  # once the queued audio would have played out
-        assert s.channel.sent[-1]["type"] == "output_audio_buffer.stopped" and s.channel.sent[-1]["response_id"] == done["id"]
+        await asyncio.sleep(0.3)
+        assert sent[-1]["type"] == "response.done"  # still playing out: not stopped yet
+        await asyncio.sleep(0.25)  # once the queued audio would have played out
+        assert sent[-1]["type"] == "output_audio_buffer.stopped" and sent[-1]["response_id"] == done["id"]
+        await transport.close()
 
     asyncio.run(main())
 
 
 def test_a_call_that_never_connects_is_closed():
     async def main():
-        ingress = Ingress(Echo(), max_sessions=1, connect_timeout_s=0.3)
+        ingress = Ingress(Echo(), now_clock(), max_sessions=1, connect_timeout_s=0.3)
         pc = RTCPeerConnection()
         pc.addTransceiver("audio")
         await pc.setLocalDescription(await pc.createOffer())
@@ -202,11 +237,11 @@ def test_call_audio_and_events():
 
     async def main():
         echo = Echo()
-        ingress = Ingress(echo, clock_t0=time.time() - 0.13, max_event_bytes=4096)
+        ingress = Ingress(echo, now_clock(0.13), max_event_bytes=4096)
         client = Client(video=True)
         sid = await client.connect(ingress)
         created = await client.wait_for("session.created")
-        assert created["session"]["id"] == sid
+        assert created["session"]["id"] == sid and created["session"]["interplay"]["log_token"] == f"token-{sid}"
         await client.wait_for("output_audio_buffer.started")
         await asyncio.sleep(1.5)
         # audio came back: the echoed tone, continuous after the first ticks
@@ -276,12 +311,8 @@ def test_call_audio_and_events():
 def test_two_calls_share_each_tick_and_a_leaving_call_frees_its_slot():
     async def main():
         echo = Echo()
-        closed = []
-
-        async def on_close(sid):
-            closed.append(sid)
-
-        ingress = Ingress(echo, max_sessions=2, on_close=on_close)
+        ingress = Ingress(echo, now_clock(), max_sessions=2)
+        closed = echo.left
         a, b = Client(), Client()
         sa, sb = await asyncio.gather(a.connect(ingress), b.connect(ingress))
         with pytest.raises(ProtocolError) as info:
@@ -319,15 +350,16 @@ def test_two_calls_share_each_tick_and_a_leaving_call_frees_its_slot():
 
 
 def test_slow_or_failing_exchange_does_not_stall_ticks():
-    async def flaky(tick, chunks, session_ids):
-        if tick % 3 == 0:
-            raise RuntimeError("interaction side hiccup")
-        if tick % 3 == 1:
-            await asyncio.sleep(5)  # past the timeout
-        return [OutputChunk(c.session_id, c.seq, c.t_start, c.audio, controls=["speak"]) for c in chunks]
+    class Flaky(Echo):
+        async def exchange(self, tick, chunks, session_ids):
+            if tick % 3 == 0:
+                raise RuntimeError("interaction side hiccup")
+            if tick % 3 == 1:
+                await asyncio.sleep(5)  # past the timeout
+            return self.outputs(chunks)
 
     async def main():
-        ingress = Ingress(flaky, exchange_timeout_s=0.5)
+        ingress = Ingress(Flaky(), now_clock(), exchange_timeout_s=0.5)
         client = Client()
         await client.connect(ingress)
         await asyncio.sleep(2.0)
@@ -349,12 +381,13 @@ class FakeInteraction:
         self.t0, self.max_sessions, self.members = time.time(), max_sessions, []
 
     def clock_info(self):
-        return {"t0": self.t0, "tick_s": 0.2, "grace_s": 0.04}
+        return {"t0": self.t0, "tick_ms": 200, "tick_s": 0.2, "grace_s": 0.04}
 
-    async def join(self, session_id):
+    async def join(self, session_id, seed=None):
         if len(self.members) >= self.max_sessions:
             raise ProtocolError("the interaction actor is full", "capacity")
         self.members.append(session_id)
+        return {"session_id": session_id, "log_token": "t"}
 
     async def leave(self, session_id):
         self.members.remove(session_id)
@@ -370,7 +403,8 @@ class FakeInteraction:
 def test_ingress_inside_a_ray_actor(ray_cluster):
     async def main():
         interaction = FakeInteraction.remote(max_sessions=1)
-        actor = IngressActor.remote(interaction, ice_addresses=["127.0.0.1"])
+        clock = await interaction.clock_info.remote()
+        actor = IngressActor.remote(Remote(interaction), clock, ice_addresses=["127.0.0.1"])
         with pytest.raises(ProtocolError) as info:  # what the HTTP layer maps to 400
             await actor.offer.remote("v=0\r\nm=audio 9 X 0\r\n")
         assert info.value.code == "invalid_sdp"
@@ -401,13 +435,3 @@ class _RayIngress:
 
     async def offer(self, sdp, session_config=None):
         return await self.actor.offer.remote(sdp, session_config)
-
-
-def test_prebuffer_adapts_to_how_steadily_outputs_arrive():
-    ingress = Ingress(Echo(), clock_t0=0.0, prebuffer_ms=60.0)
-    s = _Session(None, AudioChunker(0.0), 160, 0.6, {"type": "realtime"})
-    assert ingress._prebuffer(s) == 60.0  # no history yet: the configured margin
-    s.lateness.extend(0.030 + 0.004 * (i % 3) for i in range(20))  # steady: within 8 ms
-    assert 10.0 <= ingress._prebuffer(s) <= 20.0
-    s.lateness.extend([0.030, 0.200] * 20)  # erratic: capped at the configured margin
-    assert ingress._prebuffer(s) == 60.0

@@ -1,0 +1,157 @@
+"""`Gatherer`: once per tick, one `InputChunk` per live session and one exchange for all of them.
+
+Tick k is gathered at `clock.end(k) + grace_s` (origin time, see `protocols.clock.TickClock`):
+each live call's chunk k is built from its transport's audio (flagged `missing`, with silence,
+when none is in; audio of an earlier tick that comes now is dropped and counted late), its video
+frame, and what its `RealtimeSession` adds (text, events, forced control). Then
+`interaction.exchange(k, chunks, session_ids)` is called once, as its own task with a timeout,
+so a slow or failing exchange never delays the next tick; at most `max_in_flight` run at once
+(a tick beyond that is skipped). The outputs it returns are delivered to each call's session.
+A loop that stalls for more than a tick skips to the newest tick that is due.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from protocols import InputChunk, OutputChunk, ProtocolError
+from protocols.clock import TickClock
+from protocols.ports import Interaction
+from protocols.realtime import error_from
+
+from .realtime_session import RealtimeSession
+from .transports import Transport
+
+log = logging.getLogger(__name__)
+
+COUNTS = ("ticks", "exchanges", "late_exchanges", "failed_exchanges", "skipped_ticks", "missing_chunks", "late_chunks")
+
+
+@dataclass
+class Call:
+    """A session and its transport, stepped from its `session.first_tick` on (None: not connected yet)."""
+
+    session: RealtimeSession
+    transport: Transport
+    early: dict[int, np.ndarray] = field(default_factory=dict)  # chunks that came before their tick was gathered
+    levels: dict[int, float] = field(default_factory=dict)  # input RMS per tick, for interplay.tick
+
+    @property
+    def id(self) -> str:
+        return self.session.id
+
+
+class Gatherer:
+    def __init__(self, interaction: Interaction, clock: TickClock, calls: dict[str, Call], *, grace_s: float = 0.005, exchange_timeout_s: float = 1.0, max_in_flight: int = 4):
+        self.interaction = interaction
+        self.clock = clock
+        self.calls = calls
+        self.grace_s = grace_s
+        self.exchange_timeout_s = exchange_timeout_s
+        self.max_in_flight = max_in_flight
+        self.counts = dict.fromkeys(COUNTS, 0)
+        self._loop: asyncio.Task | None = None
+        self._exchanges: set[asyncio.Task] = set()
+        self._timing: dict[int, tuple[float, float]] = {}  # tick -> wall times (gathered, exchange returned)
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._exchanges)
+
+    def start(self) -> None:
+        if self._loop is None or self._loop.done():
+            self._loop = asyncio.create_task(self._run())
+
+    def stop(self) -> None:
+        if self._loop:
+            self._loop.cancel()
+
+    async def _run(self) -> None:
+        clock = self.clock
+        k = clock.current()
+        while True:
+            delay = clock.end(k) + self.grace_s - clock.now()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            elif -delay > clock.tick_s:  # the loop stalled: skip to the newest tick that is due
+                newest = clock.tick_at(clock.now() - self.grace_s) - 1
+                self.counts["skipped_ticks"] += newest - k
+                k = newest
+            try:
+                self.gather(k)
+            except Exception:
+                log.exception("tick %d failed", k)
+            k += 1
+
+    def gather(self, k: int) -> None:
+        """Gather chunk k of every live call and start the one exchange for them."""
+        live = [c for c in self.calls.values() if c.session.first_tick is not None and k >= c.session.first_tick]
+        if not live:
+            return
+        if len(self._exchanges) >= self.max_in_flight:
+            self.counts["skipped_ticks"] += 1
+            return
+        chunks = [self.chunk(c, k) for c in live]
+        task = asyncio.create_task(self._exchange(k, chunks))
+        self._exchanges.add(task)
+        task.add_done_callback(self._exchanges.discard)
+        self.counts["ticks"] += 1
+
+    def chunk(self, call: Call, k: int) -> InputChunk:
+        call.early.update(call.transport.audio_in.pop_ready(until=k))
+        for seq in [seq for seq in call.early if seq < k]:
+            del call.early[seq]
+            self.counts["late_chunks"] += 1
+        audio = call.early.pop(k, None)
+        if audio is None:
+            self.counts["missing_chunks"] += 1
+        else:
+            call.levels[k] = float(np.sqrt(np.mean(audio.astype(np.float32) ** 2)) / 32768)
+        t_start = self.clock.start(k)
+        extra = call.session.next_input(k, t_start)
+        samples = self.clock.samples()
+        try:
+            return InputChunk(
+                call.id, k, t_start, np.zeros(samples, np.int16) if audio is None else audio, call.transport.video(),
+                extra.text, extra.events, missing=audio is None, forced=extra.forced,
+            )
+        except ProtocolError as exc:
+            log.warning("session %s: bad chunk %d: %s", call.id, k, exc)
+            call.session.sink.send(error_from(exc))
+            return InputChunk.silent(call.id, k, t_start, samples)
+
+    async def _exchange(self, k: int, chunks: list[InputChunk]) -> None:
+        gathered = time.time()
+        try:
+            outs = await asyncio.wait_for(self.interaction.exchange(k, chunks, [c.session_id for c in chunks]), self.exchange_timeout_s)
+        except Exception as exc:
+            self.counts["failed_exchanges"] += 1
+            log.warning("exchange for tick %d failed: %r", k, exc)
+            return
+        self.counts["exchanges"] += 1
+        returned = time.time()
+        self._timing[k] = (gathered, returned)
+        self._timing.pop(k - 50, None)
+        if self.clock.now() > self.clock.end(k + 1) + self.grace_s:  # after the next tick's gather
+            self.counts["late_exchanges"] += 1
+        for out in outs or []:
+            call = self.calls.get(getattr(out, "session_id", None))
+            if call is not None and isinstance(out, OutputChunk):
+                try:
+                    self.deliver(call, out)
+                except Exception:
+                    log.exception("session %s: delivering tick %d failed", call.id, k)
+
+    def deliver(self, call: Call, out: OutputChunk) -> None:
+        gathered, returned = self._timing.get(out.seq, (None, None))
+        for old in [seq for seq in call.levels if seq < out.seq]:
+            del call.levels[old]
+        call.session.deliver(
+            out, time.time(), late_s=self.clock.now() - self.clock.end(out.seq), in_level=call.levels.pop(out.seq, 0.0),
+            stages={"gathered": gathered, "returned": returned},
+        )

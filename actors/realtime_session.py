@@ -1,0 +1,378 @@
+"""`RealtimeSession`: one Realtime session's protocol state; no transport, no clock, no timers.
+
+Client events come in (`receive` a raw message, or `handle` a parsed one) and the model's
+`OutputChunk`s come in (`deliver`); server events and model audio go out through the `Sink` the
+session is given (its transport), and `next_input(seq, t_start)` says what goes into the session's
+next `InputChunk`: typed user text, the client events to forward, and `forced`, the control the
+client's requests hold (`response.create`: "speak" from the next chunk on, until an output of
+those chunks shows "yield" or `force_s` of them have passed; `response.cancel`: "silent" for one
+chunk). Times are passed in; nothing here sleeps or schedules.
+
+Output events, per speaking run (consecutive speaking chunks, see `is_speaking`):
+  run starts  -> response.created, response.output_item.added, conversation.item.added,
+                 then the sink's playout start (WebRTC: output_audio_buffer.started)
+  each chunk  -> the sink's audio (WebSocket: response.output_audio.delta),
+                 response.output_audio_transcript.delta (when it carries text)
+  run ends    -> response.output_audio_transcript.done, response.output_audio.done,
+                 response.output_item.done, response.done (status "completed"), then the sink's
+                 playout end (WebRTC: output_audio_buffer.stopped once its audio has played)
+  interrupted -> (response.cancel, output_audio_buffer.clear, or truncating the item that is
+                 still playing) queued audio is dropped, response.done (status "cancelled"), the
+                 sink's playout clear (WebRTC: output_audio_buffer.cleared); the model's speech
+                 stays muted until it yields.
+Bad events get an `error` event and the session goes on.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections import OrderedDict, deque
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import numpy as np
+
+from protocols import SAMPLE_RATE, OutputChunk, ProtocolError, new_id
+from protocols.chunks import MAX_TEXT_CHARS
+from protocols.realtime import error_event, error_from, is_error, parse_client_event, rate_of, server_event, user_text
+
+from .playout import OUT_RATE
+
+log = logging.getLogger(__name__)
+
+MAX_EVENTS_PER_TICK = 64  # client events waiting for the next chunk; beyond that they are refused
+MAX_ITEMS = 32  # assistant audio items remembered per session, for conversation.item.truncate
+FORCE_S = 10.0  # the longest a response.create holds "speak" without the model yielding
+SPEAKING, NOT_SPEAKING = {"speak", "backchannel"}, {"silent", "yield"}
+
+
+def is_speaking(out: OutputChunk) -> bool:
+    """A chunk is spoken output if its controls say speak/backchannel; silent/yield say it is not.
+
+    Without either (no controls, or only delegate/tool_call) it is spoken if it has text or any
+    non-zero audio sample.
+    """
+    controls = set(out.controls)
+    if controls & SPEAKING:
+        return True
+    if controls & NOT_SPEAKING:
+        return False
+    return bool(out.text) or bool(np.any(out.audio))
+
+
+class AudioOut(Protocol):
+    """Where model audio goes (PacedAudioTrack, EventAudioSink). Counters in OUT_RATE samples."""
+
+    written: int
+    position: int
+
+    @property
+    def queued_ms(self) -> float: ...
+
+    @property
+    def next_play_sample(self) -> int: ...
+
+    def write(self, samples: np.ndarray) -> None: ...
+
+    def clear(self) -> float: ...
+
+    def time_of(self, sample: int) -> float | None: ...
+
+
+class Sink(Protocol):
+    """A session's transport as the session sees it: events out, audio out, and what differs."""
+
+    audio_out: AudioOut
+    max_event_bytes: int
+
+    def send(self, event: dict) -> None: ...
+
+    def append_audio(self, audio_b64: str, rate: int, t_arrival: float) -> None:
+        """input_audio_buffer.append; a transport whose audio rides a track refuses it."""
+
+    def clear_input(self) -> None: ...
+
+    def audio_written(self, response_id: str, item_id: str) -> None:
+        """Audio was written for this item: a transport whose client plays it sends it now."""
+
+    def playout_started(self, response_id: str) -> None: ...
+
+    def playout_done(self, response_id: str) -> None: ...
+
+    def playout_cleared(self, response_id: str | None) -> None: ...
+
+
+@dataclass
+class NextInput:
+    """What a session adds to its next InputChunk."""
+
+    text: str = ""
+    events: list[dict] = field(default_factory=list)
+    forced: str | None = None
+
+
+@dataclass
+class _Item:
+    """An assistant audio item on the audio-out timeline (OUT_RATE samples)."""
+
+    start: int
+    end: int
+
+
+@dataclass
+class _Run:
+    response_id: str
+    item_id: str
+    transcript: list[str] = field(default_factory=list)
+
+
+def merge(base: dict, update: dict) -> dict:
+    out = dict(base)
+    for key, value in update.items():
+        out[key] = merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+class RealtimeSession:
+    """The Realtime state of one session. `prebuffer_ms` caps the silence queued ahead of each
+    response (sized from how steadily outputs have come, see `prebuffer`)."""
+
+    def __init__(self, sink: Sink, config: dict, *, session_id: str | None = None, prebuffer_ms: float = 60.0, force_s: float = FORCE_S):
+        self.id = session_id or new_id("sess")
+        self.sink = sink
+        self.config = config
+        self.prebuffer_ms = prebuffer_ms
+        self.force_s = force_s
+        self.clock_info: dict = {}  # the interaction clock, as announced in session.created
+        self.first_tick: int | None = None
+        self.log_token: str | None = None
+        self.text: list[str] = []
+        # The opening session config reaches the model with the first chunk, like a session.update.
+        self.events: list[dict] = [{"type": "session.update", "session": config}] if len(config) > 1 else []
+        self.run: _Run | None = None
+        self.items: OrderedDict[str, _Item] = OrderedDict()
+        self.last_response_id: str | None = None
+        self.muted = False
+        self.last_out_seq = -1
+        self.lateness: deque[float] = deque(maxlen=100)  # seconds after its tick's end each output came
+        self._force: str | None = None  # "speak" while a requested response runs
+        self._force_seq: int | None = None  # the first chunk that carried it
+        self._force_t: float = 0.0  # and its start time
+        self._cancel = False  # a response.cancel holds "silent" on the next chunk
+
+    # --- session --------------------------------------------------------------------------------
+
+    def session_object(self) -> dict:
+        extension = {**self.config.get("interplay", {}), "clock": {**self.clock_info, "first_tick": self.first_tick}, "log_token": self.log_token}
+        return {"id": self.id, "object": "realtime.session", **self.config, "interplay": extension}
+
+    def created(self) -> None:
+        self.sink.send(server_event("session.created", session=self.session_object()))
+
+    # --- client events in -----------------------------------------------------------------------
+
+    def receive(self, message: str | bytes, now: float) -> None:
+        """A raw client message; whatever is wrong with it becomes an error event."""
+        size = len(message) if isinstance(message, (bytes, bytearray)) else len(message.encode("utf-8", "surrogatepass"))
+        limit = self.sink.max_event_bytes
+        if size > limit:
+            self.sink.send(error_event(f"event of {size} bytes exceeds the limit of {limit} bytes", "message_too_large"))
+            return
+        event = parse_client_event(message, limit)
+        if is_error(event):
+            self.sink.send(event)
+            return
+        try:
+            self.handle(event, now)
+        except ProtocolError as exc:
+            self.sink.send(error_from(exc, event.event_id))
+        except Exception as exc:  # a bug must not end the session
+            log.exception("session %s: handling %s failed", self.id, event.type)
+            self.sink.send(error_event(f"could not handle {event.type}: {exc}", "server_error", type="server_error"))
+
+    def handle(self, ev, now: float) -> None:
+        """A parsed client event; ProtocolError for one that cannot be honoured."""
+        if len(self.events) >= MAX_EVENTS_PER_TICK:
+            raise ProtocolError(f"more than {MAX_EVENTS_PER_TICK} events in one tick", "rate_limit_exceeded")
+        kind = ev.type
+        if kind == "input_audio_buffer.append":
+            self.sink.append_audio(ev.audio, self.rate("input"), now)
+            return  # audio is not forwarded to the model as an event: it is the chunk itself
+        send = self.sink.send
+        if kind == "session.update":
+            self.config = merge(self.config, ev.session.model_dump(mode="json", exclude_none=True))
+            send(server_event("session.updated", session=self.session_object()))
+        elif kind == "conversation.item.create":
+            text = user_text(ev.item)
+            if len(text) > MAX_TEXT_CHARS or sum(map(len, self.text)) + len(text) > 4 * MAX_TEXT_CHARS:
+                raise ProtocolError(f"typed text is limited to {MAX_TEXT_CHARS} characters an item", "invalid_value", "item.content")
+            if text:
+                self.text.append(text)
+            item = {**ev.item.model_dump(mode="json", exclude_none=True), "object": "realtime.item", "status": "completed"}
+            item["id"] = item.get("id") or new_id("item")
+            send(server_event("conversation.item.added", previous_item_id=ev.previous_item_id, item=item))
+            send(server_event("conversation.item.done", item=item))
+        elif kind == "conversation.item.truncate":
+            self._truncate(ev)
+        elif kind == "response.create":
+            self._force, self._force_seq, self._cancel = "speak", None, False
+        elif kind == "response.cancel":
+            if self.run is None and not self.sink.audio_out.queued_ms and self._force is None:
+                raise ProtocolError("there is no active response to cancel", "response_cancel_not_active")
+            self._force, self._cancel = None, True
+            self.interrupt()
+        elif kind == "output_audio_buffer.clear":
+            self.interrupt()
+        elif kind == "input_audio_buffer.clear":
+            self.sink.clear_input()
+            send(server_event("input_audio_buffer.cleared"))
+        elif kind == "conversation.item.delete":
+            self.items.pop(ev.item_id, None)
+            send(server_event("conversation.item.deleted", item_id=ev.item_id))
+        # input_audio_buffer.commit needs no answer here: the model decides when to answer.
+        self.events.append(ev.dump())
+
+    def rate(self, direction: str) -> int:
+        return rate_of(self.config, direction)
+
+    def _truncate(self, ev) -> None:
+        item = self.items.get(ev.item_id)
+        if item is None:
+            raise ProtocolError(f"no assistant audio item {ev.item_id!r}", "item_not_found", "item_id")
+        if ev.content_index != 0:
+            raise ProtocolError("assistant audio items have one content part (content_index 0)", "invalid_value", "content_index")
+        audio = self.sink.audio_out
+        played_ms = min(max(audio.position - item.start, 0), item.end - item.start) * 1000 / OUT_RATE
+        if ev.audio_end_ms > math.ceil(played_ms):
+            raise ProtocolError(f"audio_end_ms {ev.audio_end_ms} is beyond the {played_ms:.0f} ms of this item played so far", "invalid_value", "audio_end_ms")
+        if (self.run and self.run.item_id == ev.item_id) or item.end > audio.position:
+            self.interrupt()  # the rest of it must not play
+        item.end = item.start + ev.audio_end_ms * OUT_RATE // 1000
+        self.sink.send(server_event("conversation.item.truncated", item_id=ev.item_id, content_index=0, audio_end_ms=ev.audio_end_ms))
+
+    def interrupt(self) -> None:
+        """Drop what is queued to play; a running response ends "cancelled" and the model's
+        speech is muted until it yields."""
+        audio = self.sink.audio_out
+        position = audio.position
+        audio.clear()
+        for item in self.items.values():  # what was not played is gone
+            item.end = min(item.end, max(item.start, position))
+        if self.run:
+            response_id = self.run.response_id
+            self._end_run("cancelled")
+            self.muted = True
+        else:
+            response_id = self.last_response_id
+        self.sink.playout_cleared(response_id)
+
+    # --- model input ----------------------------------------------------------------------------
+
+    def next_input(self, seq: int, t_start: float) -> NextInput:
+        """What chunk `seq` (starting at `t_start`) carries: queued text and events, and the
+        control the client's requests hold on it."""
+        text, size = [], 0
+        while self.text and size + len(self.text[0]) + len(text) <= MAX_TEXT_CHARS:
+            size += len(self.text[0])
+            text.append(self.text.pop(0))
+        events, self.events = self.events, []
+        forced = None
+        if self._cancel:
+            forced, self._cancel = "silent", False
+        elif self._force is not None:
+            if self._force_seq is None:
+                self._force_seq, self._force_t = seq, t_start
+            if t_start - self._force_t >= self.force_s:
+                self._force = None
+            else:
+                forced = self._force
+        return NextInput("\n".join(text), events, forced)
+
+    # --- model output ---------------------------------------------------------------------------
+
+    def prebuffer(self) -> float:
+        """The margin (ms) queued ahead of a response: enough to cover how much later than usual
+        this session's outputs have come lately (p95 minus p5 of their lateness, plus 10 ms),
+        never more than `prebuffer_ms`; the whole `prebuffer_ms` until there is history."""
+        if len(self.lateness) < 10:
+            return self.prebuffer_ms
+        spread = float(np.percentile(self.lateness, 95) - np.percentile(self.lateness, 5)) * 1000
+        return min(self.prebuffer_ms, spread + 10.0)
+
+    def deliver(self, out: OutputChunk, now: float, *, late_s: float = 0.0, in_level: float = 0.0, stages: dict | None = None) -> None:
+        """The model's output for tick `out.seq`, `late_s` after that tick's end."""
+        if out.seq <= self.last_out_seq:
+            return  # an older tick answered after a newer one: its moment has passed
+        self.last_out_seq = out.seq
+        self.lateness.append(late_s)
+        send = self.sink.send
+        for event in out.events:
+            send(event)
+        if self.config.get("interplay", {}).get("tick_events"):
+            send(self._tick_event(out, now, in_level, stages or {}))
+        if self._force is not None and self._force_seq is not None and out.seq >= self._force_seq and "yield" in out.controls:
+            self._force = None  # the model yielded within the requested response: it is over
+        speaking = is_speaking(out)
+        if self.muted:  # interrupted: drop speech until the model yields
+            if speaking:
+                return
+            self.muted = False
+        if not speaking:
+            if self.run:
+                self._end_run("completed")
+            return
+        if self.run is None:
+            self._start_run()
+        run, audio = self.run, self.sink.audio_out
+        audio.write(out.audio)
+        self.items[run.item_id].end = audio.written
+        self.sink.audio_written(run.response_id, run.item_id)
+        if out.text:
+            run.transcript.append(out.text)
+            send(server_event("response.output_audio_transcript.delta", response_id=run.response_id, item_id=run.item_id, output_index=0, content_index=0, delta=out.text))
+
+    def _tick_event(self, out: OutputChunk, now: float, in_level: float, stages: dict) -> dict:
+        """Our extension event: the tick's input/output level (RMS, 0..1 of full scale), the step's
+        time, the sample of the outgoing stream (48 kHz, silence included) where this tick's
+        audio, if any, begins to play, and the wall-clock times of each stage on the way."""
+        out_level = float(np.sqrt(np.mean(out.audio.astype(np.float32) ** 2)) / 32768)
+        sample = self.sink.audio_out.next_play_sample
+        return server_event(
+            "interplay.tick", tick=out.seq, step_ms=round(out.step_ms, 3), in_level=round(in_level, 4), out_level=round(out_level, 4),
+            out_sample=sample, at={**stages, "written": now, "plays": self.sink.audio_out.time_of(sample)},
+        )
+
+    def _start_run(self) -> None:
+        audio = self.sink.audio_out
+        margin = self.prebuffer()
+        if audio.queued_ms < margin:  # so a later output that comes late still plays on time
+            audio.write(np.zeros(round((margin - audio.queued_ms) * SAMPLE_RATE / 1000), np.int16))
+        run = self.run = _Run(new_id("resp"), new_id("item"))
+        self.items[run.item_id] = _Item(audio.written, audio.written)
+        while len(self.items) > MAX_ITEMS:
+            self.items.popitem(last=False)
+        item = {"id": run.item_id, "object": "realtime.item", "type": "message", "role": "assistant", "status": "in_progress", "content": []}
+        send = self.sink.send
+        send(server_event("response.created", response={"id": run.response_id, "object": "realtime.response", "status": "in_progress", "output": []}))
+        send(server_event("response.output_item.added", response_id=run.response_id, output_index=0, item=item))
+        send(server_event("conversation.item.added", item=item))
+        self.sink.playout_started(run.response_id)
+
+    def _end_run(self, status: str) -> None:
+        run, self.run = self.run, None
+        self.last_response_id = run.response_id
+        transcript = "".join(run.transcript)
+        ids = dict(response_id=run.response_id, item_id=run.item_id, output_index=0, content_index=0)
+        item = {
+            "id": run.item_id, "object": "realtime.item", "type": "message", "role": "assistant",
+            "status": "completed" if status == "completed" else "incomplete",
+            "content": [{"type": "output_audio", "transcript": transcript}],
+        }
+        send = self.sink.send
+        send(server_event("response.output_audio_transcript.done", **ids, transcript=transcript))
+        send(server_event("response.output_audio.done", **ids))
+        send(server_event("response.output_item.done", response_id=run.response_id, output_index=0, item=item))
+        send(server_event("response.done", response={"id": run.response_id, "object": "realtime.response", "status": status, "output": [item]}))
+        if status == "completed":
+            self.sink.playout_done(run.response_id)
