@@ -1,32 +1,73 @@
-"""The InteractionActor: owns the clock and steps every session in one batch per 200 ms tick.
+"""`Interaction`: owns the clock and steps every session in one batch per tick.
 
-Tick k covers [t0 + k·tick, t0 + (k+1)·tick). Ingresses hand in chunk k of their sessions with
-one `exchange` call per tick; the tick is stepped as soon as every joined session's chunk is in,
-or at its deadline (end of tick + grace) with the absent ones stepped as missing (silence), so
-one slow client never delays the others. `exchange` returns the outputs of tick k for the sessions asked about. Every input and
-output chunk is appended to the SessionLog in one call per tick.
+Tick k is the `TickClock`'s, whose length is the engine's `tick_ms`. Ingresses hand in chunk k of
+their sessions with one `exchange` per tick; the tick is stepped as soon as every joined session's
+chunk is in, or at its deadline (end of tick + grace) with the absent ones stepped as missing
+(silence), so one slow client never delays the others. A delegate or tool-call control becomes a
+`BackgroundTask` handed to the background pool at once; the task's updates are woven into the
+session's next micro-turns. Every chunk, output, task and update is appended to the session log,
+in order, off the tick's path: neither the step nor delegation waits on the log.
+
+The parts are ports (`protocols.ports`): an `Engine`, and optionally a `Log` and a
+`BackgroundPool`, in process or Ray actors wrapped in `actors.remote.Remote`.
+`InteractionActor` at the bottom is the Ray actor; given an `EngineSpec` it builds its engine in
+its own process (on its GPU).
 """
 
 from __future__ import annotations
 
 import asyncio
-import inspect
 import logging
 import time
 from collections import deque
-from dataclasses import dataclass, field
-from typing import Any, Awaitable, Callable
+from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 import ray
 
-from protocols import BackgroundTask, InputChunk, OutputChunk, ProtocolError, SessionEvent
-from protocols.chunks import silence
+from protocols import BackgroundTask, BackgroundUpdate, InputChunk, OutputChunk, ProtocolError, SessionEvent, TickClock
+from protocols.ports import BackgroundPool, Engine, Log
 from protocols.realtime import error_from
 
 log = logging.getLogger("interplay.interaction")
 
-KEEP_TICKS = 25  # outputs kept for late exchange calls (5 s)
+KEEP_TICKS = 25  # outputs kept for late exchange calls
+DELEGATING = {"delegate": "delegate", "tool_call": "tool"}  # control -> BackgroundTask.kind
+
+
+@dataclass(frozen=True)
+class EngineSpec:
+    """What engine to build, and where: a preset or a checkpoint directory; `device` "auto" is
+    CUDA when present. Built by `Interaction` in its own process, so an actor's engine lands on
+    the actor's GPU."""
+
+    preset: str = "tiny"
+    checkpoint: str | None = None
+    device: str = "auto"
+    max_sessions: int = 16
+
+    def model_config(self):
+        """The model's `InteractionConfig` (its tick length, shapes), read without building it."""
+        if self.checkpoint:
+            from models.checkpoint import load_config
+
+            return load_config(self.checkpoint)
+        from models.config import InteractionConfig
+
+        return InteractionConfig.preset(self.preset)
+
+    def build(self) -> Engine:
+        import torch
+
+        from models.checkpoint import load_checkpoint
+        from models.engine import StreamingEngine
+
+        device = self.device
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        source = load_checkpoint(self.checkpoint, device=device) if self.checkpoint else self.preset
+        return StreamingEngine(source, max_sessions=self.max_sessions, device=device)
 
 
 @dataclass
@@ -42,43 +83,42 @@ class TickStats:
 
 
 @dataclass
-class _Session:
+class JoinedSession:
     session_id: str
     first_tick: int
     log_token: str | None = None
-    log_index: int = -1  # last log index appended for this session
-    pending_text: list[str] = field(default_factory=list)
+    log_index: int = -1  # the last log index known for the session
+    task: BackgroundTask | None = None  # the running background task, if any
+    runner: asyncio.Task | None = None
 
 
 class Interaction:
-    """The clock, the sessions and the batched step; Ray-free (see `InteractionActor` below).
+    """The clock, the sessions, the batched step and delegation; Ray-free (`InteractionActor` below).
 
-    `engine` is a `models.engine.StreamingEngine` (or anything with add_session, remove_session,
-    step_checked, push_update). `session_log` is a SessionLog (`actors.session_log`), in-process or
-    as a Ray actor wrapped in `RemoteLog`, or None to log nothing. `on_task` receives each
-    BackgroundTask the model delegates.
+    `engine` is an `Engine`, or an `EngineSpec` to build one here. With `log` None nothing is
+    logged; with `background` None delegated tasks are logged but not run. `now` is the wall
+    clock (tests pass a fake one); `t0` the clock's origin (default: now).
     """
 
     def __init__(
         self,
-        engine: Any,
-        session_log: Any = None,
-        tick_s: float = 0.2,
-        grace_s: float = 0.04,
-        t0: float | None = None,
+        engine: Engine | EngineSpec,
+        *,
+        log: Log | None = None,
+        background: BackgroundPool | None = None,
+        grace_ms: float = 40,
         max_sessions: int = 16,
-        on_task: Callable[[BackgroundTask], Awaitable[None] | None] | None = None,
-        clock: Callable[[], float] = time.time,
+        t0: float | None = None,
+        now: Callable[[], float] = time.time,
     ):
-        self.engine = engine
-        self.session_log = session_log
-        self.tick_s = tick_s
-        self.grace_s = grace_s
-        self.clock = clock
-        self.t0 = clock() if t0 is None else t0
-        self.max_sessions = max_sessions
-        self.on_task = on_task
-        self.sessions: dict[str, _Session] = {}
+        self.engine: Engine = engine.build() if isinstance(engine, EngineSpec) else engine
+        self.log = log
+        self.background = background
+        self.now = now
+        self.clock = TickClock(now() if t0 is None else t0, self.engine.tick_ms)
+        self.grace_s = grace_ms / 1000
+        self.max_sessions = min(max_sessions, self.engine.max_sessions)
+        self.sessions: dict[str, JoinedSession] = {}
         self._inbox: dict[int, dict[str, InputChunk]] = {}
         self._outputs: dict[int, dict[str, OutputChunk]] = {}
         self._stepped: dict[int, asyncio.Event] = {}
@@ -86,56 +126,72 @@ class Interaction:
         self._next_tick = self.current_tick()
         self._stats: deque[TickStats] = deque(maxlen=600)
         self._late = 0
+        self._totals = {"ticks": 0, "late_chunks": 0, "missing_chunks": 0, "tasks": 0, "updates": 0}
         self._log_tail: asyncio.Task | None = None
-        self._task: asyncio.Task | None = None
+        self._loop_task: asyncio.Task | None = None
+        self._metrics: _TickMetrics | None = None
         self._engine_lock = asyncio.Lock()  # the step runs in a thread; the engine is not thread-safe
 
     # --- clock -------------------------------------------------------------------------------
 
     def current_tick(self) -> int:
-        return int((self.clock() - self.t0) // self.tick_s)
-
-    def clock_info(self) -> dict:
-        return {"t0": self.t0, "tick_s": self.tick_s, "grace_s": self.grace_s, "tick": self.current_tick()}
+        return self.clock.tick_at(self.now())
 
     def deadline(self, tick: int) -> float:
-        return self.t0 + (tick + 1) * self.tick_s + self.grace_s
+        return self.clock.end(tick) + self.grace_s
+
+    async def clock_info(self) -> dict:
+        return {**self.clock.to_dict(), "grace_s": self.grace_s}
+
+    async def ready(self) -> dict:
+        """Start the tick loop (idempotent) and return the clock."""
+        if self._loop_task is None:
+            if _in_ray_actor():
+                self._metrics = _TickMetrics()
+            self._loop_task = asyncio.get_running_loop().create_task(self.run())
+        return await self.clock_info()
 
     # --- sessions ----------------------------------------------------------------------------
 
     async def join(self, session_id: str, seed: int | None = None) -> dict:
-        """Add a session at the current tick; returns its first tick and the clock."""
+        """Add a session from the next tick stepped; returns its first tick, log token and the clock."""
         if session_id in self.sessions:
             raise ProtocolError(f"session {session_id!r} already joined", "session_exists", "session_id")
         if len(self.sessions) >= self.max_sessions:
             raise ProtocolError(f"this interaction actor is full ({self.max_sessions} sessions)", "capacity")
-        # Under the lock no step is in flight: the session is a member from the next tick
-        # stepped on, so every step passes the engine a chunk for each of its sessions.
+        token = await self.log.open(session_id) if self.log is not None else None
+        # Under the lock no step is in flight: every step passes the engine a chunk for each of
+        # its sessions, and the joined event is queued for the log ahead of the session's chunks.
         async with self._engine_lock:
+            if session_id in self.sessions or len(self.sessions) >= self.max_sessions:
+                raise ProtocolError(f"session {session_id!r} could not join: joined meanwhile or full", "capacity")
             first = self._next_tick
             self.engine.add_session(session_id, seed=seed)
-            session = _Session(session_id, first)
-            self.sessions[session_id] = session
-        if self.session_log is not None:
-            session.log_token = await _maybe_await(self.session_log.open(session_id))
-            await self._append([SessionEvent(session_id, self.clock(), "session.joined", {"first_tick": first})])
-        return {"session_id": session_id, "first_tick": first, **self.clock_info(), "log_token": session.log_token}
+            self.sessions[session_id] = JoinedSession(session_id, first, token)
+            self._log_later([SessionEvent(session_id, self.now(), "session.joined", {"first_tick": first})])
+        return {"session_id": session_id, "first_tick": first, "log_token": token, **await self.clock_info()}
 
     async def leave(self, session_id: str) -> None:
+        """Remove a session; its background task is cancelled and its log closed once complete."""
         session = self.sessions.pop(session_id, None)
         if session is None:
             raise ProtocolError(f"unknown session {session_id!r}", "unknown_session", "session_id")
+        deltas: list = []
+        if session.runner is not None and not session.runner.done():
+            session.runner.cancel()
+            deltas.append(BackgroundUpdate(session_id, self.now(), session.task.task_id, "cancelled", "the session ended"))
         async with self._engine_lock:
             self.engine.remove_session(session_id)
-        if self.session_log is not None:
-            await self._append([SessionEvent(session_id, self.clock(), "session.left", {})])
-            await _maybe_await(self.session_log.close(session_id))
+        if self.log is not None:
+            self._log_later(deltas + [SessionEvent(session_id, self.now(), "session.left", {})])
+            await self.flush()
+            await self.log.close(session_id)
 
     async def push_update(self, session_id: str, text: str) -> None:
-        """A background update's text, woven into the session's following micro-turns."""
-        if session_id not in self.sessions:
-            raise ProtocolError(f"unknown session {session_id!r}", "unknown_session", "session_id")
+        """Text of a background update, woven into the session's following micro-turns."""
         async with self._engine_lock:
+            if session_id not in self.sessions:
+                raise ProtocolError(f"unknown session {session_id!r}", "unknown_session", "session_id")
             self.engine.push_update(session_id, text)
 
     # --- the exchange an ingress makes once per tick --------------------------------------------
@@ -165,15 +221,11 @@ class Interaction:
 
     # --- the tick loop -----------------------------------------------------------------------
 
-    def start(self) -> None:
-        if self._task is None:
-            self._task = asyncio.get_running_loop().create_task(self.run())
-
     async def run(self) -> None:
-        loop = asyncio.get_running_loop()
+        """Step every tick at its deadline, or as soon as it is complete; never returns."""
         while True:
             tick = self._next_tick
-            delay = self.deadline(tick) - self.clock()
+            delay = self.deadline(tick) - self.now()
             if delay > 0:
                 complete = self._complete.setdefault(tick, asyncio.Event())
                 try:
@@ -181,43 +233,46 @@ class Interaction:
                 except asyncio.TimeoutError:
                     pass
             try:
-                await self.step(tick, loop)
+                await self.step(tick)
             except Exception:  # a broken step must not stop the clock for everyone
                 log.exception("tick %d failed", tick)
                 self._finish(tick, {})
 
-    async def step(self, tick: int, loop: asyncio.AbstractEventLoop | None = None) -> dict[str, OutputChunk]:
-        """Step tick `tick` for every joined session now (the loop calls this at the deadline)."""
-        lag_ms = (self.clock() - self.deadline(tick)) * 1000
+    async def step(self, tick: int) -> dict[str, OutputChunk]:
+        """Step tick `tick` for every joined session now, the engine off the event loop so that
+        exchanges keep arriving; hand delegated work to the pool; queue the tick for the log."""
+        lag_ms = (self.now() - self.deadline(tick)) * 1000
         outputs: dict[str, OutputChunk] = {}
         step_ms = 0.0
         async with self._engine_lock:
             self._next_tick = tick + 1
             inbox = self._inbox.pop(tick, {})
-            t_start = self.t0 + tick * self.tick_s
             chunks, missing = [], 0
             for sid in self.sessions:
                 chunk = inbox.get(sid)
                 if chunk is None:
-                    chunk = InputChunk(sid, tick, t_start, silence(), missing=True)
+                    chunk = InputChunk.silent(sid, tick, self.clock.start(tick), self.clock.samples())
                     missing += 1
                 chunks.append(chunk)
             if chunks:
                 t = time.perf_counter()
-                if loop is None:
-                    outs, errors = self.engine.step_checked(chunks)
-                else:  # off the event loop, so exchanges keep arriving during the step
-                    outs, errors = await loop.run_in_executor(None, self.engine.step_checked, chunks)
+                outs, errors = await asyncio.get_running_loop().run_in_executor(None, self.engine.step, chunks)
                 step_ms = (time.perf_counter() - t) * 1000
                 for out in outs:
                     if out.session_id in errors:
                         out.events.append(error_from(errors[out.session_id]))
                     outputs[out.session_id] = out
-        self._stats.append(TickStats(tick, len(chunks), self._late, missing, step_ms, lag_ms))
+        stats = TickStats(tick, len(chunks), self._late, missing, step_ms, lag_ms)
+        self._stats.append(stats)
+        for key, n in (("ticks", 1), ("late_chunks", self._late), ("missing_chunks", missing)):
+            self._totals[key] += n
         self._late = 0
+        if self._metrics is not None:
+            self._metrics.record(stats)
+        tasks = self._delegate(outputs)
         self._finish(tick, outputs)
-        if chunks and self.session_log is not None:
-            self._log_tick(chunks, list(outputs.values()))
+        if chunks:
+            self._log_later([*chunks, *outputs.values(), *tasks], request_id=f"{id(self):x}:{tick}")
         return outputs
 
     def _finish(self, tick: int, outputs: dict[str, OutputChunk]) -> None:
@@ -227,106 +282,119 @@ class Interaction:
         self._stepped.pop(tick - KEEP_TICKS, None)
         self._complete.pop(tick, None)
 
+    # --- background work ---------------------------------------------------------------------
+
+    def _delegate(self, outputs: dict[str, OutputChunk]) -> list[BackgroundTask]:
+        """Turn delegate/tool controls into BackgroundTasks and hand each to the pool at once.
+
+        A task's `context_upto` is the last log index known for its session when it is made: the
+        log is appended off the tick's path, so it may lag the current tick by one (the pool reads
+        the rest as it arrives).
+        """
+        tasks = []
+        for out in outputs.values():
+            session = self.sessions.get(out.session_id)
+            kinds = [DELEGATING[c] for c in out.controls if c in DELEGATING]
+            if session is None or not kinds:
+                continue
+            running = session.runner is not None and not session.runner.done()
+            task = BackgroundTask(
+                out.session_id, self.now(), kinds[0], out.text, context_upto=session.log_index,
+                supersedes=session.task.task_id if running else None,
+            )
+            tasks.append(task)
+            self._totals["tasks"] += 1
+            if running:
+                session.runner.cancel()
+            session.task, session.runner = task, None
+            if self.background is not None:
+                session.runner = asyncio.get_running_loop().create_task(self._consume(session, task))
+        return tasks
+
+    async def _consume(self, session: JoinedSession, task: BackgroundTask) -> None:
+        """Stream a task's updates into the engine and the log until it ends, is superseded or its
+        session leaves (then this is cancelled, which cancels the pool's stream)."""
+        sid = task.session_id
+        updates = self.background.run(task)
+        try:
+            async for update in updates:
+                async with self._engine_lock:
+                    if self.sessions.get(sid) is not session:
+                        return
+                    if update.text:
+                        self.engine.push_update(sid, update.text)
+                self._totals["updates"] += 1
+                self._log_later([update])
+        except asyncio.CancelledError:
+            if session.task is not task and self.sessions.get(sid) is session:  # superseded
+                self._log_later([BackgroundUpdate(sid, self.now(), task.task_id, "cancelled", "superseded")])
+            raise
+        except Exception as exc:  # a failed task is an error update; the call goes on
+            log.exception("background task %s failed", task.task_id)
+            if self.sessions.get(sid) is session:
+                self._log_later([BackgroundUpdate(sid, self.now(), task.task_id, "error", f"background task failed: {type(exc).__name__}")])
+        finally:
+            aclose = getattr(updates, "aclose", None)
+            if aclose is not None:
+                await aclose()
+
     # --- the log ----------------------------------------------------------------------------
 
-    def _log_tick(self, chunks: list[InputChunk], outputs: list[OutputChunk]) -> None:
-        deltas: list = [c for c in chunks if c.session_id in self.sessions]
-        deltas += [o for o in outputs if o.session_id in self.sessions]
+    def _log_later(self, deltas: list, request_id: str | None = None) -> None:
+        """Queue an append behind the ones before it (so the log keeps their order); no-op without a log."""
+        if self.log is None or not deltas:
+            return
         previous = self._log_tail
 
         async def append_in_order():
             if previous is not None:
                 await asyncio.gather(previous, return_exceptions=True)
-            # The request id makes the append idempotent if Ray retries it after a log restart.
-            result = await self._append(deltas, request_id=f"{id(self):x}:{chunks[0].seq}")
-            await self._delegate(outputs, result)
+            await self._append(deltas, request_id)
 
         self._log_tail = asyncio.get_running_loop().create_task(append_in_order())
 
-    async def _append(self, deltas: list, request_id: str | None = None) -> dict:
+    async def _append(self, deltas: list, request_id: str | None) -> None:
+        # The request id makes the append idempotent if Ray retries it after a log restart.
         try:
-            result = await _maybe_await(self.session_log.append(deltas, request_id))
+            result = await self.log.append(deltas, request_id)
         except Exception:
             log.exception("session log append failed")
-            return {}
-        for sid, span in (result or {}).items():
-            if sid in self.sessions and isinstance(span, (tuple, list)):
-                self.sessions[sid].log_index = span[1]
-        return result or {}
-
-    async def _delegate(self, outputs: list[OutputChunk], appended: dict) -> None:
-        """Turn delegate/tool controls into BackgroundTasks carrying a reference into the log."""
-        tasks = []
-        for out in outputs:
-            session = self.sessions.get(out.session_id)
-            if session is None or not ({"delegate", "tool_call"} & set(out.controls)):
-                continue
-            kind = "delegate" if "delegate" in out.controls else "tool"
-            tasks.append(BackgroundTask(out.session_id, self.clock(), kind, out.text, context_upto=session.log_index))
-        if not tasks:
             return
-        await self._append(tasks, request_id=f"{id(self):x}:tasks:{outputs[0].seq}")
-        for task in tasks:
-            if self.on_task is not None:
-                await _maybe_await(self.on_task(task))
+        for sid, span in (result or {}).items():
+            session = self.sessions.get(sid)
+            if session is not None and isinstance(span, (tuple, list)):
+                session.log_index = max(session.log_index, int(span[1]))
 
     async def flush(self) -> None:
-        """Wait until every tick stepped so far is in the log."""
-        if self._log_tail is not None:
+        """Wait until everything queued for the log so far is in it."""
+        while self._log_tail is not None and not self._log_tail.done():
             await asyncio.gather(self._log_tail, return_exceptions=True)
 
-    # --- metrics -----------------------------------------------------------------------------
+    # --- figures -----------------------------------------------------------------------------
 
-    def stats(self, last: int = 50) -> dict:
+    async def stats(self, last: int = 50) -> dict:
+        """Recent figures (the last `last` ticks) and totals since the actor started."""
         recent = list(self._stats)[-last:]
         steps = np.array([s.step_ms for s in recent]) if recent else np.zeros(1)
         return {
             "sessions": len(self.sessions),
             "tick": self._next_tick - 1,
+            "tick_ms": self.clock.tick_ms,
             "step_ms_p50": float(np.percentile(steps, 50)),
             "step_ms_p99": float(np.percentile(steps, 99)),
             "late_chunks": int(sum(s.late for s in recent)),
             "missing_chunks": int(sum(s.missing for s in recent)),
+            "totals": dict(self._totals),
             "ticks": [vars(s) for s in recent[-10:]],
         }
 
 
-async def _maybe_await(value: Any) -> Any:
-    return await value if inspect.isawaitable(value) else value
-
-
-class RemoteLog:
-    """Adapts a SessionLog Ray actor handle to the awaitable interface `Interaction` uses."""
-
-    def __init__(self, handle: Any):
-        self.handle = handle
-
-    async def open(self, session_id: str) -> str:
-        return await self.handle.open.remote(session_id)
-
-    async def close(self, session_id: str) -> None:
-        await self.handle.close.remote(session_id)
-
-    async def append(self, deltas: list, request_id: str | None = None) -> dict:
-        return await self.handle.append.remote(deltas, request_id)
-
-
-def build_engine(model: dict, max_sessions: int) -> Any:
-    """A StreamingEngine from the deployment's `model` section: a checkpoint or a preset."""
-    import torch
-
-    from models.checkpoint import load_checkpoint
-    from models.engine import StreamingEngine
-
-    device = model.get("device", "auto")
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    source = load_checkpoint(model["checkpoint"], device=device) if model.get("checkpoint") else model.get("preset", "tiny")
-    return StreamingEngine(source, max_sessions=max_sessions, device=device)
+def _in_ray_actor() -> bool:
+    return ray.is_initialized() and ray.get_runtime_context().get_actor_id() is not None
 
 
 class _TickMetrics:
-    """Exports each tick's figures through Ray's metrics (scraped with the cluster's Prometheus)."""
+    """Each tick's figures through Ray's metrics (scraped with the cluster's Prometheus)."""
 
     def __init__(self) -> None:
         from ray.util import metrics
@@ -347,27 +415,5 @@ class _TickMetrics:
             self.missing.inc(s.missing)
 
 
-class InteractionActorImpl(Interaction):
-    """The Ray actor: builds its engine from the deployment config and finds the log by name."""
-
-    def __init__(self, config: dict, log_name: str | None = None, namespace: str = "interplay"):
-        section = config.get("interaction", {})
-        tick_s = section.get("tick_ms", 200) / 1000
-        engine = build_engine(config.get("model", {}), section.get("max_sessions", 16))
-        session_log = RemoteLog(ray.get_actor(log_name, namespace=namespace)) if log_name else None
-        super().__init__(engine, session_log, tick_s=tick_s, grace_s=section.get("grace_ms", 40) / 1000, max_sessions=section.get("max_sessions", 16))
-        self._metrics = _TickMetrics()
-
-    async def ready(self) -> dict:
-        """Starts the clock (idempotent) and returns it."""
-        self.start()
-        return self.clock_info()
-
-    async def step(self, tick: int, loop: asyncio.AbstractEventLoop | None = None) -> dict[str, OutputChunk]:
-        outputs = await super().step(tick, loop)
-        self._metrics.record(self._stats[-1])
-        return outputs
-
-
 # Async actor: exchanges from every ingress, joins and the tick loop interleave on one event loop.
-InteractionActor = ray.remote(max_concurrency=1000)(InteractionActorImpl)
+InteractionActor = ray.remote(max_concurrency=1000)(Interaction)
