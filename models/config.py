@@ -4,6 +4,10 @@ One code path serves all presets: `tiny` runs several sessions in real time on t
 `small` is a larger CPU model, and `gpu12b` is the ~12B-active mixture of experts meant for one
 H100 (benchmarked with random weights). A config round-trips through `to_dict`/`from_dict`, which
 is what a checkpoint's config.json holds.
+
+`tick_ms` is the micro-turn a model is trained at and the only place it is set: the audio per
+chunk (`samples_per_tick`), the dMel frames per tick and the clock's seconds all derive from it,
+and serving reads it from here (`StreamingEngine.tick_ms`, then `protocols.clock.TickClock`).
 """
 
 from __future__ import annotations
@@ -11,7 +15,8 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-from protocols.chunks import CONTROLS
+from protocols.chunks import CONTROLS, SAMPLE_RATE
+from protocols.clock import HOP_MS, check_tick_ms
 
 
 @dataclass(frozen=True)
@@ -32,10 +37,11 @@ class InteractionConfig:
     # Streaming memory: the first n_sink tokens stay forever, then a window of recent tokens.
     window: int = 768
     n_sink: int = 32
-    # Audio in and out: dMel, 80 bins x 16 levels, 8 frames per 200 ms micro-turn.
+    # The micro-turn: a whole number of 25 ms dMel hops (8 frames at 200 ms).
+    tick_ms: int = 200
+    # Audio in and out: dMel, 80 bins x 16 levels, one frame per 25 ms hop.
     n_mels: int = 80
     mel_levels: int = 16
-    frames_per_tick: int = 8
     dmel_dim: int = 128  # width of the per-bin code embeddings before the projection to d_model
     mel_lo: float = -5.0  # log-mel range used to normalise the flow head's targets
     mel_hi: float = 6.5
@@ -60,6 +66,7 @@ class InteractionConfig:
     aux_loss_coef: float = 0.01
 
     def __post_init__(self) -> None:
+        check_tick_ms(self.tick_ms)
         if self.n_heads % self.n_kv_heads:
             raise ValueError(f"n_heads={self.n_heads} must be a multiple of n_kv_heads={self.n_kv_heads}")
         if self.head_dim % 2:
@@ -73,6 +80,20 @@ class InteractionConfig:
         object.__setattr__(self, "stem_dims", tuple(self.stem_dims))
 
     # Derived shapes.
+    @property
+    def tick_s(self) -> float:
+        return self.tick_ms / 1000
+
+    @property
+    def frames_per_tick(self) -> int:
+        """dMel frames (25 ms hops) per micro-turn, in and out."""
+        return self.tick_ms // HOP_MS
+
+    @property
+    def samples_per_tick(self) -> int:
+        """16 kHz samples in one chunk's audio (3,200 at 200 ms)."""
+        return SAMPLE_RATE * self.tick_ms // 1000
+
     @property
     def n_patches(self) -> int:
         return (self.frame_size // self.patch) ** 2
@@ -94,6 +115,17 @@ class InteractionConfig:
     @property
     def n_controls(self) -> int:
         return len(CONTROLS)
+
+    def tokens_per_tick(self, video: bool) -> int:
+        """Tokens a quiet micro-turn adds (no typed text or background update): time marker,
+        audio frames, video patches when a frame came, OUT query."""
+        return 1 + self.frames_per_tick + (self.n_patches if video else 0) + 1
+
+    def horizon_s(self, video: bool) -> float:
+        """Seconds of recent conversation the model sees through its window, with audio only or
+        a frame every tick (typed text and updates shorten it). The session's first `n_sink`
+        tokens stay visible besides."""
+        return self.window / self.tokens_per_tick(video) * self.tick_s
 
     # Serialisation.
     def to_dict(self) -> dict:

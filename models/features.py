@@ -1,9 +1,9 @@
 """Input features with no learned weights: dMel audio codes and 40x40 video patches.
 
-`DMel` turns 200 ms chunks of 16 kHz audio into 8 causal log-mel frames (80 bins, 25 ms hop),
-streaming with an explicit state so that chunk-by-chunk equals one-shot; `quantize` maps them
-to 16 levels per bin. `patchify` turns RGB frames (already resized by the ingress) into the (B, N, 3, 40, 40)
-patches the hMLP stem consumes.
+`DMel` turns each tick's chunk of 16 kHz audio into causal log-mel frames (80 bins, 25 ms hop:
+8 frames at a 200 ms tick), streaming with an explicit state so that chunk-by-chunk equals
+one-shot; `quantize` maps them to 16 levels per bin. `patchify` turns RGB frames (already resized
+by the ingress) into the (B, N, 3, 40, 40) patches the hMLP stem consumes.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ class FeatureConfig:
     win: int = 800  # 50 ms Hann window
     n_fft: int = 1024
     levels: int = 16
-    frames_per_chunk: int = 8  # 3,200 samples / hop
+    tick_ms: int = 200  # one chunk: the model's micro-turn
     log_floor: float = 1e-5
     lo: float = -5.0
     hi: float = 6.5
@@ -39,6 +39,14 @@ class FeatureConfig:
     @property
     def n_bins(self) -> int:
         return self.n_fft // 2 + 1
+
+    @property
+    def samples_per_chunk(self) -> int:
+        return self.sample_rate * self.tick_ms // 1000
+
+    @property
+    def frames_per_chunk(self) -> int:
+        return self.samples_per_chunk // self.hop
 
 
 def hz_to_mel(f: torch.Tensor) -> torch.Tensor:

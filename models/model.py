@@ -2,13 +2,14 @@
 
 One micro-turn of one session is laid out as
 
-    [time marker + last tick's control/text] [8 audio tokens: input dMel + own last output dMel]
+    [time marker + last tick's control/text] [F audio tokens: input dMel + own last output dMel]
     [video patches, if a frame came] [typed text] [background update] [OUT query]
 
-and the hidden state at OUT predicts the micro-turn's control, text tokens and 8 mel frames.
-`TickInputs` carries a batch of such micro-turns; the streaming engine embeds one per session
-per tick, `reference_forward` embeds a whole session at once and runs the full-sequence pass
-that the streaming path must reproduce.
+and the hidden state at OUT predicts the micro-turn's control, text tokens and F mel frames (F =
+tick_ms / 25 ms: 8 at 200 ms). `TickInputs` carries a batch of such micro-turns, built from chunks
+by `models.inputs.InputBuilder` only; the streaming engine embeds one per session per tick,
+`reference_forward` embeds a whole session at once and runs the full-sequence pass that the
+streaming path must reproduce.
 """
 
 from __future__ import annotations
@@ -24,8 +25,6 @@ from models.embeddings import InputEmbedding
 from models.heads import FlowHead, TextControlHead
 from models.tokenizer import ByteTokenizer
 from models.transformer import MoE, RMSNorm, Transformer
-
-SECONDS_PER_TICK = 0.2
 
 
 @dataclass
@@ -165,7 +164,7 @@ class InteractionModel(nn.Module):
         x = torch.zeros(b, max(lengths), cfg.d_model, dtype=self.dtype, device=dev)
 
         fed_back = (E.tok(inp.prev_text) + E.fb_slot).sum(1)  # (B, d)
-        seconds = inp.tick.to(torch.float64) * SECONDS_PER_TICK
+        seconds = inp.tick.to(torch.float64) * cfg.tick_s
         x[:, 0] = E.tok.weight[tk.time_id] + E.clock(seconds) + E.ctrl(inp.prev_ctrl) + fed_back
         audio = E.mel(inp.mel_codes.reshape(b * f, -1), inp.self_codes.reshape(b * f, -1))  # (B*F, d)
         x[:, 1 : 1 + f] = audio.view(b, f, -1) + E.frame_pos

@@ -77,7 +77,7 @@ class Vocoder(torch.nn.Module):
         return phase, theta
 
     def forward(self, logmel: torch.Tensor, state: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """logmel (B, T, M) -> audio int16 (B, T*hop), new state. T is 8 for one chunk."""
+        """logmel (B, T, M) -> audio int16 (B, T*hop), new state. T is one tick's frames (8 at 200 ms)."""
         cfg = self.cfg
         b, t, _ = logmel.shape
         # Anything far above `hi` clips at full scale anyway; the clamp keeps exp() finite.

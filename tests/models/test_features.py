@@ -85,9 +85,21 @@ def test_int16_and_float_inputs_agree(dmel):
 
 def test_config_is_frozen_and_consistent():
     cfg = FeatureConfig()
-    assert cfg.frames_per_chunk * cfg.hop == 3200
+    assert cfg.frames_per_chunk * cfg.hop == cfg.samples_per_chunk == 3200
+    assert FeatureConfig(tick_ms=100).frames_per_chunk == 4 and FeatureConfig(tick_ms=400).samples_per_chunk == 6400
     with pytest.raises(AttributeError):
         cfg.hop = 200
+
+
+@pytest.mark.parametrize("tick_ms", [50, 100, 400])
+def test_chunked_equals_one_shot_at_any_tick(dmel, tick_ms):
+    audio = (sweep_tone_noise(1.2) * 32767).round().to(torch.int16)[None]
+    n = FeatureConfig(tick_ms=tick_ms).samples_per_chunk
+    state, chunks = dmel.init_state(1), []
+    for chunk in audio.split(n, dim=1):
+        logmel, state = dmel(chunk, state)
+        chunks.append(logmel)
+    torch.testing.assert_close(torch.cat(chunks, dim=1), dmel.logmel_full(audio), atol=1e-5, rtol=0)
 
 
 def test_patchify_shape_and_row_major_order():
