@@ -1,10 +1,12 @@
 import numpy as np
 import pytest
 
-from protocols import CHUNK_SAMPLES, InputChunk, OutputChunk, ProtocolError
+from protocols import InputChunk, OutputChunk, ProtocolError, TickClock
+
+SAMPLES = TickClock(0.0, 200).samples()  # one 200 ms tick at 16 kHz
 
 
-def audio(n=CHUNK_SAMPLES, dtype=np.int16):
+def audio(n=SAMPLES, dtype=np.int16):
     return (np.arange(n) % 100).astype(dtype)
 
 
@@ -19,9 +21,11 @@ def test_valid_chunks_construct():
     "kwargs, code",
     [
         (dict(audio=audio(dtype=np.float32)), "invalid_audio"),
-        (dict(audio=audio(n=3199)), "invalid_audio"),
+        (dict(audio=audio(n=3199)), "invalid_audio"),  # not whole 25 ms hops
+        (dict(audio=audio(n=0)), "invalid_audio"),
+        (dict(audio=audio(n=16_000 * 2 + 400)), "invalid_audio"),  # longer than the longest tick
         (dict(audio=audio().reshape(2, -1)), "invalid_audio"),
-        (dict(audio=list(range(CHUNK_SAMPLES))), "invalid_audio"),
+        (dict(audio=list(range(SAMPLES))), "invalid_audio"),
         (dict(frame=np.zeros((150, 160, 3), np.uint8)), "invalid_frame"),
         (dict(frame=np.zeros((160, 160), np.uint8)), "invalid_frame"),
         (dict(frame=np.zeros((160, 160, 3), np.float32)), "invalid_frame"),
@@ -46,5 +50,16 @@ def test_unknown_control_is_refused():
 
 
 def test_silent_chunk_is_missing_and_silent():
-    c = InputChunk.silent("s1", 7, 1.4)
-    assert c.missing and not c.audio.any() and c.audio.shape == (CHUNK_SAMPLES,)
+    c = InputChunk.silent("s1", 7, 1.4, SAMPLES)
+    assert c.missing and not c.audio.any() and c.audio.shape == (SAMPLES,)
+
+
+def test_any_tick_length_in_whole_hops_is_a_chunk_and_check_audio_can_want_one():
+    from protocols.chunks import check_audio
+
+    for tick_ms in (100, 200, 400):
+        n = TickClock(0.0, tick_ms).samples()
+        assert InputChunk("s1", 0, 0.0, audio(n)).audio.shape == (n,)
+    with pytest.raises(ProtocolError, match="must hold 3200 samples"):
+        check_audio(audio(1_600), samples=SAMPLES)
+    assert check_audio(audio(), samples=SAMPLES).shape == (SAMPLES,)
