@@ -1,11 +1,32 @@
-"""End-to-end overhead of a micro-turn over loopback: N concurrent WebRTC calls (N = 1, 4, 8).
+"""Mouth-to-ear latency of a micro-turn over loopback: N concurrent WebRTC calls (N = 1, 4, 8).
 
-Per micro-turn k: from the moment chunk k's last sample left the client to the moment the first
-audio of output k arrived back, minus the step's own compute. Each caller speaks for 2 s, then asks for a response (response.create), and the model speaks
-from then on; only micro-turns with output audio are timed. The server tells each client its
-clock (t0, tick, jitter margin) in session.created and, per tick, the step time and the sample
-of the outgoing stream where that tick's audio plays; the client timestamps every frame it
-receives. Client and server share the machine's clock. Run: `python -m bench.e2e`.
+Per micro-turn k: from the moment the packet carrying the last sample of the caller's chunk k
+left the caller to the moment the first sample of output k is audible at the caller, after the
+caller's own jitter buffer; nothing is subtracted. Which caller samples made up chunk k is the
+server's word (`interplay.tick` carries `in.end`, the sender's index just past the last sample
+placed in tick k); when each outgoing frame left and when each RTP packet came back, the client
+records. Each caller speaks for 2 s, then asks for a response (`response.create`, which the
+model must honour), and the model speaks from then on; micro-turns with output audio are timed.
+
+The caller's buffer, two ways, from the same packets:
+- `browser model` (the headline): a NetEq-like playout buffer, as a browser plays a call. Packets
+  play back to back on a 20 ms clock that starts `target` after the first packet arrived; a
+  packet not in by its turn stalls playout until it comes (a gap the caller hears); a buffer
+  fuller than `target` + 20 ms plays up to 5 ms faster per packet (time-stretching) until it is
+  back at target. `target` = 20 ms (one packet) + the 95th percentile of arrival spread over the
+  last 2 s (each packet's lateness relative to the earliest-arriving one).
+- `aiortc caller`: where the Python client's receive track (aiortc's default jitter buffer,
+  4 packets of prefetch) hands the frame out.
+
+Stages of the headline, in order (they add up to it exactly): uplink (packet leaves the caller ->
+decoded audio reaches the server's chunker), server receive buffer (-> the tick ends: the
+chunker's placement margin), gather (-> the chunk is gathered), step (-> outputs are back,
+the model's compute and the actor calls), deliver (-> audio written to the playout track),
+playout (-> its frame is sent: the track's queue and the response's prebuffer), downlink (-> the
+packet reaches the caller), caller buffer (-> audible). Longest gap: the longest stall in what the
+caller plays (browser model), and separately the longest silence the server's playout inserted
+into a response because an output came too late (`out_sample` jumps). Client and server share the
+machine's clock. Run: `python -m bench.e2e`.
 """
 
 from __future__ import annotations
@@ -20,11 +41,12 @@ import time
 import numpy as np
 
 from bench.common import percentiles, print_table, write_json
-from examples.call import call, read_wav
+from examples.call import FRAME, RATE, call, read_wav
 
 PORT = 8130
 RESPOND_AFTER_S = 2.0  # the caller speaks first, then asks for a response (response.create)
 KEY = "sk-bench"
+OPUS_DELAY = 312  # samples at 48 kHz: Opus's lookahead; sample s of a stream decodes at s + 312
 
 
 def speech(seconds: float, folder: str) -> tuple[np.ndarray, int]:
@@ -39,37 +61,122 @@ def speech(seconds: float, folder: str) -> tuple[np.ndarray, int]:
     return (6000 * np.sin(2 * np.pi * (220 + 60 * np.sin(3 * t)) * t)).astype(np.int16), 16000
 
 
-def turns(report, skip: int = 5) -> list[dict]:
-    """Per-tick figures of one call (the first `skip` ticks warm the pipeline and are left out)."""
+def browser_playout(packets: list[tuple[float, int]], floor_s: float = 0.020, window_s: float = 2.0, max_stretch_s: float = 0.005) -> tuple[dict[int, float], float]:
+    """The browser model (see the module's docstring): {packet index (RTP timestamp - first,
+    48 kHz): when it starts to play}, and the longest stall (s)."""
+    if not packets:
+        return {}, float("nan")
+    first = packets[0][1]
+    seen: dict[int, float] = {}
+    for t, ts in packets:
+        seen.setdefault(((ts - first) & 0xFFFFFFFF) // FRAME, t)
+    order = sorted(seen)
+    offsets = [(seen[j] - j * FRAME / RATE, j) for j in order]  # arrival less stream time
+    plays: dict[int, float] = {}
+    stall = 0.0
+    due = None
+    recent: list[tuple[int, float]] = []
+    for (offset, j), t in zip(offsets, (seen[j] for j in order)):
+        recent.append((j, offset))
+        while recent and (j - recent[0][0]) * FRAME / RATE > window_s:
+            recent.pop(0)
+        lates = np.array([o for _, o in recent])
+        target = floor_s + float(np.percentile(lates - lates.min(), 95))
+        if due is None:
+            due = t + target
+        elif t > due:  # not in by its turn: playout waits for it
+            stall = max(stall, t - due)
+            due = t
+        else:
+            due -= min(max_stretch_s, max(0.0, (due - t) - target - FRAME / RATE))
+        plays[j * FRAME] = due
+        due += FRAME / RATE
+    return plays, stall
+
+
+def audible(plays: dict[int, float], sample: int) -> float | None:
+    """When output stream sample `sample` is audible: its decoded frame's start plus its offset."""
+    at = sample + OPUS_DELAY
+    start = plays.get(at // FRAME * FRAME)
+    return None if start is None else start + (at % FRAME) / RATE
+
+
+def arrival(report, sample: int) -> float | None:
+    """When the packet carrying output stream sample `sample` arrived at the caller."""
+    if not report.packets:
+        return None
+    first = report.packets[0][1]
+    want = (sample + OPUS_DELAY) // FRAME * FRAME
+    for t, ts in report.packets:
+        if (ts - first) & 0xFFFFFFFF == want:
+            return t
+    return None
+
+
+STAGES = ["uplink", "server receive buffer", "gather", "step", "deliver", "playout", "downlink", "caller buffer"]
+
+
+def turns(report, skip: int = 5) -> tuple[list[dict], dict]:
+    """Per-tick figures of one call (the first `skip` ticks warm the pipeline and are left out),
+    and the call's gaps."""
     clock = report.clock
-    out = []
-    for tick in report.ticks[skip:]:
-        arrival = report.arrival_of(tick["out_sample"])
-        if arrival is None or tick.get("out_level", 0) == 0:
+    tick_s = clock["tick_s"]
+    plays, stall = browser_playout(report.packets)
+    handed = {pts: t for t, pts in report.frames}
+    out, out_gap, approx = [], 0.0, 0
+    ticks = sorted(report.ticks, key=lambda e: e["tick"])
+    per_tick = round(tick_s * RATE)
+    for prev, tick in zip(ticks, ticks[1:]):
+        if prev.get("out_level", 0) > 0 and tick.get("out_level", 0) > 0 and tick["tick"] == prev["tick"] + 1:
+            out_gap = max(out_gap, (tick["out_sample"] - prev["out_sample"] - per_tick) / RATE)
+    for tick in ticks[skip:]:
+        if tick.get("out_level", 0) == 0:
             continue
-        tick_end = clock["t0"] + (tick["tick"] + 1) * clock["tick_s"]
-        left_client = tick_end - clock.get("jitter_s", 0.0)
-        latency = arrival - left_client
-        turn = {"latency_ms": latency * 1000, "step_ms": tick["step_ms"], "overhead_ms": latency * 1000 - tick["step_ms"]}
+        sample = tick["out_sample"]
+        heard = audible(plays, sample)
+        if heard is None:
+            continue
+        tick_end = clock["t0"] + (tick["tick"] + 1) * tick_s
+        src = tick.get("in") or {}
+        frame = None if src.get("end") is None else (src["end"] - 1) // FRAME
+        if frame is not None and 0 <= frame < len(report.sent_at):
+            left = report.sent_at[frame]
+        else:  # the server did not say which samples made up the chunk: its margin's nominal place
+            left = tick_end - clock.get("jitter_s", 0.0)
+            approx += 1
+        turn = {"mouth_to_ear_ms": (heard - left) * 1000, "step_ms": tick["step_ms"]}
+        aiortc_out = handed.get((sample + OPUS_DELAY) // FRAME * FRAME)
+        if aiortc_out is not None:
+            turn["aiortc_ms"] = (aiortc_out + ((sample + OPUS_DELAY) % FRAME) / RATE - left) * 1000
         at = tick.get("at") or {}
-        if all(at.get(k) for k in ("gathered", "returned", "written", "plays")):
-            turn.update({
-                "jitter margin": (tick_end - left_client) * 1000,
-                "wait to gather": (at["gathered"] - tick_end) * 1000,
-                "exchange less step": (at["returned"] - at["gathered"]) * 1000 - tick["step_ms"],
-                "deliver": (at["written"] - at["returned"]) * 1000,
-                "playout queue": (at["plays"] - at["written"]) * 1000,
-                "send to arrival": (arrival - at["plays"]) * 1000,
-            })
+        back = arrival(report, sample)
+        if src.get("arrived") and back and all(at.get(k) for k in ("gathered", "returned", "written", "plays")):
+            marks = [left, src["arrived"], tick_end, at["gathered"], at["returned"], at["written"], at["plays"], back, heard]
+            turn.update({name: (b - a) * 1000 for name, a, b in zip(STAGES, marks, marks[1:])})
         out.append(turn)
-    return out
-
-
-STAGES = ["jitter margin", "wait to gather", "exchange less step", "deliver", "playout queue", "send to arrival"]
+    return out, {"stall_ms": stall * 1000, "out_gap_ms": out_gap * 1000, "approx": approx}
 
 
 async def calls(url: str, n: int, samples: np.ndarray, rate: int) -> list:
-    return await asyncio.gather(*(call(url, samples, rate, api_key=KEY, tail_s=1.0, prefetch=0, respond_after_s=RESPOND_AFTER_S) for _ in range(n)))
+    return await asyncio.gather(*(call(url, samples, rate, api_key=KEY, tail_s=1.0, respond_after_s=RESPOND_AFTER_S) for _ in range(n)))
+
+
+def start_app(args, folder: str) -> str:
+    import ray
+
+    from deployments.app import start
+    from deployments.config import AppConfig
+
+    print("[e2e] starting Ray and the app (tiny preset on CPU) ...", flush=True)
+    ray.init(namespace="interplay", include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+    margins = {k: v for k, v in (("jitter_ms", args.jitter_ms), ("prebuffer_ms", args.prebuffer_ms)) if v is not None}
+    config = AppConfig.model_validate({"log": {"root": f"{folder}/log"}, "http": {"port": PORT}, "auth": {"api_keys": [args.api_key]}, "ingress": margins})
+    if hasattr(config, "margins_ms"):
+        jitter_ms, prebuffer_ms = config.margins_ms()
+        print(f"[e2e] ingress margins: jitter at most {jitter_ms:.0f} ms, playout at most {prebuffer_ms:.0f} ms", flush=True)
+    for name, status in start(config).items():
+        print(f"[e2e] {name:<12} {status}", flush=True)
+    return f"http://127.0.0.1:{PORT}"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -78,54 +185,49 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, default=8.0, help="length of each call's input")
     parser.add_argument("--url", default=None, help="a running Interplay (with --api-key); default: start one here")
     parser.add_argument("--api-key", default=KEY)
-    parser.add_argument("--jitter-ms", type=float, default=None, help="ingress jitter margin (default: the config's)")
-    parser.add_argument("--prebuffer-ms", type=float, default=None, help="playout prebuffer (default: the config's)")
+    parser.add_argument("--jitter-ms", type=float, default=None, help="cap of the ingress's adaptive margin (default: the config's)")
+    parser.add_argument("--prebuffer-ms", type=float, default=None, help="playout prebuffer cap (default: the config's)")
+    parser.add_argument("--name", default="e2e", help="results file: bench/results/<name>.json")
     args = parser.parse_args(argv)
     folder = tempfile.mkdtemp(prefix="interplay-bench-")
-    url = args.url
-    if url is None:
-        import ray
-
-        from deployments.app import start, stop
-        from deployments.config import AppConfig
-
-        print("[e2e] starting Ray and the app (tiny preset on CPU) ...", flush=True)
-        ray.init(namespace="interplay", include_dashboard=False, logging_level="ERROR", log_to_driver=False)
-        margins = {k: v for k, v in (("jitter_ms", args.jitter_ms), ("prebuffer_ms", args.prebuffer_ms)) if v is not None}
-        config = AppConfig.model_validate({"log": {"root": f"{folder}/log"}, "http": {"port": PORT}, "auth": {"api_keys": [args.api_key]}, "ingress": margins})
-        jitter_ms, prebuffer_ms = config.margins_ms()
-        print(f"[e2e] ingress margins: jitter {jitter_ms:.0f} ms, playout at most {prebuffer_ms:.0f} ms", flush=True)
-        for name, status in start(config).items():
-            print(f"[e2e] {name:<12} {status}", flush=True)
-        url = f"http://127.0.0.1:{PORT}"
+    url = args.url or start_app(args, folder)
     samples, rate = speech(args.seconds, folder)
-    rows, stages = [], []
-    for n in [int(x) for x in args.calls.split(",")]:
-        t = time.monotonic()
-        print(f"[e2e] {n} concurrent call(s) of {args.seconds:.0f} s ...", flush=True)
-        reports = asyncio.run(calls(url, n, samples, rate))
-        per_turn = [turn for report in reports for turn in turns(report)]
-        overhead, latency, step = (percentiles(t[k] for t in per_turn) for k in ("overhead_ms", "latency_ms", "step_ms"))
-        received = min(len(r.audio) / 48_000 / (len(samples) / rate) for r in reports)
-        rows.append({
-            "calls": n, "turns": overhead["n"],
-            "overhead p50 ms": overhead["p50"], "overhead p99 ms": overhead["p99"],
-            "latency p50 ms": latency["p50"], "latency p99 ms": latency["p99"],
-            "step p50 ms": step["p50"], "step p99 ms": step["p99"],
-            "audio back / in": received, "max gap ms": max(r.max_gap_ms for r in reports),
-        })
-        timed = [t for t in per_turn if STAGES[0] in t]
-        stages.append({"calls": n, **{k: percentiles(t[k] for t in timed)["p50"] for k in STAGES}})
-        print(f"[e2e]   done in {time.monotonic() - t:.0f} s: overhead p50 {overhead['p50']:.0f} ms, p99 {overhead['p99']:.0f} ms", flush=True)
-    print()
+    rows, stages, raw = [], [], {}
+    try:
+        for n in [int(x) for x in args.calls.split(",")]:
+            t = time.monotonic()
+            print(f"[e2e] {n} concurrent call(s) of {args.seconds:.0f} s ...", flush=True)
+            reports = asyncio.run(calls(url, n, samples, rate))
+            per_call = [turns(report) for report in reports]
+            per_turn = [turn for turns_, _ in per_call for turn in turns_]
+            m2e, aio, step = (percentiles(t[k] for t in per_turn if k in t) for k in ("mouth_to_ear_ms", "aiortc_ms", "step_ms"))
+            received = min(len(r.audio) / RATE / (len(samples) / rate) for r in reports)
+            rows.append({
+                "calls": n, "turns": m2e["n"],
+                "mouth-to-ear p50": m2e["p50"], "p99": m2e["p99"],
+                "longest stall ms": max(g["stall_ms"] for _, g in per_call),
+                "longest out gap ms": max(g["out_gap_ms"] for _, g in per_call),
+                "aiortc caller p50": aio["p50"], "aiortc p99": aio["p99"],
+                "step p50": step["p50"], "step p99": step["p99"],
+                "audio back / in": received,
+            })
+            approx = sum(g["approx"] for _, g in per_call)
+            timed = [t for t in per_turn if STAGES[0] in t]
+            stages.append({"calls": n, **{k: percentiles(t[k] for t in timed)["p50"] for k in STAGES}, "sum": sum(percentiles(t[k] for t in timed)["p50"] for k in STAGES)})
+            raw[str(n)] = per_turn
+            note = f" ({approx} turns timed from the nominal margin: no `in` in interplay.tick)" if approx else ""
+            print(f"[e2e]   done in {time.monotonic() - t:.0f} s: mouth-to-ear p50 {m2e['p50']:.0f} ms, p99 {m2e['p99']:.0f} ms{note}", flush=True)
+    finally:
+        if args.url is None:
+            from deployments.app import stop
+
+            stop()
+    print("\nmouth-to-ear, ms (browser model of the caller's buffer; aiortc caller: the Python client's own):")
     print_table(rows, list(rows[0]))
-    print("\nwhere the overhead goes (p50 ms of each stage; they add up to about the overhead p50):")
-    print_table(stages, ["calls", *STAGES])
-    name = "e2e" if args.jitter_ms is None and args.prebuffer_ms is None else f"e2e-j{args.jitter_ms}-p{args.prebuffer_ms}"
-    path = write_json(name, {"rows": rows, "stages": stages, "seconds": args.seconds, "jitter_ms": args.jitter_ms, "prebuffer_ms": args.prebuffer_ms})
+    print("\nwhere it goes (p50 ms of each stage, in order; the p50s need not add up to the p50):")
+    print_table(stages, ["calls", *STAGES, "sum"])
+    path = write_json(args.name, {"rows": rows, "stages": stages, "turns": raw, "seconds": args.seconds, "jitter_ms": args.jitter_ms, "prebuffer_ms": args.prebuffer_ms})
     print(f"\nwritten {path}")
-    if args.url is None:
-        stop()
     return 0
 
 

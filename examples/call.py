@@ -5,7 +5,9 @@
 
 The client does what a browser does: an aiortc peer with one audio track and the `oai-events`
 data channel, `POST /v1/realtime/calls` with the SDP offer. It opts into the per-tick
-`interplay.tick` events and reports, per micro-turn, when the matching output audio arrived.
+`interplay.tick` events and records, for timing: when each outgoing 20 ms frame left, when each
+incoming RTP packet arrived, and when the receive track (aiortc's default jitter buffer) handed
+each decoded frame out.
 """
 
 from __future__ import annotations
@@ -24,7 +26,6 @@ from dataclasses import dataclass, field
 import av
 import numpy as np
 from aiortc import MediaStreamTrack, RTCConfiguration, RTCPeerConnection, RTCSessionDescription
-from aiortc.jitterbuffer import JitterBuffer
 from aiortc.mediastreams import MediaStreamError
 
 RATE = 48_000
@@ -68,6 +69,7 @@ class FileTrack(MediaStreamTrack):
         self.samples = samples
         self.sent = 0
         self.start: float | None = None
+        self.sent_at: list[float] = []  # when frame i (samples i·960 ...) went to the encoder
 
     @property
     def done(self) -> bool:
@@ -87,6 +89,7 @@ class FileTrack(MediaStreamTrack):
         frame = av.AudioFrame.from_ndarray(chunk.reshape(1, -1), format="s16", layout="mono")
         frame.sample_rate, frame.pts, frame.time_base = RATE, self.sent, fractions.Fraction(1, RATE)
         self.sent += FRAME
+        self.sent_at.append(time.time())
         return frame
 
 
@@ -96,6 +99,8 @@ class CallReport:
     clock: dict = field(default_factory=dict)  # the server's {t0, tick_s, first_tick}
     received: list[np.ndarray] = field(default_factory=list)
     arrivals: list[tuple[float, int]] = field(default_factory=list)  # (time, samples received before)
+    frames: list[tuple[float, int]] = field(default_factory=list)  # (time, pts) as the receive track hands frames out
+    sent_at: list[float] = field(default_factory=list)  # when outgoing frame i left (see FileTrack)
     packets: list[tuple[float, int]] = field(default_factory=list)  # (time, RTP timestamp) as packets arrive
     events: list[dict] = field(default_factory=list)
     ticks: list[dict] = field(default_factory=list)  # interplay.tick events, with arrival times
@@ -160,14 +165,12 @@ def post_offer(url: str, sdp: str, api_key: str | None) -> tuple[int, str, str |
 async def call(
     url: str, samples: np.ndarray, rate: int, api_key: str | None = None, tail_s: float = 1.5,
     send_events: list[dict] | None = None, stop_sending_after_s: float | None = None, verbose: bool = False,
-    prefetch: int | None = None, respond_after_s: float | None = None, video: str | None = None,
+    respond_after_s: float | None = None, video: str | None = None,
 ) -> CallReport:
     """Stream `samples` in real time, keep listening `tail_s` after they end, hang up; the report.
 
     `stop_sending_after_s` ends the outgoing track early (a client that goes quiet mid-call)
-    while the call and the recording go on. `prefetch` sets how many packets the receiver holds
-    before decoding (aiortc's default 4 adds 80 ms; 0 times audio as it arrives).
-    `respond_after_s` asks the model for a response (response.create) that long into the call.
+    while the call and the recording go on. `respond_after_s` asks the model for a response (response.create) that long into the call.
     `video` is a video file (anything PyAV decodes) sent alongside, in real time.
     """
     report = CallReport()
@@ -177,6 +180,7 @@ async def call(
         use_ice_addresses(["127.0.0.1"])  # a local server: keep the media on loopback too
     pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
     track = FileTrack(resample(samples, rate))
+    report.sent_at = track.sent_at
     pc.addTrack(track)
     player = None
     if video is not None:
@@ -214,7 +218,9 @@ async def call(
             except MediaStreamError:
                 return
             data = frame.to_ndarray().reshape(-1, len(frame.layout.channels))[:, 0] if frame.format.is_packed else frame.to_ndarray()[0]
-            report.arrivals.append((time.time(), sum(len(r) for r in report.received)))
+            now = time.time()
+            report.arrivals.append((now, sum(len(r) for r in report.received)))
+            report.frames.append((now, frame.pts))
             report.received.append(data.astype(np.int16))
 
     recorders: list[asyncio.Task] = []
@@ -224,10 +230,6 @@ async def call(
         for receiver in pc.getReceivers():
             if receiver.track is remote and remote.kind == "audio":
                 _time_packets(receiver, report.packets)
-        if prefetch is not None:  # aiortc holds 4 packets (80 ms) before decoding by default
-            for receiver in pc.getReceivers():
-                if receiver.track is remote:
-                    receiver._RTCRtpReceiver__jitter_buffer = JitterBuffer(capacity=16, prefetch=prefetch)
         recorders.append(asyncio.ensure_future(record(remote)))
 
     await pc.setLocalDescription(await pc.createOffer())
