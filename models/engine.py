@@ -1,71 +1,65 @@
-"""`StreamingEngine`: many sessions, one batched forward pass per 200 ms tick, no Ray.
+"""`StreamingEngine`: many sessions, one batched forward pass per tick, no Ray.
 
-Every per-session tensor lives in a static, pre-sized batch slot (row); live sessions occupy
-rows [0, n), so a tick reads contiguous views and never copies a cache. Each row's KV cache holds
-`n_sink` sink positions (kept forever) and a ring of the last `window + one tick` positions, with
-keys stored already rotated at their absolute positions, so a tick's cost and the engine's memory
-are bounded no matter how long a session runs. A session's outputs depend only on its own inputs
-and seed, never on who else is in the batch.
+`step(chunks)` reads top to bottom:
+- validate: each chunk is checked once; a bad or absent one is reported under its session id and
+  that session is stepped as missing (silence), so clocks stay aligned and no session stops another;
+- prepare: `InputBuilder` (models/inputs.py) turns the live sessions' chunks, queued text and
+  fed-back outputs into `TickInputs`;
+- execute: one forward pass for the whole batch against the persistent KV cache, the heads, the
+  control decision (a chunk's `forced` control holds unless the model chose "yield"), the vocoder;
+- commit: every session's state advances by one tick and the outputs are made.
 
-Validation runs before anything is computed: `step` raises `ProtocolError` naming the session;
-`step_checked` steps the good chunks, steps bad sessions as missing (clocks stay aligned) and
-returns the errors.
+Each session's state is one row of pre-sized tensors plus a few host-side values
+(models/session_state.py); live sessions occupy rows [0, n), so a tick reads contiguous views and
+never copies a cache. Each row's KV cache holds `n_sink` sink positions (kept forever) and a ring
+of the last `window + one tick` positions, keys stored already rotated at their absolute
+positions, so a tick's cost and the engine's memory are bounded however long a session runs. A
+session's outputs depend only on its own inputs and seed, never on who else is in the batch.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import itertools
 import time
 import zlib
-from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import torch
 
 from models.config import CONTROLS, InteractionConfig
-from models.features import DMel, FeatureConfig, patchify
+from models.inputs import InputBuilder
 from models.model import InteractionModel, TickInputs, _mix, build_model, flow_noise
-from models.tokenizer import IncrementalDecoder
+from models.session_state import Row, Rows, Session
 from models.transformer import additive_mask, visible
 from models.vocoder import Vocoder
-from protocols.chunks import (
-    InputChunk,
-    OutputChunk,
-    ProtocolError,
-    check_audio,
-    check_frame,
-    check_session_id,
-    check_text,
-)
+from protocols.chunks import InputChunk, OutputChunk, ProtocolError, check_audio, check_session_id
 
-STATE_VERSION = 1
-RESPONSE_TICKS = 50  # a requested response speaks for at most 10 s unless the model yields first
+STATE_VERSION = 2
+SILENT, YIELD = CONTROLS.index("silent"), CONTROLS.index("yield")
+VOCODER = "vocoder."  # prefix of the vocoder's state among the rows
 
 
 @dataclass
-class _Session:
-    sid: str
-    seed: int
-    row: int
-    last_seq: int | None = None
-    text_queue: deque = field(default_factory=deque)
-    bg_queue: deque = field(default_factory=deque)
-    decoder: IncrementalDecoder = field(default_factory=IncrementalDecoder)
-    trace: list = field(default_factory=list)
-    respond_ticks: int = 0  # ticks left of a response the client asked for (response.create)
+class Decision:
+    """What one tick's forward pass produced for the live rows, in row order."""
 
-
-@dataclass
-class _Planned:
-    """A validated chunk, with its text already tokenised."""
-
-    chunk: InputChunk
-    session: _Session
-    text_ids: list[int]
+    lens: torch.Tensor  # (n,) tokens each row added to its sequence
+    noise: torch.Tensor  # (n, F, M) the flow head's starting noise
+    ctrl_logits: torch.Tensor  # (n, C)
+    text_logits: torch.Tensor  # (n, N, V)
+    mel: torch.Tensor  # (n, F, M) the flow head's log-mel
+    ctrl: torch.Tensor  # (n,) the control emitted (a forced control applied)
+    text: torch.Tensor  # (n, N) the text tokens chosen
+    spoken: torch.Tensor  # (n, F, M) float32 log-mel spoken: `mel`, or the silence floor where muted
+    pcm: torch.Tensor  # (n, samples) int16
+    vocoder: dict[str, torch.Tensor]  # the vocoder's next state
 
 
 class StreamingEngine:
+    """Implements `protocols.ports.Engine`."""
+
     def __init__(
         self,
         model_or_config: InteractionModel | InteractionConfig | str,
@@ -73,7 +67,6 @@ class StreamingEngine:
         device: str | torch.device = "cpu",
         dtype: torch.dtype | None = None,
         temperature: float = 0.0,
-        trace: bool = False,
         init_seed: int = 0,
         mute_when_silent: bool = True,
     ):
@@ -81,8 +74,7 @@ class StreamingEngine:
         drawn from `init_seed`, so every engine built from the same preset holds the same model and
         sessions can move between them (export_session / import_session). With
         `mute_when_silent`, a micro-turn whose control is "silent" outputs silence (and the model
-        hears silence back), whatever the flow head drew. `trace` keeps every tick's model inputs
-        and predictions per session (tests)."""
+        hears silence back), whatever the flow head drew."""
         device = torch.device(device)
         if dtype is None:
             dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -100,36 +92,37 @@ class StreamingEngine:
         self.max_sessions = max_sessions
         self.temperature = float(temperature)
         self.mute_when_silent = mute_when_silent
-        self.trace = trace
-        self.tokenizer = model.tokenizer
-
-        self.features = FeatureConfig()
-        if (self.features.n_mels, self.features.levels, self.features.frames_per_chunk) != (cfg.n_mels, cfg.mel_levels, cfg.frames_per_tick):
-            raise ValueError("model config and FeatureConfig disagree on n_mels / levels / frames per tick")
-        self.dmel = DMel(self.features).to(device)
-        self.vocoder = Vocoder(self.features).to(device)
-
-        ms, s = max_sessions, cfg.cache_len
+        self.inputs = InputBuilder(cfg, device)
+        self.tokenizer = self.inputs.tokenizer
+        self.vocoder = Vocoder(self.inputs.features).to(device)
         with torch.inference_mode():
-            kv_shape = (cfg.n_layers, ms, cfg.n_kv_heads, s, cfg.head_dim)
-            self.k_cache = torch.zeros(kv_shape, dtype=dtype, device=device)
-            self.v_cache = torch.zeros(kv_shape, dtype=dtype, device=device)
-            self.slot_pos = torch.full((ms, s), -1, dtype=torch.long, device=device)  # absolute position per slot
-            self.pos = torch.zeros(ms, dtype=torch.long, device=device)  # next absolute position
-            self.tick = torch.zeros(ms, dtype=torch.long, device=device)  # the session's own clock
-            self.prev_ctrl = torch.zeros(ms, dtype=torch.long, device=device)
-            self.prev_text = torch.zeros(ms, cfg.text_out, dtype=torch.long, device=device)
-            self.prev_codes = torch.zeros(ms, cfg.frames_per_tick, cfg.n_mels, dtype=torch.long, device=device)
-            self.dmel_state = self.dmel.init_state(ms, device)
-            self.voc_state = self.vocoder.init_state(ms, device)
-            silent_audio = torch.zeros(1, self.features.hop * cfg.frames_per_tick, device=device)
-            self.silence_codes = self.dmel.quantize(self.dmel(silent_audio, self.dmel.init_state(1, device))[0])[0]  # (F, M)
-        self._sessions: dict[str, _Session] = {}
+            self.rows = Rows(self._row_spec(), max_sessions, device)
+        self._sessions: dict[str, Session] = {}
         self._by_row: list[str] = []
+
+    @property
+    def tick_ms(self) -> int:
+        """The tick length the model was trained at: every chunk holds this much audio."""
+        return self.cfg.tick_ms
+
+    def _row_spec(self) -> dict[str, Row]:
+        """Every per-session tensor: the KV cache, the absolute position held in each cache slot
+        (-1: empty), the next position, the input builder's state, the vocoder's state."""
+        cfg = self.cfg
+        kv = Row((cfg.n_layers, cfg.n_kv_heads, cfg.cache_len, cfg.head_dim), self.dtype, 0.0, axis=1)
+        voc = self.vocoder.init_state(1, self.device)
+        return {
+            "k": kv, "v": kv,
+            "slot_pos": Row((cfg.cache_len,), torch.long, -1),
+            "pos": Row((), torch.long, 0),
+            **self.inputs.rows(),
+            **{VOCODER + name: Row(tuple(t.shape[1:]), t.dtype, t[0]) for name, t in voc.items()},
+        }
 
     # ---- sessions ----
     @property
     def sessions(self) -> list[str]:
+        """Live session ids in row order: session i holds row i of every state tensor."""
         return list(self._by_row)
 
     def add_session(self, session_id: str, seed: int | None = None) -> None:
@@ -140,253 +133,184 @@ class StreamingEngine:
             raise ProtocolError(f"engine is full ({self.max_sessions} sessions); cannot add {session_id!r}", "capacity", "session_id")
         row = len(self._by_row)
         seed = zlib.crc32(session_id.encode()) if seed is None else int(seed)
-        self._sessions[session_id] = _Session(session_id, seed, row)
+        self._sessions[session_id] = Session(session_id, seed, row)
         self._by_row.append(session_id)
         with torch.inference_mode():
-            self._reset_row(row)
+            self.rows.reset(row)
 
     def remove_session(self, session_id: str) -> None:
         sess = self._get(session_id)
         last = len(self._by_row) - 1
-        with torch.inference_mode():
-            if sess.row != last:  # keep live rows contiguous: move the last row into the hole
-                self._copy_row(last, sess.row)
-                moved = self._sessions[self._by_row[last]]
-                moved.row = sess.row
-                self._by_row[sess.row] = moved.sid
-            self.slot_pos[last] = -1
+        if sess.row != last:  # keep live rows contiguous: move the last row into the hole
+            with torch.inference_mode():
+                self.rows.move(last, sess.row)
+            moved = self._sessions[self._by_row[last]]
+            moved.row = sess.row
+            self._by_row[sess.row] = moved.sid
         self._by_row.pop()
         del self._sessions[session_id]
 
     def push_update(self, session_id: str, text: str) -> None:
         """Queue a background update; it enters as its own stream on the following ticks."""
         sess = self._get(session_id)
-        check_text(text, "update")
-        ids = [self.tokenizer.bg_id, *self.tokenizer.encode(text), self.tokenizer.eot_id]
-        if len(sess.bg_queue) + len(ids) > self.cfg.max_queued_tokens:
-            raise ProtocolError(f"session {session_id!r}: background queue is full", "queue_full", "update")
-        sess.bg_queue.extend(ids)
+        try:
+            self.inputs.queue_update(sess.queues, text)
+        except ProtocolError as e:
+            raise ProtocolError(f"session {session_id!r}: {e}", e.code, e.param) from None
 
-    def _get(self, session_id: Any) -> _Session:
+    def _get(self, session_id: Any) -> Session:
         sess = self._sessions.get(session_id) if isinstance(session_id, str) else None
         if sess is None:
             raise ProtocolError(f"unknown session {session_id!r}", "unknown_session", "session_id")
         return sess
 
-    def _row_tensors(self) -> list[torch.Tensor]:
-        """Every per-row state tensor, with the row axis first."""
-        return [self.slot_pos, self.pos, self.tick, self.prev_ctrl, self.prev_text, self.prev_codes, self.dmel_state, *self.voc_state.values()]
+    # ---- one tick ----
+    def step(self, chunks: list[InputChunk]) -> tuple[list[OutputChunk], dict[str, ProtocolError]]:
+        """One batched micro-turn for every session: at most one chunk per session, any order.
 
-    def _copy_row(self, src: int, dst: int) -> None:
-        self.k_cache[:, dst] = self.k_cache[:, src]
-        self.v_cache[:, dst] = self.v_cache[:, src]
-        for t in self._row_tensors():
-            t[dst] = t[src]
-
-    def _reset_row(self, row: int) -> None:
-        self.slot_pos[row] = -1
-        self.pos[row] = 0
-        self.tick[row] = 0
-        self.prev_ctrl[row] = CONTROLS.index("silent")
-        self.prev_text[row] = self.tokenizer.pad_id
-        self.prev_codes[row] = self.silence_codes
-        self.dmel_state[row] = 0
-        fresh = self.vocoder.init_state(1, self.device)
-        for k, t in self.voc_state.items():
-            t[row] = fresh[k][0]
-
-    # ---- validation ----
-    def _check_chunk(self, chunk: Any, seen: set[str]) -> _Planned:
-        if not isinstance(chunk, InputChunk):
-            raise ProtocolError(f"expected an InputChunk, got {type(chunk).__name__}", "invalid_value", "chunk")
-        sid = chunk.session_id
-        sess = self._get(sid)
-        if sid in seen:
-            raise ProtocolError(f"session {sid!r} has more than one chunk in this step", "duplicate_session", "session_id")
-        try:
-            check_audio(chunk.audio)
-            frame = check_frame(chunk.frame)
-            check_text(chunk.text)
-        except ProtocolError as e:
-            raise ProtocolError(f"session {sid!r}: {e}", e.code, e.param) from None
-        fs = self.cfg.frame_size
-        if frame is not None and frame.shape != (fs, fs, 3):
-            raise ProtocolError(f"session {sid!r}: frame must be {fs}x{fs}x3 for this model, got {frame.shape[0]}x{frame.shape[1]}", "invalid_frame", "frame")
-        if sess.last_seq is not None and chunk.seq != sess.last_seq + 1:
-            raise ProtocolError(f"session {sid!r}: seq {chunk.seq} out of order, expected {sess.last_seq + 1}", "out_of_order", "seq")
-        ids = [self.tokenizer.txt_id, *self.tokenizer.encode(chunk.text), self.tokenizer.eot_id] if chunk.text else []
-        if len(sess.text_queue) + len(ids) > self.cfg.max_queued_tokens:
-            raise ProtocolError(f"session {sid!r}: typed-text queue is full", "queue_full", "text")
-        return _Planned(chunk, sess, ids)
-
-    def _missing(self, sess: _Session, like: Any = None) -> _Planned:
-        seq = sess.last_seq + 1 if sess.last_seq is not None else max(0, _int_or(getattr(like, "seq", 0), 0))
-        t_start = float(_int_or(getattr(like, "t_start", 0.0), 0.0))
-        return _Planned(InputChunk.silent(sess.sid, seq, t_start), sess, [])
-
-    # ---- stepping ----
-    def step(self, chunks: list[InputChunk]) -> list[OutputChunk]:
-        """One batched micro-turn for every session: one chunk per present session, any order.
-        Returns one OutputChunk per chunk, in the same order. Raises ProtocolError (and changes
-        nothing) if any chunk is bad."""
+        A bad chunk never stops the others: its session is stepped as missing (silence, the seq
+        it should have had) and the error is returned under its session id (or a short repr of
+        the chunk when it names no session); a session with no chunk is stepped as missing and
+        reported too. Returns one output per session (those of good chunks first, in their order,
+        then those stepped as missing) and the errors.
+        """
         t0 = time.perf_counter()
-        seen: set[str] = set()
-        planned = []
-        for c in chunks:
-            p = self._check_chunk(c, seen)
-            seen.add(p.session.sid)
-            planned.append(p)
-        absent = [s for s in self._by_row if s not in seen]
-        if absent:
-            raise ProtocolError(f"no chunk for session(s) {absent}; pass InputChunk.silent(...) for missing input", "missing_session", "session_id")
-        if not planned:
-            return []
-        outs = self._run(planned, t0)
-        return [outs[p.session.row] for p in planned]
+        accepted, errors = self._validate(chunks)
+        if not self._by_row:
+            return [], errors
+        sessions = [self._sessions[sid] for sid in self._by_row]
+        batch = [accepted[sid] for sid in self._by_row]
+        with torch.inference_mode():
+            inputs, dmel_state = self.prepare(sessions, batch)
+            decision = self.execute(sessions, batch, inputs)
+            outs = self.commit(sessions, batch, dmel_state, decision, t0)
+        return [outs[self._sessions[sid].row] for sid in accepted], errors
 
-    def step_checked(self, chunks: list[Any]) -> tuple[list[OutputChunk], dict[str, ProtocolError]]:
-        """Like `step`, but a bad chunk never stops the others: it is dropped, its session is
-        stepped as missing, and the error is reported under its session id. Returns outputs for
-        every stepped session (good chunks first, in their order, then the sessions stepped as
-        missing) and the errors."""
-        t0 = time.perf_counter()
-        seen: set[str] = set()
-        good, errors, bad_like = [], {}, {}
+    def _validate(self, chunks: list[Any]) -> tuple[dict[str, InputChunk], dict[str, ProtocolError]]:
+        """-> a chunk for every live session (good chunks in their order, then silent ones for
+        the sessions stepped as missing), and the errors."""
+        accepted: dict[str, InputChunk] = {}
+        errors: dict[str, ProtocolError] = {}
+        bad: dict[str, Any] = {}
         for c in chunks:
             try:
-                p = self._check_chunk(c, seen)
+                sid, good = self._check(c, accepted)
+                accepted[sid] = good
             except ProtocolError as e:
                 sid = getattr(c, "session_id", None)
                 key = sid if isinstance(sid, str) else repr(c)[:64]
                 errors.setdefault(key, e)
-                if key in self._sessions and key not in seen:
-                    bad_like[key] = c
-                continue
-            seen.add(p.session.sid)
-            good.append(p)
-        fill = []
+                bad.setdefault(key, c)
         for sid in self._by_row:
-            if sid in seen:
-                continue
-            if sid not in errors:
-                errors[sid] = ProtocolError(f"no chunk for session {sid!r}; stepped as missing", "missing_session", "session_id")
-            fill.append(self._missing(self._sessions[sid], bad_like.get(sid)))
-        if not self._by_row:
-            return [], errors
-        outs = self._run(good + fill, t0)
-        return [outs[p.session.row] for p in good + fill], errors
+            if sid not in accepted:
+                errors.setdefault(sid, ProtocolError(f"no chunk for session {sid!r}; stepped as missing", "missing_session", "session_id"))
+                accepted[sid] = self._missing(self._sessions[sid], bad.get(sid))
+        return accepted, errors
 
-    @torch.inference_mode()
-    def _run(self, planned: list[_Planned], t0: float) -> list[OutputChunk]:
-        cfg, model, tk, dev = self.cfg, self.model, self.tokenizer, self.device
-        n = len(planned)
-        by_row: list[_Planned] = [None] * n  # type: ignore[list-item]
-        for p in planned:
-            by_row[p.session.row] = p
+    def _check(self, chunk: Any, accepted: dict[str, InputChunk]) -> tuple[str, InputChunk]:
+        """The one validation: a private copy of the chunk, re-checked whole (fields may have
+        changed since it was made), then against this model. Queues its text last, so a refused
+        chunk changes nothing."""
+        if not isinstance(chunk, InputChunk):
+            raise ProtocolError(f"expected an InputChunk, got {type(chunk).__name__}", "invalid_value", "chunk")
+        sess = self._get(chunk.session_id)
+        sid = sess.sid
+        if sid in accepted:
+            raise ProtocolError(f"session {sid!r} has more than one chunk in this step", "duplicate_session", "session_id")
+        try:
+            check_audio(chunk.audio, samples=self.cfg.samples_per_tick)
+            chunk = dataclasses.replace(chunk)
+            fs = self.cfg.frame_size
+            if chunk.frame is not None and chunk.frame.shape != (fs, fs, 3):
+                raise ProtocolError(f"frame must be {fs}x{fs}x3 for this model, got {chunk.frame.shape[0]}x{chunk.frame.shape[1]}", "invalid_frame", "frame")
+            if sess.last_seq is not None and chunk.seq != sess.last_seq + 1:
+                raise ProtocolError(f"seq {chunk.seq} out of order, expected {sess.last_seq + 1}", "out_of_order", "seq")
+            self.inputs.queue_text(sess.queues, chunk.text)
+        except ProtocolError as e:
+            raise ProtocolError(f"session {sid!r}: {e}", e.code, e.param) from None
+        return sid, chunk
 
-        # Features: dMel codes of the input audio, patches of the frames that came.
-        audio = torch.from_numpy(np.stack([p.chunk.audio for p in by_row])).to(dev)
-        logmel, dmel_state = self.dmel(audio, self.dmel_state[:n])
-        codes = self.dmel.quantize(logmel)  # (n, F, M)
-        video_rows = [i for i, p in enumerate(by_row) if p.chunk.frame is not None]
-        patches = None
-        if video_rows:
-            frames = torch.from_numpy(np.stack([by_row[i].chunk.frame for i in video_rows])).to(dev)
-            patches = patchify(frames, cfg.patch)  # (Bv, P, 3, p, p)
+    def _missing(self, sess: Session, like: Any = None) -> InputChunk:
+        seq = sess.last_seq + 1 if sess.last_seq is not None else max(0, _int_or(getattr(like, "seq", 0), 0))
+        t_start = _int_or(getattr(like, "t_start", 0.0), 0.0)
+        return InputChunk.silent(sess.sid, seq, t_start, self.cfg.samples_per_tick)
 
-        text_ids, bg_ids = [], []
-        for p in by_row:
-            s = p.session
-            s.text_queue.extend(p.text_ids)
-            text_ids.append(_take(s.text_queue, cfg.text_per_tick))
-            bg_ids.append(_take(s.bg_queue, cfg.bg_per_tick))
+    def prepare(self, sessions: list[Session], chunks: list[InputChunk]) -> tuple[TickInputs, torch.Tensor]:
+        """The live rows' model inputs (row order), and their next dMel context."""
+        tokens = [self.inputs.take(s.queues) for s in sessions]
+        return self.inputs.build(chunks, tokens, self.rows.live(len(sessions)))
 
-        inp = TickInputs(codes, self.prev_codes[:n], self.prev_ctrl[:n], self.prev_text[:n], self.tick[:n],
-                         patches, video_rows, text_ids, bg_ids)
-        x, lens = model.embed(inp)  # (n, T, d), (n,)
+    def execute(self, sessions: list[Session], chunks: list[InputChunk], inputs: TickInputs) -> Decision:
+        """The forward pass. Writes this tick's keys and values into the cache (the ring holds a
+        tick more than the window, so no key this tick still reads is overwritten); every other
+        row state is left for `commit`."""
+        cfg, model, dev = self.cfg, self.model, self.device
+        n = len(sessions)
+        live = self.rows.live(n)
+        x, lens = model.embed(inputs)  # (n, T, d), (n,)
+        positions, valid, write_idx, mask = self._cache_slots(live, lens, x.shape[1])
+        caches = [(self.rows["k"][i], self.rows["v"][i]) for i in range(cfg.n_layers)]
+        h = model.transformer.forward_step(x, positions, valid, caches, write_idx, mask)
+        h_out = h[torch.arange(n, device=dev), lens - 1]  # (n, d): the OUT tokens
+        ctrl_logits, text_logits = model.predict(h_out)
 
-        # Cache slots for this tick's tokens; pad tokens are neither written nor visible.
-        t = x.shape[1]
+        seeds, ticks = [s.seed for s in sessions], live["tick"].tolist()
+        noise = torch.stack([flow_noise(s, k, cfg.frames_per_tick, cfg.n_mels) for s, k in zip(seeds, ticks)]).to(dev)
+        mel = model.sample_mel(h_out, noise)  # (n, F, M)
+        ctrl, text = self._choose(ctrl_logits, text_logits, seeds, ticks)
+        ctrl = self._forced(ctrl, chunks)
+        spoken = mel.float()
+        if self.mute_when_silent:  # "silent" means silence: the control token decides, not a harness
+            spoken = torch.where((ctrl == SILENT)[:, None, None], cfg.mel_floor, spoken)
+        voc = {name[len(VOCODER):]: t for name, t in live.items() if name.startswith(VOCODER)}
+        pcm, voc = self.vocoder(spoken, voc)
+        return Decision(lens, noise, ctrl_logits, text_logits, mel, ctrl, text, spoken, pcm, voc)
+
+    def commit(self, sessions: list[Session], chunks: list[InputChunk], dmel_state: torch.Tensor, d: Decision, t0: float) -> list[OutputChunk]:
+        """Advance every live row by one tick and make the outputs (row order)."""
+        n = len(sessions)
+        live = self.rows.live(n)
+        self.rows.write(n, {
+            "pos": live["pos"] + d.lens,
+            **self.inputs.next_state(live, dmel_state, d.ctrl, d.text, d.spoken),  # it hears what it actually said
+            **{VOCODER + name: t for name, t in d.vocoder.items()},
+        })
+        pcm, ctrl, text = d.pcm.cpu().numpy(), d.ctrl.tolist(), d.text.tolist()
+        step_ms = (time.perf_counter() - t0) * 1000.0
+        outs = []
+        for i, (s, c) in enumerate(zip(sessions, chunks)):
+            s.last_seq = c.seq
+            said = s.decoder.feed(list(itertools.takewhile(lambda t: t < 256, text[i])))  # bytes up to the first non-byte token
+            outs.append(OutputChunk(s.sid, c.seq, c.t_start, pcm[i], said, [CONTROLS[ctrl[i]]], step_ms=step_ms))
+        return outs
+
+    def _cache_slots(self, live: dict[str, torch.Tensor], lens: torch.Tensor, t: int):
+        """Cache addressing for this tick's tokens: absolute positions (n, T), which are real
+        (n, T), flat write indices into each layer's cache for the real ones, and the additive
+        attention mask (n, 1, G*T, S). Records the new slots' positions in `slot_pos`; pad tokens
+        are neither written nor visible."""
+        cfg, dev = self.cfg, self.device
+        n = lens.shape[0]
         ar = torch.arange(t, device=dev)
-        positions = self.pos[:n, None] + ar  # (n, T)
+        positions = live["pos"][:, None] + ar  # (n, T)
         valid = ar[None] < lens[:, None]
         ring_slot = cfg.n_sink + (positions - cfg.n_sink) % cfg.ring
         slots = torch.where(positions < cfg.n_sink, positions, ring_slot)
         rows_v = torch.arange(n, device=dev)[:, None].expand(n, t)[valid]
         slots_v = slots[valid]
-        self.slot_pos[rows_v, slots_v] = positions[valid]
+        slot_pos = live["slot_pos"]
+        slot_pos[rows_v, slots_v] = positions[valid]
         kv = cfg.n_kv_heads
         write_idx = ((rows_v[:, None] * kv + torch.arange(kv, device=dev)) * cfg.cache_len + slots_v[:, None]).reshape(-1)
-        mask = visible(positions[:, :, None], self.slot_pos[:n, None, :], cfg.n_sink, cfg.window)  # (n, T, S)
+        mask = visible(positions[:, :, None], slot_pos[:, None, :], cfg.n_sink, cfg.window)  # (n, T, S)
         mask = additive_mask(mask.repeat(1, cfg.n_heads // kv, 1)[:, None], self.dtype)  # (n, 1, G*T, S)
+        return positions, valid, write_idx, mask
 
-        caches = [(self.k_cache[i], self.v_cache[i]) for i in range(cfg.n_layers)]
-        h = model.transformer.forward_step(x, positions, valid, caches, write_idx, mask)
-        h_out = h[torch.arange(n, device=dev), lens - 1]  # (n, d)
-        ctrl_logits, text_logits = model.predict(h_out)
-
-        seeds = [p.session.seed for p in by_row]
-        ticks = self.tick[:n].tolist()
-        noise = torch.stack([flow_noise(s, k, cfg.frames_per_tick, cfg.n_mels) for s, k in zip(seeds, ticks)])
-        mel = model.sample_mel(h_out, noise.to(dev))  # (n, F, M)
-        ctrl, text = self._choose(ctrl_logits, text_logits, seeds, ticks)
-        ctrl = self._requested(by_row, ctrl)
-        spoken = mel.float()
-        if self.mute_when_silent:  # "silent" means silence: the control token decides, not a harness
-            spoken = torch.where((ctrl == CONTROLS.index("silent"))[:, None, None], self.cfg.mel_floor, spoken)
-        pcm, voc_state = self.vocoder(spoken, {k: v[:n] for k, v in self.voc_state.items()})
-
-        # Text ends at the first non-byte token (EOT, pad, ...): that token is fed back, later ones become pad.
-        stop = (text >= 256).long()
-        ended = torch.cumsum(stop, dim=1) > 0  # at or after the end
-        fed_text = torch.where(torch.cumsum(stop, dim=1) - stop > 0, tk.pad_id, text)
-
-        traced = [inp.row(i) for i in range(n)] if self.trace else None  # before the state below changes
-
-        # Commit the new state.
-        self.pos[:n] += lens
-        self.tick[:n] += 1
-        self.prev_ctrl[:n] = ctrl
-        self.prev_text[:n] = fed_text
-        self.prev_codes[:n] = self.dmel.quantize(spoken)  # what it actually said, heard back next tick
-        self.dmel_state[:n] = dmel_state
-        for k, v in voc_state.items():
-            self.voc_state[k][:n] = v
-
-        pcm_np = pcm.cpu().numpy()
-        ctrl_l = ctrl.tolist()
-        text_l = torch.where(ended, -1, text).tolist()
-        step_ms = (time.perf_counter() - t0) * 1000.0
-        outs = []
-        for i, p in enumerate(by_row):
-            s, c = p.session, p.chunk
-            s.last_seq = c.seq
-            said = s.decoder.feed([b for b in text_l[i] if b >= 0])
-            if self.trace:
-                s.trace.append({
-                    "inputs": traced[i], "noise": noise[i], "ctrl_logits": ctrl_logits[i].cpu(),
-                    "text_logits": text_logits[i].cpu(), "mel": mel[i].cpu(), "ctrl": ctrl_l[i], "text": text[i].cpu(),
-                })
-            outs.append(OutputChunk(s.sid, c.seq, c.t_start, pcm_np[i], said, [CONTROLS[ctrl_l[i]]], step_ms=step_ms))
-        return outs
-
-    def _requested(self, by_row: list[_Planned], ctrl: torch.Tensor) -> torch.Tensor:
-        """Realtime clients ask for a turn with `response.create` (and end one with
-        `response.cancel`): while a requested response runs, the control is "speak" unless the
-        model itself yields, so the request shapes the control tokens rather than bypassing them."""
-        speak, yield_ = CONTROLS.index("speak"), CONTROLS.index("yield")
-        chosen = ctrl.tolist()
-        for i, p in enumerate(by_row):
-            s = p.session
-            for event in p.chunk.events:
-                if event.get("type") == "response.create":
-                    s.respond_ticks = RESPONSE_TICKS
-                elif event.get("type") == "response.cancel":
-                    s.respond_ticks = 0
-            if s.respond_ticks > 0:
-                s.respond_ticks = 0 if chosen[i] == yield_ else s.respond_ticks - 1
-                chosen[i] = yield_ if chosen[i] == yield_ else speak
-        return torch.tensor(chosen, dtype=ctrl.dtype, device=ctrl.device)
+    def _forced(self, ctrl: torch.Tensor, chunks: list[InputChunk]) -> torch.Tensor:
+        """A chunk's forced control replaces the model's choice, except a "yield": the request
+        shapes the control tokens rather than bypassing them."""
+        forced = torch.tensor([CONTROLS.index(c.forced) if c.forced else -1 for c in chunks], dtype=ctrl.dtype, device=ctrl.device)
+        return torch.where((forced >= 0) & (ctrl != YIELD), forced, ctrl)
 
     def _choose(self, ctrl_logits, text_logits, seeds, ticks):
         """Greedy, or sampling at `temperature` with Gumbel noise drawn from (seed, tick)."""
@@ -403,91 +327,39 @@ class StreamingEngine:
         return c, t
 
     # ---- state transfer ----
-    @torch.inference_mode()
+    MATCHING = ("tick_ms", "d_model", "n_layers", "n_kv_heads", "head_dim", "window", "n_sink", "n_mels", "mel_levels",
+                "text_per_tick", "bg_per_tick", "frame_size", "patch", "text_out")  # what a session's state means
+
     def export_session(self, session_id: str) -> dict:
         """Everything needed to resume the session elsewhere: numpy arrays and plain values,
-        picklable. The cache is exported in float32 (exact for bf16/fp16 caches too)."""
+        picklable."""
         sess = self._get(session_id)
-        r = sess.row
-        f32 = torch.float64 if self.dtype == torch.float64 else torch.float32
-        return {
-            "version": STATE_VERSION,
-            "config": self.cfg.to_dict(),
-            "seed": sess.seed,
-            "last_seq": sess.last_seq,
-            "pos": int(self.pos[r]),
-            "tick": int(self.tick[r]),
-            "prev_ctrl": int(self.prev_ctrl[r]),
-            "prev_text": self.prev_text[r].tolist(),
-            "prev_codes": self.prev_codes[r].to(torch.uint8).cpu().numpy(),
-            "dmel_state": self.dmel_state[r].cpu().numpy(),
-            "vocoder": {k: v[r].cpu().numpy() for k, v in self.voc_state.items()},
-            "slot_pos": self.slot_pos[r].cpu().numpy(),
-            "k": self.k_cache[:, r].to(f32).cpu().numpy(),
-            "v": self.v_cache[:, r].to(f32).cpu().numpy(),
-            "text_queue": list(sess.text_queue),
-            "bg_queue": list(sess.bg_queue),
-            "decoder": sess.decoder.state(),
-            "respond_ticks": sess.respond_ticks,
-        }
+        with torch.inference_mode():
+            rows = self.rows.export(sess.row)
+        return {"version": STATE_VERSION, "config": self.cfg.to_dict(), "session": sess.export(), "rows": rows}
 
     def import_session(self, session_id: str, state: dict) -> None:
-        """Add `session_id` resuming from `export_session` output (from this or another engine)."""
+        """Add `session_id` resuming from `export_session` output (from this or another engine);
+        a state that does not fit changes nothing."""
         if state.get("version") != STATE_VERSION:
             raise ProtocolError(f"session state version {state.get('version')!r} is not {STATE_VERSION}", "invalid_state", "state")
         mine, theirs = self.cfg.to_dict(), state.get("config", {})
-        shape_keys = ("d_model", "n_layers", "n_kv_heads", "head_dim", "window", "n_sink", "text_per_tick", "bg_per_tick", "frame_size", "patch", "text_out")
-        diff = [k for k in shape_keys if mine.get(k) != theirs.get(k)]
+        diff = [k for k in self.MATCHING if mine.get(k) != theirs.get(k)]
         if diff:
             raise ProtocolError(f"session state was made by a model with different {diff}", "invalid_state", "state")
-        self.add_session(session_id, seed=state["seed"])
-        sess = self._sessions[session_id]
-        r = sess.row
-        dev = self.device
-        with torch.inference_mode():
-            self.pos[r] = state["pos"]
-            self.tick[r] = state["tick"]
-            self.prev_ctrl[r] = state["prev_ctrl"]
-            self.prev_text[r] = torch.tensor(state["prev_text"], device=dev)
-            self.prev_codes[r] = torch.from_numpy(np.asarray(state["prev_codes"])).to(dev).long()
-            self.dmel_state[r] = torch.from_numpy(np.asarray(state["dmel_state"])).to(dev)
-            for k, v in state["vocoder"].items():
-                self.voc_state[k][r] = torch.from_numpy(np.asarray(v)).to(dev)
-            self.slot_pos[r] = torch.from_numpy(np.asarray(state["slot_pos"])).to(dev)
-            self.k_cache[:, r] = torch.from_numpy(np.asarray(state["k"])).to(dev, self.dtype)
-            self.v_cache[:, r] = torch.from_numpy(np.asarray(state["v"])).to(dev, self.dtype)
-        sess.last_seq = state["last_seq"]
-        sess.text_queue.extend(state["text_queue"])
-        sess.bg_queue.extend(state["bg_queue"])
-        sess.decoder = IncrementalDecoder.from_state(state["decoder"])
-        sess.respond_ticks = int(state.get("respond_ticks", 0))
-
-    def fast_forward(self, session_id: str, ticks: int, tokens_per_tick: int, generator: torch.Generator | None = None) -> None:
-        """Benchmark/test aid: put the session `ticks` micro-turns in, as if each had had
-        `tokens_per_tick` tokens, with random keys/values in every slot such a session would
-        occupy. Costs no forward passes."""
-        sess = self._get(session_id)
-        r, cfg = sess.row, self.cfg
-        n_tok = ticks * tokens_per_tick
-        with torch.inference_mode():
-            live = torch.arange(max(0, n_tok - cfg.ring), n_tok, device=self.device)
-            live = torch.cat([torch.arange(min(cfg.n_sink, n_tok), device=self.device), live[live >= cfg.n_sink]])
-            slots = torch.where(live < cfg.n_sink, live, cfg.n_sink + (live - cfg.n_sink) % cfg.ring)
-            self.slot_pos[r] = -1
-            self.slot_pos[r, slots] = live
-            shape = self.k_cache[:, r].shape
-            self.k_cache[:, r] = torch.randn(shape, generator=generator, dtype=torch.float32).to(self.device, self.dtype)
-            self.v_cache[:, r] = torch.randn(shape, generator=generator, dtype=torch.float32).to(self.device, self.dtype)
-            self.pos[r] = n_tok
-            self.tick[r] = ticks
+        self.add_session(session_id, seed=state["session"]["seed"])
+        row = self._sessions[session_id].row
+        try:
+            with torch.inference_mode():
+                self.rows.load(row, state["rows"])
+        except ProtocolError:
+            self.remove_session(session_id)
+            raise
+        self._sessions[session_id] = Session.restore(session_id, row, state["session"])
 
     def state_bytes(self) -> int:
         """Bytes held in the engine's pre-sized tensors (constant for its lifetime)."""
-        return sum(t.numel() * t.element_size() for t in [self.k_cache, self.v_cache, *self._row_tensors()])
-
-
-def _take(q: deque, n: int) -> list[int]:
-    return [q.popleft() for _ in range(min(n, len(q)))]
+        return self.rows.nbytes()
 
 
 def _int_or(v: Any, default):

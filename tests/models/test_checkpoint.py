@@ -10,18 +10,18 @@ import torch
 from models.checkpoint import load_checkpoint, load_config, save_checkpoint
 from models.engine import StreamingEngine
 from models.model import InteractionModel
-from tests.models.helpers import make_chunk, micro
+from tests.models.helpers import make_chunk, micro, step_ok
 
 
 def test_round_trip_is_exact(tmp_path):
     torch.manual_seed(1)
-    model = InteractionModel(micro(d_model=48, head_dim=12))
+    model = InteractionModel(micro(d_model=48, head_dim=12, tick_ms=300, window=32))
     save_checkpoint(model, tmp_path / "ckpt")
     assert {p.name for p in (tmp_path / "ckpt").iterdir()} == {"config.json", "model.safetensors"}
     assert load_config(tmp_path / "ckpt") == model.cfg
 
     back = load_checkpoint(tmp_path / "ckpt")
-    assert back.cfg == model.cfg and not back.training
+    assert back.cfg == model.cfg and back.cfg.tick_ms == 300 and not back.training
     sd, sd2 = model.state_dict(), back.state_dict()
     assert sd.keys() == sd2.keys()
     assert all(torch.equal(sd[k], sd2[k]) for k in sd)
@@ -30,7 +30,7 @@ def test_round_trip_is_exact(tmp_path):
     for e in (e1, e2):
         e.add_session("a")
     for k in range(5):
-        o1, o2 = e1.step([make_chunk("a", k, 0)])[0], e2.step([make_chunk("a", k, 0)])[0]
+        o1, o2 = step_ok(e1, [make_chunk("a", k, 0, tick_ms=300)])[0], step_ok(e2, [make_chunk("a", k, 0, tick_ms=300)])[0]
         assert (o1.audio == o2.audio).all() and o1.text == o2.text and o1.controls == o2.controls
 
 

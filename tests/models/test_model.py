@@ -11,29 +11,34 @@ from models.config import PRESETS, InteractionConfig
 from models.engine import StreamingEngine
 from models.model import InteractionModel, TickInputs, build_model
 from models.transformer import MoE
-from tests.models.helpers import make_chunk, micro
+from tests.models.helpers import TracingEngine, make_chunk, micro, step_ok
 
 
-def _run_traced(dtype, ticks=40, sessions=("a", "b")):
+def _run_traced(dtype, ticks=40, sessions=("a", "b"), tick_ms=200):
     torch.manual_seed(0)
-    eng = StreamingEngine(micro(), max_sessions=4, dtype=dtype, trace=True)
+    window = micro(tick_ms=tick_ms, window=100).max_tokens_per_tick + 3  # 24 at 200 ms
+    eng = TracingEngine(micro(tick_ms=tick_ms, window=window), max_sessions=4, dtype=dtype)
     for s in sessions:
         eng.add_session(s)
     for k in range(ticks):
         if k == 7:
             eng.push_update("a", "weather: sunny, 21C")
-        chunks = [make_chunk(s, k, seed=i, text="hello there" if (k, s) in {(2, "a"), (11, "b")} else "") for i, s in enumerate(sessions)]
-        eng.step(chunks)
+        chunks = [make_chunk(s, k, seed=i, tick_ms=tick_ms, text="hello there" if (k, s) in {(2, "a"), (11, "b")} else "")
+                  for i, s in enumerate(sessions)]
+        step_ok(eng, chunks)
     return eng
 
 
-@pytest.mark.parametrize("dtype, atol", [(torch.float64, 1e-9), (torch.float32, 1e-4)])
-def test_streaming_equals_one_full_pass(dtype, atol):
-    """40 ticks (~470 tokens) with a 24-token window, so the ring wraps over a dozen times; frames, text, a background
-    update: per-tick predictions from the KV-cached stream equal one teacher-forced full pass."""
-    eng = _run_traced(dtype)
+@pytest.mark.parametrize("dtype, atol, tick_ms", [(torch.float64, 1e-9, 200), (torch.float32, 1e-4, 200),
+                                                  (torch.float64, 1e-9, 100), (torch.float64, 1e-9, 400)])
+def test_streaming_equals_one_full_pass(dtype, atol, tick_ms):
+    """40 ticks with a window of about two ticks, so the ring wraps over a dozen times; frames, text, a
+    background update: per-tick predictions from the KV-cached stream equal one teacher-forced full
+    pass, at the usual tick and at shorter and longer ones."""
+    eng = _run_traced(dtype, tick_ms=tick_ms)
+    f = tick_ms // 25
     for sid in ("a", "b"):
-        trace = eng._sessions[sid].trace
+        trace = eng.trace[sid]
         ticks = TickInputs.cat([t["inputs"] for t in trace])
         assert ticks.video_rows and any(ticks.text_ids) and (sid != "a" or any(ticks.bg_ids))
         noise = torch.stack([t["noise"] for t in trace])
@@ -47,14 +52,15 @@ def test_streaming_equals_one_full_pass(dtype, atol):
         torch.testing.assert_close(mel, ref["mel"], atol=atol * 100, rtol=0)
         assert ctrl.argmax(-1).tolist() == ref["ctrl_logits"].argmax(-1).tolist()
         assert text.argmax(-1).tolist() == ref["text_logits"].argmax(-1).tolist()
+        assert ticks.mel_codes.shape[1:] == (f, eng.cfg.n_mels) and mel.shape[1] == f
         # The sequence really is longer than the window: old tokens must have been dropped.
-        assert int(eng.pos[eng._sessions[sid].row]) > 15 * eng.cfg.window
+        assert int(eng.rows["pos"][eng.sessions.index(sid)]) > 12 * eng.cfg.window
 
 
 def test_one_full_pass_differs_without_window():
     """The check above can fail: the same trace under full causal attention gives other logits."""
     eng = _run_traced(torch.float64, ticks=12, sessions=("a",))
-    trace = eng._sessions["a"].trace
+    trace = eng.trace["a"]
     ticks = TickInputs.cat([t["inputs"] for t in trace])
     noise = torch.stack([t["noise"] for t in trace])
     wide = eng.model.cfg.replace(window=10_000)
@@ -142,7 +148,7 @@ def test_embed_layout():
 def test_a_few_training_steps_lower_the_loss():
     torch.manual_seed(0)
     eng = _run_traced(torch.float32, ticks=12, sessions=("a",))
-    ticks = TickInputs.cat([t["inputs"] for t in eng._sessions["a"].trace])
+    ticks = TickInputs.cat([t["inputs"] for t in eng.trace["a"]])
     model = InteractionModel(micro())
     k, cfg = ticks.batch, model.cfg
     targets = {
@@ -169,5 +175,23 @@ def test_small_preset_runs_on_cpu():
     for s in ("a", "b"):
         eng.add_session(s)
     for k in range(3):
-        outs = eng.step([make_chunk("a", k, 0, frame_size=160, video_every=1), make_chunk("b", k, 1, frame_size=None)])
+        outs = step_ok(eng, [make_chunk("a", k, 0, frame_size=160, video_every=1), make_chunk("b", k, 1, frame_size=None)])
     assert [o.seq for o in outs] == [2, 2] and all(o.audio.shape == (3200,) for o in outs)
+
+
+@pytest.mark.parametrize("tick_ms", [100, 400])
+def test_a_preset_at_another_tick_length_builds_and_steps(tick_ms):
+    """The tick is one setting: `tiny` at 100 or 400 ms takes and gives that much audio a chunk,
+    with frames, tokens and the clock to match."""
+    cfg = PRESETS["tiny"].replace(tick_ms=tick_ms)
+    assert cfg.frames_per_tick == tick_ms // 25 and cfg.samples_per_tick == 16 * tick_ms
+    eng = StreamingEngine(cfg, max_sessions=2)
+    assert eng.tick_ms == tick_ms
+    eng.add_session("a")
+    for k in range(3):
+        (out,) = step_ok(eng, [make_chunk("a", k, 0, frame_size=160, tick_ms=tick_ms)])
+        assert out.audio.shape == (16 * tick_ms,) and out.seq == k
+    _, errors = eng.step([make_chunk("a", 3, 0, frame_size=160)])  # a 200 ms chunk
+    assert errors["a"].code == "invalid_audio" and f"{16 * tick_ms} samples" in str(errors["a"])
+    with pytest.raises(ValueError, match="tick_ms"):
+        PRESETS["tiny"].replace(tick_ms=210)
