@@ -132,7 +132,9 @@ def _tagged(cls) -> Any:
     return Annotated[cls, Tag(typing.get_args(fields["type"].annotation)[0])]
 
 
-Item = Annotated[Union[tuple(_tagged(c) for c in typing.get_args(typing.get_args(ConversationItem)[0]))], Discriminator(_item_tag)]
+_ITEMS = tuple(_tagged(c) for c in typing.get_args(typing.get_args(ConversationItem)[0]))
+_ITEM_TAGS = {typing.get_args(a)[1].tag for a in _ITEMS}
+Item = Annotated[Union[_ITEMS], Discriminator(_item_tag)]
 
 
 def _strict(cls, **overrides):
@@ -225,8 +227,12 @@ def is_error(event: Any) -> bool:
 
 
 def _param(loc: tuple) -> str | None:
-    """A validation error's location as a dotted param, without union tags (which hold a '.')."""
-    return ".".join(str(p) for p in loc if not (isinstance(p, str) and "." in p)) or None
+    """A validation error's location as a dotted param, without the union tags pydantic puts in
+    it: the event's type first, and an item's tag right after "item"."""
+    loc = list(loc[1:])
+    if len(loc) > 1 and loc[0] == "item" and loc[1] in _ITEM_TAGS:
+        del loc[1]
+    return ".".join(str(p) for p in loc) or None
 
 
 def parse_client_event(raw: str | bytes | dict, max_bytes: int = MAX_EVENT_BYTES) -> Any:

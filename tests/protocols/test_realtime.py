@@ -91,3 +91,58 @@ def test_server_events_have_ids_and_refuse_typos():
 def test_typed_models_are_returned():
     assert isinstance(parse_client_event({"type": "input_audio_buffer.append", "audio": "AA=="}), InputAudioBufferAppend)
     assert isinstance(parse_client_event({"type": "conversation.item.truncate", "item_id": "a", "content_index": 0, "audio_end_ms": 0}), ConversationItemTruncate)
+
+
+def test_client_events_are_the_openai_packages_own_models():
+    from openai.types.realtime import ConversationItemCreateEvent, InputAudioBufferAppendEvent, ResponseCreateEvent
+    from openai.types.realtime.realtime_conversation_item_user_message import RealtimeConversationItemUserMessage
+
+    assert isinstance(parse_client_event({"type": "input_audio_buffer.append", "audio": "AA=="}), InputAudioBufferAppendEvent)
+    create = parse_client_event({"type": "conversation.item.create", **VALID["conversation.item.create"]})
+    assert isinstance(create, ConversationItemCreateEvent) and isinstance(create.item, RealtimeConversationItemUserMessage)
+    response = parse_client_event({"type": "response.create", "response": {"output_modalities": ["audio"], "instructions": "short"}})
+    assert isinstance(response, ResponseCreateEvent) and response.response.instructions == "short"
+
+
+@pytest.mark.parametrize(
+    "item, param",
+    [
+        ({"type": "message", "role": "robot", "content": []}, "item"),
+        ({"type": "message", "role": "user", "content": [{"type": "bogus", "text": "x"}]}, "item.content.0.type"),
+        ({"type": "message", "role": "user"}, "item.content"),
+        ({"type": "function_call_output"}, "item.call_id"),
+    ],
+)
+def test_bad_items_name_the_field_without_union_tags(item, param):
+    event = parse_client_event({"type": "conversation.item.create", "item": item})
+    assert is_error(event) and event["error"]["code"] == "invalid_value" and event["error"]["param"] == param
+
+
+def test_bad_response_create_is_an_error_event():
+    event = parse_client_event({"type": "response.create", "response": {"output_modalities": ["smell"]}})
+    assert is_error(event) and event["error"]["param"] == "response.output_modalities.0"
+
+
+def test_our_session_extensions_pass_and_the_apis_fields_are_typed():
+    event = parse_client_event({"type": "session.update", "session": {"audio": {"output": {"format": {"type": "audio/pcm", "rate": 48000}}}, "interplay": {"tick_events": True}}})
+    assert not is_error(event) and event.session.audio.output.format.rate == 48000 and event.session.interplay.tick_events is True
+    bad = parse_client_event({"type": "session.update", "session": {"tools": [{"type": "function", "name": 3}]}})
+    assert is_error(bad) and bad["error"]["param"].startswith("session.tools.0")
+    assert server_event("session.created", session={"id": "s", "object": "realtime.session", "type": "realtime", "interplay": {"clock": {"t0": 1.0}}})
+
+
+def test_server_events_are_checked_against_the_openai_models():
+    with pytest.raises(ValueError):  # a required field missing
+        server_event("response.output_audio.delta", response_id="r", item_id="i", output_index=0, content_index=0)
+    with pytest.raises(ValueError):  # a field of the wrong type
+        server_event("response.done", response={"status": "exploded"})
+    done = server_event("response.done", response={"id": "r", "object": "realtime.response", "status": "cancelled", "output": []})
+    assert done["response"]["status"] == "cancelled"
+    assert "previous_item_id" not in server_event("conversation.item.added", previous_item_id=None, item={"type": "message", "role": "user", "content": []})
+    tick = server_event("interplay.tick", tick=3)  # ours: not in the API, passed as is
+    assert tick["type"] == "interplay.tick" and tick["tick"] == 3
+
+
+def test_parsing_never_raises():
+    for raw in [b"\xff\xfe", "null", "{}", {"type": None}, {"type": "session.update", "session": None}, {"type": "response.create", "response": "x"}, "1e999999"]:
+        assert is_error(parse_client_event(raw)), raw

@@ -1,0 +1,272 @@
+"""RealtimeSession alone: client events and outputs in, server events and model inputs out.
+
+No transport, no network, no clock: a recording sink stands in for the transport, its audio
+queue plays only when the test says so, and times are passed in."""
+
+import json
+
+import numpy as np
+import pytest
+from openai.types.realtime import RealtimeServerEvent
+from pydantic import TypeAdapter
+
+from actors.realtime_session import FORCE_S, RealtimeSession
+from protocols import OutputChunk, ProtocolError
+from protocols.realtime import encode_pcm16
+
+OUT_RATE = 48_000
+TONE = (8000 * np.sin(np.arange(3200) / 5)).astype(np.int16)
+SILENCE = np.zeros(3200, np.int16)
+openai_server_event = TypeAdapter(RealtimeServerEvent)
+
+
+class FakeAudio:
+    """An audio queue in 48 kHz samples that plays only when `play(ms)` is called."""
+
+    def __init__(self):
+        self.written = 0
+        self.position = 0
+
+    @property
+    def queued_ms(self) -> float:
+        return (self.written - self.position) * 1000 / OUT_RATE
+
+    @property
+    def next_play_sample(self) -> int:
+        return self.written
+
+    def write(self, samples):
+        self.written += len(samples) * 3
+
+    def clear(self) -> float:
+        dropped, self.position = self.queued_ms, self.written
+        return dropped
+
+    def play(self, ms: float) -> None:
+        self.position = min(self.written, self.position + int(ms * OUT_RATE / 1000))
+
+    def time_of(self, sample):
+        return None
+
+
+class Sink:
+    """Records what the session sends; `playout` records the transport-specific calls."""
+
+    max_event_bytes = 4096
+
+    def __init__(self):
+        self.events: list[dict] = []
+        self.playout: list[tuple[str, str | None]] = []
+        self.appended: list[tuple[str, int]] = []
+        self.audio_out = FakeAudio()
+
+    def send(self, event):
+        self.events.append(json.loads(json.dumps(event)))  # what a client would parse
+
+    def append_audio(self, audio_b64, rate, t_arrival):
+        self.appended.append((audio_b64, rate))
+
+    def clear_input(self):
+        self.appended.clear()
+
+    def audio_written(self, response_id, item_id):
+        self.playout.append(("written", response_id))
+
+    def playout_started(self, response_id):
+        self.playout.append(("started", response_id))
+
+    def playout_done(self, response_id):
+        self.playout.append(("done", response_id))
+
+    def playout_cleared(self, response_id):
+        self.playout.append(("cleared", response_id))
+
+    def types(self) -> list[str]:
+        return [e["type"] for e in self.events]
+
+    def of_type(self, kind):
+        return [e for e in self.events if e["type"] == kind]
+
+    def errors(self) -> list[str]:
+        return [e["error"]["code"] for e in self.of_type("error")]
+
+
+def session(config=None, **kw) -> tuple[RealtimeSession, Sink]:
+    sink = Sink()
+    return RealtimeSession(sink, config or {"type": "realtime"}, **kw), sink
+
+
+def out(s, seq, controls, text="", audio=TONE):
+    return OutputChunk(s.id, seq, seq * 0.2, audio, text=text, controls=controls)
+
+
+def send(s, event, now=0.0):
+    s.receive(json.dumps(event), now)
+
+
+def forced(s, seqs):
+    return [s.next_input(k, k * 0.2).forced for k in seqs]
+
+
+def test_response_create_forces_speak_until_the_model_yields():
+    s, sink = session()
+    assert forced(s, [0, 1]) == [None, None]
+    send(s, {"type": "response.create"})
+    assert forced(s, [2, 3, 4]) == ["speak", "speak", "speak"]
+    s.deliver(out(s, 1, ["yield"], audio=SILENCE), 0.0)  # an output from before the request: it goes on
+    assert forced(s, [5]) == ["speak"]
+    s.deliver(out(s, 2, ["speak"]), 0.0)
+    s.deliver(out(s, 3, ["yield"], audio=SILENCE), 0.0)  # the model yielded within the response
+    assert forced(s, [6, 7]) == [None, None]
+    assert sink.errors() == []
+
+
+def test_response_create_lasts_at_most_force_s():
+    s, _ = session()
+    send(s, {"type": "response.create"})
+    ticks = int(FORCE_S / 0.2)
+    held = forced(s, range(10, 10 + ticks + 3))
+    assert held[:ticks] == ["speak"] * ticks and held[ticks:] == [None, None, None]
+
+
+def test_response_cancel_holds_silent_for_one_chunk():
+    s, sink = session()
+    send(s, {"type": "response.cancel", "event_id": "c1"})  # nothing to cancel: an error, nothing forced
+    assert sink.of_type("error")[-1]["error"]["code"] == "response_cancel_not_active"
+    assert sink.of_type("error")[-1]["error"]["event_id"] == "c1"
+    assert forced(s, [0]) == [None]
+    send(s, {"type": "response.create"})
+    assert forced(s, [1]) == ["speak"]
+    send(s, {"type": "response.cancel"})
+    assert forced(s, [2, 3, 4]) == ["silent", None, None]
+    assert sink.errors() == ["response_cancel_not_active"]
+
+
+def test_speaking_runs_become_responses_and_truncate_interrupts():
+    s, sink = session()
+    for seq, controls, text in [(0, ["speak"], "hel"), (1, ["speak"], "lo")]:
+        s.deliver(out(s, seq, controls, text), 0.0)
+    rid = sink.of_type("response.created")[0]["response"]["id"]
+    item_id = sink.of_type("response.output_item.added")[0]["item"]["id"]
+    assert sink.playout == [("started", rid), ("written", rid), ("written", rid)]
+    assert sink.audio_out.queued_ms == pytest.approx(460, abs=1)  # 60 ms margin + two chunks
+    sink.audio_out.play(260)  # margin + 200 ms of the item played
+    send(s, {"type": "conversation.item.truncate", "item_id": item_id, "content_index": 0, "audio_end_ms": 300})
+    assert sink.of_type("error")[-1]["error"]["param"] == "audio_end_ms"  # beyond what was played
+    send(s, {"type": "conversation.item.truncate", "item_id": "nope", "content_index": 0, "audio_end_ms": 0})
+    assert sink.errors() == ["invalid_value", "item_not_found"]
+    send(s, {"type": "conversation.item.truncate", "item_id": item_id, "content_index": 0, "audio_end_ms": 150})
+    assert sink.types()[-5:] == [
+        "response.output_audio_transcript.done", "response.output_audio.done", "response.output_item.done", "response.done",
+        "conversation.item.truncated",
+    ]
+    done = sink.of_type("response.done")[-1]["response"]
+    assert done["status"] == "cancelled" and done["output"][0]["status"] == "incomplete"
+    assert sink.of_type("conversation.item.truncated")[-1]["audio_end_ms"] == 150
+    assert sink.playout[-1] == ("cleared", rid) and sink.audio_out.queued_ms == 0
+
+    # muted: the model still speaks, but nothing plays and no response starts until it yields
+    written = sink.audio_out.written
+    n = len(sink.events)
+    s.deliver(out(s, 2, ["speak"], "more"), 0.0)
+    assert sink.audio_out.written == written and len(sink.events) == n
+    s.deliver(out(s, 3, ["yield"], audio=SILENCE), 0.0)
+    s.deliver(out(s, 4, ["speak"], "again"), 0.0)
+    assert len(sink.of_type("response.created")) == 2 and sink.audio_out.written > written
+    s.deliver(out(s, 5, ["silent"], audio=SILENCE), 0.0)
+    done = sink.of_type("response.done")[-1]["response"]
+    assert done["status"] == "completed" and done["output"][0]["content"][0]["transcript"] == "again"
+    assert sink.playout[-1] == ("done", done["id"])
+
+
+def test_stale_outputs_are_ignored():
+    s, sink = session()
+    s.deliver(out(s, 5, ["speak"], "new"), 0.0)
+    s.deliver(out(s, 4, ["speak"], "old"), 0.0)
+    assert [e["delta"] for e in sink.of_type("response.output_audio_transcript.delta")] == ["new"]
+
+
+def test_typed_text_and_events_reach_the_next_chunk():
+    s, sink = session({"type": "realtime", "instructions": "be brief"})
+    first = s.next_input(0, 0.0)
+    assert first.events == [{"type": "session.update", "session": {"type": "realtime", "instructions": "be brief"}}]
+    item = {"type": "message", "role": "user", "content": [{"type": "input_text", "text": "hello there"}]}
+    send(s, {"type": "conversation.item.create", "item": item})
+    send(s, {"type": "response.create"})
+    nxt = s.next_input(1, 0.2)
+    assert nxt.text == "hello there" and nxt.forced == "speak"
+    assert [e["type"] for e in nxt.events] == ["conversation.item.create", "response.create"]
+    assert s.next_input(2, 0.4).text == "" and s.next_input(3, 0.6).events == []
+    added = sink.of_type("conversation.item.added")[0]["item"]
+    assert added["id"].startswith("item") and added["content"][0]["text"] == "hello there"
+    assert sink.types() == ["conversation.item.added", "conversation.item.done"]
+    sink.max_event_bytes = 64 * 1024
+    send(s, {"type": "conversation.item.create", "item": {**item, "content": [{"type": "input_text", "text": "x" * 5000}]}})
+    assert sink.errors() == ["invalid_value"] and s.next_input(4, 0.8).text == ""
+
+
+def test_bad_events_get_errors_and_the_session_goes_on():
+    s, sink = session()
+    s.receive("not json", 0.0)
+    send(s, {"type": "no.such.event", "event_id": "e2"})
+    send(s, {"type": "session.update", "session": {"audio": {"output": {"speed": 9}}}})
+    send(s, {"type": "conversation.item.create", "item": {"type": "message", "role": "robot"}})
+    s.receive(json.dumps({"type": "session.update", "pad": "y" * 5000}), 0.0)  # over the sink's limit
+    send(s, {"type": "input_audio_buffer.append", "audio": "AA==", "junk": 1})
+    assert sink.errors() == ["invalid_json", "unknown_event", "invalid_value", "invalid_value", "message_too_large", "invalid_value"]
+    assert sink.of_type("error")[1]["error"]["event_id"] == "e2"
+    assert s.next_input(0, 0.0).events == []  # nothing bad was forwarded
+    send(s, {"type": "session.update", "session": {"instructions": "be brief", "interplay": {"tick_events": True}}})
+    updated = sink.of_type("session.updated")[-1]["session"]
+    assert updated["instructions"] == "be brief" and updated["interplay"]["tick_events"] is True
+    s.deliver(out(s, 0, ["speak"], "hi"), 1.0, late_s=0.01, in_level=0.5, stages={"gathered": 0.9})
+    tick = sink.of_type("interplay.tick")[-1]
+    assert tick["tick"] == 0 and tick["in_level"] == 0.5 and tick["out_level"] > 0.1 and tick["at"]["gathered"] == 0.9
+
+
+def test_input_audio_and_buffer_events_go_to_the_transport():
+    s, sink = session({"type": "realtime", "audio": {"input": {"format": {"type": "audio/pcm", "rate": 16000}}}})
+    send(s, {"type": "input_audio_buffer.append", "audio": encode_pcm16(TONE[:800])})
+    assert sink.appended == [(encode_pcm16(TONE[:800]), 16000)]
+    assert s.next_input(0, 0.0).events[1:] == []  # audio rides the chunk itself, not an event
+    send(s, {"type": "input_audio_buffer.clear"})
+    assert sink.appended == [] and sink.types() == ["input_audio_buffer.cleared"]
+
+
+def test_a_transport_refusal_is_an_error_event():
+    s, sink = session()
+
+    def refuse(audio, rate, t):
+        raise ProtocolError("not here", "unsupported_event", "type")
+
+    sink.append_audio = refuse
+    send(s, {"type": "input_audio_buffer.append", "audio": "AA==", "event_id": "a1"})
+    assert sink.of_type("error")[-1]["error"] == {"type": "invalid_request_error", "code": "unsupported_event", "message": "not here", "param": "type", "event_id": "a1"}
+
+
+def test_every_server_event_is_one_the_openai_client_parses():
+    s, sink = session()
+    send(s, {"type": "conversation.item.create", "item": {"type": "message", "role": "user", "content": [{"type": "input_text", "text": "hi"}]}})
+    for seq in range(3):
+        s.deliver(out(s, seq, ["speak"], "la "), 0.0)
+    sink.audio_out.play(100)
+    item_id = sink.of_type("response.output_item.added")[0]["item"]["id"]
+    send(s, {"type": "conversation.item.truncate", "item_id": item_id, "content_index": 0, "audio_end_ms": 20})
+    s.deliver(out(s, 3, ["yield"], audio=SILENCE), 0.0)
+    s.deliver(out(s, 4, ["speak"], "again"), 0.0)
+    s.deliver(out(s, 5, ["silent"], audio=SILENCE), 0.0)
+    send(s, {"type": "conversation.item.delete", "item_id": item_id})
+    send(s, {"type": "bogus"})
+    assert len(set(sink.types())) >= 10
+    for event in sink.events:
+        parsed = openai_server_event.validate_python(event)
+        assert parsed.type == event["type"]
+
+
+def test_prebuffer_adapts_to_how_steadily_outputs_arrive():
+    s, _ = session(prebuffer_ms=60.0)
+    assert s.prebuffer() == 60.0  # no history yet: the configured margin
+    s.lateness.extend(0.030 + 0.004 * (i % 3) for i in range(20))  # steady: within 8 ms
+    assert 10.0 <= s.prebuffer() <= 20.0
+    s.lateness.extend([0.030, 0.200] * 20)  # erratic: capped at the configured margin
+    assert s.prebuffer() == 60.0
