@@ -56,9 +56,9 @@ class TickInputs:
         return [1 + f + (cfg.n_patches if i in vid else 0) + len(self.text_ids[i]) + len(self.bg_ids[i]) + 1 for i in range(self.batch)]
 
     def row(self, i: int) -> "TickInputs":
-        """Row i alone (B = 1), copied to the CPU: what a trace keeps."""
+        """Row i alone (B = 1), copied to the CPU (the engine's state tensors change next tick)."""
         vi = self.video_rows.index(i) if i in self.video_rows else None
-        cp = lambda t: t[i : i + 1].cpu().clone()  # noqa: E731  (the engine's state tensors mutate)
+        cp = lambda t: t[i : i + 1].cpu().clone()  # noqa: E731
         return TickInputs(
             cp(self.mel_codes), cp(self.self_codes), cp(self.prev_ctrl), cp(self.prev_text), cp(self.tick),
             None if vi is None else self.patches[vi : vi + 1].cpu().clone(), [] if vi is None else [0],

@@ -122,6 +122,10 @@ def test_presets_and_config_round_trip():
         assert cfg.window >= cfg.max_tokens_per_tick
     with pytest.raises(KeyError):
         InteractionConfig.preset("huge")
+    tiny = PRESETS["tiny"]  # 512-token window; a quiet tick is 10 tokens, 26 with a 160x160 frame
+    assert (tiny.tokens_per_tick(False), tiny.tokens_per_tick(True)) == (10, 26)
+    assert tiny.horizon_s(False) == pytest.approx(10.24) and tiny.horizon_s(True) == pytest.approx(512 / 26 * 0.2)
+    assert tiny.replace(tick_ms=400).horizon_s(False) == pytest.approx(512 / 18 * 0.4)
     with pytest.raises(ValueError):
         micro(window=8)  # cannot hold one tick
     with pytest.raises(ValueError):
