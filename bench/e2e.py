@@ -161,22 +161,30 @@ async def calls(url: str, n: int, samples: np.ndarray, rate: int) -> list:
     return await asyncio.gather(*(call(url, samples, rate, api_key=KEY, tail_s=1.0, respond_after_s=RESPOND_AFTER_S) for _ in range(n)))
 
 
-def start_app(args, folder: str) -> str:
+def start_app(args, folder: str):
+    """Start Ray and the app here (tiny preset on CPU); its URL and a function that stops it."""
     import ray
 
-    from deployments.app import start
+    from deployments import app as deployment
     from deployments.config import AppConfig
 
     print("[e2e] starting Ray and the app (tiny preset on CPU) ...", flush=True)
     ray.init(namespace="interplay", include_dashboard=False, logging_level="ERROR", log_to_driver=False)
     margins = {k: v for k, v in (("jitter_ms", args.jitter_ms), ("prebuffer_ms", args.prebuffer_ms)) if v is not None}
     config = AppConfig.model_validate({"log": {"root": f"{folder}/log"}, "http": {"port": PORT}, "auth": {"api_keys": [args.api_key]}, "ingress": margins})
-    if hasattr(config, "margins_ms"):
-        jitter_ms, prebuffer_ms = config.margins_ms()
-        print(f"[e2e] ingress margins: jitter at most {jitter_ms:.0f} ms, playout at most {prebuffer_ms:.0f} ms", flush=True)
-    for name, status in start(config).items():
+    if hasattr(deployment, "build"):
+        running = deployment.build(config)
+        parts, stop = running.parts, lambda: deployment.stop(running)
+    else:
+        parts, stop = deployment.start(config), deployment.stop
+    for name, status in parts.items():
         print(f"[e2e] {name:<12} {status}", flush=True)
-    return f"http://127.0.0.1:{PORT}"
+
+    def stop_all() -> None:
+        stop()
+        ray.shutdown()
+
+    return f"http://127.0.0.1:{PORT}", stop_all
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -190,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--name", default="e2e", help="results file: bench/results/<name>.json")
     args = parser.parse_args(argv)
     folder = tempfile.mkdtemp(prefix="interplay-bench-")
-    url = args.url or start_app(args, folder)
+    url, stop = (args.url, None) if args.url else start_app(args, folder)
     samples, rate = speech(args.seconds, folder)
     rows, stages, raw = [], [], {}
     try:
@@ -218,9 +226,7 @@ def main(argv: list[str] | None = None) -> int:
             note = f" ({approx} turns timed from the nominal margin: no `in` in interplay.tick)" if approx else ""
             print(f"[e2e]   done in {time.monotonic() - t:.0f} s: mouth-to-ear p50 {m2e['p50']:.0f} ms, p99 {m2e['p99']:.0f} ms{note}", flush=True)
     finally:
-        if args.url is None:
-            from deployments.app import stop
-
+        if stop is not None:
             stop()
     print("\nmouth-to-ear, ms (browser model of the caller's buffer; aiortc caller: the Python client's own):")
     print_table(rows, list(rows[0]))

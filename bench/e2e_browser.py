@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     samples, rate = speech(args.seconds + 5, folder)
     wav = f"{folder}/mic.wav"  # Chromium's fake capture wants 48 kHz
     write_wav(wav, resample(samples, rate), 48_000)
-    url = args.url or start_app(args, folder)
+    url, stop = (args.url, None) if args.url else start_app(args, folder)
     driver = browser(folder, wav)
     try:
         driver.get(f"{url}/?measure&respond={args.respond_after}")
@@ -76,9 +76,7 @@ def main(argv: list[str] | None = None) -> int:
         driver.find_element(By.ID, "call").click()  # hang up
     finally:
         driver.quit()
-        if args.url is None:
-            from deployments.app import stop
-
+        if stop is not None:
             stop()
     rows = result["rows"]
     m2e = percentiles(r["mouth_to_ear_ms"] for r in rows)

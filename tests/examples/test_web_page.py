@@ -63,3 +63,23 @@ def test_the_page_completes_a_call(app_url, browser, tmp_path):
     browser.save_screenshot(str(tmp_path / "call.png"))
     browser.find_element(By.ID, "call").click()  # hang up
     assert browser.find_element(By.ID, "state").text == "idle"
+
+
+def test_the_page_measures_mouth_to_ear(app_url, browser):
+    """In its measurement mode the page asks for a response and times each spoken tick itself."""
+    from selenium.webdriver.common.by import By
+
+    browser.get(app_url + "/?measure&respond=1")
+    browser.find_element(By.ID, "key").send_keys(API_KEY)
+    browser.find_element(By.ID, "call").click()
+    deadline = time.time() + 30
+    while browser.find_element(By.ID, "state").text != "connected" and time.time() < deadline:
+        time.sleep(0.2)
+    time.sleep(5.0)
+    result = browser.execute_script("return window.interplayMeasure.summary(0)")
+    browser.find_element(By.ID, "call").click()
+    assert result["polls"] >= 20 and result["turns"] >= 3, result
+    row = result["rows"][-1]
+    assert 0 < result["p50"] < 2000 and row["caller buffer"] > 0  # the browser's jitter buffer is in it
+    parts = sum(row[k] for k in ("uplink", "server receive buffer", "gather", "step", "deliver", "playout", "downlink", "caller buffer"))
+    assert abs(parts - row["mouth_to_ear_ms"]) < 1  # the stages add up to the figure
