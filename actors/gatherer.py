@@ -153,5 +153,5 @@ class Gatherer:
             del call.levels[old]
         call.session.deliver(
             out, time.time(), late_s=self.clock.now() - self.clock.end(out.seq), in_level=call.levels.pop(out.seq, 0.0),
-            stages={"gathered": gathered, "returned": returned},
+            in_source=call.transport.source(out.seq), stages={"gathered": gathered, "returned": returned},
         )

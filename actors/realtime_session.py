@@ -300,8 +300,9 @@ class RealtimeSession:
         spread = float(np.percentile(self.lateness, 95) - np.percentile(self.lateness, 5)) * 1000
         return min(self.prebuffer_ms, spread + 10.0)
 
-    def deliver(self, out: OutputChunk, now: float, *, late_s: float = 0.0, in_level: float = 0.0, stages: dict | None = None) -> None:
-        """The model's output for tick `out.seq`, `late_s` after that tick's end."""
+    def deliver(self, out: OutputChunk, now: float, *, late_s: float = 0.0, in_level: float = 0.0, in_source: dict | None = None, stages: dict | None = None) -> None:
+        """The model's output for tick `out.seq`, `late_s` after that tick's end; the rest is for
+        interplay.tick: the tick's input level, where its input audio came from, stage times."""
         if out.seq <= self.last_out_seq:
             return  # an older tick answered after a newer one: its moment has passed
         self.last_out_seq = out.seq
@@ -310,7 +311,7 @@ class RealtimeSession:
         for event in out.events:
             send(event)
         if self.config.get("interplay", {}).get("tick_events"):
-            send(self._tick_event(out, now, in_level, stages or {}))
+            send(self._tick_event(out, now, in_level, in_source, stages or {}))
         if self._force is not None and self._force_seq is not None and out.seq >= self._force_seq and "yield" in out.controls:
             self._force = None  # the model yielded within the requested response: it is over
         speaking = is_speaking(out)
@@ -332,15 +333,16 @@ class RealtimeSession:
             run.transcript.append(out.text)
             send(server_event("response.output_audio_transcript.delta", response_id=run.response_id, item_id=run.item_id, output_index=0, content_index=0, delta=out.text))
 
-    def _tick_event(self, out: OutputChunk, now: float, in_level: float, stages: dict) -> dict:
+    def _tick_event(self, out: OutputChunk, now: float, in_level: float, in_source: dict | None, stages: dict) -> dict:
         """Our extension event: the tick's input/output level (RMS, 0..1 of full scale), the step's
-        time, the sample of the outgoing stream (48 kHz, silence included) where this tick's
-        audio, if any, begins to play, and the wall-clock times of each stage on the way."""
+        time, where its input audio came from in the caller's stream ("in", see
+        AudioChunker.source), the sample of the outgoing stream (48 kHz, silence included) where
+        this tick's audio, if any, begins to play, and the wall-clock times of each stage."""
         out_level = float(np.sqrt(np.mean(out.audio.astype(np.float32) ** 2)) / 32768)
         sample = self.sink.audio_out.next_play_sample
         return server_event(
             "interplay.tick", tick=out.seq, step_ms=round(out.step_ms, 3), in_level=round(in_level, 4), out_level=round(out_level, 4),
-            out_sample=sample, at={**stages, "written": now, "plays": self.sink.audio_out.time_of(sample)},
+            out_sample=sample, at={**stages, "written": now, "plays": self.sink.audio_out.time_of(sample)}, **{"in": in_source},
         )
 
     def _start_run(self) -> None:

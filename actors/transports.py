@@ -32,8 +32,7 @@ from protocols.clock import TickClock
 from protocols.realtime import MAX_EVENT_BYTES as REALTIME_MAX_EVENT_BYTES
 from protocols.realtime import decode_pcm16, server_event
 
-from . import audio_in
-from .audio_in import AudioChunker, BufferedAudioInput, frame_to_samples
+from .audio_in import AudioChunker, BufferedAudioInput, frame_to_samples, release_on_arrival
 from .ice import allowed_candidates, pinned_ice_addresses
 from .playout import EventAudioSink, PacedAudioTrack
 from .realtime_session import Sink
@@ -75,6 +74,9 @@ class Transport(Sink, Protocol):
 
     def video(self) -> np.ndarray | None: ...
 
+    def source(self, seq: int) -> dict | None:
+        """Where tick `seq`'s input audio came from, for interplay.tick (None where unknown)."""
+
     async def close(self) -> None: ...
 
 
@@ -91,9 +93,6 @@ class WebRTCTransport:
 
     def __init__(self, clock: TickClock, *, jitter_ms: float = 40.0, frame_size: int = 160, max_playout_s: float = 0.6, max_event_bytes: int = MAX_CHANNEL_EVENT_BYTES):
         self.pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))  # host candidates only: no STUN
-        unbuffered = getattr(audio_in, "unbuffered_receiver", None)
-        if unbuffered is not None:  # the chunker's own margin is the only receive buffer
-            unbuffered(self.pc)
         self.audio_in = AudioChunker(clock, jitter_ms=jitter_ms)
         self.frames = FrameSampler(frame_size)
         self.audio_out = PacedAudioTrack(max_queue_s=max_playout_s)
@@ -113,11 +112,20 @@ class WebRTCTransport:
         """The SDP answer to `sdp` (already `check_sdp`-ed); ProtocolError "invalid_sdp"."""
         try:
             await self.pc.setRemoteDescription(RTCSessionDescription(sdp=allowed_candidates(sdp, pinned_ice_addresses()), type="offer"))
+            self._unbuffer()
             self.pc.addTrack(self.audio_out)  # sends on the transceiver of the client's audio m-line
             await self.pc.setLocalDescription(await self.pc.createAnswer())  # returns once ICE gathering is done
         except Exception as exc:
             raise ProtocolError(f"could not negotiate the SDP offer: {exc}", "invalid_sdp", "sdp") from None
         return self.pc.localDescription.sdp
+
+    def _unbuffer(self) -> None:
+        """Packets go to the decoder as they arrive: the chunker's adaptive margin is the only
+        receive buffer, not aiortc's fixed one (about 80 ms) as well."""
+        try:
+            release_on_arrival(self.pc)
+        except RuntimeError as exc:  # calls still work, only later
+            log.warning("aiortc's receive jitter buffer stays in place: %s", exc)
 
     def _wire(self) -> None:
         pc = self.pc
@@ -212,6 +220,10 @@ class WebRTCTransport:
     def video(self):
         return self.frames.take()
 
+    def source(self, seq: int) -> dict | None:
+        """Where tick `seq`'s audio came from in the caller's stream (see AudioChunker.source)."""
+        return self.audio_in.source(seq)
+
     async def close(self) -> None:
         self._cancel_stop()
         for task in self.tasks:
@@ -267,6 +279,9 @@ class WebSocketTransport:
 
     def video(self):
         return None
+
+    def source(self, seq: int) -> dict | None:
+        return None  # appended audio has no place in a caller's real-time stream
 
     async def close(self) -> None:
         self.closed = True

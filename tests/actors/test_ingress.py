@@ -14,6 +14,7 @@ import ray
 from aiortc import RTCPeerConnection, RTCSessionDescription
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack, VideoStreamTrack
 
+from actors import audio_in
 from actors.ingress import Ingress, IngressActor
 from actors.realtime_session import RealtimeSession
 from actors.remote import Remote
@@ -242,6 +243,8 @@ def test_call_audio_and_events():
         sid = await client.connect(ingress)
         created = await client.wait_for("session.created")
         assert created["session"]["id"] == sid and created["session"]["interplay"]["log_token"] == f"token-{sid}"
+        receivers = ingress.sessions[sid].transport.pc.getReceivers()  # audio goes to the chunker as it arrives
+        assert [type(getattr(r, audio_in._BUFFER)) for r in receivers if r.track.kind == "audio"] == [audio_in.ArrivalBuffer]
         await client.wait_for("output_audio_buffer.started")
         await asyncio.sleep(1.5)
         # audio came back: the echoed tone, continuous after the first ticks
@@ -270,7 +273,7 @@ def test_call_audio_and_events():
         assert codes == ["invalid_json", "unknown_event", "invalid_value", "message_too_large"]
 
         # good events: session.update, typed text reaches the next chunk
-        client.send({"type": "session.update", "session": {"instructions": "be brief"}})
+        client.send({"type": "session.update", "session": {"instructions": "be brief", "interplay": {"tick_events": True}}})
         client.send({"type": "conversation.item.create", "item": {"type": "message", "role": "user", "content": [{"type": "input_text", "text": "hello there"}]}})
         updated = await client.wait_for("session.updated")
         assert updated["session"]["instructions"] == "be brief"
@@ -278,6 +281,9 @@ def test_call_audio_and_events():
         await asyncio.sleep(0.5)
         assert any(c.text == "hello there" for c in echo.chunks)
         assert any(e["type"] == "session.update" for c in echo.chunks for e in c.events)
+        tick = await client.wait_for("interplay.tick")  # our extension: where each tick's audio came from and went
+        assert tick["in"]["arrived"] <= tick["at"]["gathered"] <= tick["at"]["returned"] <= tick["at"]["written"]
+        assert tick["in_level"] > 0.1 and tick["out_sample"] > 0
 
         # truncation: beyond what was played is an error; within it interrupts the response
         item_id = client.of_type("response.output_item.added")[0]["item"]["id"]

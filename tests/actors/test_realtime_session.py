@@ -219,9 +219,10 @@ def test_bad_events_get_errors_and_the_session_goes_on():
     send(s, {"type": "session.update", "session": {"instructions": "be brief", "interplay": {"tick_events": True}}})
     updated = sink.of_type("session.updated")[-1]["session"]
     assert updated["instructions"] == "be brief" and updated["interplay"]["tick_events"] is True
-    s.deliver(out(s, 0, ["speak"], "hi"), 1.0, late_s=0.01, in_level=0.5, stages={"gathered": 0.9})
+    s.deliver(out(s, 0, ["speak"], "hi"), 1.0, late_s=0.01, in_level=0.5, in_source={"end": 9600}, stages={"gathered": 0.9})
     tick = sink.of_type("interplay.tick")[-1]
-    assert tick["tick"] == 0 and tick["in_level"] == 0.5 and tick["out_level"] > 0.1 and tick["at"]["gathered"] == 0.9
+    assert tick["tick"] == 0 and tick["in_level"] == 0.5 and tick["out_level"] > 0.1
+    assert tick["at"] == {"gathered": 0.9, "written": 1.0, "plays": None} and tick["in"] == {"end": 9600}
 
 
 def test_input_audio_and_buffer_events_go_to_the_transport():
