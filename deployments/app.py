@@ -1,15 +1,20 @@
-"""The Serve application and the actors behind it, brought up by `start(config)`.
+"""The Serve application and the actors behind it, brought up by one builder: `build(config)`.
 
-`start` creates the named actors (session log, interaction, ingress) and runs the Serve app: the
-HTTP gateway with `POST /v1/realtime/calls` (SDP offer in, answer out), `POST
-/v1/realtime/client_secrets`, the WebSocket `/v1/realtime`, `GET /` (the browser page),
-`/healthz` and `/metrics`. The gateway finds the actors by name, so its replicas hold no state.
+`build` reads the model's tick length (from its preset or checkpoint: a model is trained at one),
+creates the actors (session log, interaction, ingress), binds each one's handle into the next and
+runs the Serve app, whose HTTP gateway receives the handles it needs by `Gateway.bind`: `POST
+/v1/realtime/calls` (SDP offer in, answer out), `POST /v1/realtime/client_secrets`, the WebSocket
+`/v1/realtime` (sessions in the gateway's own in-process `Ingress`), `GET /` (the browser page),
+`/healthz` and `/metrics`. The actors belong to the process that built them and end with it (or
+with `stop`); while they run, a second `build` on the same cluster refuses instead of reusing them.
 """
 
+from __future__ import annotations
 
 import json
 import secrets
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import ray
@@ -17,21 +22,24 @@ from fastapi import FastAPI, Request, WebSocket
 from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, Response
 from ray import serve
 
-from protocols import ProtocolError
+from actors.remote import Remote
+from protocols import ProtocolError, TickClock
 
 from .auth import Auth, AuthError
 from .config import AppConfig
 
 NAMESPACE = "interplay"
-LOG_NAME = "session_log"
-INTERACTION_NAME = "interaction"
-INGRESS_NAME = "ingress"
 APP_NAME = "interplay"
+ROLES = ("session_log", "interaction", "ingress")  # the actors, in the order they come up
 WEB_DIR = Path(__file__).resolve().parents[1] / "examples" / "web"
 MAX_SDP_BYTES = 64 * 1024
 HTTP_STATUS = {"capacity": 503, "unauthorized": 401}
 
 api = FastAPI(title="Interplay", docs_url=None, redoc_url=None)
+
+
+class StartupError(RuntimeError):
+    """Interplay cannot start as configured; the message is one line fit for the console."""
 
 
 def _error(status: int, message: str, code: str) -> JSONResponse:
@@ -60,20 +68,21 @@ async def _read_offer(request: Request, body: bytes) -> tuple[str, dict | None]:
 @serve.deployment(num_replicas=1, max_ongoing_requests=256, ray_actor_options={"num_cpus": 0.1})
 @serve.ingress(api)
 class Gateway:
-    """HTTP and WebSocket edge. Holds no session state: calls live in the ingress actors."""
+    """HTTP and WebSocket edge. Calls live in the ingress actor; WebSocket sessions live in this
+    replica's own `Ingress`, next to their socket, so their audio and events cross no extra actor
+    hop and the replica exchanges once per tick for all of them."""
 
-    def __init__(self, config: dict, signing_key: bytes):
+    def __init__(self, config: dict, signing_key: bytes, interaction, ingress, clock: dict):
+        from actors.ingress import Ingress
+
         self.config = AppConfig.model_validate(config)
         self.auth = Auth(self.config.auth.keys(), signing_key, self.config.auth.client_secret_ttl_s)
-        self.ingress = ray.get_actor(INGRESS_NAME, namespace=NAMESPACE)
-        self.interaction = ray.get_actor(INTERACTION_NAME, namespace=NAMESPACE)
-        # WebSocket sessions live in this replica's own ingress, next to their socket: audio and
-        # events then cross no extra actor hop, and the replica exchanges once per tick for all.
-        from actors.ingress import InteractionIngress
-
+        self.interaction = Remote(interaction)
+        self.ingress = Remote(ingress)
         jitter_ms, prebuffer_ms = self.config.margins_ms()
-        self.websockets = InteractionIngress(
-            self.interaction, NAMESPACE, self.config.interaction.max_sessions, jitter_s=jitter_ms / 1000, prebuffer_ms=prebuffer_ms,
+        self.websockets = Ingress(
+            self.interaction, TickClock.from_dict(clock), max_sessions=self.config.interaction.max_sessions,
+            jitter_ms=jitter_ms, prebuffer_ms=prebuffer_ms,
         )
 
     @api.get("/")
@@ -83,16 +92,16 @@ class Gateway:
     @api.get("/healthz")
     async def healthz(self) -> JSONResponse:
         try:
-            stats = await self.interaction.stats.remote()
-            await self.ingress.stats.remote()
+            stats = await self.interaction.stats()
+            await self.ingress.stats()
         except Exception as exc:  # an actor is down: the deployment is not healthy
             return _error(503, f"unhealthy: {exc}", "unhealthy")
         return JSONResponse({"status": "ok", "sessions": stats["sessions"], "tick": stats["tick"]})
 
     @api.get("/metrics")
     async def metrics(self) -> PlainTextResponse:
-        interaction = await self.interaction.stats.remote()
-        ingress = await self.ingress.stats.remote()
+        interaction = await self.interaction.stats()
+        ingress = await self.ingress.stats()
         lines = [
             "# TYPE interplay_sessions gauge", f"interplay_sessions {interaction['sessions']}",
             "# TYPE interplay_tick counter", f"interplay_tick {interaction['tick']}",
@@ -102,6 +111,8 @@ class Gateway:
             "# TYPE interplay_late_chunks gauge", f"interplay_late_chunks {interaction['late_chunks']}",
             "# TYPE interplay_missing_chunks gauge", f"interplay_missing_chunks {interaction['missing_chunks']}",
         ]
+        for key, value in sorted(interaction["totals"].items()):
+            lines += [f"# TYPE interplay_{key}_total counter", f"interplay_{key}_total {value}"]
         for key, value in sorted(ingress.items()):
             if isinstance(value, (int, float)) and not isinstance(value, bool):
                 lines += [f"# TYPE interplay_ingress_{key} gauge", f"interplay_ingress_{key} {value}"]
@@ -135,7 +146,7 @@ class Gateway:
             return _error(400, f"offer larger than {MAX_SDP_BYTES} bytes", "invalid_sdp")
         try:
             sdp, session = await _read_offer(request, body)
-            answer = await self.ingress.offer.remote(sdp, session)
+            answer = await self.ingress.offer(sdp, session)
         except ProtocolError as exc:
             return _error(HTTP_STATUS.get(exc.code, 400), str(exc), exc.code)
         call_id = answer["session_id"]
@@ -145,7 +156,7 @@ class Gateway:
     async def hangup(self, call_id: str, request: Request) -> Response:
         try:
             self.auth.check(request.headers.get("authorization"))
-            await self.ingress.close.remote(call_id)
+            await self.ingress.close(call_id)
         except AuthError as exc:
             return _error(exc.status, str(exc), "unauthorized")
         except ProtocolError as exc:
@@ -162,64 +173,145 @@ class Gateway:
 # --- bringing it up ---------------------------------------------------------------------------
 
 
-def start(config: AppConfig) -> dict[str, str]:
-    """Create the actors and run the Serve app on a connected Ray cluster; returns each part's status."""
+@dataclass
+class App:
+    """A running Interplay: the actors' handles, the clock, and a status line per part."""
+
+    config: AppConfig
+    log: object
+    interaction: object
+    ingress: object
+    clock: TickClock
+    parts: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.config.http.host}:{self.config.http.port}"
+
+
+def model_tick_ms(config: AppConfig) -> int:
+    """The tick length of the configured model; StartupError if `interaction.tick_ms` says otherwise."""
+    spec = engine_spec(config)
+    source = f"checkpoint {spec.checkpoint}" if spec.checkpoint else f"preset {spec.preset!r}"
+    try:
+        tick_ms = spec.model_config().tick_ms
+    except (OSError, KeyError, ValueError) as exc:
+        raise StartupError(f"cannot read the model's config ({source}): {exc}") from None
+    wanted = config.interaction.tick_ms
+    if wanted is not None and wanted != tick_ms:
+        raise StartupError(
+            f"interaction.tick_ms is {wanted} ms but the model ({source}) is trained at {tick_ms} ms: "
+            f"remove interaction.tick_ms or set it to {tick_ms}"
+        )
+    return tick_ms
+
+
+def engine_spec(config: AppConfig):
+    from actors.interaction import EngineSpec
+
+    m = config.model
+    return EngineSpec(preset=m.preset, checkpoint=m.checkpoint, device=m.device, max_sessions=config.interaction.max_sessions)
+
+
+def actor_options(config: AppConfig, resources: dict[str, float]) -> dict[str, dict]:
+    """What each actor asks of a cluster offering `resources` (its totals): the interaction actor a
+    GPU when there is one (and the model may use it), and each actor its role's custom resource
+    (`session_log`, `interaction`, `ingress`) where the cluster defines it, which pins it to the
+    node type meant for it (see cluster.yaml)."""
+    gpu = resources.get("GPU", 0) >= 1 and config.model.device in ("auto", "cuda")
+    options: dict[str, dict] = {role: {} for role in ROLES}
+    options["interaction"]["num_gpus"] = 1 if gpu else 0
+    for role in ROLES:
+        if resources.get(role, 0) >= 1:
+            options[role]["resources"] = {role: 1}
+    return options
+
+
+def build(config: AppConfig) -> App:
+    """Create the actors, bind their handles and run the Serve app on the connected Ray cluster."""
     from actors.ingress import IngressActor
     from actors.interaction import InteractionActor
-    from actors.session_log import start_session_log
+    from actors.session_log import SessionLogActor
 
+    tick_ms = model_tick_ms(config)
+    options = actor_options(config, ray.cluster_resources())
     parts: dict[str, str] = {}
-    t = time.monotonic()
-    start_session_log(config.log.root, name=LOG_NAME, namespace=NAMESPACE, detached=True, retention_s=config.log.retention_s)
-    parts["session_log"] = f"up ({config.log.root}, retention {config.log.retention_s:.0f} s) in {time.monotonic() - t:.1f} s"
+    made: list = []
 
-    t = time.monotonic()
-    gpu = ray.cluster_resources().get("GPU", 0) >= 1 and config.model.device in ("auto", "cuda")
-    interaction = InteractionActor.options(
-        name=INTERACTION_NAME, namespace=NAMESPACE, num_gpus=1 if gpu else 0, get_if_exists=True, lifetime="detached"
-    ).remote(config.model_dump(), LOG_NAME)
-    clock = ray.get(interaction.ready.remote())
-    parts["interaction"] = f"up ({config.model.preset} on {'GPU' if gpu else 'CPU'}, clock t0={clock['t0']:.3f}) in {time.monotonic() - t:.1f} s"
+    def create(role: str, cls, *args, **kwargs):
+        try:
+            handle = cls.options(name=role, namespace=NAMESPACE, **options[role]).remote(*args, **kwargs)
+        except ValueError as exc:  # the name is taken: another build's actors are alive
+            raise StartupError(
+                f"Interplay is already running on this Ray cluster (its {role} actor is alive): "
+                "stop that `interplay serve` first"
+            ) from exc
+        made.append(handle)
+        return handle
 
-    t = time.monotonic()
-    # A server bound to loopback keeps its WebRTC media on loopback too (aioice skips 127.0.0.1).
-    ice = config.ingress.ice_addresses or (["127.0.0.1"] if config.loopback else None)
-    jitter_ms, prebuffer_ms = config.margins_ms()
-    ingress = IngressActor.options(name=INGRESS_NAME, namespace=NAMESPACE, get_if_exists=True, lifetime="detached").remote(
-        INTERACTION_NAME, NAMESPACE, config.interaction.max_sessions, ice_addresses=ice, clock=clock,
-        jitter_s=jitter_ms / 1000, prebuffer_ms=prebuffer_ms,
-    )
-    ray.get(ingress.stats.remote())
-    parts["ingress"] = f"up (margins: jitter {jitter_ms:.0f} ms, playout {prebuffer_ms:.0f} ms) in {time.monotonic() - t:.1f} s"
+    try:
+        t = time.monotonic()
+        log = create("session_log", SessionLogActor, _absolute(config.log.root), tick_ms=tick_ms, retention_s=config.log.retention_s)
+        ray.get(log.stats.remote())
+        parts["session_log"] = f"up ({config.log.root}, retention {config.log.retention_s:.0f} s) in {time.monotonic() - t:.1f} s"
 
+        t = time.monotonic()
+        spec = engine_spec(config)
+        interaction = create(
+            "interaction", InteractionActor, spec, log=Remote(log),
+            grace_ms=config.interaction.grace_ms, max_sessions=config.interaction.max_sessions,
+        )
+        clock = TickClock.from_dict(ray.get(interaction.ready.remote()))
+        where = "GPU" if options["interaction"]["num_gpus"] else "CPU"
+        parts["interaction"] = f"up ({spec.checkpoint or spec.preset} on {where}, {clock.tick_ms} ms ticks, t0={clock.t0:.3f}) in {time.monotonic() - t:.1f} s"
+
+        t = time.monotonic()
+        # A server bound to loopback keeps its WebRTC media on loopback too (aioice skips 127.0.0.1).
+        ice = config.ingress.ice_addresses or (["127.0.0.1"] if config.loopback else None)
+        jitter_ms, prebuffer_ms = config.margins_ms()
+        ingress = create(
+            "ingress", IngressActor, Remote(interaction), clock.to_dict(),
+            max_sessions=config.interaction.max_sessions, jitter_ms=jitter_ms, prebuffer_ms=prebuffer_ms, ice_addresses=ice,
+        )
+        ray.get(ingress.stats.remote())
+        parts["ingress"] = f"up (margins: jitter {jitter_ms:.0f} ms, playout {prebuffer_ms:.0f} ms) in {time.monotonic() - t:.1f} s"
+    except BaseException:  # nothing half-built stays behind
+        for handle in made:
+            ray.kill(handle, no_restart=True)
+        raise
+
+    app = App(config, log, interaction, ingress, clock, parts)
     t = time.monotonic()
     serve.start(http_options={"host": config.http.host, "port": config.http.port})
-    signing_key = secrets.token_bytes(32)
-    serve.run(Gateway.bind(config.model_dump(), signing_key), name=APP_NAME, route_prefix="/")
-    parts["http"] = f"up at http://{config.http.host}:{config.http.port}/ in {time.monotonic() - t:.1f} s"
-    return parts
+    gateway = Gateway.bind(config.model_dump(), secrets.token_bytes(32), interaction, ingress, clock.to_dict())
+    serve.run(gateway, name=APP_NAME, route_prefix="/")  # replaces an earlier run's app
+    parts["http"] = f"up at {app.url}/ in {time.monotonic() - t:.1f} s"
+    return app
+
+
+def stop(app: App) -> None:
+    """Take the app down: the Serve application, then its actors."""
+    try:
+        serve.delete(APP_NAME)
+    except Exception:
+        pass
+    for handle in (app.ingress, app.interaction, app.log):
+        ray.kill(handle, no_restart=True)
 
 
 def status() -> dict[str, str]:
     """Each part's state on a running deployment (the caller has connected to Ray)."""
-    out: dict[str, str] = {}
-    for name in (LOG_NAME, INTERACTION_NAME, INGRESS_NAME):
-        try:
-            ray.get_actor(name, namespace=NAMESPACE)
-            out[name] = "alive"
-        except ValueError:
-            out[name] = "absent"
+    from ray.util.state import list_actors
+
+    alive = {a.name for a in list_actors(filters=[("ray_namespace", "=", NAMESPACE), ("state", "=", "ALIVE")])}
+    out = {role: "alive" if role in alive else "absent" for role in ROLES}
     try:
-        out["http"] = str(serve.status().applications.get(APP_NAME).status)
+        out["http"] = str(serve.status().applications[APP_NAME].status)
     except Exception:
         out["http"] = "absent"
     return out
 
 
-def stop() -> None:
-    serve.shutdown()
-    for name in (INGRESS_NAME, INTERACTION_NAME, LOG_NAME):
-        try:
-            ray.kill(ray.get_actor(name, namespace=NAMESPACE))
-        except ValueError:
-            pass
+def _absolute(root: str) -> str:
+    """A local log root as an absolute path: the actor's working directory is not the caller's."""
+    return root if "://" in root else str(Path(root).expanduser().resolve())

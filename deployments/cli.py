@@ -1,8 +1,10 @@
 """The `interplay` command: bring the system up on a Ray cluster and look at it.
 
 `interplay serve` starts (or joins) a Ray cluster and brings up every part on the configured
-defaults, printing each part's status as it comes up; `interplay status` reports on a running one;
-`interplay call --wav F` calls one over WebRTC with a WAV file and records the reply.
+defaults, printing each part's status; the parts run until it is stopped (Ctrl-C), and a second
+`interplay serve` on the same cluster refuses while they do. `interplay status` reports on a
+running one; `interplay call --wav F` calls one over WebRTC with a WAV file and records the reply
+(the example client, `examples/call.py`).
 """
 
 from __future__ import annotations
@@ -13,11 +15,11 @@ import time
 
 from .config import AppConfig
 
-NAMESPACE = "interplay"
-
 
 def _init_ray(address: str | None) -> None:
     import ray
+
+    from .app import NAMESPACE
 
     print(f"[interplay] starting Ray ({'joining ' + address if address else 'local cluster'}) ...", flush=True)
     t = time.monotonic()
@@ -29,36 +31,43 @@ def _init_ray(address: str | None) -> None:
 def cmd_serve(args: argparse.Namespace) -> int:
     from pydantic import ValidationError
 
-    from .app import start
+    from .app import StartupError, build, model_tick_ms, stop
 
     try:
         config = AppConfig.load(args.config)
-    except (OSError, ValidationError, ValueError) as exc:
-        print(f"interplay: bad config {args.config}: {exc}", file=sys.stderr)
+        if args.port:
+            config.http.port = args.port
+        if args.host:
+            config.http.host = args.host
+        model_tick_ms(config)  # refuse a mismatched tick before starting anything
+    except (OSError, ValidationError, ValueError, StartupError) as exc:
+        print(f"interplay: bad config {args.config or '(defaults)'}: {exc}", file=sys.stderr)
         return 2
-    if args.port:
-        config.http.port = args.port
-    if args.host:
-        config.http.host = args.host
     _init_ray(args.address)
-    parts = start(config)
-    for name, status in parts.items():
-        print(f"[interplay] {name:<12} {status}", flush=True)
-    if args.once:
-        return 0
-    print("[interplay] running; Ctrl-C stops it", flush=True)
     try:
+        app = build(config)
+    except StartupError as exc:
+        print(f"interplay: {exc}", file=sys.stderr)
+        return 2
+    for name, status in app.parts.items():
+        print(f"[interplay] {name:<12} {status}", flush=True)
+    try:
+        if args.once:
+            return 0
+        print("[interplay] running; Ctrl-C stops it", flush=True)
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:
         print("\n[interplay] stopping", flush=True)
+    finally:
+        stop(app)
     return 0
 
 
 def cmd_status(args: argparse.Namespace) -> int:
     import ray
 
-    from .app import status
+    from .app import NAMESPACE, status
 
     ray.init(address=args.address or "auto", namespace=NAMESPACE, logging_level="ERROR")
     for name, state in status().items():
@@ -86,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     st.set_defaults(func=cmd_status)
 
     argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["call"]:  # the client has its own options: examples/call.py
+    if argv[:1] == ["call"]:  # the example client, with its own options
         from examples.call import main as call_main
 
         return call_main(argv[1:])

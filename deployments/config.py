@@ -26,7 +26,9 @@ class ModelSection(_Section):
 
 class InteractionSection(_Section):
     max_sessions: int = Field(16, ge=1)
-    tick_ms: int = Field(200, ge=20)
+    # The tick length is the model's (from its preset or checkpoint). Set here, it must match
+    # that, or start-up refuses: a model is trained at one tick length.
+    tick_ms: int | None = None
     grace_ms: int = Field(40, ge=0)  # how long past the tick a chunk may still arrive
 
 

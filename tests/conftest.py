@@ -47,9 +47,10 @@ API_KEY = "sk-test-interplay"
 
 
 @pytest.fixture(scope="session")
-def app_url(ray_cluster, tmp_path_factory):
-    """The whole application on the local cluster (log, interaction, ingress, Serve), with a key."""
-    from deployments.app import start, stop
+def app(ray_cluster, tmp_path_factory):
+    """The whole application on the local cluster (log, interaction, ingress, Serve), with a key:
+    the builder's `App`, whose handles tests use directly."""
+    from deployments.app import build, stop
     from deployments.config import AppConfig
 
     config = AppConfig.model_validate({
@@ -58,9 +59,14 @@ def app_url(ray_cluster, tmp_path_factory):
         "auth": {"api_keys": [API_KEY]},
         "interaction": {"max_sessions": 8, "grace_ms": 60},
     })
-    start(config)
-    yield f"http://127.0.0.1:{APP_PORT}"
-    stop()
+    built = build(config)
+    yield built
+    stop(built)
+
+
+@pytest.fixture(scope="session")
+def app_url(app):
+    return app.url
 
 
 @pytest.fixture(scope="session")

@@ -30,3 +30,23 @@ def test_serve_refuses_a_config_with_a_typo(tmp_path):
     result = subprocess.run([str(exe), "serve", "--config", str(config), "--once"], capture_output=True, text=True, timeout=60)
     assert result.returncode == 2 and "bad config" in result.stderr and "prot" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_serve_refuses_a_tick_length_the_model_was_not_trained_at(tmp_path):
+    exe = Path(sys.executable).parent / "interplay"
+    if not exe.exists():
+        pytest.skip("package not installed in this environment")
+    config = tmp_path / "config.yaml"
+    config.write_text("interaction: {tick_ms: 100}\n")
+    result = subprocess.run([str(exe), "serve", "--config", str(config), "--once"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    (line,) = result.stderr.strip().splitlines()
+    assert "tick_ms is 100 ms" in line and "trained at 200 ms" in line
+    assert "starting Ray" not in result.stdout  # refused before anything started
+
+
+def test_the_namespace_is_defined_once():
+    import deployments.app
+    import deployments.cli
+
+    assert not hasattr(deployments.cli, "NAMESPACE") and deployments.app.NAMESPACE == "interplay"

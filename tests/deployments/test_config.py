@@ -45,14 +45,66 @@ def test_console_script_is_installed():
     assert result.returncode == 0 and "serve" in result.stdout
 
 
-def test_cluster_launcher_file_is_valid_for_ray():
+def test_cluster_launcher_file_is_valid_for_ray_and_offers_what_the_actors_ask_for():
     from ray.autoscaler._private.util import prepare_config, validate_config
+
+    from deployments.app import actor_options
 
     config = prepare_config(yaml.safe_load((ROOT / "cluster.yaml").read_text()))
     validate_config(config)
-    types = config["available_node_types"]
-    assert types["interaction_gpu"]["resources"] == {"interaction": 1}
-    assert types["background_gpu"]["resources"] == {"background": 1}
+    offered = {name: dict(t["resources"]) for name, t in config["available_node_types"].items()}
+    totals: dict[str, float] = {}
+    for resources in offered.values():
+        for key, n in resources.items():
+            totals[key] = totals.get(key, 0) + n
+    options = actor_options(AppConfig(), totals)
+
+    def asks(role):
+        wanted = dict(options[role].get("resources", {}))
+        if options[role].get("num_gpus"):
+            wanted["GPU"] = options[role]["num_gpus"]
+        return wanted
+
+    # Each actor fits exactly the node type meant for it, and nothing else.
+    hosts = {role: [name for name, res in offered.items() if all(res.get(k, 0) >= n for k, n in asks(role).items())] for role in options}
+    assert hosts == {"session_log": ["head"], "interaction": ["interaction_gpu"], "ingress": ["head"]}
+    # Every custom resource the file offers is one some actor asks for.
+    custom = {k for res in offered.values() for k in res if k not in ("CPU", "GPU", "memory")}
+    assert custom == {k for role in options for k in options[role].get("resources", {})}
+
+
+def test_actors_ask_for_nothing_a_plain_cluster_lacks():
+    from deployments.app import actor_options
+
+    assert actor_options(AppConfig(), {"CPU": 8}) == {"session_log": {}, "interaction": {"num_gpus": 0}, "ingress": {}}
+    assert actor_options(AppConfig(), {"CPU": 8, "GPU": 1})["interaction"] == {"num_gpus": 1}
+    cpu_only = AppConfig.model_validate({"model": {"device": "cpu"}})
+    assert actor_options(cpu_only, {"GPU": 1, "interaction": 2})["interaction"] == {"num_gpus": 0, "resources": {"interaction": 1}}
+
+
+def test_the_tick_length_is_the_models_and_a_yaml_that_disagrees_is_refused_in_one_line(tmp_path):
+    from deployments.app import StartupError, model_tick_ms
+
+    assert model_tick_ms(AppConfig()) == 200  # the tiny preset's
+    assert model_tick_ms(AppConfig.model_validate({"interaction": {"tick_ms": 200}})) == 200
+    with pytest.raises(StartupError) as info:
+        model_tick_ms(AppConfig.model_validate({"interaction": {"tick_ms": 100}}))
+    message = str(info.value)
+    assert "\n" not in message and "100" in message and "trained at 200 ms" in message
+    with pytest.raises(StartupError, match="cannot read the model's config"):
+        model_tick_ms(AppConfig.model_validate({"model": {"checkpoint": str(tmp_path / "nothing-here")}}))
+
+
+def test_a_checkpoint_brings_its_own_tick_length(tmp_path):
+    import json
+
+    from deployments.app import model_tick_ms
+    from models.checkpoint import CONFIG_FILE, FORMAT
+    from models.config import InteractionConfig
+
+    cfg = InteractionConfig.preset("tiny").replace(tick_ms=400)
+    (tmp_path / CONFIG_FILE).write_text(json.dumps({"format": FORMAT, **cfg.to_dict()}))
+    assert model_tick_ms(AppConfig.model_validate({"model": {"checkpoint": str(tmp_path)}})) == 400
 
 
 def test_margins_suit_where_the_server_listens():
