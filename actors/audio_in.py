@@ -107,9 +107,6 @@ def release_on_arrival(target) -> int:
     return switched
 
 
-unbuffered_receiver = release_on_arrival  # the name the WebRTC transport looks up
-
-
 def _switch(receiver) -> bool:
     track = getattr(receiver, "track", None)
     kind = getattr(receiver, "_RTCRtpReceiver__kind", None) or getattr(track, "kind", None)
