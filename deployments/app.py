@@ -9,7 +9,7 @@ runs the Serve app, whose HTTP gateway receives the handles it needs by `Gateway
 with `stop`); while they run, a second `build` on the same cluster refuses instead of reusing them.
 """
 
-from __future__ import annotations
+# No postponed annotations in this module: FastAPI reads the routes' parameter types.
 
 import json
 import secrets
