@@ -301,9 +301,7 @@ def stop(app: App) -> None:
 
 def status() -> dict[str, str]:
     """Each part's state on a running deployment (the caller has connected to Ray)."""
-    from ray.util.state import list_actors
-
-    alive = {a.name for a in list_actors(filters=[("ray_namespace", "=", NAMESPACE), ("state", "=", "ALIVE")])}
+    alive = {a["name"] for a in ray.util.list_named_actors(all_namespaces=True) if a["namespace"] == NAMESPACE}
     out = {role: "alive" if role in alive else "absent" for role in ROLES}
     try:
         out["http"] = str(serve.status().applications[APP_NAME].status)

@@ -228,9 +228,11 @@ def test_video_sent_alongside_reaches_the_model_as_frames(app, app_url, speech_w
 
 
 def test_a_second_build_on_the_same_cluster_refuses_while_the_first_runs(app):
-    from deployments.app import StartupError, build
+    from deployments.app import StartupError, build, status
 
     changed = app.config.model_copy(update={"http": app.config.http.model_copy(update={"port": 8125})})
     with pytest.raises(StartupError, match="already running"):
         build(changed)
     assert stats(app.interaction)["tick"] >= 0  # the running one is untouched
+    parts = status()
+    assert [parts[role] for role in ("session_log", "interaction", "ingress")] == ["alive"] * 3 and "RUNNING" in parts["http"]
