@@ -142,11 +142,14 @@ class AudioChunker:
     The margin adapts to each session. It starts at `jitter_ms` (the cap); once `history_ms` of
     audio came, it is the `percentile` of the arrival spread over the last `window_ms` (each
     block's lateness relative to the earliest-arriving block in the window) plus `floor_ms`,
-    capped at `jitter_ms`: a steady caller gets a few ms, a jittery one more. The placement moves
-    to a new margin only where that cannot tear audio: on a quiet block (RMS below `quiet`) or
-    over lost packets, and only by 1 ms or more. So tick k's audio is normally complete `margin`
-    before the tick ends. The resampler's own delay (about 1 ms) is added to the placement, so a
-    chunk completes as soon as its input has arrived. `t_arrival=None` means contiguous and
+    capped at `jitter_ms`: a steady caller gets a few ms, a jittery one more. Blocks are placed
+    to end on tick boundaries (when they tile the tick, as 20 ms packets do 200 ms ticks), so the
+    packet carrying a tick's last sample is the last one that tick waits for: that costs up to
+    one block more than the margin, depending on the caller's packet phase. The placement moves
+    only where that cannot tear audio: on a quiet block (RMS below `quiet`) or over lost packets,
+    and only by 1 ms or more. So tick k's audio is normally complete `margin` before the tick
+    ends. The resampler's own delay (about 1 ms) is added to the placement, so a chunk completes
+    as soon as its input has arrived. `t_arrival=None` means contiguous and
     unchecked (the first block is stamped now); the margin then stays at the cap.
 
     Chunks come out of `pop_ready()`; `pop_ready(until=k)` also closes a partly filled chunk of
@@ -180,12 +183,13 @@ class AudioChunker:
         self._resampler: av.AudioResampler | None = None
         self._rate: int | None = None
         self._fresh = False  # the resampler has not output anything yet: its delay is unknown
+        self._delay_s = 0.0  # how much of its input the resampler holds back (s)
         self._pos: int | None = None  # 16 kHz sample index (since t0) of the next resampled sample
         self._in_end = 0.0  # clock time (s since t0) where the input so far ends
         self._next_pts: int | None = None  # the sender's index of the sample expected next
         self._src = 0  # the sender's index after the last sample placed
         self._late_run = 0.0  # seconds of consecutive audio that arrived late
-        self._sources: deque[tuple[int, dict]] = deque(maxlen=64)  # (16 kHz end position, source)
+        self._sources: deque[tuple] = deque(maxlen=64)  # (16 kHz start, end, sender's start index, rate, arrival, margin) a block
         self._seq = -1  # tick of the chunk being filled
         self._buf = np.zeros(self.tick_samples, np.int16)
         self._filled = 0  # samples written into _buf (including leading silence)
@@ -220,7 +224,7 @@ class AudioChunker:
         arrived = self._since_t0(t_arrival)  # clock s
         gap = 0
         if self._pos is None:
-            self._anchor(arrived + self.margin_s - len(x) / rate, rate)
+            self._anchor(self._aligned(arrived + self.margin_s, len(x) / rate) - len(x) / rate, rate)
         else:
             if rate != self._rate:
                 self._flush_resampler()
@@ -235,13 +239,13 @@ class AudioChunker:
             self._late_run = self._late_run + len(x) / rate if is_late else 0.0
             if late is not None and (late > self.stall_s - self.margin_s or self._late_run >= self.resync_s):
                 self._flush_resampler()
-                self._anchor(arrived + self.margin_s - len(x) / rate, rate)
+                self._anchor(self._aligned(arrived + self.margin_s, len(x) / rate) - len(x) / rate, rate)
                 self.gaps += 1
                 gap = 0
             elif late is not None:
                 self.late_blocks += late > 0
                 self._observe(len(x) / rate, late)
-                move = self._move()
+                move = self._move(self._in_end + (gap + len(x)) / rate, len(x) / rate)
                 if not (gap or self._is_quiet(x)):
                     move = 0.0
                 if move < 0:  # place earlier: leave out part of the lost stretch, or of this quiet block
@@ -258,20 +262,20 @@ class AudioChunker:
         self._src = (pts if pts is not None else self._src) + len(samples)
         if len(x):
             self._feed(x, rate)
-        self._sources.append((self._pos, {"end": self._src, "arrived": t_arrival, "margin_ms": self.margin_ms}))
+            placed = round(len(x) * SAMPLE_RATE / rate)
+            self._sources.append((self._pos - placed, self._pos, self._src - len(x), rate, t_arrival, self.margin_ms))
         self._next_pts = None if pts is None else pts + len(samples)
 
     def source(self, seq: int) -> dict | None:
         """Where tick `seq`'s audio came from: {"end": the sender's index (its pts units, else
-        samples pushed) just after the last sample placed in it, "arrived": local wall time that
-        block arrived, "margin_ms": the margin then}; None if no audio of it is known."""
+        samples pushed) just after the last sample placed in it, "arrived": local wall time the
+        block holding that sample arrived, "margin_ms": the margin then}; None if unknown."""
         lo, hi = seq * self.tick_samples, (seq + 1) * self.tick_samples
         found = None
-        for end, src in self._sources:
-            if end > hi:
-                break
-            if end > lo:
-                found = src
+        for start, end, src, rate, arrived, margin_ms in self._sources:
+            if start < hi and end > lo:  # the block holding the tick's last sample wins
+                upto = min(end, hi)
+                found = {"end": src + round((upto - start) * rate / SAMPLE_RATE), "arrived": arrived, "margin_ms": margin_ms}
         return found
 
     def _is_quiet(self, x: np.ndarray) -> bool:
@@ -283,9 +287,20 @@ class AudioChunker:
         while self._window_len - self._lates[0][0] >= self.window_s:
             self._window_len -= self._lates.popleft()[0]
 
-    def _move(self) -> float:
-        """The placement move (s, + later) to the margin the arrival spread asks for (0 if under
-        1 ms); refreshes `margin_s` from the window."""
+    def _aligned(self, end: float, block_s: float) -> float:
+        """The earliest place >= `end` (clock s) for a block of `block_s` to end at so that what
+        the resampler has given out of it by then ends on a tick boundary: so a tick's audio is
+        complete as soon as the block carrying its last sample has come, and no tick ends
+        inside a block that arrives after it. Unchanged when blocks do not tile the tick."""
+        per_tick = self.clock.tick_s / block_s
+        if abs(per_tick - round(per_tick)) > 1e-6:
+            return end
+        pad = (self._delay_s - end) % block_s
+        return end if pad > block_s - 1e-6 else end + pad
+
+    def _move(self, block_end: float, block_s: float) -> float:
+        """The placement move (s, + later) to the margin the arrival spread asks for, aligned
+        (see `_aligned`; 0 if under 1 ms); refreshes `margin_s` from the window."""
         if self._window_len < self.history_s:
             return 0.0
         lates = np.fromiter((v for _, v in self._lates), float, len(self._lates)) - self._shift
@@ -293,7 +308,7 @@ class AudioChunker:
         self.margin_s = max(0.0, -earliest)
         spread = float(np.percentile(lates, self.percentile)) - earliest
         target = min(spread + self.floor_s, self.jitter_s)
-        move = earliest + target  # the earliest block then arrives `target` before its place
+        move = self._aligned(block_end + earliest + target, block_s) - block_end  # the earliest block then arrives `target` (or up to a block more) early
         return move if abs(move) >= 0.001 else 0.0
 
     def _moved(self, seconds: float) -> None:
@@ -337,7 +352,9 @@ class AudioChunker:
         self._in_end += len(x) / rate
         y = resample_all(self._resampler, to_av_frame(x, rate))
         if self._fresh:  # place output as late as the resampler holds it back
-            self._pos += max(0, round(len(x) * SAMPLE_RATE / rate) - len(y))
+            held = max(0, round(len(x) * SAMPLE_RATE / rate) - len(y))
+            self._pos += held
+            self._delay_s = held / SAMPLE_RATE
             self._fresh = False
         self._write(y)
 

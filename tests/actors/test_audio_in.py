@@ -48,13 +48,13 @@ def test_chunker_48k_stereo_matches_one_shot():
 def test_chunker_24k_mono_and_alignment_padding():
     x = tone(24000, 0.5)
     chunker = AudioChunker(CLOCK, jitter_ms=40)
-    feed(chunker, x, 24000, start=T0 + 0.05)  # joins 50 ms into tick 0; placed 40 ms later
+    feed(chunker, x, 24000, start=T0 + 0.05)  # joins 50 ms into tick 0; placed 40-60 ms later
     chunks = chunker.pop_ready()
-    assert [seq for seq, _ in chunks] == [0, 1]
+    assert [seq for seq, _ in chunks] == [0, 1, 2]
     first = chunks[0][1]
-    assert not first[:1440].any()  # 90 ms of leading silence
-    assert np.abs(first[1500:]).max() > 7000
-    got = np.concatenate([a for _, a in chunks])[1440:]
+    assert not first[:1600].any()  # 100 ms of leading silence: blocks end on the 20 ms grid
+    assert np.abs(first[1660:]).max() > 7000
+    got = np.concatenate([a for _, a in chunks])[1600:]
     ref = one_shot(x, 24000)
     errors = [np.abs(got[d:].astype(int) - ref[: len(got) - d]).max() for d in range(32)]  # up to 2 ms resampler delay
     assert min(errors) <= 1
@@ -169,19 +169,20 @@ def placed(chunker: AudioChunker, upto: int) -> np.ndarray:
 
 def test_margin_shrinks_for_a_steady_caller_at_a_pause_without_tearing():
     chunker = AudioChunker(CLOCK, jitter_ms=40)
-    sent = speak(chunker, [("tone", 0.6), ("silence", 0.2), ("tone", 0.6)], jitter_ms=0.5)
+    start = T0 + 0.015  # packets end 15 ms after the 20 ms grid: a 3-5 ms margin needs little aligning
+    sent = speak(chunker, [("tone", 0.6), ("silence", 0.2), ("tone", 0.6)], jitter_ms=0.5, start=start)
     assert chunker.margin_ms <= 6 and chunker.moves >= 1
-    got = placed(chunker, 7)
-    # the first tone sits 40 ms after its arrival; the second a few ms after its arrival
-    assert found_at(got, sent[:9600], 640, 650)
-    assert found_at(got, sent[12800:], 12800, 12800 + 100), "the second tone must be placed whole and contiguous"
+    got = placed(chunker, 8)
+    # the first tone sits 40-60 ms after it was sent (aligned: 45), the second a few ms after
+    assert found_at(got, sent[:9600], 960, 970)
+    assert found_at(got, sent[12800:], 12800 + 240 + 50, 12800 + 240 + 100), "the second tone must be placed whole and contiguous"
     assert chunker.late_blocks <= 2 and chunker.gaps == 0 and chunker.dropped_blocks == 0
 
 
 def test_margin_grows_for_a_jittery_caller():
     chunker = AudioChunker(CLOCK, jitter_ms=60)
     talk = [("tone", 0.4), ("silence", 0.1)] * 4
-    speak(chunker, talk, jitter_ms=0.5)
+    speak(chunker, talk, jitter_ms=0.5, start=T0 + 0.015)
     steady = chunker.margin_ms
     late_before = chunker.late_blocks
     speak(chunker, talk * 2, jitter_ms=30, start=T0 + 2.0, seed=1)
@@ -199,10 +200,10 @@ def test_margin_stays_put_while_audio_is_loud_and_is_capped():
     sent = speak(chunker, [("tone", 1.5)], jitter_ms=0.5)
     assert chunker.moves == 0  # no pause: the placement holds, the audio is untouched
     got = placed(chunker, 8)
-    assert found_at(got, sent[:-320], 640, 650)
+    assert found_at(got, sent[:-320], 955, 965)  # 40 ms after its arrival, then to the next 20 ms grid point
     wild = AudioChunker(CLOCK, jitter_ms=20)
     speak(wild, [("tone", 0.2), ("silence", 0.2)] * 5, jitter_ms=80)
-    assert wild.margin_ms <= 21  # the cap (a move to it waits for a pause)
+    assert wild.margin_ms <= 20 + 20 + 1  # the cap, and at most a block to align (a move to it waits for a pause)
 
 
 def test_source_names_the_senders_last_sample_of_each_tick():
@@ -211,3 +212,24 @@ def test_source_names_the_senders_last_sample_of_each_tick():
     src = chunker.source(1)
     assert src is not None and src["end"] == 2 * 3200 and abs(src["arrived"] - (T0 + 0.4)) < 1e-9
     assert chunker.source(20) is None
+    late = AudioChunker(CLOCK, jitter_ms=10)  # 10 ms margin, then aligned: the next grid point, 20 ms
+    speak(late, [("tone", 1.0)])
+    src = late.source(1)
+    assert src["end"] == 2 * 3200 - 320 and abs(src["arrived"] - (T0 + 0.38)) < 1e-9
+
+
+def test_blocks_end_on_tick_boundaries_so_a_tick_is_complete_with_its_last_block():
+    chunker = AudioChunker(CLOCK, jitter_ms=40)
+    x = tone(48000, 2.0)
+    done_at = {}
+    for i in range(100):  # 20 ms blocks arriving 5 ms before the 20 ms grid
+        arrival = T0 + 0.015 + (i + 1) * 0.02
+        chunker.push(x[i * 960 : (i + 1) * 960] if i % 25 < 20 else np.zeros(960, np.int16), 48000, arrival, pts=i * 960)
+        for seq, _ in chunker.pop_ready():
+            done_at[seq] = arrival
+    ends = {seq: T0 + (seq + 1) * 0.2 for seq in done_at}
+    early = [ends[seq] - done_at[seq] for seq in sorted(done_at)]
+    assert chunker.moves >= 1 and chunker.margin_ms <= 7  # 3 ms floor, aligned: 5 ms, and the resampler's 1 ms
+    assert all(e > 0 for e in early)  # every chunk complete before its tick ends
+    assert 0.003 <= early[-1] <= 0.007  # ... by the margin, not by up to a block more
+    assert chunker.cut_short == 0
