@@ -21,7 +21,7 @@ import logging
 import time
 from collections import deque
 from dataclasses import dataclass
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 import ray
@@ -29,6 +29,9 @@ import ray
 from protocols import BackgroundTask, BackgroundUpdate, InputChunk, OutputChunk, ProtocolError, SessionEvent, TickClock
 from protocols.ports import BackgroundPool, Engine, Log
 from protocols.realtime import error_from
+
+if TYPE_CHECKING:
+    from models.config import InteractionConfig
 
 log = logging.getLogger("interplay.interaction")
 
@@ -47,7 +50,7 @@ class EngineSpec:
     device: str = "auto"
     max_sessions: int = 16
 
-    def model_config(self):
+    def model_config(self) -> "InteractionConfig":
         """The model's `InteractionConfig` (its tick length, shapes), read without building it."""
         if self.checkpoint:
             from models.checkpoint import load_config

@@ -21,8 +21,11 @@ import ray
 from fastapi import FastAPI, Request, WebSocket
 from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, Response
 from ray import serve
+from ray.actor import ActorHandle
 
+from actors.interaction import EngineSpec, InteractionActor
 from actors.remote import Remote
+from actors.session_log import SessionLogActor
 from protocols import ProtocolError, TickClock
 
 from .auth import Auth, AuthError
@@ -72,7 +75,7 @@ class Gateway:
     replica's own `Ingress`, next to their socket, so their audio and events cross no extra actor
     hop and the replica exchanges once per tick for all of them."""
 
-    def __init__(self, config: dict, signing_key: bytes, interaction, ingress, clock: dict):
+    def __init__(self, config: dict, signing_key: bytes, interaction: ActorHandle, ingress: ActorHandle, clock: dict):
         from actors.ingress import Ingress
 
         self.config = AppConfig.model_validate(config)
@@ -178,9 +181,9 @@ class App:
     """A running Interplay: the actors' handles, the clock, and a status line per part."""
 
     config: AppConfig
-    log: object
-    interaction: object
-    ingress: object
+    log: ActorHandle
+    interaction: ActorHandle
+    ingress: ActorHandle
     clock: TickClock
     parts: dict[str, str] = field(default_factory=dict)
 
@@ -206,9 +209,7 @@ def model_tick_ms(config: AppConfig) -> int:
     return tick_ms
 
 
-def engine_spec(config: AppConfig):
-    from actors.interaction import EngineSpec
-
+def engine_spec(config: AppConfig) -> EngineSpec:
     m = config.model
     return EngineSpec(preset=m.preset, checkpoint=m.checkpoint, device=m.device, max_sessions=config.interaction.max_sessions)
 
@@ -230,8 +231,6 @@ def actor_options(config: AppConfig, resources: dict[str, float]) -> dict[str, d
 def build(config: AppConfig) -> App:
     """Create the actors, bind their handles and run the Serve app on the connected Ray cluster."""
     from actors.ingress import IngressActor
-    from actors.interaction import InteractionActor
-    from actors.session_log import SessionLogActor
 
     tick_ms = model_tick_ms(config)
     options = actor_options(config, ray.cluster_resources())
