@@ -14,11 +14,12 @@ import time
 
 import numpy as np
 
-from actors.session_log import SessionLog, start_session_log
+from actors.session_log import SessionLog, SessionLogActor
 from bench.common import percentiles, print_table, write_json
-from protocols import CHUNK_SAMPLES, InputChunk, OutputChunk, to_batch
+from protocols import InputChunk, OutputChunk, TickClock, to_batch
 
-TICK_S = 0.2
+CLOCK = TickClock(0.0)  # the default 200 ms tick
+SAMPLES, TICK_S = CLOCK.samples(), CLOCK.tick_s
 
 
 class Progress:
@@ -37,7 +38,7 @@ class Progress:
 
 def noise_pool(n: int = 256, seed: int = 0) -> list[np.ndarray]:
     rng = np.random.default_rng(seed)
-    return [rng.integers(-32768, 32767, CHUNK_SAMPLES, dtype=np.int16) for _ in range(n)]
+    return [rng.integers(-32768, 32767, SAMPLES, dtype=np.int16) for _ in range(n)]
 
 
 def tick_deltas(sessions: list[str], k: int, pool: list[np.ndarray]) -> list:
@@ -75,7 +76,7 @@ def bench_in_process(root: str, sessions: int, calls: int, pool) -> list[dict]:
 
 
 def bench_actor_appends(ray, root: str, sessions: int, calls: int, pool) -> list[dict]:
-    handle = start_session_log(os.path.join(root, "actor-appends"), name="bench-appends")
+    handle = SessionLogActor.remote(os.path.join(root, "actor-appends"))
     rows = []
     for mode, inflight in (("deltas", 1), ("deltas", 8), ("batch", 8)):
         sids = [f"{mode}{inflight}-{i}" for i in range(sessions)]
@@ -105,7 +106,7 @@ def bench_actor_appends(ray, root: str, sessions: int, calls: int, pool) -> list
 
 
 def bench_reads(ray, root: str, reads: int, pool) -> list[dict]:
-    handle = start_session_log(os.path.join(root, "actor-reads"), name="bench-reads")
+    handle = SessionLogActor.remote(os.path.join(root, "actor-reads"))
     sid = "reader"
     token = ray.get(handle.open.remote(sid))
     for k in range(0, 450, 50):  # 90 s of history
@@ -145,7 +146,7 @@ def dir_bytes(path: str, suffix: str) -> int:
 
 def unique_ticks(sid: str, start: int, n: int, rng: np.random.Generator) -> list:
     """Ticks whose audio is all fresh noise, so Parquet sizes are honest (the shared pool would dedupe)."""
-    audio = rng.integers(-32768, 32767, (n, 2, CHUNK_SAMPLES), dtype=np.int16)
+    audio = rng.integers(-32768, 32767, (n, 2, SAMPLES), dtype=np.int16)
     out = []
     for i, k in enumerate(range(start, start + n)):
         out.append(InputChunk(sid, k, k * TICK_S, audio[i, 0]))
@@ -155,7 +156,7 @@ def unique_ticks(sid: str, start: int, n: int, rng: np.random.Generator) -> list
 
 def bench_hour(ray, root: str, ticks: int, per_call: int) -> dict:
     path = os.path.join(root, "actor-hour")
-    handle = start_session_log(path, name="bench-hour")
+    handle = SessionLogActor.remote(os.path.abspath(path))
     sid = "hour"
     ray.get(handle.open.remote(sid))
     before = ray.get(handle.stats.remote())
@@ -186,7 +187,7 @@ def bench_hour(ray, root: str, ticks: int, per_call: int) -> dict:
     return {
         "ticks": ticks,
         "deltas": 2 * ticks,
-        "audio_MB": 2 * ticks * CHUNK_SAMPLES * 2 / mb,
+        "audio_MB": 2 * ticks * SAMPLES * 2 / mb,
         "append_s": dt,
         "deltas_per_s": 2 * ticks / dt,
         "rss_MB_before": before["rss_bytes"] / mb,
