@@ -17,13 +17,16 @@ The caller's buffer, two ways, from the same packets:
   last 2 s (each packet's lateness relative to the earliest-arriving one).
 - `aiortc caller`: where the Python client's receive track (aiortc's default jitter buffer,
   4 packets of prefetch) hands the frame out.
+The model is the lean end of what a browser does: headless Chromium on the same loopback (see
+bench/e2e_browser.py) reports a jitter-buffer delay of 50-70 ms against a target of about 33 ms.
 
 Stages of the headline, in order (they add up to it exactly): uplink (packet leaves the caller ->
 decoded audio reaches the server's chunker), server receive buffer (-> the tick ends: the
 chunker's placement margin), gather (-> the chunk is gathered), step (-> outputs are back,
 the model's compute and the actor calls), deliver (-> audio written to the playout track),
 playout (-> its frame is sent: the track's queue and the response's prebuffer), downlink (-> the
-packet reaches the caller), caller buffer (-> audible). Longest gap: the longest stall in what the
+packet reaches the caller), caller buffer (-> audible: the model's buffer, plus where the sample
+sits in its 20 ms packet, Opus's 6.5 ms lookahead included). Longest gap: the longest stall in what the
 caller plays (browser model), and separately the longest silence the server's playout inserted
 into a response because an output came too late (`out_sample` jumps). Client and server share the
 machine's clock. Run: `python -m bench.e2e`.
@@ -144,7 +147,7 @@ def turns(report, skip: int = 5) -> tuple[list[dict], dict]:
         else:  # the server did not say which samples made up the chunk: its margin's nominal place
             left = tick_end - clock.get("jitter_s", 0.0)
             approx += 1
-        turn = {"mouth_to_ear_ms": (heard - left) * 1000, "step_ms": tick["step_ms"]}
+        turn = {"mouth_to_ear_ms": (heard - left) * 1000, "step_ms": tick["step_ms"], "margin_ms": src.get("margin_ms")}
         aiortc_out = handed.get((sample + OPUS_DELAY) // FRAME * FRAME)
         if aiortc_out is not None:
             turn["aiortc_ms"] = (aiortc_out + ((sample + OPUS_DELAY) % FRAME) / RATE - left) * 1000
@@ -217,6 +220,7 @@ def main(argv: list[str] | None = None) -> int:
                 "longest out gap ms": max(g["out_gap_ms"] for _, g in per_call),
                 "aiortc caller p50": aio["p50"], "aiortc p99": aio["p99"],
                 "step p50": step["p50"], "step p99": step["p99"],
+                "margin p50": percentiles(t["margin_ms"] for t in per_turn if t.get("margin_ms") is not None)["p50"],
                 "audio back / in": received,
             })
             approx = sum(g["approx"] for _, g in per_call)
