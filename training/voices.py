@@ -14,8 +14,10 @@ import ctypes
 import hashlib
 import json
 import os
+import pickle
 import random
 import tempfile
+import traceback
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -119,7 +121,7 @@ _RATE, _PITCH, _RANGE = 1, 3, 4
 
 
 class _Espeak:
-    """libespeak-ng through ctypes (one per process; the library keeps global state)."""
+    """libespeak-ng through ctypes: one per process (`_ESPEAK`), as the library is global state."""
 
     def __init__(self) -> None:
         self.lib = ctypes.CDLL("libespeak-ng.so.1")
@@ -143,7 +145,32 @@ class _Espeak:
         return 0
 
     def synth(self, text: str, voice: Voice) -> tuple[np.ndarray, list[tuple[str, int]]]:
-        """-> int16 audio at self.rate, [(word, start sample)]."""
+        """-> int16 audio at self.rate, [(word, start sample)].
+
+        espeak-ng carries state from one utterance to the next (the same phrase comes out a few
+        samples different each time), so every phrase is synthesised in a forked child of this
+        never-used instance: each render starts from the same state and is reproducible."""
+        r, w = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # the child: synthesise, send, exit without running the parent's cleanup
+            code = 1
+            try:
+                with os.fdopen(w, "wb") as f:
+                    pickle.dump(self._synth(text, voice), f)
+                code = 0
+            except BaseException:
+                os.write(2, traceback.format_exc().encode())
+            finally:
+                os._exit(code)
+        os.close(w)
+        with os.fdopen(r, "rb") as f:
+            payload = f.read()
+        _, status = os.waitpid(pid, 0)
+        if status != 0 or not payload:
+            raise RuntimeError(f"espeak-ng failed on {text!r} in {voice.name}")
+        return pickle.loads(payload)
+
+    def _synth(self, text: str, voice: Voice) -> tuple[np.ndarray, list[tuple[str, int]]]:
         if self.lib.espeak_SetVoiceByName(voice.name.encode()) != 0:
             raise ValueError(f"espeak-ng has no voice {voice.name!r}")
         for param, value in ((_RATE, voice.rate), (_PITCH, voice.pitch), (_RANGE, voice.range)):
@@ -156,6 +183,9 @@ class _Espeak:
         # Event positions count characters; map them back through the UTF-8 text.
         words = [(data.decode("utf-8", "replace")[off:off + n], s) for off, n, s in self._words]
         return audio.astype(np.int16), words
+
+
+_ESPEAK: _Espeak | None = None
 
 
 def resample(x: np.ndarray, src: int, dst: int) -> np.ndarray:
@@ -213,8 +243,10 @@ class Synth:
         return speech
 
     def _render(self, text: str, voice: Voice) -> Speech:
-        if self._espeak is None:
-            self._espeak = _Espeak()
+        global _ESPEAK
+        if _ESPEAK is None:
+            _ESPEAK = _Espeak()
+        self._espeak = _ESPEAK
         self.rendered += 1
         raw, words = self._espeak.synth(text, voice)
         src = self._espeak.rate
