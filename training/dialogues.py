@@ -480,7 +480,7 @@ def generate(seed: int, scenario: str | None = None, split: str = "train", cfg: 
 
 def _render(s: Script, seed: int, scenario: str, split: str, nrng: np.random.Generator) -> Dialogue:
     cfg, dt, S = s.cfg, s.cfg.tick_s, s.cfg.samples
-    end = max(s.now + s.rng.uniform(0.6, 1.5), max(s.frames, default=0) * dt + dt)
+    end = max(s.now + s.rng.uniform(0.6, 1.5), max(s.frames, default=0) * dt + dt, cfg.min_s)
     n = s.boundary_after(end)
     if n * dt > cfg.max_s + 1e-6:
         raise ValueError(f"{scenario} dialogue for seed {seed} is {n * dt:.1f} s, longer than max_s={cfg.max_s}")
