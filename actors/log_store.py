@@ -6,6 +6,12 @@ sessions/<dir>/session.json (id, hashed token, closed), sessions/<dir>/seg-<firs
 in-memory segment; kept on local disk under `wal_dir` when `root` is remote). A row is
 acknowledged only once its batch is whole in the WAL file, so `LogStore.restore` rebuilds every
 session from these files alone: a torn last batch was never acknowledged and is dropped.
+
+With `shared` (a Ray process), every sealed block is `ray.put` into the object store as one Arrow
+IPC stream (`to_ipc`); the store keeps the ObjectRef and reads its rows from that shared copy
+(zero-copy), so the heap holds only the unsealed tail. When a segment's WAL file is finished its
+blocks are merged into one object (a sealed segment). Persisting a segment to Parquet drops its
+refs: Ray frees each object once no reader holds a ref to it either.
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.fs as pafs
+import ray
 import pyarrow.ipc as ipc
 import pyarrow.parquet as pq
 
@@ -47,6 +54,7 @@ class Block:
     t_min: float
     t_max: float
     sorted_t: bool
+    ref: Any = None  # its ObjectRef once sealed into the object store (`batch` then reads from it)
 
     @property
     def last(self) -> int:
@@ -110,6 +118,19 @@ def dirname_of(session_id: str) -> str:
     return f"{safe}-{hashlib.sha256(session_id.encode()).hexdigest()[:16]}"
 
 
+def to_ipc(batch: pa.RecordBatch | pa.Table) -> pa.Buffer:
+    """Rows as one Arrow IPC stream buffer: what the object store holds, and how tables cross actors."""
+    sink = pa.BufferOutputStream()
+    with ipc.new_stream(sink, batch.schema) as writer:
+        writer.write(batch)
+    return sink.getvalue()
+
+
+def from_ipc(buf: pa.Buffer) -> pa.Table:
+    """A table whose columns point into `buf` (no copy)."""
+    return ipc.open_stream(buf).read_all()
+
+
 def concat(batches: list[pa.RecordBatch]) -> pa.RecordBatch:
     if len(batches) == 1:
         return batches[0]
@@ -121,8 +142,9 @@ def concat(batches: list[pa.RecordBatch]) -> pa.RecordBatch:
 class LogStore:
     """The files of one log root. One store owns a root: two on the same root would write over each other."""
 
-    def __init__(self, root: str, wal_dir: str | None = None, fsync: bool = False):
+    def __init__(self, root: str, wal_dir: str | None = None, fsync: bool = False, shared: bool = False):
         self.root = root
+        self.shared = bool(shared)
         self.fs, base = pafs.FileSystem.from_uri(root)
         self.local = isinstance(self.fs, pafs.LocalFileSystem)
         self.base = base.rstrip("/") + "/sessions"
@@ -183,12 +205,26 @@ class LogStore:
         tail = seg.blocks[seg.sealed :]
         if len(tail) > 1:
             seg.blocks[seg.sealed :] = [block_of(concat([b.batch for b in tail]), tail[0].first)]
+        for b in seg.blocks[seg.sealed :]:
+            self.share(b)
         seg.sealed = len(seg.blocks)
         seg.tail_rows = 0
 
+    def share(self, block: Block) -> None:
+        """Put a sealed block into the object store; from then on the block reads the shared copy."""
+        if not self.shared or block.ref is not None:
+            return
+        block.ref = ray.put(to_ipc(block.batch))
+        (block.batch,) = from_ipc(ray.get(block.ref)).to_batches()
+
     def rotate(self, seg: Segment, truncate: bool = False) -> None:
-        """Finish the segment's WAL file; the session's next append starts a new one."""
+        """Finish the segment's WAL file (its blocks become one sealed object); the session's next
+        append starts a new one."""
         self.seal(seg)
+        if self.shared and len(seg.blocks) > 1:  # a few large objects read faster than many small ones
+            seg.blocks = [block_of(concat([b.batch for b in seg.blocks]), seg.blocks[0].first)]
+            seg.sealed = 1
+            self.share(seg.blocks[0])
         if truncate:
             try:
                 seg.file.close()  # unflushed bytes of the torn batch die with the buffer
@@ -275,6 +311,7 @@ class LogStore:
                 os.remove(path)  # persisted already; the crash came before the WAL file was dropped
                 continue
             block = block_of(concat([b for b, _ in batches]), first)
+            self.share(block)
             segments.append(Segment(first, last, block.t_min, block.t_max, blocks=[block], sealed=1, wal_path=path, wal_size=size))
             for b, meta in batches:
                 rid = meta.get(b"request_id") if meta is not None else None

@@ -5,6 +5,13 @@ writer nor a restarted log loses it; memory holds the retention window, older ro
 under `root` (a directory or any pyarrow filesystem URI), and reads need the session's token.
 Storage (segments, WAL, Parquet, restore) is `actors.log_store`; what an append accepts is
 `actors.log_checks`. `SessionLogActor` at the bottom is the Ray actor.
+
+Two ways to read. `read` returns a copy of the rows (through an actor call, serialised once).
+`refs` returns where the rows are: the ObjectRefs of the sealed segments the log owns in the Ray
+object store, then the few rows not sealed yet (and any from Parquet) as small tables; `fetch`
+turns that into one table, reading the objects zero-copy when on the same node. Either way the
+session's token is checked first; an ObjectRef, once handed out, is itself the capability to its
+rows, so only a token holder ever gets one.
 """
 
 from __future__ import annotations
@@ -21,14 +28,13 @@ from typing import Iterable
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.ipc as ipc
 import ray
 
 from protocols.chunks import ProtocolError, check_session_id
 from protocols.deltas import SCHEMA
 
 from .log_checks import as_batch, audio_bytes, check_row
-from .log_store import INDEX, T, Block, LogSession, LogStore, dirname_of, hash_token
+from .log_store import INDEX, T, Block, LogSession, LogStore, dirname_of, from_ipc, hash_token, to_ipc
 
 log = logging.getLogger("interplay.session_log")
 
@@ -53,6 +59,8 @@ class SessionLog:
 
     One instance owns a root: two logs on the same root would write over each other's files.
     With `tick_ms`, a chunk's audio must be exactly one tick of it; without, any whole 25 ms hops.
+    `object_store` (default: whether Ray is running here) puts sealed segments into Ray's object
+    store for `refs`; without it `refs` hands out the in-memory tables themselves.
     """
 
     def __init__(
@@ -66,6 +74,7 @@ class SessionLog:
         block_rows: int = 64,
         wal_dir: str | None = None,
         fsync: bool = False,
+        object_store: bool | None = None,
     ):
         root = os.fspath(root) if root else os.path.join(os.getcwd(), "data", "log")
         if "://" not in root:
@@ -78,7 +87,8 @@ class SessionLog:
         self.segment_rows = int(segment_rows)
         self.block_rows = int(block_rows)
         self._tick_bytes = audio_bytes(tick_ms)
-        self.store = LogStore(root, wal_dir, fsync)
+        shared = ray.is_initialized() if object_store is None else bool(object_store)
+        self.store = LogStore(root, wal_dir, fsync, shared=shared)
         self._sessions: dict[str, LogSession] = {}
         self._requests: OrderedDict[str, dict[str, tuple[int, int]]] = OrderedDict()
         sessions, requests = self.store.restore()
@@ -145,7 +155,7 @@ class SessionLog:
 
     def stats(self) -> dict:
         """Figures for the whole log (not per session, so no token): memory, disk, process."""
-        mem_rows = mem_bytes = pq_bytes = pq_files = wal_bytes = 0
+        mem_rows = mem_bytes = pq_bytes = pq_files = wal_bytes = shared_objects = shared_bytes = 0
         for s in self._sessions.values():
             for seg in s.segments:
                 if seg.blocks is None:
@@ -155,11 +165,16 @@ class SessionLog:
                     mem_rows += seg.rows
                     mem_bytes += sum(b.batch.nbytes for b in seg.blocks)
                     wal_bytes += seg.wal_size
+                    shared = [b for b in seg.blocks if b.ref is not None]
+                    shared_objects += len(shared)
+                    shared_bytes += sum(b.batch.nbytes for b in shared)
         return {
             "sessions": len(self._sessions),
             "open_sessions": sum(not s.closed for s in self._sessions.values()),
             "memory_rows": mem_rows,
             "memory_bytes": mem_bytes,
+            "object_store_objects": shared_objects,  # sealed segments held in Ray's object store
+            "object_store_bytes": shared_bytes,  # of memory_bytes, the part in the object store
             "arrow_pool_bytes": pa.total_allocated_bytes(),
             "wal_bytes": wal_bytes,
             "parquet_bytes": pq_bytes,
@@ -283,12 +298,45 @@ class SessionLog:
     def read(self, session_id: str, token: str, start: int = 0, end: int | None = None) -> pa.Table:
         """Rows with start <= index < end (end None: up to the newest), oldest first."""
         s = self._authorize(session_id, token)
-        if isinstance(start, bool) or not isinstance(start, (int, np.integer)) or start < 0:
-            raise ProtocolError(f"start must be a non-negative index, got {start!r}", "invalid_value", "start")
-        if end is not None and (isinstance(end, bool) or not isinstance(end, (int, np.integer))):
-            raise ProtocolError(f"end must be an index or None, got {end!r}", "invalid_value", "end")
-        end = s.next_index if end is None else min(int(end), s.next_index)
-        return self._rows(s, int(start), end)
+        return self._rows(s, *_span(s, start, end))
+
+    def refs(self, session_id: str, token: str, start: int = 0, end: int | None = None) -> list[tuple[int, int, "ray.ObjectRef | pa.Table"]]:
+        """Where rows start <= index < end are: (first_index, last_index, part) in index order.
+
+        A part is the ObjectRef of a sealed segment in the object store (one Arrow IPC stream,
+        owned by this log; it may hold rows outside the range), or a table of exactly its rows
+        (those not sealed yet, at most `block_rows` of the newest, and any read from Parquet).
+        `fetch` reads them into one table.
+        """
+        s = self._authorize(session_id, token)
+        start, end = _span(s, start, end)
+        parts: list[tuple[int, int, object]] = []
+        rows: list[pa.RecordBatch] = []  # consecutive rows not in the object store, sent as one table
+
+        def flush():
+            if rows:
+                table = pa.Table.from_batches(rows, schema=SCHEMA)
+                first = rows[0].column(INDEX)[0].as_py()
+                parts.append((first, first + table.num_rows - 1, table))
+                rows.clear()
+
+        for seg in s.segments:
+            if seg.last < start or seg.first >= end:
+                continue
+            if seg.blocks is None:
+                rows += self.store.load(seg, [("index", ">=", start), ("index", "<", end)])
+                continue
+            for b in seg.blocks:
+                if b.last < start or b.first >= end:
+                    continue
+                if b.ref is not None:
+                    flush()
+                    parts.append((b.first, b.last, b.ref))
+                    continue
+                lo = max(start, b.first) - b.first
+                rows.append(b.batch.slice(lo, min(end, b.last + 1) - b.first - lo))
+        flush()
+        return parts
 
     def read_last(self, session_id: str, token: str, seconds: float) -> pa.Table:
         """Rows whose t is within `seconds` of the session's newest t, in index order."""
@@ -360,6 +408,38 @@ class SessionLog:
         return pa.Table.from_batches(parts, schema=SCHEMA)
 
 
+def _span(s: LogSession, start, end) -> tuple[int, int]:
+    """[start, end) checked and clipped to the session's rows."""
+    if isinstance(start, bool) or not isinstance(start, (int, np.integer)) or start < 0:
+        raise ProtocolError(f"start must be a non-negative index, got {start!r}", "invalid_value", "start")
+    if end is not None and (isinstance(end, bool) or not isinstance(end, (int, np.integer))):
+        raise ProtocolError(f"end must be an index or None, got {end!r}", "invalid_value", "end")
+    return int(start), s.next_index if end is None else min(int(end), s.next_index)
+
+
+async def fetch(parts: list[tuple[int, int, object]], start: int = 0, end: int | None = None) -> pa.Table:
+    """The rows of `parts` (from `SessionLog.refs`) with start <= index < end as one table.
+
+    Objects are awaited together; on the log's node their columns point into the object store
+    (no copy). The table keeps them alive as long as it lives.
+    """
+    refs = [p for _, _, p in parts if isinstance(p, ray.ObjectRef)]
+    got = iter(await asyncio.gather(*refs)) if refs else iter(())
+    tables = []
+    for first, last, part in parts:
+        if isinstance(part, ray.ObjectRef):
+            part = next(got)
+        if isinstance(part, pa.Buffer):
+            part = from_ipc(part)
+        elif isinstance(part, pa.RecordBatch):
+            part = pa.Table.from_batches([part])
+        lo = max(start - first, 0)
+        hi = part.num_rows if end is None else min(end - first, part.num_rows)
+        if hi > lo:
+            tables.append(part.slice(lo, hi - lo))
+    return pa.concat_tables(tables) if tables else SCHEMA.empty_table()
+
+
 def _memory() -> dict:
     """This process's resident memory, and the part of it not shared (Ray's object store pages are shared)."""
     try:
@@ -386,14 +466,11 @@ def _in_ray_actor() -> bool:
 def _table_to_ipc(table: pa.Table) -> pa.Buffer:
     """A table as one Arrow IPC buffer: Ray's own Table reducer costs about 1.5 ms per chunk here,
     and a read is many zero-copy slices. The log's actor process sends every table this way."""
-    sink = pa.BufferOutputStream()
-    with ipc.new_stream(sink, table.schema) as writer:
-        writer.write_table(table)
-    return sink.getvalue()
+    return to_ipc(table)
 
 
 def _table_from_ipc(buf: pa.Buffer) -> pa.Table:
-    return ipc.open_stream(buf).read_all()
+    return from_ipc(buf)
 
 
 # An async actor (all methods run on its one event loop, so no locks). Restarted by Ray whenever it
