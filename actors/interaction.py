@@ -302,7 +302,7 @@ class Interaction:
                 continue
             running = session.runner is not None and not session.runner.done()
             task = BackgroundTask(
-                out.session_id, self.now(), kinds[0], out.text, context_upto=session.log_index,
+                out.session_id, self.now(), kinds[0], out.text, context_upto=session.log_index, log_token=session.log_token,
                 supersedes=session.task.task_id if running else None,
             )
             tasks.append(task)

@@ -1,7 +1,9 @@
 """Background work: tasks the live model delegates, and the updates that stream back.
 
-A `BackgroundTask` carries a reference into the SessionLog (`context_upto`: the log index the
-task saw), not a stripped query, so the background model reads the whole conversation.
+A `BackgroundTask` carries a reference into the SessionLog, not a stripped query: its session, the
+log index it saw (`context_upto`) and the session's read token (`log_token`), so the background
+model reads the whole conversation by reference (`actors.context.render`). The token is a
+capability: it never enters the log (`actors.log_checks` drops it) and never shows in a repr.
 `ToolCall` / `ToolResult` record tool use; `SessionEvent` records everything else that happens
 to a session (joined, config changed, client event, error, left).
 """
@@ -43,7 +45,8 @@ def _check_choice(value: str, choices: tuple[str, ...], param: str) -> str:
 
 @dataclass
 class BackgroundTask:
-    """Work handed to the background pool. `context_upto` is the log index the task may read up to."""
+    """Work handed to the background pool. `context_upto` is the last log index the task saw (-1:
+    none yet); `log_token` the session's token for reading the log up to there (None: no log)."""
 
     session_id: str
     t: float
@@ -54,14 +57,17 @@ class BackgroundTask:
     tool: str | None = None
     arguments: dict = field(default_factory=dict)
     supersedes: str | None = None
+    log_token: str | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         check_session_id(self.session_id)
         self.t = float(self.t)
         _check_choice(self.kind, TASK_KINDS, "kind")
         check_text(self.instruction, "instruction")
-        if not isinstance(self.context_upto, int) or self.context_upto < -1:
+        if isinstance(self.context_upto, bool) or not isinstance(self.context_upto, int) or self.context_upto < -1:
             raise ProtocolError("context_upto must be a log index (>= -1)", "invalid_value", "context_upto")
+        if self.log_token is not None and (not isinstance(self.log_token, str) or not self.log_token):
+            raise ProtocolError("log_token must be the session's log token or null", "invalid_value", "log_token")
         if not isinstance(self.arguments, dict):
             raise ProtocolError("arguments must be a JSON object", "invalid_value", "arguments")
         check_json(self.arguments, "arguments")
