@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import time
 from collections import deque
+from typing import Callable
 
 import logging
 
@@ -157,6 +158,8 @@ class AudioChunker:
     dropped, so a chunk never changes after it was handed out. At most `max_ready` chunks wait;
     older ones are dropped first. `source(k)` says where tick k's audio came from: the sender's
     index just after its last sample, when that block arrived, and the margin then.
+    `on_chunk(seq)`, when set, is called as each chunk is closed, so a consumer can take tick k
+    as soon as it is complete instead of waiting for the tick's end.
     """
 
     def __init__(
@@ -200,6 +203,7 @@ class AudioChunker:
         self.dropped_chunks = 0
         self.late_blocks = 0  # blocks that arrived after their placed end
         self.moves = 0  # placement moves to a new margin
+        self.on_chunk: Callable[[int], None] | None = None
 
     @property
     def margin_ms(self) -> float:
@@ -385,6 +389,8 @@ class AudioChunker:
         self._next_seq = self._seq + 1
         self._buf = np.zeros(self.tick_samples, np.int16)
         self._filled = 0
+        if self.on_chunk is not None:
+            self.on_chunk(self._next_seq - 1)
 
 
 class BufferedAudioInput:

@@ -1,9 +1,13 @@
 """`Gatherer`: once per tick, one `InputChunk` per live session and one exchange for all of them.
 
-Tick k is gathered at `clock.end(k) + grace_s` (origin time, see `protocols.clock.TickClock`):
-each live call's chunk k is built from its transport's audio (flagged `missing`, with silence,
-when none is in; audio of an earlier tick that comes now is dropped and counted late), its video
-frame, and what its `RealtimeSession` adds (text, events, forced control). Then
+Tick k is gathered as soon as every live call's chunk k is complete (a call's audio input says
+so through `on_chunk`; one without it is complete only at the deadline), and at the latest at
+`clock.end(k) + grace_s` (origin time, see `protocols.clock.TickClock`): the caller's audio is
+placed so that a tick's last packet normally arrives before the tick ends, so waiting for the end
+itself would only add delay. Each live call's chunk k is built from its transport's audio
+(flagged `missing`, with silence, when none is in; audio of an earlier tick that comes now is
+dropped and counted late), its video frame, and what its `RealtimeSession` adds (text, events,
+forced control). Then
 `interaction.exchange(k, chunks, session_ids)` is called once, as its own task with a timeout,
 so a slow or failing exchange never delays the next tick; at most `max_in_flight` run at once
 (a tick beyond that is skipped). The outputs it returns are delivered to each call's session.
@@ -57,7 +61,8 @@ class Gatherer:
         self.counts = dict.fromkeys(COUNTS, 0)
         self._loop: asyncio.Task | None = None
         self._exchanges: set[asyncio.Task] = set()
-        self._timing: dict[int, tuple[float, float]] = {}  # tick -> wall times (gathered, exchange returned)
+        self._timing: dict[int, dict[str, float]] = {}  # tick -> wall times: ready, gathered, returned
+        self._news = asyncio.Event()  # a call's chunk was completed
 
     @property
     def in_flight(self) -> int:
@@ -75,10 +80,8 @@ class Gatherer:
         clock = self.clock
         k = clock.current()
         while True:
-            delay = clock.end(k) + self.grace_s - clock.now()
-            if delay > 0:
-                await asyncio.sleep(delay)
-            elif -delay > clock.tick_s:  # the loop stalled: skip to the newest tick that is due
+            await self._until_ready(k)
+            if clock.now() - (clock.end(k) + self.grace_s) > clock.tick_s:  # the loop stalled: skip to the newest tick that is due
                 newest = clock.tick_at(clock.now() - self.grace_s) - 1
                 self.counts["skipped_ticks"] += newest - k
                 k = newest
@@ -88,16 +91,52 @@ class Gatherer:
                 log.exception("tick %d failed", k)
             k += 1
 
+    async def _until_ready(self, k: int) -> None:
+        """Return once every live call's chunk k is complete, or at tick k's deadline."""
+        loop = asyncio.get_running_loop()
+        deadline = self.clock.end(k) + self.grace_s
+        while True:
+            self._news.clear()
+            delay = deadline - self.clock.now()
+            if delay <= 0 or self._complete(k):
+                return
+            timer = loop.call_later(delay, self._news.set)
+            try:
+                await self._news.wait()
+            finally:
+                timer.cancel()
+
+    def _complete(self, k: int) -> bool:
+        """Whether chunk k of every live call is in (or can no longer come: a later one is)."""
+        live = self._live(k)
+        for call in live:
+            audio_in = call.transport.audio_in
+            if not hasattr(audio_in, "on_chunk"):
+                return False  # no word of complete chunks: wait for the deadline
+            if audio_in.on_chunk is None:
+                audio_in.on_chunk = self._chunk_done
+            call.early.update(audio_in.pop_ready())
+            if not any(seq >= k for seq in call.early):
+                return False
+        return bool(live)
+
+    def _chunk_done(self, seq: int) -> None:
+        self._news.set()
+
+    def _live(self, k: int) -> list[Call]:
+        return [c for c in self.calls.values() if c.session.first_tick is not None and k >= c.session.first_tick]
+
     def gather(self, k: int) -> None:
         """Gather chunk k of every live call and start the one exchange for them."""
-        live = [c for c in self.calls.values() if c.session.first_tick is not None and k >= c.session.first_tick]
+        ready = time.time()
+        live = self._live(k)
         if not live:
             return
         if len(self._exchanges) >= self.max_in_flight:
             self.counts["skipped_ticks"] += 1
             return
         chunks = [self.chunk(c, k) for c in live]
-        task = asyncio.create_task(self._exchange(k, chunks))
+        task = asyncio.create_task(self._exchange(k, chunks, ready))
         self._exchanges.add(task)
         task.add_done_callback(self._exchanges.discard)
         self.counts["ticks"] += 1
@@ -125,7 +164,7 @@ class Gatherer:
             call.session.sink.send(error_from(exc))
             return InputChunk.silent(call.id, k, t_start, samples)
 
-    async def _exchange(self, k: int, chunks: list[InputChunk]) -> None:
+    async def _exchange(self, k: int, chunks: list[InputChunk], ready: float) -> None:
         gathered = time.time()
         try:
             outs = await asyncio.wait_for(self.interaction.exchange(k, chunks, [c.session_id for c in chunks]), self.exchange_timeout_s)
@@ -135,7 +174,7 @@ class Gatherer:
             return
         self.counts["exchanges"] += 1
         returned = time.time()
-        self._timing[k] = (gathered, returned)
+        self._timing[k] = {"ready": ready, "gathered": gathered, "returned": returned}
         self._timing.pop(k - 50, None)
         if self.clock.now() > self.clock.end(k + 1) + self.grace_s:  # after the next tick's gather
             self.counts["late_exchanges"] += 1
@@ -148,10 +187,10 @@ class Gatherer:
                     log.exception("session %s: delivering tick %d failed", call.id, k)
 
     def deliver(self, call: Call, out: OutputChunk) -> None:
-        gathered, returned = self._timing.get(out.seq, (None, None))
+        stages = self._timing.get(out.seq, {})
         for old in [seq for seq in call.levels if seq < out.seq]:
             del call.levels[old]
         call.session.deliver(
             out, time.time(), late_s=self.clock.now() - self.clock.end(out.seq), in_level=call.levels.pop(out.seq, 0.0),
-            in_source=call.transport.source(out.seq), stages={"gathered": gathered, "returned": returned},
+            in_source=call.transport.source(out.seq), stages=stages,
         )
