@@ -27,6 +27,14 @@ PTIME = 0.020
 OUT_SAMPLES = int(OUT_RATE * PTIME)  # 960 samples a frame
 
 
+def _primed_resampler() -> av.AudioResampler:
+    """A 16 kHz -> 48 kHz resampler that already holds back its delay (in silence), so that from
+    the first write on it gives out three samples for each one in."""
+    resampler = av.AudioResampler(format="s16", layout="mono", rate=OUT_RATE)
+    resample_all(resampler, to_av_frame(np.zeros(SAMPLE_RATE // 100, np.int16), SAMPLE_RATE))
+    return resampler
+
+
 class PacedAudioTrack(MediaStreamTrack):
     """Outgoing audio: `write()` queues 16 kHz model audio; `recv()` plays it in real time.
 
@@ -38,6 +46,8 @@ class PacedAudioTrack(MediaStreamTrack):
 
     Counters, in 48 kHz samples of the written stream: `written` (ever queued), `position`
     (consumed: sent, cleared or dropped; `written - position` is queued), `played` (sent).
+    The resampler is primed with silence, so `write(n samples)` always queues exactly 3·n: where
+    audio written now begins (`next_play_sample`) is known before it is written.
     """
 
     kind = "audio"
@@ -45,7 +55,7 @@ class PacedAudioTrack(MediaStreamTrack):
     def __init__(self, max_queue_s: float = 5.0, max_late_s: float = 0.5):
         super().__init__()
         self._queue = np.zeros(0, np.int16)
-        self._resampler = av.AudioResampler(format="s16", layout="mono", rate=OUT_RATE)
+        self._resampler = _primed_resampler()
         self.max_queue = int(max_queue_s * OUT_RATE)
         self.max_late_s = max_late_s
         self._start: float | None = None
@@ -71,7 +81,7 @@ class PacedAudioTrack(MediaStreamTrack):
         dropped = len(self._queue)
         self._queue = np.zeros(0, np.int16)
         self.position = self.written
-        self._resampler = av.AudioResampler(format="s16", layout="mono", rate=OUT_RATE)  # forget its tail too
+        self._resampler = _primed_resampler()  # forget its tail too
         return dropped * 1000 / OUT_RATE
 
     @property

@@ -38,6 +38,7 @@ from protocols.chunks import MAX_TEXT_CHARS
 from protocols.realtime import error_event, error_from, is_error, parse_client_event, rate_of, server_event, user_text
 
 from .playout import OUT_RATE
+from .playout import OUT_SAMPLES as OUT_FRAME
 
 log = logging.getLogger(__name__)
 
@@ -135,7 +136,7 @@ def merge(base: dict, update: dict) -> dict:
 
 
 class RealtimeSession:
-    """The Realtime state of one session. `prebuffer_ms` caps the silence queued ahead of each
+    """The Realtime state of one session. `prebuffer_ms` caps the margin queued ahead of each
     response (sized from how steadily outputs have come, see `prebuffer`)."""
 
     def __init__(self, sink: Sink, config: dict, *, session_id: str | None = None, prebuffer_ms: float = 60.0, force_s: float = FORCE_S):
@@ -293,12 +294,14 @@ class RealtimeSession:
 
     def prebuffer(self) -> float:
         """The margin (ms) queued ahead of a response: enough to cover how much later than usual
-        this session's outputs have come lately (p95 minus p5 of their lateness, plus 10 ms),
-        never more than `prebuffer_ms`; the whole `prebuffer_ms` until there is history."""
+        this session's outputs have come lately (p95 minus p5 of their lateness, plus 3 ms),
+        never more than `prebuffer_ms`; the whole `prebuffer_ms` until there is history. The
+        response then starts on a frame of the outgoing stream (see `_lead_in`), so the whole
+        margin is there for a later output to be written in time."""
         if len(self.lateness) < 10:
             return self.prebuffer_ms
         spread = float(np.percentile(self.lateness, 95) - np.percentile(self.lateness, 5)) * 1000
-        return min(self.prebuffer_ms, spread + 10.0)
+        return min(self.prebuffer_ms, spread + 3.0)
 
     def deliver(self, out: OutputChunk, now: float, *, late_s: float = 0.0, in_level: float = 0.0, in_source: dict | None = None, stages: dict | None = None) -> None:
         """The model's output for tick `out.seq`, `late_s` after that tick's end; the rest is for
@@ -310,46 +313,72 @@ class RealtimeSession:
         send = self.sink.send
         for event in out.events:
             send(event)
-        if self.config.get("interplay", {}).get("tick_events"):
-            send(self._tick_event(out, now, in_level, in_source, stages or {}))
         if self._force is not None and self._force_seq is not None and out.seq >= self._force_seq and "yield" in out.controls:
             self._force = None  # the model yielded within the requested response: it is over
+        sample = self._play(out, now)
+        if self.config.get("interplay", {}).get("tick_events"):
+            send(self._tick_event(out, now, in_level, in_source, stages or {}, sample))
+
+    def _play(self, out: OutputChunk, now: float) -> int | None:
+        """Play what the output says (start, continue or end the speaking run); the sample of the
+        outgoing stream where its audio begins, None if it is not played."""
+        send = self.sink.send
         speaking = is_speaking(out)
         if self.muted:  # interrupted: drop speech until the model yields
             if speaking:
-                return
+                return None
             self.muted = False
         if not speaking:
             if self.run:
                 self._end_run("completed")
-            return
+            return None
         if self.run is None:
-            self._start_run()
+            self._start_run(now)
         run, audio = self.run, self.sink.audio_out
+        sample = audio.next_play_sample
         audio.write(out.audio)
         self.items[run.item_id].end = audio.written
         self.sink.audio_written(run.response_id, run.item_id)
         if out.text:
             run.transcript.append(out.text)
             send(server_event("response.output_audio_transcript.delta", response_id=run.response_id, item_id=run.item_id, output_index=0, content_index=0, delta=out.text))
+        return sample
 
-    def _tick_event(self, out: OutputChunk, now: float, in_level: float, in_source: dict | None, stages: dict) -> dict:
+    def _tick_event(self, out: OutputChunk, now: float, in_level: float, in_source: dict | None, stages: dict, sample: int | None) -> dict:
         """Our extension event: the tick's input/output level (RMS, 0..1 of full scale), the step's
         time, where its input audio came from in the caller's stream ("in", see
         AudioChunker.source), the sample of the outgoing stream (48 kHz, silence included) where
-        this tick's audio, if any, begins to play, and the wall-clock times of each stage."""
+        this tick's audio begins to play (taken as it is written, after a response's lead-in;
+        where the next audio would begin if the tick is not played), and the wall-clock times of
+        each stage."""
         out_level = float(np.sqrt(np.mean(out.audio.astype(np.float32) ** 2)) / 32768)
-        sample = self.sink.audio_out.next_play_sample
+        if sample is None:
+            sample = self.sink.audio_out.next_play_sample
         return server_event(
             "interplay.tick", tick=out.seq, step_ms=round(out.step_ms, 3), in_level=round(in_level, 4), out_level=round(out_level, 4),
             out_sample=sample, at={**stages, "written": now, "plays": self.sink.audio_out.time_of(sample)}, **{"in": in_source},
         )
 
-    def _start_run(self) -> None:
+    def _lead_in(self, margin_ms: float, now: float) -> int:
+        """Samples (16 kHz) of silence to queue ahead of a response so that a later output that
+        comes up to `margin_ms` later than this one still plays on time. Where the audio is paced
+        in frames (`time_of` known), the response starts on the first frame due `margin_ms` or
+        more from `now`: a frame goes out with whatever is queued at its time, so audio that
+        starts inside a frame would lose the rest of that frame from its margin."""
         audio = self.sink.audio_out
-        margin = self.prebuffer()
-        if audio.queued_ms < margin:  # so a later output that comes late still plays on time
-            audio.write(np.zeros(round((margin - audio.queued_ms) * SAMPLE_RATE / 1000), np.int16))
+        start = audio.next_play_sample
+        if audio.time_of(start) is None:  # the client plays it: the margin as queued audio
+            return round(max(0.0, margin_ms - audio.queued_ms) * SAMPLE_RATE / 1000)
+        target = -(-start // OUT_FRAME) * OUT_FRAME
+        while audio.time_of(target) < now + margin_ms / 1000:
+            target += OUT_FRAME
+        return math.ceil((target - start) * SAMPLE_RATE / OUT_RATE)
+
+    def _start_run(self, now: float) -> None:
+        audio = self.sink.audio_out
+        lead_in = self._lead_in(self.prebuffer(), now)
+        if lead_in:
+            audio.write(np.zeros(lead_in, np.int16))
         run = self.run = _Run(new_id("resp"), new_id("item"))
         self.items[run.item_id] = _Item(audio.written, audio.written)
         while len(self.items) > MAX_ITEMS:
