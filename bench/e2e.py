@@ -21,8 +21,9 @@ The model is the lean end of what a browser does: headless Chromium on the same 
 bench/e2e_browser.py) reports a jitter-buffer delay of 50-70 ms against a target of about 33 ms.
 
 Stages of the headline, in order (they add up to it exactly): uplink (packet leaves the caller ->
-decoded audio reaches the server's chunker), server receive buffer (-> the tick ends: the
-chunker's placement margin), gather (-> the chunk is gathered), step (-> outputs are back,
+decoded audio reaches the server's chunker), server receive buffer (-> the gatherer takes the
+tick: once every call's chunk is complete, or at the tick's deadline; a server that does not
+say when, the tick's end), gather (-> the exchange is sent), step (-> outputs are back,
 the model's compute and the actor calls), deliver (-> audio written to the playout track),
 playout (-> its frame is sent: the track's queue and the response's prebuffer), downlink (-> the
 packet reaches the caller), caller buffer (-> audible: the model's buffer, plus where the sample
@@ -154,7 +155,7 @@ def turns(report, skip: int = 5) -> tuple[list[dict], dict]:
         at = tick.get("at") or {}
         back = arrival(report, sample)
         if src.get("arrived") and back and all(at.get(k) for k in ("gathered", "returned", "written", "plays")):
-            marks = [left, src["arrived"], tick_end, at["gathered"], at["returned"], at["written"], at["plays"], back, heard]
+            marks = [left, src["arrived"], at.get("ready", tick_end), at["gathered"], at["returned"], at["written"], at["plays"], back, heard]
             turn.update({name: (b - a) * 1000 for name, a, b in zip(STAGES, marks, marks[1:])})
         out.append(turn)
     return out, {"stall_ms": stall * 1000, "out_gap_ms": out_gap * 1000, "approx": approx}
