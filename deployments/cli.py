@@ -4,7 +4,8 @@
 defaults, printing each part's status; the parts run until it is stopped (Ctrl-C), and a second
 `interplay serve` on the same cluster refuses while they do. `interplay status` reports on a
 running one; `interplay call --wav F` calls one over WebRTC with a WAV file and records the reply
-(the example client, `examples/call.py`).
+(the example client, `examples/call.py`); `interplay eval` scores the model against a VAD harness on
+held-out dialogues (`training/evaluate.py`).
 """
 
 from __future__ import annotations
@@ -90,6 +91,9 @@ def main(argv: list[str] | None = None) -> int:
     dial = sub.add_parser("call", help="call a running Interplay with a WAV file and record the reply", add_help=False)
     dial.set_defaults(func=None)
 
+    ev = sub.add_parser("eval", help="score the model and a VAD harness on held-out dialogues", add_help=False)
+    ev.set_defaults(func=None)
+
     st = sub.add_parser("status", help="report on a running Interplay")
     st.add_argument("--address", help="Ray address (default: auto)")
     st.set_defaults(func=cmd_status)
@@ -99,6 +103,10 @@ def main(argv: list[str] | None = None) -> int:
         from examples.call import main as call_main
 
         return call_main(argv[1:])
+    if argv[:1] == ["eval"]:
+        from training.evaluate import main as eval_main
+
+        return eval_main(argv[1:])
     args = parser.parse_args(argv)
     return args.func(args)
 
