@@ -5,7 +5,8 @@ defaults, printing each part's status; the parts run until it is stopped (Ctrl-C
 `interplay serve` on the same cluster refuses while they do. `interplay status` reports on a
 running one; `interplay call --wav F` calls one over WebRTC with a WAV file and records the reply
 (the example client, `examples/call.py`); `interplay eval` scores the model against a VAD harness on
-held-out dialogues (`training/evaluate.py`).
+held-out dialogues (`training/evaluate.py`); `interplay train` trains the model that serve
+loads by default (`training/train.py`).
 """
 
 from __future__ import annotations
@@ -94,6 +95,9 @@ def main(argv: list[str] | None = None) -> int:
     ev = sub.add_parser("eval", help="score the model and a VAD harness on held-out dialogues", add_help=False)
     ev.set_defaults(func=None)
 
+    tr = sub.add_parser("train", help="train the model on synthetic dialogues (generated if absent) with Ray Train", add_help=False)
+    tr.set_defaults(func=None)
+
     st = sub.add_parser("status", help="report on a running Interplay")
     st.add_argument("--address", help="Ray address (default: auto)")
     st.set_defaults(func=cmd_status)
@@ -107,6 +111,10 @@ def main(argv: list[str] | None = None) -> int:
         from training.evaluate import main as eval_main
 
         return eval_main(argv[1:])
+    if argv[:1] == ["train"]:
+        from training.train import main as train_main
+
+        return train_main(argv[1:], prog="interplay train")
     args = parser.parse_args(argv)
     return args.func(args)
 
