@@ -5,11 +5,13 @@ through `models.engine.StreamingEngine`, the engine that serves, several dialogu
 one engine, faster than real time (outputs depend on ticks, not on wall time). The same dialogues
 also go through `VADHarness`, the conventional design: Silero VAD endpointing (500 ms of silence
 ends the user's turn) and barge-in (the first window of detected speech stops playback), in front
-of a turn-based responder that replays the dialogue's own scripted model turns (audio and text of
-the model's voice, in script order, one per endpoint). Both see the user's channel causally, one
-tick at a time, and their output for tick k plays during tick k+1.
+of a turn-based responder that replays, in the model's voice, the script's reply to the user turn
+it just heard (audio and text of the dialogue's own model outputs; an oracle for content, so only
+its timing is on trial). Both hear the user's channel causally, one tick at a time, and their
+output for tick k plays during tick k+1. The script itself (the model channel the data asks for)
+is scored alongside, as the reference the rules give to the intended behaviour.
 
-Both are scored by the same code from their output audio: Silero VAD (the model shipped in the
+All three are scored by the same code from their output audio: Silero VAD (the model shipped in the
 `silero-vad` package) with its default segment settings, segments then merged across gaps under
 `MERGE_GAP_S`. Times are on the dialogue's timeline; events come from the labels. Rules (FDB =
 Full-Duplex-Bench v1; it judges a take-over from ASR word timings: no words, or under 1 s from the
