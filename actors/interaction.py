@@ -4,8 +4,11 @@ Tick k is the `TickClock`'s, whose length is the engine's `tick_ms`. Ingresses h
 their sessions with one `exchange` per tick; the tick is stepped as soon as every joined session's
 chunk is in, or at its deadline (end of tick + grace) with the absent ones stepped as missing
 (silence), so one slow client never delays the others. A delegate or tool-call control becomes a
-`BackgroundTask` handed to the background pool at once; the task's updates are woven into the
-session's next micro-turns. Every chunk, output, task and update is appended to the session log,
+`BackgroundTask` handed to the background pool at once, and so does a client's `response.create`
+when the session has function tools (from the response or session.update) even without such a
+control: its instruction is the text typed since the last task. The task's updates are woven into
+the session's next micro-turns and reported to the client as events on its next outputs
+(`actors.background.update_events`). Every chunk, output, task and update is appended to the session log,
 in order, off the tick's path: neither the step nor delegation waits on the log.
 
 The parts are ports (`protocols.ports`): an `Engine`, and optionally a `Log` and a
@@ -20,7 +23,7 @@ import asyncio
 import logging
 import time
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable
 
 import numpy as np
@@ -93,6 +96,10 @@ class JoinedSession:
     log_index: int = -1  # the last log index known for the session
     task: BackgroundTask | None = None  # the running background task, if any
     runner: asyncio.Task | None = None
+    tools: list | None = None  # the client's function tools (session.update), offered to the pool
+    tool_choice: object = "auto"
+    typed: list[str] = field(default_factory=list)  # text typed since the last task
+    events: list[dict] = field(default_factory=list)  # background events for the next output
 
 
 class Interaction:
@@ -272,7 +279,12 @@ class Interaction:
         self._late = 0
         if self._metrics is not None:
             self._metrics.record(stats)
-        tasks = self._delegate(outputs)
+        tasks = self._delegate(outputs) + self._requested(chunks, outputs)
+        for out in outputs.values():
+            session = self.sessions.get(out.session_id)
+            if session is not None and session.events:
+                out.events.extend(session.events)
+                session.events = []
         self._finish(tick, outputs)
         if chunks:
             self._log_later([*chunks, *outputs.values(), *tasks], request_id=f"{id(self):x}:{tick}")
@@ -304,19 +316,67 @@ class Interaction:
             task = BackgroundTask(
                 out.session_id, self.now(), kinds[0], out.text, context_upto=session.log_index, log_token=session.log_token,
                 supersedes=session.task.task_id if running else None,
+                arguments={"tools": session.tools} if session.tools else {},
             )
-            tasks.append(task)
-            self._totals["tasks"] += 1
-            if running:
-                session.runner.cancel()
-            session.task, session.runner = task, None
-            if self.background is not None:
-                session.runner = asyncio.get_running_loop().create_task(self._consume(session, task))
+            tasks.append(self._start(session, task))
         return tasks
+
+    def _requested(self, chunks: list[InputChunk], outputs: dict[str, OutputChunk]) -> list[BackgroundTask]:
+        """Tasks a client asks for without a delegate control: `response.create` while function
+        tools are set (on the response, or the session by session.update) and tool_choice is not
+        "none". Sessions that delegated this tick already are left alone."""
+        tasks = []
+        for chunk in chunks:
+            session = self.sessions.get(chunk.session_id)
+            if session is None:
+                continue
+            if chunk.text:
+                session.typed = (session.typed + [chunk.text])[-8:]
+            for event in chunk.events:
+                kind = event.get("type") if isinstance(event, dict) else None
+                if kind == "session.update":
+                    config = event.get("session") or {}
+                    if "tools" in config:
+                        session.tools = config["tools"] or None
+                    if "tool_choice" in config:
+                        session.tool_choice = config["tool_choice"]
+                elif kind == "response.create":
+                    response = event.get("response") or {}
+                    tools = response.get("tools", session.tools)
+                    choice = response.get("tool_choice", session.tool_choice)
+                    out = outputs.get(chunk.session_id)
+                    delegated = out is not None and any(c in DELEGATING for c in out.controls)
+                    if not tools or choice == "none" or delegated:
+                        continue
+                    running = session.runner is not None and not session.runner.done()
+                    instruction = "\n".join(session.typed) or response.get("instructions") or "Help with the conversation so far."
+                    session.typed = []
+                    task = BackgroundTask(
+                        chunk.session_id, self.now(), "tool", instruction[:4000], context_upto=session.log_index,
+                        log_token=session.log_token, supersedes=session.task.task_id if running else None,
+                        arguments={"tools": tools, "tool_choice": choice},
+                    )
+                    tasks.append(self._start(session, task))
+        return tasks
+
+    def _start(self, session: JoinedSession, task: BackgroundTask) -> BackgroundTask:
+        """Hand `task` to the pool (cancelling the session's running one, which it supersedes)."""
+        from .background import task_events
+
+        self._totals["tasks"] += 1
+        if session.runner is not None and not session.runner.done():
+            session.runner.cancel()
+        session.task, session.runner = task, None
+        session.events.extend(task_events(task))
+        if self.background is not None:
+            session.runner = asyncio.get_running_loop().create_task(self._consume(session, task))
+        return task
 
     async def _consume(self, session: JoinedSession, task: BackgroundTask) -> None:
         """Stream a task's updates into the engine and the log until it ends, is superseded or its
         session leaves (then this is cancelled, which cancels the pool's stream)."""
+        from .background import update_events
+
         sid = task.session_id
         updates = self.background.run(task)
         try:
@@ -326,6 +386,7 @@ class Interaction:
                         return
                     if update.text:
                         self.engine.push_update(sid, update.text)
+                    session.events.extend(update_events(update))
                 self._totals["updates"] += 1
                 self._log_later([update])
         except asyncio.CancelledError:
