@@ -1,0 +1,339 @@
+"""A background task's context: the whole conversation up to what the task saw, as chat messages.
+
+`await render(task, log, speech=...)` reads the task's session log by reference (`SessionLog.refs`
+with the task's `log_token`, objects fetched zero-copy; only rows 0..`task.context_upto`, only
+the task's own session: the log checks the token) and returns OpenAI chat messages:
+
+- the user's speech: runs of input chunks louder than `SPEECH_RMS`, ending after `END_S` of
+  quiet, each one user message (see "Speech" below);
+- the user's typed text, and client and session events (`[event <type> <data>]`, a user message);
+- what the model said: its output text, one assistant message per run of speech;
+- earlier background tasks and tool calls as assistant `tool_calls`, their updates and results
+  as `tool` messages (`tool_call_id` = the task or call id);
+- last, the task itself as a user message (its kind, tool, instruction and arguments).
+
+Messages are in the order their first row was logged. A system message leads (`system=None`
+leaves it out).
+
+Bounded, newest kept: messages are counted in characters (an audio part as `AUDIO_CHARS_PER_S`
+per second). The system message and the task always stay; of the conversation, the newest
+messages that fit `max_chars` are kept whole and everything older is replaced by one user
+message saying how many messages over which seconds were left out. A newest message larger than
+the budget on its own is cut to its last `max_chars` characters.
+
+Speech. The default is `Transcripts(transcriber)`: each run of the user's speech goes through a
+speech-recognition model (`actors.transcribe`: Whisper served by vLLM, the same way as the pool)
+and reaches a text-only background model as its transcript. Why the default: any text model
+(and vLLM's tool parsers and structured output, which are most complete for text models) can
+then be the pool's model; a run is transcribed once and its text cached, so a later task pays
+only for speech since the last one, while an audio model re-encodes all of the conversation's
+audio for every task; and Whisper's cost is small next to the pool's model. The other option
+is `AsAudio()`: each run as an `input_audio` part (base64 WAV, 16 kHz mono) for an audio-capable
+model served by vLLM (Qwen2-Audio, Ultravox, Qwen2.5-Omni), which hears tone and hesitation a
+transcript loses; point the pool at such a model and pass `speech=AsAudio()`. With `speech=None`
+a run is only noted (its length), never silently dropped, and a warning is logged.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import inspect
+import json
+import logging
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from protocols import BackgroundTask, ProtocolError
+from protocols.chunks import SAMPLE_RATE
+
+from .session_log import fetch
+from .transcribe import Transcriber, wav_bytes
+
+log = logging.getLogger("interplay.context")
+
+SPEECH_RMS = 300.0  # int16 RMS above which a chunk counts as speech (about -40 dBFS)
+END_S = 0.6  # this much quiet ends a run of speech (the user's or the model's)
+MAX_CHARS = 32_000  # about 8k tokens
+AUDIO_CHARS_PER_S = 100  # an audio part's cost in the budget (about 25 audio tokens a second)
+SYSTEM = (
+    "You work in the background for a live voice assistant that keeps talking with the user. "
+    "Below is the conversation so far (the user's speech as transcripts, typed text, what the "
+    "assistant said, earlier tool calls and results), then your task. Answer briefly; the "
+    "assistant will weave your answer into the conversation."
+)
+_QUIET_EVENTS = ("input_audio_buffer.", "interplay.tick")  # per-tick client events: no content
+
+
+# --- speech ---------------------------------------------------------------------------------------
+
+
+class Transcripts:
+    """User speech as text from a `Transcriber`; each run's text is cached (LRU, `cache` runs)."""
+
+    def __init__(self, transcriber: Transcriber, cache: int = 1024):
+        self.transcriber = transcriber
+        self.cache: OrderedDict[tuple, str] = OrderedDict()
+        self.size = cache
+
+    async def content(self, key: tuple, audio: np.ndarray) -> str | list:
+        if key in self.cache:
+            self.cache.move_to_end(key)
+            return self.cache[key]
+        text = (await self.transcriber.transcribe(audio)).strip()
+        self.cache[key] = text
+        while len(self.cache) > self.size:
+            self.cache.popitem(last=False)
+        return text
+
+
+class AsAudio:
+    """User speech as `input_audio` parts, for an audio-capable background model."""
+
+    async def content(self, key: tuple, audio: np.ndarray) -> str | list:
+        data = base64.b64encode(wav_bytes(audio)).decode()
+        return [{"type": "input_audio", "input_audio": {"data": data, "format": "wav"}}]
+
+
+# --- reading the log --------------------------------------------------------------------------------
+
+
+async def _call(log_port: Any, method: str, *args):
+    """A log method through whatever `log` is: a Ray actor handle, an async port, or the plain class."""
+    fn = getattr(log_port, method)
+    if hasattr(fn, "remote"):
+        from ray.exceptions import RayTaskError
+
+        try:
+            return await fn.remote(*args)
+        except RayTaskError as exc:
+            cause = getattr(exc, "cause", None)
+            if isinstance(cause, ProtocolError):
+                raise ProtocolError(str(cause), cause.code, cause.param) from None
+            raise
+    result = fn(*args)
+    return await result if inspect.isawaitable(result) else result
+
+
+async def read(task: BackgroundTask, log_port: Any) -> pa.Table:
+    """Rows 0..task.context_upto of the task's session, read by reference with the task's token."""
+    end = task.context_upto + 1
+    if end <= 0:
+        from protocols.deltas import SCHEMA
+
+        return SCHEMA.empty_table()
+    if not task.log_token:
+        raise ProtocolError(f"task {task.task_id} carries no log token: its context cannot be read", "forbidden", "log_token")
+    from ray.exceptions import ObjectLostError, OwnerDiedError
+
+    for attempt in range(3):
+        parts = await _call(log_port, "refs", task.session_id, task.log_token, 0, end)
+        try:
+            table = await fetch(parts, 0, end)
+            break
+        except (OwnerDiedError, ObjectLostError):  # the log restarted between refs and fetch: ask again
+            if attempt == 2:
+                raise
+    if table.num_rows and pc.any(pc.not_equal(table["session_id"], task.session_id)).as_py():
+        raise ProtocolError("the log returned rows of another session", "forbidden", "session_id")
+    return table
+
+
+# --- rendering --------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Item:
+    first: int  # log index of the item's first row: the order of the conversation
+    t0: float
+    t1: float
+    message: dict
+    cost: int
+
+
+def _cost(message: dict) -> int:
+    content = message.get("content")
+    n = 0
+    if isinstance(content, str):
+        n += len(content)
+    elif isinstance(content, list):
+        for part in content:
+            if part.get("type") == "input_audio":
+                n += int(AUDIO_CHARS_PER_S * len(part["input_audio"]["data"]) * 3 / 4 / (2 * SAMPLE_RATE))
+            else:
+                n += len(part.get("text", ""))
+    for call in message.get("tool_calls") or ():
+        n += len(call["function"]["name"]) + len(call["function"]["arguments"])
+    return n + 16  # role and framing
+
+
+def _runs(loud: list[bool], ts: list[float], gap_s: float) -> list[tuple[int, int]]:
+    """(first, last) positions of runs of True, a run ending after more than gap_s without one."""
+    runs, start, last = [], None, None
+    for i, on in enumerate(loud):
+        if not on:
+            continue
+        if start is not None and ts[i] - ts[last] > gap_s:
+            runs.append((start, last))
+            start = None
+        if start is None:
+            start = i
+        last = i
+    if start is not None:
+        runs.append((start, last))
+    return runs
+
+
+def _event_line(etype: str, data: Any) -> str:
+    text = json.dumps(data, ensure_ascii=False, separators=(",", ":")) if data else ""
+    return f"[event {etype}{' ' + text[:300] if text else ''}]"
+
+
+def _task_message(row: dict, payload: dict) -> dict:
+    args = {"instruction": row["text"] or payload.get("instruction", ""), **(payload.get("arguments") or {})}
+    name = payload.get("tool") or payload.get("kind") or "delegate"
+    return {"role": "assistant", "content": None, "tool_calls": [{"id": payload["task_id"], "type": "function", "function": {"name": name, "arguments": json.dumps(args, ensure_ascii=False)}}]}
+
+
+async def conversation(table: pa.Table, speech: Any = None) -> list[_Item]:
+    """The conversation in `table` (one session's rows, index order) as items in logged order."""
+    items: list[_Item] = []
+    kinds = table["kind"].to_pylist()
+    small = table.select(["index", "kind", "t", "text", "payload"]).to_pylist()
+
+    # The user's speech: loud input chunks, in runs.
+    ins = [i for i, k in enumerate(kinds) if k == "input_chunk"]
+    if ins:
+        audio = table["audio"].take(pa.array(ins))
+        loud = [rms > SPEECH_RMS for rms in _rms(audio)]
+        ts = [small[i]["t"] for i in ins]
+        tick_s = _tick_s(audio)
+        pending = []
+        for a, b in _runs(loud, ts, END_S):
+            key = (table["session_id"][0].as_py(), small[ins[a]]["index"], small[ins[b]]["index"])
+            samples = np.concatenate([np.frombuffer(audio[j].as_buffer(), "<i2") for j in range(a, b + 1)]).astype(np.int16)
+            pending.append((ins[a], ts[a], ts[b] + tick_s, key, samples))
+        contents = await asyncio.gather(*(_speech(speech, key, samples) for _, _, _, key, samples in pending))
+        for (pos, t0, t1, _, _), content in zip(pending, contents):
+            msg = {"role": "user", "content": content}
+            items.append(_Item(small[pos]["index"], t0, t1, msg, _cost(msg)))
+
+    # What the model said: output text, in runs.
+    outs = [i for i, k in enumerate(kinds) if k == "output_chunk"]
+    if outs:
+        said = [bool(small[i]["text"]) for i in outs]
+        ts = [small[i]["t"] for i in outs]
+        for a, b in _runs(said, ts, END_S):
+            text = "".join(small[outs[j]]["text"] or "" for j in range(a, b + 1)).strip()
+            if text:
+                msg = {"role": "assistant", "content": text}
+                items.append(_Item(small[outs[a]]["index"], ts[a], ts[b], msg, _cost(msg)))
+
+    # Everything else, one item per row (typed text and client events of input chunks too).
+    for row in small:
+        kind, payload = row["kind"], json.loads(row["payload"] or "{}")
+        lines, msg = [], None
+        if kind == "input_chunk":
+            if row["text"]:
+                lines.append(row["text"])
+            lines += [_event_line(e.get("type", "?"), {k: v for k, v in e.items() if k != "type"}) for e in payload.get("events", []) if not str(e.get("type", "")).startswith(_QUIET_EVENTS)]
+        elif kind == "session_event":
+            lines.append(_event_line(payload.get("type", "?"), payload.get("data")))
+        elif kind == "background_task":
+            msg = _task_message(row, payload)
+        elif kind == "tool_call":
+            msg = {"role": "assistant", "content": None, "tool_calls": [{"id": payload["call_id"], "type": "function", "function": {"name": payload["name"], "arguments": json.dumps(payload.get("arguments", {}), ensure_ascii=False)}}]}
+        elif kind == "tool_result":
+            body = f"error: {payload['error']}" if payload.get("error") else json.dumps(payload.get("output"), ensure_ascii=False)
+            msg = {"role": "tool", "tool_call_id": payload["call_id"], "content": body}
+        elif kind == "background_update":
+            mark = " (contradicts what was said)" if payload.get("contradicts") else ""
+            body = f"[{payload.get('status')}{mark}] {row['text'] or ''}".strip()
+            if payload.get("data") is not None:
+                body += " " + json.dumps(payload["data"], ensure_ascii=False)
+            msg = {"role": "tool", "tool_call_id": payload["task_id"], "content": body}
+        if lines:
+            msg = {"role": "user", "content": "\n".join(lines)}
+        if msg is not None:
+            items.append(_Item(row["index"], row["t"], row["t"], msg, _cost(msg)))
+    items.sort(key=lambda it: it.first)
+    return items
+
+
+async def _speech(speech: Any, key: tuple, samples: np.ndarray) -> str | list:
+    if speech is None:
+        log.warning("session %r: user speech without a speech option; only its length reaches the background model", key[0])
+        return f"[the user spoke for {samples.size / SAMPLE_RATE:.1f} s; no speech recognition is configured]"
+    return await speech.content(key, samples)
+
+
+def _rms(audio: pa.Array) -> np.ndarray:
+    """Each chunk's int16 RMS, from the binary column's one data buffer (no per-chunk objects)."""
+    if audio.null_count:
+        audio = pc.if_else(audio.is_null(), pa.scalar(b"", pa.binary()), audio)
+    audio = pa.concat_arrays(audio.chunks) if isinstance(audio, pa.ChunkedArray) else audio
+    offsets = np.frombuffer(audio.buffers()[1], np.int32)[audio.offset : audio.offset + len(audio) + 1] // 2
+    data = audio.buffers()[2]
+    samples = np.frombuffer(data, "<i2", count=int(offsets[-1])) if data is not None and offsets[-1] else np.zeros(0, np.int16)
+    squares = samples.astype(np.float32) ** 2
+    sums = np.add.reduceat(squares, np.minimum(offsets[:-1], max(len(squares) - 1, 0))) if squares.size else np.zeros(len(offsets) - 1)
+    lengths = np.diff(offsets)
+    return np.sqrt(np.where(lengths > 0, sums / np.maximum(lengths, 1), 0.0))
+
+
+def _tick_s(audio: pa.Array) -> float:
+    n = pc.binary_length(audio).to_numpy(zero_copy_only=False)
+    return float(np.median(n)) / 2 / SAMPLE_RATE if n.size else 0.0
+
+
+def bound(items: list[_Item], max_chars: int) -> list[dict]:
+    """The newest items that fit `max_chars`, whole; older ones replaced by one note."""
+    kept, used = [], 0
+    for it in reversed(items):
+        if used + it.cost > max_chars:
+            break
+        kept.append(it)
+        used += it.cost
+    kept.reverse()
+    if not kept and items:  # the newest alone is too large: keep its end
+        newest = items[-1]
+        msg = dict(newest.message)
+        if isinstance(msg.get("content"), str):
+            msg["content"] = msg["content"][-max(max_chars - 16, 0) :]
+        kept = [_Item(newest.first, newest.t0, newest.t1, msg, _cost(msg))]
+    left = items[: len(items) - len(kept)]
+    out = [it.message for it in kept]
+    if left:
+        note = f"[{len(left)} earlier messages, from {left[0].t0:.1f} s to {left[-1].t1:.1f} s, are left out]"
+        out.insert(0, {"role": "user", "content": note})
+    return out
+
+
+def task_message(task: BackgroundTask) -> dict:
+    what = f"tool {task.tool}" if task.tool else task.kind
+    lines = [f"Your task ({what}, id {task.task_id}): {task.instruction or '(no instruction: help with the conversation above)'}"]
+    if task.arguments:
+        lines.append("Arguments: " + json.dumps(task.arguments, ensure_ascii=False))
+    if task.supersedes:
+        lines.append(f"It replaces the earlier task {task.supersedes}.")
+    return {"role": "user", "content": "\n".join(lines)}
+
+
+async def render(task: BackgroundTask, log: Any, *, speech: Any = None, max_chars: int = MAX_CHARS, system: str | None = SYSTEM) -> list[dict]:
+    """The task's whole conversation up to `task.context_upto` as chat messages (see the module).
+
+    `log` is the session log: a `SessionLogActor` handle, a `Remote` of it, or a `SessionLog`.
+    `speech` is `Transcripts(transcriber)` (default in the pool), `AsAudio()`, or None.
+    ProtocolError("forbidden") if the task's token does not open its session's log.
+    """
+    if not isinstance(max_chars, int) or max_chars <= 0:
+        raise ValueError("max_chars must be a positive number of characters")
+    items = await conversation(await read(task, log), speech) if log is not None else []
+    messages = [{"role": "system", "content": system}] if system else []
+    return messages + bound(items, max_chars) + [task_message(task)]
+
