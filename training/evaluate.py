@@ -418,7 +418,7 @@ def evaluate(data_dir: str | Path = "data/synth/heldout", checkpoint: str | Path
     if ps is None:
         raise ValueError(f"no dialogue {pick!r} to plot among those evaluated")
     return {
-        "data": str(data_dir), "model": source, "dialogues": len(sessions), "audio_s": round(audio_s, 1),
+        "data": str(data_dir), "model": source, "batch": batch, "dialogues": len(sessions), "audio_s": round(audio_s, 1),
         "rules": {"vad": "silero-vad defaults (threshold 0.5, min speech 250 ms, min silence 100 ms, pad 30 ms)",
                   "merge_gap_s": MERGE_GAP_S, "takeover_s": TAKEOVER_S, "hold_after_s": HOLD_AFTER_S,
                   "timing_tol_s": TIMING_TOL_S, "speaking_slack_s": SPEAKING_SLACK_S, "harness_endpoint_ms": ENDPOINT_MS},
@@ -459,7 +459,8 @@ def table(result: dict) -> str:
     def cell(v) -> str:
         return "-" if v is None else f"{v:.2f}"
 
-    lines = [f"{result['dialogues']} dialogues ({result['audio_s']:.0f} s) from {result['data']}; model: {result['model']}",
+    lines = [f"{result['dialogues']} dialogues ({result['audio_s']:.0f} s) from {result['data']}; model: {result['model']} "
+             f"(stepped at {result['real_time_factor']['model']:g}x real time, {result['batch']} sessions an engine)",
              f"{'metric':<36} {'model':>7} {'harness':>8} {'script':>7}  {'better':<6} {'n':>4}",
              "-" * 74]
     for label, metric, fld, better in ROWS:
