@@ -81,11 +81,12 @@ class Transcripts:
         self.cache: OrderedDict[tuple, str] = OrderedDict()
         self.size = cache
 
-    async def content(self, key: tuple, audio: np.ndarray) -> str | list:
+    async def content(self, key: tuple, samples) -> str | list:
+        """The run's text; `key` (session, first and last index) names the run, `samples()` its audio."""
         if key in self.cache:
             self.cache.move_to_end(key)
             return self.cache[key]
-        text = (await self.transcriber.transcribe(audio)).strip()
+        text = (await self.transcriber.transcribe(samples())).strip()
         self.cache[key] = text
         while len(self.cache) > self.size:
             self.cache.popitem(last=False)
@@ -95,8 +96,8 @@ class Transcripts:
 class AsAudio:
     """User speech as `input_audio` parts, for an audio-capable background model."""
 
-    async def content(self, key: tuple, audio: np.ndarray) -> str | list:
-        data = base64.b64encode(wav_bytes(audio)).decode()
+    async def content(self, key: tuple, samples) -> str | list:
+        data = base64.b64encode(wav_bytes(samples())).decode()
         return [{"type": "input_audio", "input_audio": {"data": data, "format": "wav"}}]
 
 
@@ -204,39 +205,43 @@ async def conversation(table: pa.Table, speech: Any = None) -> list[_Item]:
     """The conversation in `table` (one session's rows, index order) as items in logged order."""
     items: list[_Item] = []
     kinds = table["kind"].to_pylist()
-    small = table.select(["index", "kind", "t", "text", "payload"]).to_pylist()
+    index, ts, texts, payloads = (table[c].to_pylist() for c in ("index", "t", "text", "payload"))
+    sid = table["session_id"][0].as_py() if table.num_rows else None
 
     # The user's speech: loud input chunks, in runs.
     ins = [i for i, k in enumerate(kinds) if k == "input_chunk"]
     if ins:
-        audio = table["audio"].take(pa.array(ins))
-        loud = [rms > SPEECH_RMS for rms in _rms(audio)]
-        ts = [small[i]["t"] for i in ins]
-        tick_s = _tick_s(audio)
+        rms = _rms(table["audio"])
+        loud = [rms[i] > SPEECH_RMS for i in ins]
+        t_in = [ts[i] for i in ins]
+        tick_s = _tick_s(table["audio"], ins[0])
         pending = []
-        for a, b in _runs(loud, ts, END_S):
-            key = (table["session_id"][0].as_py(), small[ins[a]]["index"], small[ins[b]]["index"])
-            samples = np.concatenate([np.frombuffer(audio[j].as_buffer(), "<i2") for j in range(a, b + 1)]).astype(np.int16)
-            pending.append((ins[a], ts[a], ts[b] + tick_s, key, samples))
+        for a, b in _runs(loud, t_in, END_S):
+            rows = ins[a : b + 1]
+            samples = lambda rows=rows: np.concatenate([np.frombuffer(table["audio"][i].as_buffer(), "<i2") for i in rows]).astype(np.int16)
+            pending.append((ins[a], t_in[a], t_in[b] + tick_s, (sid, index[ins[a]], index[ins[b]]), samples))
         contents = await asyncio.gather(*(_speech(speech, key, samples) for _, _, _, key, samples in pending))
         for (pos, t0, t1, _, _), content in zip(pending, contents):
             msg = {"role": "user", "content": content}
-            items.append(_Item(small[pos]["index"], t0, t1, msg, _cost(msg)))
+            items.append(_Item(index[pos], t0, t1, msg, _cost(msg)))
 
     # What the model said: output text, in runs.
     outs = [i for i, k in enumerate(kinds) if k == "output_chunk"]
     if outs:
-        said = [bool(small[i]["text"]) for i in outs]
-        ts = [small[i]["t"] for i in outs]
-        for a, b in _runs(said, ts, END_S):
-            text = "".join(small[outs[j]]["text"] or "" for j in range(a, b + 1)).strip()
+        said = [bool(texts[i]) for i in outs]
+        t_out = [ts[i] for i in outs]
+        for a, b in _runs(said, t_out, END_S):
+            text = "".join(texts[outs[j]] or "" for j in range(a, b + 1)).strip()
             if text:
                 msg = {"role": "assistant", "content": text}
-                items.append(_Item(small[outs[a]]["index"], ts[a], ts[b], msg, _cost(msg)))
+                items.append(_Item(index[outs[a]], t_out[a], t_out[b], msg, _cost(msg)))
 
     # Everything else, one item per row (typed text and client events of input chunks too).
-    for row in small:
-        kind, payload = row["kind"], json.loads(row["payload"] or "{}")
+    for i, kind in enumerate(kinds):
+        if kind == "output_chunk" or (kind == "input_chunk" and not texts[i] and '"events": []' in payloads[i]):
+            continue  # nothing here beyond audio and words handled above
+        row = {"text": texts[i]}
+        payload = json.loads(payloads[i] or "{}")
         lines, msg = [], None
         if kind == "input_chunk":
             if row["text"]:
@@ -260,35 +265,41 @@ async def conversation(table: pa.Table, speech: Any = None) -> list[_Item]:
         if lines:
             msg = {"role": "user", "content": "\n".join(lines)}
         if msg is not None:
-            items.append(_Item(row["index"], row["t"], row["t"], msg, _cost(msg)))
+            items.append(_Item(index[i], ts[i], ts[i], msg, _cost(msg)))
     items.sort(key=lambda it: it.first)
     return items
 
 
-async def _speech(speech: Any, key: tuple, samples: np.ndarray) -> str | list:
+async def _speech(speech: Any, key: tuple, samples) -> str | list:
+    """One run of the user's speech as message content; `samples()` builds its audio when needed."""
     if speech is None:
         log.warning("session %r: user speech without a speech option; only its length reaches the background model", key[0])
-        return f"[the user spoke for {samples.size / SAMPLE_RATE:.1f} s; no speech recognition is configured]"
+        return f"[the user spoke for {samples().size / SAMPLE_RATE:.1f} s; no speech recognition is configured]"
     return await speech.content(key, samples)
 
 
-def _rms(audio: pa.Array) -> np.ndarray:
-    """Each chunk's int16 RMS, from the binary column's one data buffer (no per-chunk objects)."""
-    if audio.null_count:
-        audio = pc.if_else(audio.is_null(), pa.scalar(b"", pa.binary()), audio)
-    audio = pa.concat_arrays(audio.chunks) if isinstance(audio, pa.ChunkedArray) else audio
-    offsets = np.frombuffer(audio.buffers()[1], np.int32)[audio.offset : audio.offset + len(audio) + 1] // 2
-    data = audio.buffers()[2]
-    samples = np.frombuffer(data, "<i2", count=int(offsets[-1])) if data is not None and offsets[-1] else np.zeros(0, np.int16)
-    squares = samples.astype(np.float32) ** 2
-    sums = np.add.reduceat(squares, np.minimum(offsets[:-1], max(len(squares) - 1, 0))) if squares.size else np.zeros(len(offsets) - 1)
-    lengths = np.diff(offsets)
-    return np.sqrt(np.where(lengths > 0, sums / np.maximum(lengths, 1), 0.0))
+def _rms(audio: pa.ChunkedArray) -> np.ndarray:
+    """Each row's int16 RMS (every 4th sample; 0 for no audio), read from each chunk's one data
+    buffer: no per-row objects, no copy."""
+    out = []
+    for chunk in audio.chunks:
+        n = len(chunk)
+        offsets = np.frombuffer(chunk.buffers()[1], np.int32)[chunk.offset : chunk.offset + n + 1] // 8
+        data = chunk.buffers()[2]
+        samples = np.frombuffer(data, "<i2")[::4][: offsets[-1]] if data is not None and data.size else np.zeros(0, np.int16)
+        starts, lengths = offsets[:-1], np.diff(offsets)
+        squares = samples.astype(np.float32) ** 2
+        if squares.size:
+            sums = np.add.reduceat(squares, np.minimum(starts, squares.size - 1))
+            out.append(np.sqrt(np.where(lengths > 0, sums / np.maximum(lengths, 1), 0.0)))
+        else:
+            out.append(np.zeros(n))
+    return np.concatenate(out) if out else np.zeros(0)
 
 
-def _tick_s(audio: pa.Array) -> float:
-    n = pc.binary_length(audio).to_numpy(zero_copy_only=False)
-    return float(np.median(n)) / 2 / SAMPLE_RATE if n.size else 0.0
+def _tick_s(audio: pa.ChunkedArray, row: int) -> float:
+    """The length of the chunk at `row`, in seconds (every chunk of a session is one tick)."""
+    return len(audio[row].as_buffer()) / 2 / SAMPLE_RATE
 
 
 def bound(items: list[_Item], max_chars: int) -> list[dict]:

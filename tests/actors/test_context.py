@@ -176,3 +176,14 @@ def test_the_log_token_never_enters_the_log(tmp_path):
     assert token not in json.dumps(row) and "log_token" not in row["payload"]
     with pytest.raises(ProtocolError, match="log_token"):
         BackgroundTask("s", 0.0, "delegate", "x", context_upto=0, log_token=123)
+
+
+def test_loudness_is_read_per_row_from_sliced_columns():
+    import pyarrow as pa
+
+    from actors.context import _rms
+
+    rows = [speech(0).tobytes(), quiet().tobytes(), None, (speech(1) // 10).tobytes(), speech(2).tobytes()]
+    column = pa.chunked_array([pa.array(rows, pa.binary()).slice(1, 3), pa.array(rows, pa.binary()).slice(3, 2)])
+    want = [np.sqrt(np.mean(np.frombuffer(r, np.int16)[::4].astype(np.float64) ** 2)) if r else 0.0 for r in rows[1:4] + rows[3:5]]
+    assert np.allclose(_rms(column), want, rtol=1e-3)
