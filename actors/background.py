@@ -129,10 +129,13 @@ def _deltas(item: Any) -> list[str]:
 # --- structured output ---------------------------------------------------------------------------
 
 
-def answer_schema() -> dict:
+def answer_schema(max_tokens: int = 4 * MAX_ANSWER_CHARS) -> dict:
+    """The answer object. Its text is capped so that it fits in `max_tokens` even at two tokens a
+    character, so that a reply is never cut off mid-string."""
+    limit = max(16, min(MAX_ANSWER_CHARS, (max_tokens - 48) // 2))
     return {
         "type": "object",
-        "properties": {"answer": {"type": "string", "maxLength": MAX_ANSWER_CHARS}, "contradicts": {"type": "boolean"}},
+        "properties": {"answer": {"type": "string", "maxLength": limit}, "contradicts": {"type": "boolean"}},
         "required": ["answer", "contradicts"], "additionalProperties": False,
     }
 
@@ -144,19 +147,20 @@ def call_schema(name: str, parameters: dict) -> dict:
     }
 
 
-def step_format(tools: ToolRegistry, offered: list[str], choice: Any) -> dict:
+def step_format(tools: ToolRegistry, offered: list[str], choice: Any, max_tokens: int = 4 * MAX_ANSWER_CHARS) -> dict:
     """The `response_format` of one turn: the tool calls `choice` allows, and/or the answer."""
+    answer_schema_ = answer_schema(max_tokens)
     calls = [call_schema(n, tools.get(n).parameters) for n in offered]
     if isinstance(choice, dict):  # a named function
         name = choice.get("name") or (choice.get("function") or {}).get("name")
         calls = [call_schema(name, tools.get(name).parameters)] if name in offered else []
-        options = calls or [answer_schema()]
+        options = calls or [answer_schema_]
     elif choice == "none" or not calls:
-        options = [answer_schema()]
+        options = [answer_schema_]
     elif choice == "required":
         options = calls
     else:
-        options = calls + [answer_schema()]
+        options = calls + [answer_schema_]
     schema = options[0] if len(options) == 1 else {"anyOf": options}
     return {"type": "json_schema", "json_schema": {"name": "background_step", "schema": schema, "strict": True}}
 
@@ -306,7 +310,7 @@ class Background:
         choice = task.arguments.get("tool_choice", "auto")
         for step in range(self.max_steps):
             last = step == self.max_steps - 1
-            fmt = step_format(self.tools, offered, "none" if last else (choice if step == 0 else "auto"))
+            fmt = step_format(self.tools, offered, "none" if last else (choice if step == 0 else "auto"), self.max_tokens)
             text = "".join([d async for d in self.llm.stream(messages, response_format=fmt, max_tokens=self.max_tokens)])
             try:
                 reply = json.loads(text)
