@@ -10,8 +10,8 @@ the dialogue's first tick, so the attention sinks also see session starts), each
 `models.inputs.InputBuilder.session` exactly as the engine would have built it tick by tick, and
 teacher-forced through the model's loss. Workers split the training dialogues, each takes
 `batch / workers` windows a step and gradients are averaged across them. The control loss is
-weighted by inverse square-root class frequency (silence dominates; "yield" and "delegate" are
-rare), the text loss ignores the padding after a tick's end-of-text. AdamW, linear warmup then
+weighted by inverse square-root class frequency, capped at 3x (silence dominates; "yield" and
+"delegate" are rare), the text loss ignores the padding after a tick's end-of-text. AdamW, linear warmup then
 cosine decay to `min_lr_frac`.
 
 Everything random is a function of (seed, worker rank, step): the windows, the flow-matching
@@ -122,10 +122,13 @@ def window(builder: InputBuilder, d: Dialogue, rng: np.random.Generator, recipe:
     return crop_inputs(full, a, b), {name: v[a:b] for name, v in t.items()}
 
 
-def control_weights(counts: torch.Tensor) -> torch.Tensor:
-    """Inverse square-root frequency, 1 for classes never seen; mean over the targets is ~1."""
+def control_weights(counts: torch.Tensor, cap: float = 3.0) -> torch.Tensor:
+    """Inverse square-root frequency relative to the commonest control, at most `cap` (1 for
+    controls never seen), scaled so the mean over the targets is 1. The cap keeps a greedy choice
+    honest: weighting a control by w moves its decision threshold by w, and an uncapped rare
+    "delegate" would win every ambiguous reply onset."""
     f = counts.double() / counts.sum().clamp_min(1)
-    w = torch.where(counts > 0, f.clamp_min(1e-12).rsqrt(), torch.ones_like(f))
+    w = torch.where(counts > 0, (f.max() / f.clamp_min(1e-12)).sqrt().clamp(max=cap), torch.ones_like(f))
     return (w / (f * w).sum().clamp_min(1e-12)).float()
 
 
@@ -258,8 +261,10 @@ def train_loop(config: dict) -> None:
     counts = torch.zeros(len(CONTROLS), dtype=torch.float64)
     for d in dialogues:
         counts += torch.bincount(d.targets["ctrl"], minlength=len(CONTROLS)).double()
-    if world > 1:
+    if world > 1:  # collectives run on the training device (NCCL wants CUDA tensors)
+        counts = counts.to(device)
         dist.all_reduce(counts)
+        counts = counts.cpu()
     ctrl_weight = control_weights(counts)
     say(f"[train] {len(files)} dialogues ({len(mine)} on rank 0, read in {time.perf_counter() - t_load:.1f} s), "
         f"{world} worker(s) x {torch.get_num_threads()} thread(s) on {device}, "
@@ -301,7 +306,7 @@ def train_loop(config: dict) -> None:
         step += 1
 
         if step % log_every == 0 or step == recipe.steps:
-            means = torch.tensor([sums[k] / n_sum for k in sums], dtype=torch.float64)
+            means = torch.tensor([sums[k] / n_sum for k in sums], dtype=torch.float64, device=device)
             if world > 1:
                 dist.all_reduce(means)
                 means /= world
@@ -316,7 +321,7 @@ def train_loop(config: dict) -> None:
             sums, n_sum = {k: 0.0 for k in sums}, 0
         due = time.perf_counter() - t_saved >= save_every_s
         if world > 1:  # every rank agrees on when to save (clocks differ a little)
-            flag = torch.tensor([float(due)])
+            flag = torch.tensor([float(due)], device=device)
             dist.broadcast(flag, 0)
             due = bool(flag.item())
         if due or step == stop:
