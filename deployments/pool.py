@@ -119,6 +119,18 @@ def deploy(section: "BackgroundSection", resources: dict):
     return serve.run(build_llm_app(section, resources), name=POOL_APP, route_prefix=None)
 
 
+def pool_app(args: dict):
+    """Application builder for a Serve config (deployments/serve_config.yaml): `args` is the
+    `background:` section. Such clusters define their node types, so the replicas always ask for
+    the `background` resource (the autoscaler adds a background node when none has room)."""
+    import ray
+
+    from .config import BackgroundSection
+
+    section = BackgroundSection.model_validate(args or {})
+    return build_llm_app(section, {**ray.cluster_resources(), "background": 1})
+
+
 def undeploy() -> None:
     from ray import serve
 
