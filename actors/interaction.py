@@ -367,8 +367,8 @@ class Interaction:
         if session.runner is not None and not session.runner.done():
             session.runner.cancel()
         session.task, session.runner = task, None
-        session.events.extend(task_events(task))
         if self.background is not None:
+            session.events.extend(task_events(task))
             session.runner = asyncio.get_running_loop().create_task(self._consume(session, task))
         return task
 
