@@ -135,12 +135,14 @@ def _deltas(item: Any) -> list[str]:
 
 
 def answer_schema(max_tokens: int = 4 * MAX_ANSWER_CHARS) -> dict:
-    """The answer object. Its text is capped so that it fits in `max_tokens` even at two tokens a
-    character, so that a reply is never cut off mid-string."""
-    limit = max(16, min(MAX_ANSWER_CHARS, (max_tokens - 48) // 2))
+    """The answer object. Its text has no escapes (no backslash, no quote) and is capped so that
+    it fits in `max_tokens` even at four tokens a character (a byte-level tokenizer's worst
+    case), so that a reply is never cut off mid-string."""
+    limit = max(8, min(MAX_ANSWER_CHARS, (max_tokens - 48) // 4))
+    text = {"type": "string", "maxLength": limit, "pattern": '^[^\\\\"]*$'}
     return {
         "type": "object",
-        "properties": {"answer": {"type": "string", "maxLength": limit}, "contradicts": {"type": "boolean"}},
+        "properties": {"answer": text, "contradicts": {"type": "boolean"}},
         "required": ["answer", "contradicts"], "additionalProperties": False,
     }
 

@@ -104,7 +104,7 @@ class BackgroundSection(_Section):
     # Each task: its whole-task deadline, model turns (tool calls + the answer), tokens per turn.
     timeout_s: float = Field(60.0, gt=0)
     max_steps: int = Field(4, ge=1, le=16)
-    max_tokens: int = Field(256, ge=16)
+    max_tokens: int = Field(512, ge=64)
     tool_timeout_s: float = Field(10.0, gt=0)
     tools: list[str] = Field(default_factory=list)  # more tools, as `module:attribute` (see actors/tools.py)
     sandbox: SandboxSection = Field(default_factory=SandboxSection)
