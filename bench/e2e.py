@@ -30,7 +30,9 @@ packet reaches the caller), caller buffer (-> audible: the model's buffer, plus 
 sits in its 20 ms packet, Opus's 6.5 ms lookahead included). Longest gap: the longest stall in what the
 caller plays (browser model), and separately the longest silence the server's playout inserted
 into a response because an output came too late (`out_sample` jumps). Client and server share the
-machine's clock. Run: `python -m bench.e2e`.
+machine's clock. The app started here has no background pool (`--background` adds it): no
+micro-turn here delegates, and an idle vLLM engine would only take the CPU from the calls. Run:
+`python -m bench.e2e`.
 """
 
 from __future__ import annotations
@@ -175,7 +177,10 @@ def start_app(args, folder: str):
     print("[e2e] starting Ray and the app (tiny preset on CPU) ...", flush=True)
     ray.init(namespace="interplay", include_dashboard=False, logging_level="ERROR", log_to_driver=False)
     margins = {k: v for k, v in (("jitter_ms", args.jitter_ms), ("prebuffer_ms", args.prebuffer_ms)) if v is not None}
-    config = AppConfig.model_validate({"log": {"root": f"{folder}/log"}, "http": {"port": PORT}, "auth": {"api_keys": [args.api_key]}, "ingress": margins})
+    config = AppConfig.model_validate({
+        "log": {"root": f"{folder}/log"}, "http": {"port": PORT}, "auth": {"api_keys": [args.api_key]}, "ingress": margins,
+        **({} if args.background else {"background": {"enabled": False}}),
+    })
     if hasattr(deployment, "build"):
         running = deployment.build(config)
         parts, stop = running.parts, lambda: deployment.stop(running)
@@ -199,6 +204,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--api-key", default=KEY)
     parser.add_argument("--jitter-ms", type=float, default=None, help="cap of the ingress's adaptive margin (default: the config's)")
     parser.add_argument("--prebuffer-ms", type=float, default=None, help="playout prebuffer cap (default: the config's)")
+    parser.add_argument("--background", action="store_true", help="start the app with its background pool (vLLM) too")
     parser.add_argument("--name", default="e2e", help="results file: bench/results/<name>.json")
     args = parser.parse_args(argv)
     folder = tempfile.mkdtemp(prefix="interplay-bench-")
