@@ -36,6 +36,19 @@ def start_pool(ray, max_tokens: int = 128):
     return RemotePool(actor), actor
 
 
+class Recorded:
+    """A pool that keeps every update it streams."""
+
+    def __init__(self, pool):
+        self.pool = pool
+        self.seen = []
+
+    async def run(self, task):
+        async for update in self.pool.run(task):
+            self.seen.append(update)
+            yield update
+
+
 def delegation_overhead(ray, pool, trials: int = 30) -> list[dict]:
     from actors.interaction import Interaction
     from protocols import InputChunk
@@ -52,7 +65,8 @@ def delegation_overhead(ray, pool, trials: int = 30) -> list[dict]:
 
     async def run() -> tuple[list[float], list[float], list[float]]:
         engine = Timed()
-        inter = Interaction(engine, background=pool)
+        recorded = Recorded(pool)
+        inter = Interaction(engine, background=recorded)
         await inter.ready()
         await inter.join("sess_bench")
         overhead, total, llm = [], [], []
@@ -72,33 +86,15 @@ def delegation_overhead(ray, pool, trials: int = 30) -> list[dict]:
                 raise RuntimeError(f"no update reached the engine for {task.task_id}")
             pushed_at = engine.pushed[before][0]
             await runner  # let the task finish before the next one
-            updates = [u for u in _updates(inter, task.task_id)]
-            llm_ms = next((u["data"].get("llm_ms", 0.0) for u in updates if u["text"]), 0.0)
+            first = next(u for u in recorded.seen if u.task_id == task.task_id and u.text)
+            llm_ms = (first.data or {}).get("llm_ms", 0.0)
             total.append((pushed_at - task.t) * 1000)
             llm.append(llm_ms)
             overhead.append(total[-1] - llm_ms)
         await inter.leave("sess_bench")
         return overhead, total, llm
 
-    def _updates(inter, task_id):
-        return [e for e in inter._seen if e.get("task_id") == task_id]
-
-    # The interaction reports updates as events on the session's next outputs; keep them here.
-    from actors import interaction as module
-
-    original = module.Interaction._finish
-
-    def finish(self, tick, outputs):
-        self._seen = getattr(self, "_seen", [])
-        for out in outputs.values():
-            self._seen += [e for e in out.events if e.get("type") == "interplay.background.update"]
-        return original(self, tick, outputs)
-
-    module.Interaction._finish = finish
-    try:
-        overhead, total, llm = asyncio.run(run())
-    finally:
-        module.Interaction._finish = original
+    overhead, total, llm = asyncio.run(run())
     rows = []
     for name, xs in (("overhead (issued -> input, minus LLM)", overhead), ("issued -> first update in input", total), ("LLM time before it", llm)):
         pc = percentiles(xs)
