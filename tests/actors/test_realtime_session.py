@@ -15,6 +15,7 @@ from protocols import OutputChunk, ProtocolError
 from protocols.realtime import encode_pcm16
 
 OUT_RATE = 48_000
+OUT_FRAME = 960  # samples in a 20 ms frame of the outgoing stream
 TONE = (8000 * np.sin(np.arange(3200) / 5)).astype(np.int16)
 SILENCE = np.zeros(3200, np.int16)
 openai_server_event = TypeAdapter(RealtimeServerEvent)
@@ -271,3 +272,42 @@ def test_prebuffer_adapts_to_how_steadily_outputs_arrive():
     assert 10.0 <= s.prebuffer() <= 20.0
     s.lateness.extend([0.030, 0.200] * 20)  # erratic: capped at the configured margin
     assert s.prebuffer() == 60.0
+
+
+@pytest.mark.timeout(20)
+def test_interplay_tick_out_sample_is_where_the_ticks_audio_plays():
+    import asyncio
+
+    from actors.playout import EventAudioSink, PacedAudioTrack
+    from tests.actors.test_playout import RESAMPLER_DELAY, onset
+
+    rng = np.random.default_rng(1)
+    speech = [rng.integers(-8000, 8000, 3200).astype(np.int16) for _ in range(2)]  # two ticks of a response
+    config = {"type": "realtime", "interplay": {"tick_events": True}}
+
+    async def main():
+        track = PacedAudioTrack()
+        frames = [await track.recv()]  # live: the response is placed on its frames
+        s, sink = session(config)
+        sink.audio_out = track
+        now = track.time_of(track.next_play_sample) + 0.005
+        for seq, audio in enumerate(speech):
+            s.deliver(out(s, seq, ["speak"], audio=audio), now + 0.2 * seq)
+        first, second = (e["out_sample"] for e in sink.of_type("interplay.tick"))
+        plays = sink.of_type("interplay.tick")[0]["at"]["plays"]
+        assert first % OUT_FRAME == 0 and plays == track.time_of(first) >= now + s.prebuffer() / 1000  # after the lead-in
+        assert second == first + 3 * len(speech[0])
+        while track.queued_ms:
+            frames.append(await track.recv())
+        track.stop()
+        stream = np.concatenate([f.to_ndarray().reshape(-1) for f in frames])
+        for sample, audio in [(first, speech[0]), (second, speech[1])]:
+            assert sample <= onset(stream, audio, after=sample - RESAMPLER_DELAY) <= sample + RESAMPLER_DELAY
+
+    asyncio.run(main())
+
+    s, sink = session(config)  # the client plays it: the lead-in is the margin, queued
+    sink.audio_out = EventAudioSink(24_000)
+    s.deliver(out(s, 0, ["speak"], audio=speech[0]), 0.0)
+    (tick,) = sink.of_type("interplay.tick")
+    assert tick["out_sample"] == sink.audio_out.written - 3 * len(speech[0]) == round(s.prebuffer() * OUT_RATE / 1000)
