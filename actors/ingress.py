@@ -5,8 +5,8 @@
   channel) or WebSocket (events through a queue, audio as base64 events);
 - the session's Realtime protocol state (`realtime_session.py`): client events in, server events
   and model inputs out, the same code whichever transport carries them;
-- the gatherer (`gatherer.py`): at each tick's end one InputChunk per live session, one
-  `exchange` through the `protocols.ports.Interaction` port, outputs delivered back.
+- the gatherer (`gatherer.py`): once per tick one InputChunk per live session, one `exchange`
+  through the `protocols.ports.Interaction` port, outputs delivered back.
 
 `Ingress(interaction, clock, ...)` takes the interaction side as a port (in process, or a Ray
 actor through `actors.remote.Remote`) and its `TickClock` (or the clock's dict); `IngressActor`
@@ -48,12 +48,17 @@ class Ingress:
 
     A session is stepped from the tick in which its connection came up (a WebSocket's at once).
     `join(session_id)` on the interaction side is awaited before a session is accepted (a
-    ProtocolError from it, e.g. "capacity", refuses it) and `leave` when it ends. Tick k is
-    gathered `grace_ms` after it ends; audio is placed `jitter_ms` after its arrival (see
-    AudioChunker), which is the margin for network jitter. Speech is played with a margin of at
-    most `prebuffer_ms` at the start of each response and at most `max_playout_s` queued; a call
-    that does not connect within `connect_timeout_s` is closed. `ice_addresses`, when given,
-    pins this process's WebRTC host candidates (see `actors.ice`).
+    ProtocolError from it, e.g. "capacity", refuses it) and `leave` when it ends. A call's audio
+    is placed a margin after its arrival that follows the packets' arrival spread, at most
+    `jitter_ms` (see AudioChunker), so tick k's chunk is normally complete before the tick ends.
+    Tick k is gathered as soon as every live call's chunk k is complete, at the latest
+    `grace_ms` after the tick ends: a call whose chunk is not complete (a late or silent track,
+    or any WebSocket call, whose buffered input never says so) holds the tick that long, and a
+    chunk still not in is sent as missing (silence). A response starts on the first outgoing
+    frame due at least its margin (at most `prebuffer_ms`) after its first output is written,
+    and at most `max_playout_s` is queued; a call that does not connect within
+    `connect_timeout_s` is closed. `ice_addresses`, when given, pins this process's WebRTC host
+    candidates (see `actors.ice`).
     """
 
     def __init__(
@@ -62,7 +67,11 @@ class Ingress:
         clock: TickClock | dict,
         *,
         max_sessions: int = 32,
-        grace_ms: float = 5.0,
+        # A complete chunk is gathered at once, so the grace only delays ticks in which some call's
+        # chunk is not complete, and then for every call (each tick while a WebSocket call is live).
+        # Audio is placed so its blocks normally arrive 3 ms or more before their tick ends: 1 ms
+        # more takes a block that is a little late without making such ticks cost much.
+        grace_ms: float = 1.0,
         jitter_ms: float = 40.0,
         frame_size: int = 160,
         exchange_timeout_s: float = 1.0,
