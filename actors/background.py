@@ -2,8 +2,9 @@
 
 `Background(llm, log=..., tools=...).run(task)` streams `BackgroundUpdate`s:
 1. "progress" (started), then the task's whole conversation is rendered from the session log by
-   `actors.context.render(task, log)` (only the task's own session, up to `task.context_upto`),
-   with the task's instruction (typed text, or what the live model said it delegates) last.
+   `actors.context.render(task, log, speech=...)` (only the task's own session, up to
+   `task.context_upto`; the user's speech as Whisper transcripts by default, see `speech`), with
+   the task's instruction (typed text, or what the live model said it delegates) last.
 2. Up to `max_steps` model turns. Each turn asks the LLM (`ChatModel`: the Serve LLM deployment
    through `ServeChat`) for one JSON object under a `response_format` JSON schema, so the reply
    always parses: either a tool call `{"tool": <name>, "arguments": <that tool's schema>}` or the
@@ -30,11 +31,12 @@ task that `supersedes` a running one of the same session cancels that one here t
 from __future__ import annotations
 
 import asyncio
-import inspect
+import functools
 import json
 import logging
 import time
-from typing import Any, AsyncIterator, Callable, Protocol
+from collections import OrderedDict
+from typing import Any, AsyncIterator, Awaitable, Callable, Protocol
 
 import ray
 
@@ -198,18 +200,28 @@ def _short(value: Any, limit: int = 300) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
-async def default_render(task: BackgroundTask, log_port: Any) -> list[dict]:
-    """The conversation from the session log (`actors.context.render`); without a log, none."""
+async def default_render(task: BackgroundTask, log_port: Any, speech: Any = None) -> list[dict]:
+    """The conversation from the session log (`actors.context.render`), the user's speech as
+    `speech` makes it (`Transcripts`, `AsAudio`, None); without a log, none."""
     if log_port is None:
         return []
-    try:
-        from actors.context import render
-    except ImportError:
-        return []
-    messages = render(task, log_port)
-    if inspect.isawaitable(messages):
-        messages = await messages
-    return list(messages)
+    from actors.context import render
+
+    return await render(task, log_port, speech=speech)
+
+
+def _without_audio(messages: list[dict]) -> list[dict]:
+    """`messages` with each audio part's data replaced by its size (what `prompt` keeps)."""
+    out = []
+    for m in messages:
+        if isinstance(m.get("content"), list):
+            parts = [
+                {**p, "input_audio": {**p["input_audio"], "data": f"<{len(p['input_audio']['data'])} base64 chars>"}} if p.get("type") == "input_audio" else p
+                for p in m["content"]
+            ]
+            m = {**m, "content": parts}
+        out.append(m)
+    return out
 
 
 class SessionEnded(Exception):
@@ -218,7 +230,13 @@ class SessionEnded(Exception):
 
 class Background:
     """The pool's work (see the module docstring); Ray-free. `llm` a `ChatModel`; `log` the
-    session log's handle or port, passed to `render`; `tools` the registry (default: built-ins)."""
+    session log's handle or port, passed to `render`; `tools` the registry (default: built-ins).
+
+    `speech` is how the user's speech enters the conversation (`actors.context`):
+    `Transcripts(ServedTranscriber(...))` (the app's default: one per pool driver, so each run
+    is transcribed once), `AsAudio()`, or None (only its length). `render(task, log)` replaces the
+    whole rendering (default: `default_render` with `speech`). The first prompt of each of the
+    last `keep_prompts` tasks is kept for `prompt(task_id)`: what the model was asked with."""
 
     def __init__(
         self,
@@ -226,16 +244,21 @@ class Background:
         *,
         log: Any = None,
         tools: ToolRegistry | None = None,
-        render: Callable[[BackgroundTask, Any], Any] = default_render,
+        speech: Any = None,
+        render: Callable[[BackgroundTask, Any], Awaitable[list[dict]]] | None = None,
         timeout_s: float = 60.0,
         max_steps: int = 4,
         max_tokens: int = 256,
+        keep_prompts: int = 32,
         now: Callable[[], float] = time.time,
     ):
         self.llm = llm
         self.log = log
         self.tools = tools if tools is not None else default_tools()
-        self.render = render
+        self.speech = speech
+        self.render = render if render is not None else functools.partial(default_render, speech=speech)
+        self.keep_prompts = keep_prompts
+        self.prompts: OrderedDict[str, list[dict]] = OrderedDict()
         self.timeout_s = timeout_s
         self.max_steps = max_steps
         self.max_tokens = max_tokens
@@ -245,6 +268,11 @@ class Background:
 
     async def stats(self) -> dict:
         return {"running": len(self.running), **self.counts}
+
+    async def prompt(self, task_id: str) -> list[dict] | None:
+        """The messages the model was first asked with for `task_id` (audio data elided), if it
+        is one of the last `keep_prompts` tasks; else None."""
+        return self.prompts.get(task_id)
 
     async def run(self, task: BackgroundTask) -> AsyncIterator[BackgroundUpdate]:
         self.counts["tasks"] += 1
@@ -312,8 +340,14 @@ class Background:
         if said:
             system += f"\n\nThe assistant last said: {_short(said, 500)!r}. Set contradicts to true if your answer is at odds with that."
         messages = [{"role": "system", "content": system}, *conversation]
-        if task.instruction.strip() and not (messages[-1].get("role") == "user" and messages[-1].get("content") == task.instruction):
+        tail = messages[-1]
+        if task.instruction.strip() and not (tail.get("role") == "user" and isinstance(tail.get("content"), str) and task.instruction in tail["content"]):
+            # a render that does not end with the task (actors.context's does): the instruction last
             messages.append({"role": "user", "content": task.instruction})
+        if self.keep_prompts:
+            self.prompts[task.task_id] = _without_audio(messages)
+            while len(self.prompts) > self.keep_prompts:
+                self.prompts.popitem(last=False)
         choice = task.arguments.get("tool_choice", "auto")
         llm_ms = 0.0  # time spent waiting on the model so far, reported with each update
         for step in range(self.max_steps):

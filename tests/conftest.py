@@ -14,7 +14,9 @@ def ray_cluster():
     import ray
 
     if not ray.is_initialized():
-        ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
+        # 5 logical CPUs: the background pool's replica and engine hold 2, the speech deployment's 1,
+        # and 2 stay free for the actors tests create (an actor needs 1 free to be placed).
+        ray.init(num_cpus=5, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
     yield ray
     ray.shutdown()
 

@@ -41,7 +41,7 @@ class ScriptedChat:
 
 
 def task(sid="sess_a", **kw):
-    return BackgroundTask(sid, time.time(), kw.pop("kind", "tool"), kw.pop("instruction", "what time is it?"), context_upto=-1, **kw)
+    return BackgroundTask(sid, time.time(), kw.pop("kind", "tool"), kw.pop("instruction", "what time is it?"), context_upto=kw.pop("context_upto", -1), **kw)
 
 
 async def collect(pool, t):
@@ -235,3 +235,42 @@ def test_response_create_with_tools_reaches_the_pool_and_results_reach_engine_an
     updates = engine.sessions["sess_a"]["updates"]
     assert updates[0].startswith("clock: ") and updates[-1] == "It is noon."
     assert engine.sessions["sess_b"]["updates"] == []
+
+
+def test_the_users_speech_reaches_the_model_through_the_speech_option_once_transcribed(tmp_path):
+    """Rendered from a real session log: with `speech=Transcripts(transcriber)` the user's speech
+    is a user message holding its transcript (made once: a later task reuses it), the typed
+    question follows it, the task comes last without its instruction repeated, and `prompt`
+    returns what the model was asked with."""
+    import numpy as np
+
+    from actors.context import Transcripts
+    from actors.session_log import SessionLog
+
+    class Counting:
+        def __init__(self):
+            self.calls = 0
+
+        async def transcribe(self, audio):
+            self.calls += 1
+            return f"heard {audio.size} samples"
+
+    log = SessionLog(str(tmp_path), object_store=False)
+    token = log.open("s")
+    voice = (3000 * np.sin(np.arange(3200) * 0.07)).astype(np.int16)
+    log.append([InputChunk("s", k, k * 0.2, voice if k < 3 else np.zeros(3200, np.int16), text="what time is it?" if k == 6 else "") for k in range(8)])
+    transcriber = Counting()
+    chat = ScriptedChat()
+    pool = Background(chat, log=log, speech=Transcripts(transcriber))
+    t = task("s", instruction="what time is it?", context_upto=7, log_token=token)
+    asyncio.run(collect(pool, t))
+    asyncio.run(collect(pool, task("s", instruction="and now?", context_upto=7, log_token=token)))
+    messages = chat.requests[0]["messages"]
+    assert messages[1:3] == [{"role": "user", "content": "heard 9600 samples"}, {"role": "user", "content": "what time is it?"}]
+    assert messages[-1]["content"].startswith("Your task (tool") and sum("what time is it?" in m["content"] for m in messages) == 2
+    assert transcriber.calls == 1  # the second task read the cached transcript
+    assert asyncio.run(pool.prompt(t.task_id)) == messages and asyncio.run(pool.prompt("nope")) is None
+    # Without a speech option the run is only noted.
+    bare = ScriptedChat()
+    asyncio.run(collect(Background(bare, log=log), t))
+    assert bare.requests[0]["messages"][1]["content"].startswith("[the user spoke for 0.6 s")

@@ -9,7 +9,7 @@ import pytest
 
 from actors.context import Transcripts, render
 from actors.session_log import SessionLog
-from actors.transcribe import Transcriber, WhisperEngine, wav_bytes, write_whisper_dir
+from actors.transcribe import Transcriber, WhisperEngine, default_whisper_dir, wav_bytes, write_whisper_dir
 from protocols import BackgroundTask, InputChunk
 
 
@@ -40,6 +40,15 @@ def test_the_generated_directory_is_a_whisper_model_to_transformers(whisper_dir)
     features = processor.feature_extractor(np.zeros(16000, np.float32), sampling_rate=16000, return_tensors="np").input_features
     assert features.shape == (1, config.num_mel_bins, 2 * config.max_source_positions)  # 30 s of frames
     assert tok.decode(tok("hello there").input_ids, skip_special_tokens=True) == "hello there"
+
+
+def test_the_speech_deployments_default_directory_is_written_once(tmp_path, monkeypatch):
+    pytest.importorskip("transformers")
+    monkeypatch.setenv("INTERPLAY_MODEL_CACHE", str(tmp_path))
+    path = default_whisper_dir()
+    assert path == tmp_path / "tiny-whisper" and (path / "config.json").exists()
+    written = (path / "config.json").stat().st_mtime_ns
+    assert default_whisper_dir() == path and (path / "config.json").stat().st_mtime_ns == written
 
 
 @pytest.mark.slow

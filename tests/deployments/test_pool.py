@@ -48,6 +48,20 @@ def test_llm_config_autoscales_on_its_own_resource():
     assert gpu.model_loading_config.model_source == "/models/mine"
 
 
+def test_the_speech_model_is_served_like_the_pool():
+    from deployments.pool import speech_config
+
+    section = BackgroundSection(speech={"max_replicas": 2, "max_ongoing_requests": 4})
+    cpu = speech_config(section, {"CPU": 8, "background": 2})
+    assert cpu.accelerator_config.kind == "cpu" and cpu.engine_kwargs["load_format"] == "dummy" and cpu.engine_kwargs["max_model_len"] == 448
+    assert cpu.model_loading_config.model_id == "speech" and cpu.model_loading_config.model_source.endswith("tiny-whisper")
+    assert cpu.deployment_config["ray_actor_options"]["resources"] == {"background": 1} and cpu.deployment_config["max_ongoing_requests"] == 4
+    assert cpu.deployment_config["autoscaling_config"]["max_replicas"] == 2
+    assert cpu.placement_group_config == {"bundles": [{"CPU": 0.5}]} and cpu.deployment_config["ray_actor_options"]["num_cpus"] == 0.5
+    mine = speech_config(BackgroundSection(speech={"model": "/models/whisper"}), {"GPU": 1})
+    assert mine.accelerator_config.kind == "gpu" and mine.engine_kwargs["load_format"] == "auto" and mine.model_loading_config.model_source == "/models/whisper"
+
+
 def _ws(app_url):
     import websockets
 
@@ -104,18 +118,6 @@ async def _collect(pool, task):
     return [u async for u in pool.run(task)]
 
 
-class Recording:
-    """A ChatModel that records every request on its way to the real one."""
-
-    def __init__(self, inner):
-        self.inner = inner
-        self.requests = []
-
-    def stream(self, messages, **kw):
-        self.requests.append(list(messages))
-        return self.inner.stream(messages, **kw)
-
-
 def test_the_pool_actor_streams_through_its_handle_and_cancels_when_the_consumer_does(app):
     pool = RemotePool(app.background)
     updates = run(_collect(pool, _task()))
@@ -170,10 +172,70 @@ def test_a_raising_tool_or_the_sandbox_over_its_limits_is_an_error_update_with_t
         assert updates[-1].status == "error" and match in updates[-1].text
 
 
-def test_another_sessions_context_is_never_visible(app):
-    chat = Recording(ServeChat(app.pool))
-    pool = Background(chat, log=app.log)
-    run(_collect(pool, _task("sess_a", instruction="my code is 1234")))
-    run(_collect(pool, _task("sess_b", instruction="my code is 9876")))
-    b = json.dumps([r for r in chat.requests if any("9876" in json.dumps(m) for m in r)])
-    assert "9876" in b and "1234" not in b
+def _speech_messages(messages, typed):
+    """The user messages that are neither typed text, events, nor the task: the user's speech."""
+    return [m["content"] for m in messages if m["role"] == "user" and isinstance(m["content"], str)
+            and not any(t in m["content"] for t in typed) and not m["content"].startswith(("[event", "Your task"))]
+
+
+def test_speech_reaches_the_pool_as_the_whisper_deployments_transcript_and_sessions_stay_apart(app, app_url, speech_wav):
+    """Two WebSocket sessions at once. A speaks (espeak-ng) and then types a question and asks for
+    a response with a tool; B only types a secret and asks. What reached the LLM for each task is
+    its own conversation rendered from the log: A's holds the transcript the Whisper deployment
+    makes of A's speech (random weights: noise, but not the length-only placeholder) before its
+    typed question, and nothing of B; B's holds its secret as logged and nothing of A's speech."""
+    from actors.context import Transcripts, render
+    from actors.transcribe import ServedTranscriber
+    from examples.call import read_wav, resample
+
+    assert app.speech is not None, "the app came up without its speech deployment"
+    samples, rate = read_wav(speech_wav)
+    pcm = resample(samples, rate, 24_000)
+    said = {"a": "What time is it where I am?", "b": "my code is 9876"}
+
+    async def session(name, speak):
+        async with _ws(app_url) as ws:
+            while (created := json.loads(await ws.recv()))["type"] != "session.created":
+                pass
+            sid, token = created["session"]["id"], created["session"]["interplay"]["log_token"]
+            await ws.send(json.dumps({"type": "session.update", "session": {"type": "realtime", "tools": [CLOCK]}}))
+            if speak:  # in real time, 100 ms a message
+                for i in range(0, len(pcm), 2400):
+                    await ws.send(json.dumps({"type": "input_audio_buffer.append", "audio": base64.b64encode(pcm[i : i + 2400].tobytes()).decode()}))
+                    await asyncio.sleep(0.1)
+                await asyncio.sleep(1.0)
+            await ws.send(json.dumps({"type": "conversation.item.create", "item": {"type": "message", "role": "user", "content": [{"type": "input_text", "text": said[name]}]}}))
+            await asyncio.sleep(0.6)  # logged before the task is made: its context holds it
+            await ws.send(json.dumps({"type": "response.create", "response": {"tool_choice": {"type": "function", "name": "clock"}}}))
+            task_id, end = None, time.time() + 180
+            while time.time() < end:
+                event = json.loads(await asyncio.wait_for(ws.recv(), 60))
+                if event["type"] == "interplay.background.task":
+                    task_id = event["task"]["id"]
+                if event["type"] == "interplay.background.update" and event["task_id"] == task_id and event["status"] in ("final", "error", "cancelled"):
+                    return sid, token, task_id, event["status"]
+        raise AssertionError(f"session {name}: no task ended")
+
+    async def both():
+        return await asyncio.gather(session("a", True), session("b", False))
+
+    (sa, token_a, task_a, status_a), (sb, _, task_b, status_b) = run(both())
+    assert status_a in ("final", "error") and status_b in ("final", "error")
+    prompt_a, prompt_b = (ray.get(app.background.prompt.remote(t)) for t in (task_a, task_b))
+    typed = list(said.values())
+
+    # A: its speech as the Whisper deployment's transcript, then its typed text (both from the log).
+    heard = _speech_messages(prompt_a, typed)
+    assert heard and all(h.strip() and not h.startswith("[the user spoke") for h in heard), heard
+    contents = [m["content"] if isinstance(m["content"], str) else "" for m in prompt_a]
+    typed_at = next((i for i, c in enumerate(contents[:-1]) if c.startswith(said["a"])), None)  # its chunk's events follow it
+    assert typed_at is not None and contents.index(heard[-1]) < typed_at, prompt_a
+    upto = ray.get(app.log.read.remote(sa, token_a)).num_rows - 1
+    fresh = run(render(BackgroundTask(sa, 0.0, "delegate", "", context_upto=upto, log_token=token_a), app.log,
+                       speech=Transcripts(ServedTranscriber(app.speech, app.config.background.speech.model_id)), system=None))
+    assert _speech_messages(fresh, typed) == heard  # the deployment transcribes A's logged speech to just that
+    assert "9876" not in json.dumps(prompt_a)
+
+    # B: its typed text as logged (besides the task's own line), none of A's speech.
+    assert any(m["role"] == "user" and m["content"].startswith(said["b"]) for m in prompt_b[:-1]), prompt_b
+    assert _speech_messages(prompt_b, typed) == [] and said["a"] not in json.dumps(prompt_b)
