@@ -60,6 +60,10 @@ def app(ray_cluster, tmp_path_factory):
         "http": {"port": APP_PORT},
         "auth": {"api_keys": [API_KEY]},
         "interaction": {"max_sessions": 8, "grace_ms": 60},
+        # The transport tests need speech on request: untrained weights never yield, so a
+        # response.create holds them at "speak" for its whole length. The shipped model's own
+        # turn-taking is tested in tests/training.
+        "model": {"preset": "tiny", "checkpoint": None},
     })
     built = build(config)
     yield built

@@ -40,7 +40,7 @@ def test_serve_config_is_the_manifests_and_its_builders_import():
     serve_config = yaml.safe_load(SERVE_CONFIG.read_text())
     assert yaml.safe_load(m["spec"]["serveConfigV2"]) == serve_config
     apps = {a["name"]: a for a in serve_config["applications"]}
-    assert set(apps) == {"interplay", "interplay-background"}
+    assert set(apps) == {"interplay", "interplay-background", "interplay-speech"}
     for app in apps.values():
         module, _, attr = app["import_path"].partition(":")
         assert callable(getattr(importlib.import_module(module), attr))
@@ -49,6 +49,8 @@ def test_serve_config_is_the_manifests_and_its_builders_import():
     config = AppConfig.model_validate(apps["interplay"]["args"]["config"])
     pool = BackgroundSection.model_validate(apps["interplay-background"]["args"])
     assert config.background.model == pool.model and pool.device == "cuda"
+    speech = BackgroundSection.model_validate(apps["interplay-speech"]["args"]).speech
+    assert speech == config.background.speech and speech.mode == "transcript"
 
 
 def _offers(group) -> dict:
