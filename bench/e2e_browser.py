@@ -50,6 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--api-key", default=KEY)
     parser.add_argument("--jitter-ms", type=float, default=None)
     parser.add_argument("--prebuffer-ms", type=float, default=None)
+    parser.add_argument("--background", action="store_true", help="start the app with its background pool (vLLM) too")
     parser.add_argument("--name", default="e2e-browser", help="results file: bench/results/<name>.json")
     args = parser.parse_args(argv)
     if not (shutil.which("chromium") and shutil.which("chromedriver")):
