@@ -127,7 +127,7 @@ def test_four_concurrent_calls_all_progress_and_a_quiet_client_stalls_nobody(app
     # The quiet one was stepped as missing from when it stopped, every tick, never waited for.
     missing = [sum(1 for d in deltas if isinstance(d, InputChunk) and d.missing) for deltas in logs]
     quiet_ticks = (seconds + 1.0 - 0.6) / app.clock.tick_s
-    assert missing[3] >= quiet_ticks - 4, missing
+    assert missing[3] >= quiet_ticks - 6, missing  # a few ticks of slack for a loaded machine
     assert max(missing[:3]) < missing[3] / 2, missing
     assert stats(app.ingress)["missing_chunks"] - missing_before >= missing[3]
 
