@@ -398,7 +398,9 @@ def serve_app(args: dict):
 
 def stop(app: App) -> None:
     """Take the app down: the Serve applications, then its actors."""
-    for name in (APP_NAME, POOL_APP, SPEECH_APP):
+    # Only the applications this app brought up: another app's pool on the cluster stays.
+    names = [APP_NAME] + [POOL_APP] * (app.pool is not None) + [SPEECH_APP] * (app.speech is not None)
+    for name in names:
         try:
             serve.delete(name)
         except Exception:

@@ -25,7 +25,8 @@ def _init_ray(address: str | None) -> None:
 
     print(f"[interplay] starting Ray ({'joining ' + address if address else 'local cluster'}) ...", flush=True)
     t = time.monotonic()
-    ray.init(address=address, namespace=NAMESPACE, include_dashboard=False, logging_level="ERROR")
+    # No --address: a cluster of our own ("local"), never one some other program on this machine started.
+    ray.init(address=address or "local", namespace=NAMESPACE, include_dashboard=False, logging_level="ERROR")
     res = ray.cluster_resources()
     print(f"[interplay] Ray up in {time.monotonic() - t:.1f} s: {res.get('CPU', 0):.0f} CPU, {res.get('GPU', 0):.0f} GPU", flush=True)
 
