@@ -260,6 +260,7 @@ def build(config: AppConfig) -> App:
         made.append(handle)
         return handle
 
+    deployed = False  # whether this build got as far as deploying a pool (only then undo it)
     try:
         t = time.monotonic()
         log = create("session_log", SessionLogActor, _absolute(config.log.root), tick_ms=tick_ms, retention_s=config.log.retention_s)
@@ -268,6 +269,7 @@ def build(config: AppConfig) -> App:
 
         background, pool, speech = None, None, None
         if config.background.active():
+            deployed = True
             # Serve starts here with the configured HTTP options (the pool's serve.run would start it with defaults).
             serve.start(http_options={"host": config.http.host, "port": config.http.port})
             background, pool, speech = start_pool(config, create, log, parts)
@@ -295,7 +297,7 @@ def build(config: AppConfig) -> App:
     except BaseException:  # nothing half-built stays behind
         for handle in made:
             ray.kill(handle, no_restart=True)
-        if config.background.active():
+        if deployed:
             from .pool import undeploy
 
             undeploy()
