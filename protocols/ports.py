@@ -3,8 +3,9 @@ fits, so a test passes a small real or mock implementation by constructor argume
 application binds Ray handles (through `actors.remote.Remote`) in one builder.
 
 - `Engine`: the batched streaming model (sync; the interaction actor runs it off its loop).
-- `Interaction`: what an ingress needs of the interaction side (join, leave, one exchange a tick).
-- `Log`: the session log's write side.
+- `Interaction`: what an ingress needs of the interaction side (join, leave, one exchange a tick,
+  and moving a session between interaction actors: `release` here, `resume` there).
+- `Log`: the session log's write side, and what a session's state is rebuilt from.
 - `BackgroundPool`: runs a delegated task and streams its updates back.
 """
 
@@ -53,6 +54,18 @@ class Interaction(Protocol):
 
     async def exchange(self, tick: int, chunks: list[InputChunk], session_ids: list[str]) -> list[OutputChunk]: ...
 
+    async def resume(self, session_id: str) -> dict:
+        """Join a session that was live elsewhere (a dead or draining interaction actor): its model
+        state is rebuilt from the log (the newest snapshot, then its logged input chunks replayed)
+        and it is stepped on from the next tick. Answers like `join`; a session already here is
+        answered as it is."""
+        ...
+
+    async def release(self, session_id: str) -> None:
+        """Let a session go so that another actor can `resume` it: its state is snapshotted into
+        the log and it leaves without its log being closed."""
+        ...
+
 
 @runtime_checkable
 class Log(Protocol):
@@ -63,6 +76,17 @@ class Log(Protocol):
     async def close(self, session_id: str) -> None: ...
 
     async def append(self, deltas: list[Any], request_id: str | None = None) -> dict: ...
+
+    async def put_snapshot(self, session_id: str, tick: int, state: dict) -> None:
+        """Keep `state` (an `Engine.export_session` after tick `tick` was stepped) as the session's
+        newest snapshot, durably: a restarted log still has it."""
+        ...
+
+    async def recovery(self, session_id: str) -> dict:
+        """What rebuilds the session: {"log_token", "tick": the snapshot's tick or None, "state":
+        the snapshot or None, "inputs": the logged InputChunks after that tick, "outputs": the
+        logged OutputChunks of the same ticks, both in seq order}."""
+        ...
 
 
 @runtime_checkable
