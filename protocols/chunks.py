@@ -21,6 +21,7 @@ PATCH = 40  # video patches are PATCH x PATCH pixels
 FRAME_SIZE = 160  # default frame edge: 160 x 160 -> 16 patches
 MAX_FRAME_EDGE = 640  # larger frames are refused, not silently resized
 MAX_TEXT_CHARS = 4_096  # typed text per chunk
+MAX_UPDATES = 8  # background update texts entering at one tick
 
 # What the model may emit each micro-turn instead of a harness deciding it.
 CONTROLS = ("speak", "silent", "yield", "backchannel", "delegate", "tool_call")
@@ -76,6 +77,15 @@ def check_text(text: Any, param: str = "text") -> str:
     return text
 
 
+def check_updates(updates: Any, param: str = "updates") -> list[str]:
+    """Background update texts: a list of at most MAX_UPDATES strings, each bounded like text."""
+    if not isinstance(updates, list) or len(updates) > MAX_UPDATES:
+        raise ProtocolError(f"{param} must be a list of at most {MAX_UPDATES} strings", "invalid_value", param)
+    for u in updates:
+        check_text(u, param)
+    return updates
+
+
 def check_events(events: Any, param: str = "events") -> list[dict]:
     if not isinstance(events, list) or not all(isinstance(e, dict) for e in events):
         raise ProtocolError(f"{param} must be a list of JSON objects", "invalid_value", param)
@@ -99,7 +109,9 @@ class InputChunk:
     `missing` marks a chunk that did not arrive by the tick's deadline: its audio is silence.
     `forced` is a control the client's request imposes on this micro-turn (a Realtime
     `response.create` holds "speak" until the model yields; `response.cancel` holds "silent"):
-    the model's own choice stands only where it is "yield".
+    the model's own choice stands only where it is "yield". `updates` are background update texts
+    that enter the model at this tick (queued before the chunk's own text): with them a session's
+    logged input chunks are a complete record, and replaying them rebuilds its state exactly.
     """
 
     session_id: str
@@ -111,6 +123,7 @@ class InputChunk:
     events: list[dict] = field(default_factory=list)
     missing: bool = False
     forced: str | None = None
+    updates: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         check_session_id(self.session_id)
@@ -120,6 +133,7 @@ class InputChunk:
         check_frame(self.frame)
         check_text(self.text)
         check_events(self.events)
+        check_updates(self.updates)
         self.missing = bool(self.missing)
         if self.forced is not None and self.forced not in CONTROLS:
             raise ProtocolError(f"forced must be one of {list(CONTROLS)} or null, got {self.forced!r}", "invalid_value", "forced")
