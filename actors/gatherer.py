@@ -12,6 +12,13 @@ forced control). Then
 so a slow or failing exchange never delays the next tick; at most `max_in_flight` run at once
 (a tick beyond that is skipped). The outputs it returns are delivered to each call's session.
 A loop that stalls for more than a tick skips to the newest tick that is due.
+
+A gatherer exchanges with one interaction actor (`name`); an ingress has one per actor its calls
+are placed on, each on that actor's clock as this process sees it (`clock.offset_s`, estimated
+from round trips by `estimate_offset`). When the actor cannot be reached (it died), or answers
+for `MISSES` ticks in a row without a call's output (it restarted empty, or let the session go),
+`on_lost(session_ids)` is told, once per call until the call moves (the ingress then finds where
+the session lives now: `protocols.ports.Placement.locate`).
 """
 
 from __future__ import annotations
@@ -20,6 +27,7 @@ import asyncio
 import logging
 import time
 from dataclasses import dataclass, field
+from typing import Callable
 
 import numpy as np
 
@@ -33,7 +41,26 @@ from .transports import Transport
 
 log = logging.getLogger(__name__)
 
-COUNTS = ("ticks", "exchanges", "late_exchanges", "failed_exchanges", "skipped_ticks", "missing_chunks", "late_chunks")
+COUNTS = ("ticks", "exchanges", "late_exchanges", "failed_exchanges", "skipped_ticks", "missing_chunks", "late_chunks", "lost")
+MISSES = 3  # exchanges in a row without a call's output before it counts as lost
+UNREACHABLE = 2  # failed or timed-out exchanges in a row before the actor counts as gone
+
+
+async def estimate_offset(interaction: Interaction, samples: int = 5) -> tuple[float, float]:
+    """(offset_s, rtt_s): this process's wall clock minus the actor's, from the round trip with
+    the shortest time of `samples` (its midpoint is the best guess of when the actor read its
+    clock). (0, rtt) when the actor does not say its time."""
+    best: tuple[float, float] | None = None
+    for _ in range(samples):
+        t1 = time.time()
+        info = await interaction.clock_info()
+        t2 = time.time()
+        if not isinstance(info, dict) or "now" not in info:
+            return 0.0, t2 - t1
+        sample = ((t1 + t2) / 2 - float(info["now"]), t2 - t1)
+        if best is None or sample[1] < best[1]:
+            best = sample
+    return best
 
 
 @dataclass
@@ -42,6 +69,8 @@ class Call:
 
     session: RealtimeSession
     transport: Transport
+    actor: str | None = None  # the interaction actor stepping it (its gatherer's name)
+    owner: str | None = None  # who may hang it up besides an API key holder (a hash of the secret that made it)
     early: dict[int, np.ndarray] = field(default_factory=dict)  # chunks that came before their tick was gathered
     levels: dict[int, float] = field(default_factory=dict)  # input RMS per tick, for interplay.tick
 
@@ -51,8 +80,13 @@ class Call:
 
 
 class Gatherer:
-    def __init__(self, interaction: Interaction, clock: TickClock, calls: dict[str, Call], *, grace_s: float = 0.005, exchange_timeout_s: float = 1.0, max_in_flight: int = 4):
+    def __init__(
+        self, interaction: Interaction, clock: TickClock, calls: dict[str, Call], *, grace_s: float = 0.005, exchange_timeout_s: float = 1.0,
+        max_in_flight: int = 4, name: str = "interaction", on_lost: Callable[[list[str]], None] | None = None,
+    ):
         self.interaction = interaction
+        self.name = name
+        self.on_lost = on_lost
         self.clock = clock
         self.calls = calls
         self.grace_s = grace_s
@@ -63,6 +97,8 @@ class Gatherer:
         self._exchanges: set[asyncio.Task] = set()
         self._timing: dict[int, dict[str, float]] = {}  # tick -> wall times: ready, gathered, returned
         self._news = asyncio.Event()  # a call's chunk was completed
+        self._misses: dict[str, int] = {}  # call id -> exchanges in a row without its output
+        self._failures = 0  # exchanges in a row that failed or timed out
 
     @property
     def in_flight(self) -> int:
@@ -166,18 +202,35 @@ class Gatherer:
 
     async def _exchange(self, k: int, chunks: list[InputChunk], ready: float) -> None:
         gathered = time.time()
+        ids = [c.session_id for c in chunks]
         try:
-            outs = await asyncio.wait_for(self.interaction.exchange(k, chunks, [c.session_id for c in chunks]), self.exchange_timeout_s)
+            outs = await asyncio.wait_for(self.interaction.exchange(k, chunks, ids), self.exchange_timeout_s)
         except Exception as exc:
             self.counts["failed_exchanges"] += 1
-            log.warning("exchange for tick %d failed: %r", k, exc)
+            log.warning("exchange with %s for tick %d failed: %r", self.name, k, exc)
+            if not isinstance(exc, ProtocolError):
+                self._failures += 1
+                if self._failures >= UNREACHABLE or not isinstance(exc, asyncio.TimeoutError):
+                    self._lose(ids)
             return
+        self._failures = 0
         self.counts["exchanges"] += 1
         returned = time.time()
         self._timing[k] = {"ready": ready, "gathered": gathered, "returned": returned}
         self._timing.pop(k - 50, None)
         if self.clock.now() > self.clock.end(k + 1) + self.grace_s:  # after the next tick's gather
             self.counts["late_exchanges"] += 1
+        answered = {getattr(out, "session_id", None) for out in outs or []}
+        missed = []
+        for sid in ids:
+            if sid in answered:
+                self._misses.pop(sid, None)
+            else:
+                self._misses[sid] = self._misses.get(sid, 0) + 1
+                if self._misses[sid] >= MISSES:
+                    missed.append(sid)
+        if missed:
+            self._lose(missed)
         for out in outs or []:
             call = self.calls.get(getattr(out, "session_id", None))
             if call is not None and isinstance(out, OutputChunk):
@@ -185,6 +238,17 @@ class Gatherer:
                     self.deliver(call, out)
                 except Exception:
                     log.exception("session %s: delivering tick %d failed", call.id, k)
+
+    def _lose(self, ids: list[str]) -> None:
+        lost = [sid for sid in ids if sid in self.calls]
+        if lost and self.on_lost is not None:
+            self.counts["lost"] += len(lost)
+            self.on_lost(lost)
+
+    def forget(self, session_id: str) -> None:
+        """The call left this gatherer (ended, or moved to another actor's)."""
+        self.calls.pop(session_id, None)
+        self._misses.pop(session_id, None)
 
     def deliver(self, call: Call, out: OutputChunk) -> None:
         stages = self._timing.get(out.seq, {})

@@ -9,8 +9,14 @@
   through the `protocols.ports.Interaction` port, outputs delivered back.
 
 `Ingress(interaction, clock, ...)` takes the interaction side as a port (in process, or a Ray
-actor through `actors.remote.Remote`) and its `TickClock` (or the clock's dict); `IngressActor`
-is the Ray actor of the same class.
+actor through `actors.remote.Remote`) or as a `protocols.ports.Placement` over many interaction
+actors (`actors.router.Routed`), and the `TickClock` (or the clock's dict) they share; `IngressActor`
+is the Ray actor of the same class. There is one gatherer per interaction actor the calls are
+placed on, each exchanging once a tick with its actor on that actor's clock as seen from here.
+When a gatherer finds its actor gone or without a call's session, the call stays connected while
+the placement finds (or resumes from the log) where its session lives now, and it moves to that
+actor's gatherer; the client hears silence meanwhile. A call that cannot be placed again within
+`relocate_s` ends with an `error` event.
 """
 
 from __future__ import annotations
@@ -24,12 +30,13 @@ import ray
 from protocols import ProtocolError
 from protocols.chunks import MAX_FRAME_EDGE, PATCH
 from protocols.clock import TickClock
-from protocols.ports import Interaction
-from protocols.realtime import SessionConfig, rate_of
+from protocols.ports import Interaction, Placement
+from protocols.realtime import SessionConfig, error_event, rate_of
 
-from .gatherer import Call, Gatherer
+from .gatherer import Call, Gatherer, estimate_offset
 from .ice import use_ice_addresses
 from .realtime_session import RealtimeSession
+from .router import Direct, Placed
 from .transports import MAX_CHANNEL_EVENT_BYTES, WebRTCTransport, WebSocketTransport, check_sdp
 
 log = logging.getLogger(__name__)
@@ -63,7 +70,7 @@ class Ingress:
 
     def __init__(
         self,
-        interaction: Interaction,
+        interaction: Interaction | Placement,
         clock: TickClock | dict,
         *,
         max_sessions: int = 32,
@@ -81,12 +88,14 @@ class Ingress:
         max_playout_s: float = 0.6,
         max_event_bytes: int = MAX_CHANNEL_EVENT_BYTES,
         ice_addresses: list[str] | None = None,
+        relocate_s: float = 10.0,
+        offset_every_s: float = 30.0,
     ):
         if frame_size % PATCH or not 0 < frame_size <= MAX_FRAME_EDGE:
             raise ValueError(f"frame_size must be a multiple of {PATCH} up to {MAX_FRAME_EDGE}")
         if ice_addresses is not None:
             use_ice_addresses(ice_addresses)
-        self.interaction = interaction
+        self.placement: Placement = interaction if hasattr(interaction, "place") else Direct(interaction)
         self.clock = clock if isinstance(clock, TickClock) else TickClock.from_dict(clock)
         self.max_sessions = max_sessions
         self.jitter_ms = jitter_ms
@@ -95,22 +104,28 @@ class Ingress:
         self.prebuffer_ms = prebuffer_ms
         self.max_playout_s = max_playout_s
         self.max_event_bytes = max_event_bytes
+        self.relocate_s = relocate_s
+        self.offset_every_s = offset_every_s
         self.sessions: dict[str, Call] = {}
-        self.gatherer = Gatherer(interaction, self.clock, self.sessions, grace_s=grace_ms / 1000, exchange_timeout_s=exchange_timeout_s, max_in_flight=max_in_flight)
+        self.groups: dict[str, Gatherer] = {}  # interaction actor name -> the gatherer exchanging with it
+        self._gatherer_args = {"grace_s": grace_ms / 1000, "exchange_timeout_s": exchange_timeout_s, "max_in_flight": max_in_flight}
+        self._moving: set[str] = set()
+        self._tasks: set[asyncio.Task] = set()
         self._negotiating = 0
-        self._counts = {"calls": 0, "closed": 0}
+        self._counts = {"calls": 0, "closed": 0, "moved": 0, "lost": 0}
 
     # --- sessions -------------------------------------------------------------------------------
 
-    async def offer(self, sdp: str, session_config: dict | None = None) -> dict:
-        """SDP offer in, {"session_id", "sdp": answer} out; ProtocolError "invalid_sdp" / "capacity"."""
+    async def offer(self, sdp: str, session_config: dict | None = None, owner: str | None = None) -> dict:
+        """SDP offer in, {"session_id", "sdp": answer} out; ProtocolError "invalid_sdp" / "capacity".
+        `owner`, when given, is who (besides an API key holder) may hang the call up."""
         check_sdp(sdp)
         config = check_config(session_config)
         self._check_room()
-        self.gatherer.start()
         self._negotiating += 1
         transport = WebRTCTransport(self.clock, jitter_ms=self.jitter_ms, frame_size=self.frame_size, max_playout_s=self.max_playout_s, max_event_bytes=self.max_event_bytes)
         call = self._new_call(transport, config)
+        call.owner = owner
         session = call.session
         transport.on_message = lambda message: session.receive(message, time.time())
         transport.on_open = session.created
@@ -118,7 +133,7 @@ class Ingress:
         transport.on_closed = lambda: self._end(session.id)
         try:
             answer = await transport.negotiate(sdp)
-            await self._join(session)
+            await self._join(call)
         except BaseException:
             await transport.close()
             raise
@@ -128,18 +143,18 @@ class Ingress:
         transport.tasks.append(asyncio.create_task(self._watch_connect(session)))
         return {"session_id": session.id, "sdp": answer}
 
-    async def open_websocket(self, session_config: dict | None = None) -> tuple[str, asyncio.Queue]:
+    async def open_websocket(self, session_config: dict | None = None, owner: str | None = None) -> tuple[str, asyncio.Queue]:
         """A Realtime session over a WebSocket: its id, and the queue its events leave by (JSON
         text; None once it ended). The caller feeds the client's messages to `receive`, sends what
         the queue yields, and calls `close` when the socket closes."""
         config = check_config(session_config)
         self._check_room()
-        self.gatherer.start()
         transport = WebSocketTransport(self.clock, output_rate=rate_of(config, "output"))
         call = self._new_call(transport, config)
+        call.owner = owner
         self._negotiating += 1
         try:
-            await self._join(call.session)
+            await self._join(call)
         finally:
             self._negotiating -= 1
         call.session.first_tick = self.clock.current()
@@ -154,16 +169,33 @@ class Ingress:
             raise ProtocolError(f"unknown session {session_id!r}", "unknown_session", "session_id")
         call.session.receive(message, time.time())
 
-    async def close(self, session_id: str) -> None:
-        """End a session (hang up) and free its slot; ProtocolError "unknown_session" if there is none."""
+    async def close(self, session_id: str, owner: str | None = None) -> None:
+        """End a session (hang up) and free its slot; ProtocolError "unknown_session" if there is
+        none, "forbidden" if `owner` is given and the call is someone else's."""
+        call = self.sessions.get(session_id)
+        if call is None:
+            raise ProtocolError(f"unknown session {session_id!r}", "unknown_session", "session_id")
+        if owner is not None and call.owner != owner:
+            raise ProtocolError("this call was not made with these credentials", "forbidden", "session_id")
         if not await self._end(session_id):
             raise ProtocolError(f"unknown session {session_id!r}", "unknown_session", "session_id")
 
     async def stats(self) -> dict:
-        return {"sessions": len(self.sessions), "max_sessions": self.max_sessions, "in_flight": self.gatherer.in_flight, **self.gatherer.counts, **self._counts}
+        counts: dict = {}
+        for group in self.groups.values():
+            for key, value in group.counts.items():
+                counts[key] = counts.get(key, 0) + value
+        in_flight = sum(g.in_flight for g in self.groups.values())
+        return {
+            "sessions": len(self.sessions), "max_sessions": self.max_sessions, "in_flight": in_flight, **counts, **self._counts,
+            "actors": {name: len(g.calls) for name, g in self.groups.items()},
+        }
 
     async def shutdown(self) -> None:
-        self.gatherer.stop()
+        for group in self.groups.values():
+            group.stop()
+        for task in list(self._tasks):
+            task.cancel()
         for session_id in list(self.sessions):
             await self._end(session_id)
 
@@ -181,13 +213,83 @@ class Ingress:
 
     def _register(self, call: Call) -> None:
         self.sessions[call.id] = call
+        self.groups[call.actor].calls[call.id] = call
         self._counts["calls"] += 1
 
-    async def _join(self, session: RealtimeSession) -> None:
-        """Announce the session to the interaction side (which may refuse it, e.g. "capacity").
+    async def _join(self, call: Call) -> None:
+        """Place the session on an interaction actor (which may refuse it, e.g. "capacity").
         What it answers carries the session's log token, handed to the client in session.created."""
-        joined = await self.interaction.join(session.id)
-        session.log_token = joined.get("log_token") if isinstance(joined, dict) else None
+        placed = await self.placement.place(call.id)
+        joined = placed.joined if isinstance(placed.joined, dict) else {}
+        call.session.log_token = joined.get("log_token")
+        call.actor = placed.actor
+        self._group(placed)
+
+    def _group(self, placed: Placed) -> Gatherer:
+        """The gatherer exchanging with `placed.actor` (made, started and its clock offset
+        estimated on first use)."""
+        group = self.groups.get(placed.actor)
+        if group is None:
+            group = self.groups[placed.actor] = Gatherer(
+                placed.port, self.clock, {}, name=placed.actor, on_lost=self._lost, **self._gatherer_args,
+            )
+            self._spawn(self._keep_offset(group))
+        group.start()
+        return group
+
+    async def _keep_offset(self, group: Gatherer) -> None:
+        """Keep `group`'s clock on its actor's: the offset from round trips, now and then."""
+        while self.groups.get(group.name) is group:
+            try:
+                offset, rtt = await asyncio.wait_for(estimate_offset(group.interaction), 5.0)
+                group.clock = self.clock.with_offset(offset)
+            except Exception:
+                pass  # unreachable for now: keep the last estimate
+            await asyncio.sleep(self.offset_every_s)
+
+    def _spawn(self, coro) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    # --- moving calls between interaction actors -------------------------------------------------
+
+    def _lost(self, session_ids: list[str]) -> None:
+        for sid in session_ids:
+            call = self.sessions.get(sid)
+            if call is not None and sid not in self._moving:
+                self._moving.add(sid)
+                self._spawn(self._relocate(call, call.actor))
+
+    async def _relocate(self, call: Call, lost_on: str | None) -> None:
+        """Find where the call's session lives now (resumed from the log if need be) and move the
+        call to that actor's gatherer; end the call if none can take it within `relocate_s`."""
+        deadline = time.monotonic() + self.relocate_s
+        try:
+            while call.id in self.sessions:
+                try:
+                    placed = await asyncio.wait_for(self.placement.locate(call.id, lost_on), max(0.1, deadline - time.monotonic()))
+                except Exception as exc:
+                    if isinstance(exc, ProtocolError) and exc.code == "unknown_session" or time.monotonic() > deadline:
+                        log.warning("session %s could not be placed again: %r", call.id, exc)
+                        self._counts["lost"] += 1
+                        call.session.sink.send(error_event("the session was lost by the server; please call again", "session_lost", type="server_error"))
+                        await self._end(call.id, leave=False)
+                        return
+                    await asyncio.sleep(0.2)
+                    continue
+                old = self.groups.get(call.actor)
+                if old is not None:
+                    old.forget(call.id)
+                call.actor = placed.actor
+                group = self._group(placed)
+                if call.id in self.sessions:
+                    group.calls[call.id] = call
+                if placed.actor != lost_on:
+                    self._counts["moved"] += 1
+                return
+        finally:
+            self._moving.discard(call.id)
 
     def _connected(self, session: RealtimeSession) -> None:
         if session.first_tick is None:
@@ -199,16 +301,20 @@ class Ingress:
             log.info("session %s never connected; closing it", session.id)
             await self._end(session.id)
 
-    async def _end(self, session_id: str) -> bool:
+    async def _end(self, session_id: str, leave: bool = True) -> bool:
         call = self.sessions.pop(session_id, None)
         if call is None:
             return False  # already ended: the several signals of a hang-up race each other
         self._counts["closed"] += 1
+        group = self.groups.get(call.actor)
+        if group is not None:
+            group.forget(session_id)
         await call.transport.close()
-        try:
-            await self.interaction.leave(session_id)
-        except Exception:
-            log.exception("leave(%s) failed", session_id)
+        if leave:
+            try:
+                await self.placement.leave(session_id)
+            except Exception:
+                log.exception("leave(%s) failed", session_id)
         return True
 
 

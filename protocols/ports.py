@@ -7,6 +7,7 @@ application binds Ray handles (through `actors.remote.Remote`) in one builder.
   and moving a session between interaction actors: `release` here, `resume` there).
 - `Log`: the session log's write side, and what a session's state is rebuilt from.
 - `BackgroundPool`: runs a delegated task and streams its updates back.
+- `Placement`: which interaction actor steps a session (actors/router.py: `Direct`, `Router`).
 """
 
 from __future__ import annotations
@@ -94,3 +95,16 @@ class BackgroundPool(Protocol):
     """Runs one task; its updates stream back. Cancelling the consumer cancels the task."""
 
     def run(self, task: BackgroundTask) -> AsyncIterator[BackgroundUpdate]: ...
+
+
+@runtime_checkable
+class Placement(Protocol):
+    """Where sessions are stepped. `place` joins a new session somewhere with room; `locate` says
+    where a session lives now, resuming it from the log when the actor named `lost_on` (where the
+    ingress last found it) no longer has it. Each answers an `actors.router.Placed`."""
+
+    async def place(self, session_id: str) -> Any: ...
+
+    async def locate(self, session_id: str, lost_on: str | None = None) -> Any: ...
+
+    async def leave(self, session_id: str) -> None: ...

@@ -134,6 +134,14 @@ class Echo:
         self.members.remove(session_id)
         self.left.append(session_id)
 
+    async def resume(self, session_id):
+        if session_id not in self.members:
+            self.members.append(session_id)
+        return {"session_id": session_id, "first_tick": 0, "log_token": f"token-{session_id}"}
+
+    async def release(self, session_id):
+        self.members.remove(session_id)
+
     async def exchange(self, tick, chunks, session_ids):
         self.calls.append((tick, list(session_ids)))
         self.chunks.extend(chunks)

@@ -1,0 +1,287 @@
+"""Placement: which interaction actor steps each session, and moving sessions when one dies or drains.
+
+An ingress asks its `Placement` three things (`protocols.ports.Placement`):
+- `place(session_id)`: join a new session somewhere with room -> `Placed(actor, port, joined)`;
+  ProtocolError "capacity" when every actor is full (or refuses, e.g. overloaded);
+- `locate(session_id, lost_on)`: where the session lives now. `lost_on` names the actor the
+  ingress last exchanged with and found without the session (it died and restarted empty, or
+  could not be reached, or let the session go to drain): the session is resumed from the log
+  (`Interaction.resume`), on that actor if it answers and has room, else on another;
+- `leave(session_id)`.
+
+`Direct(interaction)` is the placement of one interaction port (tests, a single actor).
+`Router` places over many: the interaction actors of the deployment, named `interaction-<i>`,
+packed (a new session goes to the fullest actor that has room: batches stay large, and the
+others stay warm for failover), never onto one that is draining or does not answer. `watch`
+adds an actor for each new unit of capacity the cluster offers (a node with the `interaction`
+resource joining) through the `grow` callback, so capacity grows without a restart. `drain(name)`
+stops placing on an actor and moves its live sessions to the others (`release` there, `resume`
+here). `RouterActor` is the Ray actor; ingresses reach it through `Routed`, which turns the actor
+names it answers into ports.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass, field
+from typing import Any, Awaitable, Callable
+
+import ray
+
+from protocols import ProtocolError
+from protocols.ports import Interaction
+
+log = logging.getLogger("interplay.router")
+
+PING_TIMEOUT_S = 0.5  # an actor that does not answer a ping this fast is not placed on
+
+
+@dataclass
+class Placed:
+    """Where a session lives: the actor's name, its port and what its join (or resume) answered."""
+
+    actor: str
+    port: Interaction
+    joined: dict = field(default_factory=dict)
+
+
+class Direct:
+    """One interaction port: every session lives there; a lost one is resumed there."""
+
+    def __init__(self, interaction: Interaction, name: str = "interaction"):
+        self.port, self.name = interaction, name
+
+    async def place(self, session_id: str) -> Placed:
+        return Placed(self.name, self.port, await self.port.join(session_id) or {})
+
+    async def locate(self, session_id: str, lost_on: str | None = None) -> Placed:
+        resume = getattr(self.port, "resume", None)
+        if lost_on is None or resume is None:
+            return Placed(self.name, self.port, {})
+        return Placed(self.name, self.port, await resume(session_id) or {})
+
+    async def leave(self, session_id: str) -> None:
+        await self.port.leave(session_id)
+
+
+@dataclass
+class _Actor:
+    name: str
+    port: Interaction
+    capacity: int
+    handle: Any = None  # the Ray handle, handed to ingresses
+    sessions: set[str] = field(default_factory=set)
+    draining: bool = False
+
+
+class Router:
+    """Places sessions over named interaction ports; Ray-free (`RouterActor` below).
+
+    `actors` maps name -> (port, capacity[, handle]). `grow(existing_names)` -> a list of new
+    (name, port, capacity, handle) for capacity the cluster gained; `watch()` calls it every
+    `watch_s`.
+    """
+
+    def __init__(
+        self,
+        actors: dict[str, tuple] | None = None,
+        *,
+        grow: Callable[[list[str]], Awaitable[list[tuple]]] | None = None,
+        watch_s: float = 5.0,
+        ping_timeout_s: float = PING_TIMEOUT_S,
+    ):
+        self.actors: dict[str, _Actor] = {}
+        for name, spec in (actors or {}).items():
+            self.add(name, *spec)
+        self.where: dict[str, str] = {}  # session id -> actor name
+        self.grow = grow
+        self.watch_s = watch_s
+        self.ping_timeout_s = ping_timeout_s
+        self.counts = {"placed": 0, "refused": 0, "resumed": 0, "moved": 0, "grown": 0}
+        self._lock = asyncio.Lock()
+        self._watcher: asyncio.Task | None = None
+
+    def add(self, name: str, port: Interaction, capacity: int, handle: Any = None) -> None:
+        self.actors[name] = _Actor(name, port, int(capacity), handle)
+
+    # --- placement ----------------------------------------------------------------------------
+
+    async def place(self, session_id: str) -> Placed:
+        async with self._lock:
+            if session_id in self.where:
+                raise ProtocolError(f"session {session_id!r} is already placed", "session_exists", "session_id")
+            last: ProtocolError | None = None
+            for actor in await self._candidates():
+                try:
+                    joined = await actor.port.join(session_id)
+                except ProtocolError as exc:  # full or overloaded there: try the next
+                    last = exc
+                    continue
+                except Exception:
+                    log.warning("join on %s failed; trying another", actor.name, exc_info=True)
+                    continue
+                self._put(session_id, actor)
+                self.counts["placed"] += 1
+                return self._placed(actor, joined)
+            self.counts["refused"] += 1
+            if last is not None and last.code != "capacity":
+                raise last
+            raise ProtocolError("every interaction actor is full; try again later", "capacity")
+
+    async def locate(self, session_id: str, lost_on: str | None = None) -> Placed:
+        async with self._lock:
+            name = self.where.get(session_id)
+            if name is None:
+                raise ProtocolError(f"unknown session {session_id!r}", "unknown_session", "session_id")
+            actor = self.actors.get(name)
+            if lost_on is None or lost_on != name:
+                if actor is not None:
+                    return self._placed(actor, {})  # it moved already: tell the ingress where
+            return await self._resume(session_id, prefer=actor)
+
+    async def leave(self, session_id: str) -> None:
+        async with self._lock:
+            name = self.where.pop(session_id, None)
+            actor = self.actors.get(name) if name else None
+            if actor is None:
+                raise ProtocolError(f"unknown session {session_id!r}", "unknown_session", "session_id")
+            actor.sessions.discard(session_id)
+        await actor.port.leave(session_id)
+
+    async def drain(self, name: str) -> dict:
+        """Place nothing more on `name` and move its sessions to the others; {"moved", "failed"}."""
+        actor = self.actors.get(name)
+        if actor is None:
+            raise ProtocolError(f"unknown interaction actor {name!r}", "unknown_actor", "name")
+        actor.draining = True
+        moved, failed = [], []
+        for sid in sorted(actor.sessions):
+            async with self._lock:
+                try:
+                    await actor.port.release(sid)
+                    self._drop(sid)
+                    self.where[sid] = name  # until it lands elsewhere
+                    await self._resume(sid, prefer=None, avoid=name)
+                    moved.append(sid)
+                except Exception:
+                    log.exception("moving %s off %s failed", sid, name)
+                    failed.append(sid)
+        self.counts["moved"] += len(moved)
+        return {"moved": moved, "failed": failed}
+
+    async def undrain(self, name: str) -> None:
+        self.actors[name].draining = False
+
+    # --- capacity -------------------------------------------------------------------------------
+
+    async def watch(self) -> None:
+        """Grow with the cluster, every `watch_s`; never returns."""
+        while True:
+            await asyncio.sleep(self.watch_s)
+            try:
+                await self.grow_once()
+            except Exception:
+                log.exception("growing the interaction actors failed")
+
+    async def grow_once(self) -> list[str]:
+        if self.grow is None:
+            return []
+        new = await self.grow(list(self.actors))
+        for spec in new:
+            self.add(*spec)
+        self.counts["grown"] += len(new)
+        return [spec[0] for spec in new]
+
+    def start(self) -> None:
+        if self.grow is not None and self._watcher is None:
+            self._watcher = asyncio.get_running_loop().create_task(self.watch())
+
+    async def stats(self) -> dict:
+        return {
+            "actors": {a.name: {"sessions": len(a.sessions), "capacity": a.capacity, "draining": a.draining} for a in self.actors.values()},
+            "sessions": len(self.where), **self.counts,
+        }
+
+    async def handles(self) -> dict[str, Any]:
+        return {a.name: a.handle for a in self.actors.values()}
+
+    # --- inside ---------------------------------------------------------------------------------
+
+    async def _candidates(self, avoid: str | None = None) -> list[_Actor]:
+        """Actors with room, fullest first, that answer a ping."""
+        open_ = [a for a in self.actors.values() if not a.draining and a.name != avoid and len(a.sessions) < a.capacity]
+        open_.sort(key=lambda a: (-len(a.sessions), a.name))
+        alive = await asyncio.gather(*(self._alive(a) for a in open_))
+        return [a for a, ok in zip(open_, alive) if ok]
+
+    async def _alive(self, actor: _Actor) -> bool:
+        try:
+            await asyncio.wait_for(actor.port.clock_info(), self.ping_timeout_s)
+            return True
+        except Exception:
+            return False
+
+    async def _resume(self, session_id: str, prefer: _Actor | None, avoid: str | None = None) -> Placed:
+        """Resume a lost session: on `prefer` (where it was) if it answers, else anywhere with room."""
+        self._drop(session_id)
+        order = await self._candidates(avoid=avoid)
+        if prefer is not None and prefer in order:
+            order.remove(prefer)
+            order.insert(0, prefer)
+        for actor in order:
+            try:
+                joined = await actor.port.resume(session_id)
+            except Exception:
+                log.warning("resuming %s on %s failed", session_id, actor.name, exc_info=True)
+                continue
+            self._put(session_id, actor)
+            self.counts["resumed"] += 1
+            return self._placed(actor, joined)
+        self.where.pop(session_id, None)
+        raise ProtocolError("no interaction actor can take this session now", "capacity")
+
+    def _put(self, session_id: str, actor: _Actor) -> None:
+        self.where[session_id] = actor.name
+        actor.sessions.add(session_id)
+
+    def _drop(self, session_id: str) -> None:
+        name = self.where.get(session_id)
+        if name in self.actors:
+            self.actors[name].sessions.discard(session_id)
+
+    @staticmethod
+    def _placed(actor: _Actor, joined: dict) -> Placed:
+        return Placed(actor.name, actor.handle if actor.handle is not None else actor.port, joined or {})
+
+
+class Routed:
+    """An ingress's placement through the `RouterActor`: the actor answers names and handles,
+    this turns them into ports (`actors.remote.Remote`)."""
+
+    def __init__(self, router: Any):
+        from .remote import Remote
+
+        self.router = Remote(router) if not isinstance(router, Router) else router
+        self._ports: dict[str, Any] = {}
+
+    def _port(self, placed: Placed) -> Placed:
+        from .remote import Remote
+
+        port = placed.port
+        if not hasattr(port, "exchange") or not asyncio.iscoroutinefunction(getattr(port, "exchange", None)):
+            port = self._ports.setdefault(placed.actor, Remote(port))
+        return Placed(placed.actor, port, placed.joined)
+
+    async def place(self, session_id: str) -> Placed:
+        return self._port(await self.router.place(session_id))
+
+    async def locate(self, session_id: str, lost_on: str | None = None) -> Placed:
+        return self._port(await self.router.locate(session_id, lost_on))
+
+    async def leave(self, session_id: str) -> None:
+        await self.router.leave(session_id)
+
+
+# One event loop: placements are serialised by the router's lock, pings and joins interleave.
+RouterActor = ray.remote(max_concurrency=1000)(Router)

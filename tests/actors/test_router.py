@@ -1,0 +1,229 @@
+"""Placement over several interaction actors (in process, fake actors through the port), and an
+ingress whose actor dies or drains: its calls stay up and move, their outputs resume."""
+
+import asyncio
+import time
+
+import pytest
+
+from actors.ingress import Ingress
+from actors.router import Direct, Router
+from protocols import OutputChunk, ProtocolError, TickClock
+from protocols.ports import Interaction, Placement
+
+pytestmark = pytest.mark.timeout(60)
+
+
+class Fake:
+    """An interaction actor: `alive` False makes every call fail like a dead actor's; a restart
+    (`restart()`) comes back empty."""
+
+    def __init__(self, name: str, capacity: int = 2):
+        self.name, self.capacity = name, capacity
+        self.members: list[str] = []
+        self.resumed: list[str] = []
+        self.released: list[str] = []
+        self.ticks: dict[str, list[int]] = {}
+        self.alive = True
+
+    def _check(self):
+        if not self.alive:
+            raise RuntimeError(f"{self.name} died")
+
+    def restart(self):
+        self.alive, self.members = True, []
+
+    async def clock_info(self):
+        self._check()
+        return {"t0": 0.0, "tick_ms": 200, "tick_s": 0.2, "now": time.time()}
+
+    async def join(self, session_id, seed=None):
+        self._check()
+        if len(self.members) >= self.capacity:
+            raise ProtocolError("full", "capacity")
+        self.members.append(session_id)
+        return {"session_id": session_id, "first_tick": 0, "log_token": "t"}
+
+    async def resume(self, session_id):
+        self._check()
+        if session_id not in self.members:
+            if len(self.members) >= self.capacity:
+                raise ProtocolError("full", "capacity")
+            self.members.append(session_id)
+            self.resumed.append(session_id)
+        return {"session_id": session_id, "first_tick": 0, "log_token": "t"}
+
+    async def release(self, session_id):
+        self._check()
+        self.members.remove(session_id)
+        self.released.append(session_id)
+
+    async def leave(self, session_id):
+        self._check()
+        self.members.remove(session_id)
+
+    async def exchange(self, tick, chunks, session_ids):
+        self._check()
+        outs = []
+        for c in chunks:
+            if c.session_id in self.members:
+                self.ticks.setdefault(c.session_id, []).append(tick)
+                outs.append(OutputChunk(c.session_id, c.seq, c.t_start, c.audio, controls=["silent"]))
+        return outs
+
+
+def router(*fakes: Fake, **kw) -> Router:
+    return Router({f.name: (f, f.capacity) for f in fakes}, **kw)
+
+
+def test_fakes_and_placements_fit_their_ports():
+    assert isinstance(Fake("a"), Interaction)
+    assert isinstance(router(Fake("a")), Placement) and isinstance(Direct(Fake("a")), Placement)
+
+
+def test_sessions_pack_onto_the_fullest_actor_with_room_and_are_refused_when_all_are_full():
+    async def main():
+        a, b = Fake("a"), Fake("b")
+        r = router(a, b)
+        placed = [(await r.place(f"s{i}")).actor for i in range(4)]
+        assert placed == ["a", "a", "b", "b"]
+        with pytest.raises(ProtocolError) as info:
+            await r.place("s4")
+        assert info.value.code == "capacity"
+        await r.leave("s0")
+        assert (await r.place("s5")).actor == "a"  # the freed slot
+        assert (await r.stats())["refused"] == 1
+
+    asyncio.run(main())
+
+
+def test_a_dead_actor_is_not_placed_on_and_its_lost_session_resumes_elsewhere():
+    async def main():
+        a, b = Fake("a"), Fake("b")
+        r = router(a, b, ping_timeout_s=0.2)
+        assert (await r.place("s0")).actor == "a"
+        a.alive = False
+        assert (await r.place("s1")).actor == "b"
+        placed = await r.locate("s0", lost_on="a")
+        assert placed.actor == "b" and b.resumed == ["s0"]
+        assert (await r.locate("s0", lost_on="a")).actor == "b"  # a stale report: it lives on b now
+        assert b.resumed == ["s0"]
+
+    asyncio.run(main())
+
+
+def test_a_restarted_actor_takes_its_own_sessions_back_from_the_log():
+    async def main():
+        a, b = Fake("a"), Fake("b")
+        r = router(a, b)
+        await r.place("s0")
+        a.restart()  # came back empty
+        placed = await r.locate("s0", lost_on="a")
+        assert placed.actor == "a" and a.resumed == ["s0"] and not b.resumed
+
+    asyncio.run(main())
+
+
+def test_drain_moves_every_session_and_places_nothing_more_there():
+    async def main():
+        a, b = Fake("a", capacity=3), Fake("b", capacity=3)
+        r = router(a, b)
+        for i in range(3):
+            await r.place(f"s{i}")
+        moved = await r.drain("a")
+        assert sorted(moved["moved"]) == ["s0", "s1", "s2"] and not moved["failed"]
+        assert a.members == [] and sorted(a.released) == ["s0", "s1", "s2"] and sorted(b.resumed) == ["s0", "s1", "s2"]
+        with pytest.raises(ProtocolError):
+            await r.place("s3")  # b is full and a is draining
+        await r.undrain("a")
+        assert (await r.place("s3")).actor == "a"
+
+    asyncio.run(main())
+
+
+def test_capacity_grows_when_the_cluster_offers_more():
+    async def main():
+        a, c = Fake("a", capacity=1), Fake("c", capacity=1)
+
+        async def grow(existing):
+            return [("c", c, 1)] if "c" not in existing else []
+
+        r = router(a, grow=grow)
+        await r.place("s0")
+        with pytest.raises(ProtocolError):
+            await r.place("s1")
+        assert await r.grow_once() == ["c"] and await r.grow_once() == []
+        assert (await r.place("s1")).actor == "c"
+
+    asyncio.run(main())
+
+
+def test_calls_on_a_dying_actor_move_to_another_and_keep_getting_outputs():
+    """Two WebSocket calls on actor a, one on b; a dies: a's calls stay connected, are resumed on b
+    (from the log, in the real actor), and their ticks are exchanged with b from then on."""
+
+    async def main():
+        a, b = Fake("a", capacity=2), Fake("b", capacity=3)
+        r = router(a, b, ping_timeout_s=0.2)
+        ingress = Ingress(r, TickClock(time.time()), max_sessions=8, relocate_s=5.0)
+        ids = [(await ingress.open_websocket())[0] for _ in range(3)]
+        assert [ingress.sessions[i].actor for i in ids] == ["a", "a", "b"]
+        await asyncio.sleep(0.6)
+        assert all(a.ticks.get(i) for i in ids[:2]) and b.ticks.get(ids[2])
+        a.alive = False
+        killed = time.time()
+        deadline = killed + 5
+        while not all(b.ticks.get(i) for i in ids[:2]):
+            assert time.time() < deadline, (await ingress.stats())
+            await asyncio.sleep(0.05)
+        assert sorted(b.resumed) == sorted(ids[:2])
+        assert all(ingress.sessions[i].actor == "b" for i in ids) and len(ingress.sessions) == 3
+        stats = await ingress.stats()
+        assert stats["moved"] == 2 and stats["actors"] == {"a": 0, "b": 3}
+        before = {i: len(b.ticks[i]) for i in ids}
+        await asyncio.sleep(0.6)
+        assert all(len(b.ticks[i]) > before[i] for i in ids)  # every call goes on
+        for i in ids:
+            await ingress.close(i)
+        assert b.members == [] and r.where == {}
+        await ingress.shutdown()
+
+    asyncio.run(main())
+
+
+def test_a_call_nobody_can_take_ends_with_an_error_event_and_frees_its_slot():
+    async def main():
+        a = Fake("a", capacity=1)
+        ingress = Ingress(router(a, ping_timeout_s=0.1), TickClock(time.time()), max_sessions=4, relocate_s=1.0)
+        sid, outbox = await ingress.open_websocket()
+        a.alive = False
+        deadline = time.time() + 6
+        while sid in ingress.sessions:
+            assert time.time() < deadline
+            await asyncio.sleep(0.05)
+        events = []
+        while not outbox.empty():
+            item = outbox.get_nowait()
+            if item is not None:
+                events.append(item)
+        assert any('"session_lost"' in e for e in events)
+        assert (await ingress.stats())["lost"] == 1
+        await ingress.shutdown()
+
+    asyncio.run(main())
+
+
+def test_hangup_belongs_to_the_caller_that_made_the_call():
+    async def main():
+        ingress = Ingress(Direct(Fake("a", capacity=4)), TickClock(time.time()), max_sessions=4)
+        mine, _ = await ingress.open_websocket(owner="alice")
+        with pytest.raises(ProtocolError) as info:
+            await ingress.close(mine, owner="mallory")
+        assert info.value.code == "forbidden" and mine in ingress.sessions
+        await ingress.close(mine, owner="alice")
+        other, _ = await ingress.open_websocket(owner="bob")
+        await ingress.close(other)  # an API key holder (no owner given) may end any call
+        assert not ingress.sessions
+        await ingress.shutdown()
+
+    asyncio.run(main())
