@@ -7,6 +7,13 @@ in-memory segment; kept on local disk under `wal_dir` when `root` is remote). A 
 acknowledged only once its batch is whole in the WAL file, so `LogStore.restore` rebuilds every
 session from these files alone: a torn last batch was never acknowledged and is dropped.
 
+What a session needs to fail over lives beside its WAL files while it is open, and goes when it
+closes: `token` (the session's token in clear, mode 0600: the interaction side that takes a
+session over hands it to the session's clients again; session.json keeps only its hash) and
+snapshot-<tick>.npz (the newest `Engine.export_session` state: arrays as .npy members, the rest as
+JSON in the "__state__" member, so reading one never unpickles anything). Both are written to a
+temporary name and renamed, so a crash leaves the old file or the new one, never half of one.
+
 With `shared` (a Ray process), every sealed block is `ray.put` into the object store as one Arrow
 IPC stream (`to_ipc`); the store keeps the ObjectRef and reads its rows from that shared copy
 (zero-copy), so the heap holds only the unsealed tail. When a segment's WAL file is finished its
@@ -17,6 +24,7 @@ refs: Ray frees each object once no reader holds a ref to it either.
 from __future__ import annotations
 
 import asyncio
+import base64
 import hashlib
 import json
 import logging
@@ -29,6 +37,7 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import ray
 import pyarrow.ipc as ipc
@@ -43,6 +52,8 @@ INDEX = SCHEMA.get_field_index("index")
 T = SCHEMA.get_field_index("t")
 _SEG_RE = re.compile(r"seg-(\d+)-(\d+)\.parquet")
 _WAL_RE = re.compile(r"wal-(\d+)\.arrows")
+_SNAPSHOT_RE = re.compile(r"snapshot-(\d+)\.npz")
+_TAGS = ("__array__", "__bytes__", "__tuple__", "__dict__")
 
 
 @dataclass
@@ -84,6 +95,7 @@ class Segment:
     wal_size: int = 0  # bytes of whole batches in the WAL file
     parquet_path: str | None = None
     parquet_bytes: int = 0
+    seq_max: int | None = None  # of a persisted segment's chunks, if known (recovery skips older ones)
 
     @property
     def rows(self) -> int:
@@ -102,6 +114,9 @@ class LogSession:
     newest_t: float = -math.inf
     segments: list[Segment] = field(default_factory=list)
     changed: asyncio.Event | None = None
+    token: str | None = field(default=None, repr=False)  # in clear, while open (None: not kept)
+    snapshot_tick: int | None = None  # the newest snapshot's tick
+    snapshot: tuple | None = field(default=None, repr=False)  # and its `encode_state`, once read (None: on disk only)
 
     @property
     def current(self) -> Segment | None:
@@ -170,6 +185,45 @@ class LogStore:
         else:
             with self.fs.open_output_stream(path) as f:
                 f.write(data)
+
+    def folder(self, s: LogSession) -> str:
+        """The session's local folder: its WAL files, and while it is open its token and snapshot."""
+        return os.path.join(self.wal_base, s.dirname)
+
+    def write_token(self, s: LogSession, token: str) -> None:
+        folder = self.folder(s)
+        os.makedirs(folder, exist_ok=True)
+        _write_atomic(os.path.join(folder, "token"), lambda f: f.write(token.encode()), fsync=True, mode=0o600)
+
+    def write_snapshot(self, s: LogSession, tick: int, encoded: tuple[bytes, dict[str, np.ndarray]]) -> None:
+        """Write `encode_state` output as the session's snapshot of `tick`. Touches no shared state:
+        it may run in a thread."""
+        meta, arrays = encoded
+        folder = self.folder(s)
+        os.makedirs(folder, exist_ok=True)
+        members = {"__state__": np.frombuffer(meta, np.uint8), **arrays}
+        _write_atomic(os.path.join(folder, f"snapshot-{tick:012d}.npz"), lambda f: np.savez(f, **members), fsync=self.fsync)
+
+    def load_snapshot(self, s: LogSession, tick: int) -> tuple[bytes, dict[str, np.ndarray]]:
+        """The session's snapshot of `tick` as `encode_state` made it (OSError or ValueError if unreadable)."""
+        with np.load(os.path.join(self.folder(s), f"snapshot-{tick:012d}.npz"), allow_pickle=False) as z:
+            return bytes(z["__state__"]), {k: z[k] for k in z.files if k != "__state__"}
+
+    def drop_snapshots(self, s: LogSession, below: int | None = None) -> None:
+        """Remove the session's snapshots older than tick `below` (None: all of them) and any
+        half-written ones."""
+        folder = self.folder(s)
+        for name in os.listdir(folder) if os.path.isdir(folder) else []:
+            m = _SNAPSHOT_RE.fullmatch(name)
+            stale = m is not None and (below is None or int(m[1]) < below)
+            if stale or (name.startswith("snapshot-") and ".tmp" in name and below is None):
+                _remove(os.path.join(folder, name))
+
+    def forget(self, s: LogSession) -> None:
+        """Drop what only failover needs (token, snapshots): the session is closed."""
+        self.drop_snapshots(s)
+        _remove(os.path.join(self.folder(s), "token"))
+        s.token = s.snapshot = s.snapshot_tick = None
 
     def new_segment(self, s: LogSession) -> Segment:
         folder = os.path.join(self.wal_base, s.dirname)
@@ -251,6 +305,8 @@ class LogStore:
             pq.write_table(table, path, **options)
         seg.parquet_bytes = self.fs.get_file_info(path).size
         seg.parquet_path = path
+        seq_max = pc.max(table.column("seq")).as_py()
+        seg.seq_max = -1 if seq_max is None else seq_max
         seg.blocks = None
         seg.sealed = 0
         if seg.wal_path is not None and os.path.exists(seg.wal_path):
@@ -292,12 +348,28 @@ class LogStore:
                 md = pq.read_metadata(info.path, filesystem=self.fs)
                 if md.num_rows != last - first + 1:
                     raise ValueError(f"{md.num_rows} rows, expected {last - first + 1}")
-                t_min, t_max = _t_range(md)
-                segments.append(Segment(first, last, t_min, t_max, blocks=None, parquet_path=info.path, parquet_bytes=info.size))
+                t_min, t_max = _range(md, "t")
+                seq_max = _range(md, "seq")[1]
+                seq_max = None if seq_max == math.inf else int(seq_max)
+                segments.append(Segment(first, last, t_min, t_max, blocks=None, parquet_path=info.path, parquet_bytes=info.size, seq_max=seq_max))
             except Exception as exc:
                 broken.append((first, last, info.path, exc))
-        wal_folder = os.path.join(self.wal_base, s.dirname)
-        for name in sorted(os.listdir(wal_folder)) if os.path.isdir(wal_folder) else []:
+        wal_folder = self.folder(s)
+        names = sorted(os.listdir(wal_folder)) if os.path.isdir(wal_folder) else []
+        if s.closed:
+            self.forget(s)  # the crash came between closing and dropping these
+        else:
+            if "token" in names:
+                with open(os.path.join(wal_folder, "token"), "rb") as f:
+                    token = f.read().decode()
+                s.token = token if hash_token(token) == s.token_hash else None
+            ticks = [int(m[1]) for m in map(_SNAPSHOT_RE.fullmatch, names) if m]
+            s.snapshot_tick = max(ticks, default=None)
+            self.drop_snapshots(s, s.snapshot_tick)
+            for name in names:
+                if name.startswith("snapshot-") and ".tmp" in name:
+                    _remove(os.path.join(wal_folder, name))
+        for name in names:
             if not _WAL_RE.fullmatch(name):
                 continue
             path = os.path.join(wal_folder, name)
@@ -332,15 +404,109 @@ class LogStore:
         return requests
 
 
-def _t_range(md: pq.FileMetaData) -> tuple[float, float]:
-    col = md.schema.to_arrow_schema().get_field_index("t")
+def _range(md: pq.FileMetaData, name: str) -> tuple[float, float]:
+    """A column's (min, max) from a Parquet file's statistics; (-inf, inf) where unknown, so
+    every read looks at the file."""
+    col = md.schema.to_arrow_schema().get_field_index(name)
     lo, hi = math.inf, -math.inf
     for i in range(md.num_row_groups):
-        st = md.row_group(i).column(col).statistics
+        c = md.row_group(i).column(col)
+        st = c.statistics
+        if st is not None and st.null_count == c.num_values:
+            continue  # all null: no chunks in this row group
         if st is None or not st.has_min_max:
-            return -math.inf, math.inf  # unknown: every read_last looks at this segment
+            return -math.inf, math.inf
         lo, hi = min(lo, st.min), max(hi, st.max)
-    return lo, hi
+    return (lo, hi) if lo <= hi else (-math.inf, -1)
+
+
+# --- snapshots -----------------------------------------------------------------------------------
+
+
+def encode_state(state: Any) -> tuple[bytes, dict[str, np.ndarray]]:
+    """An `Engine.export_session` dict as (JSON, arrays), losslessly and without pickle.
+
+    Arrays and numpy scalars become members "a0", "a1", ... (copies, referenced from the JSON),
+    bytes base64, tuples stay tuples; dicts need string keys. Anything else (objects, object
+    arrays) is refused: ProtocolError("invalid_state").
+    """
+    if not isinstance(state, dict):
+        raise ProtocolError(f"state must be a dict (an exported session), got {type(state).__name__}", "invalid_state", "state")
+    arrays: dict[str, np.ndarray] = {}
+
+    def enc(v: Any, where: str) -> Any:
+        if v is None or isinstance(v, (bool, int, float, str)):
+            return v
+        if isinstance(v, (np.ndarray, np.generic)):
+            a = np.asarray(v)
+            if a.dtype.hasobject:
+                raise ProtocolError(f"state{where}: arrays of Python objects are not kept", "invalid_state", "state")
+            key = f"a{len(arrays)}"
+            arrays[key] = a.copy()  # the caller's arrays may change (or pin a Ray object) after the call
+            return {"__array__" if isinstance(v, np.ndarray) else "__scalar__": key}
+        if isinstance(v, (bytes, bytearray, memoryview)):
+            return {"__bytes__": base64.b64encode(bytes(v)).decode()}
+        if isinstance(v, tuple):
+            return {"__tuple__": [enc(x, f"{where}[{i}]") for i, x in enumerate(v)]}
+        if isinstance(v, list):
+            return [enc(x, f"{where}[{i}]") for i, x in enumerate(v)]
+        if isinstance(v, dict):
+            bad = [k for k in v if not isinstance(k, str)]
+            if bad:
+                raise ProtocolError(f"state{where}: keys must be strings, got {bad[0]!r}", "invalid_state", "state")
+            out = {k: enc(x, f"{where}[{k!r}]") for k, x in v.items()}
+            return {"__dict__": out} if any(k in _TAGS for k in out) else out
+        raise ProtocolError(f"state{where} is a {type(v).__name__}: a snapshot keeps dicts, lists, tuples, strings, numbers, bytes and numpy arrays", "invalid_state", "state")
+
+    meta = json.dumps(enc(state, ""), ensure_ascii=False).encode()
+    return meta, arrays
+
+
+def decode_state(meta: bytes, arrays) -> dict:
+    """`encode_state`'s inverse; `arrays` maps member names to arrays (an open npz will do)."""
+
+    def dec(v: Any) -> Any:
+        if isinstance(v, list):
+            return [dec(x) for x in v]
+        if not isinstance(v, dict):
+            return v
+        if len(v) == 1:
+            (tag, x), = v.items()
+            if tag == "__array__":
+                return np.array(arrays[x])
+            if tag == "__scalar__":
+                return np.asarray(arrays[x])[()]
+            if tag == "__bytes__":
+                return base64.b64decode(x)
+            if tag == "__tuple__":
+                return tuple(dec(y) for y in x)
+            if tag == "__dict__":
+                return {k: dec(y) for k, y in x.items()}
+        return {k: dec(x) for k, x in v.items()}
+
+    return dec(json.loads(meta))
+
+
+def _write_atomic(path: str, write, fsync: bool, mode: int = 0o644) -> None:
+    """`write(file)` into a temporary file beside `path`, then rename it over `path`."""
+    tmp = f"{path}.tmp-{os.getpid()}-{os.urandom(4).hex()}"
+    try:
+        with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode), "wb") as f:
+            write(f)
+            f.flush()
+            if fsync:
+                os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        _remove(tmp)
+        raise
+
+
+def _remove(path: str) -> None:
+    try:
+        os.remove(path)
+    except FileNotFoundError:
+        pass
 
 
 def _read_wal(path: str) -> tuple[list[tuple[pa.RecordBatch, Any]], int]:

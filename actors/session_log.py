@@ -12,6 +12,14 @@ object store, then the few rows not sealed yet (and any from Parquet) as small t
 turns that into one table, reading the objects zero-copy when on the same node. Either way the
 session's token is checked first; an ObjectRef, once handed out, is itself the capability to its
 rows, so only a token holder ever gets one.
+
+Failover: `put_snapshot` keeps each open session's newest engine state (durably, in a
+pickle-free file), and `recovery` hands back what rebuilds the session elsewhere: that state, the
+chunks logged after it, and the session's token. Keeping the token retrievable is the design
+choice here: the actor that takes a session over must give the session's clients the token they
+already hold, and only the log has it. So while a session is open its token is kept in clear
+beside its WAL (mode 0600) and in memory; closing the session deletes it (session.json only ever
+has the hash). `recovery` is an internal actor-to-actor call: nothing a client reaches routes to it.
 """
 
 from __future__ import annotations
@@ -31,10 +39,10 @@ import pyarrow.compute as pc
 import ray
 
 from protocols.chunks import ProtocolError, check_session_id
-from protocols.deltas import SCHEMA
+from protocols.deltas import SCHEMA, from_record
 
-from .log_checks import as_batch, audio_bytes, check_row
-from .log_store import INDEX, T, Block, LogSession, LogStore, dirname_of, from_ipc, hash_token, to_ipc
+from .log_checks import CHUNK_KINDS, as_batch, audio_bytes, check_row
+from .log_store import INDEX, T, Block, LogSession, LogStore, decode_state, dirname_of, encode_state, from_ipc, hash_token, to_ipc
 
 log = logging.getLogger("interplay.session_log")
 
@@ -118,13 +126,17 @@ class SessionLog:
             if isinstance(token, str) and hmac.compare_digest(s.token_hash, hash_token(token)):
                 if s.closed:
                     raise ProtocolError(f"session {session_id!r} is closed", "session_closed", "session_id")
+                if s.token is None:
+                    self.store.write_token(s, token)
+                    s.token = token
                 return token
             raise ProtocolError(f"session {session_id!r} already exists; only its token reopens it", "session_exists", "session_id")
         if token is None:
             token = secrets.token_urlsafe(24)
         elif not isinstance(token, str) or len(token) < 16:
             raise ProtocolError("token must be a string of at least 16 characters", "invalid_value", "token")
-        s = LogSession(session_id, dirname_of(session_id), hash_token(token))
+        s = LogSession(session_id, dirname_of(session_id), hash_token(token), token=token)
+        self.store.write_token(s, token)
         self.store.write_meta(s)
         self._sessions[session_id] = s
         return token
@@ -140,6 +152,7 @@ class SessionLog:
             self.store.persist(s, seg)
         s.closed = True
         self.store.write_meta(s)
+        self.store.forget(s)
         self._notify(s)
 
     def info(self, session_id: str, token: str) -> dict:
@@ -292,6 +305,81 @@ class SessionLog:
         if s.changed is not None:
             s.changed.set()
             s.changed = None
+
+    # --- failover ----------------------------------------------------------------------------
+
+    async def put_snapshot(self, session_id: str, tick: int, state: dict) -> None:
+        """Keep `state` (an `Engine.export_session` taken after tick `tick` was stepped) as the
+        session's newest snapshot: in memory (a copy), and in its folder (written to a temporary file and
+        renamed; fsynced if the log fsyncs), so a restarted log has it. An older snapshot goes; one
+        older than the kept one changes nothing, one of the same tick replaces it (a retry).
+
+        ProtocolError: unknown or closed session ("unknown_session", "session_closed"), a tick that
+        is not an integer >= 0, or a state that is not a dict of plain values and numpy arrays
+        ("invalid_state"). The file is written off the event loop; appends go on meanwhile.
+        """
+        s = self._writable(session_id)
+        if isinstance(tick, bool) or not isinstance(tick, (int, np.integer)) or tick < 0:
+            raise ProtocolError(f"tick must be a non-negative integer, got {tick!r}", "invalid_value", "tick")
+        tick = int(tick)
+        encoded = encode_state(state)  # checks the state before anything is written
+        if s.snapshot_tick is not None and tick < s.snapshot_tick:
+            return
+        try:
+            await asyncio.to_thread(self.store.write_snapshot, s, tick, encoded)
+        except OSError as exc:
+            raise ProtocolError(f"could not keep the snapshot of session {session_id!r}: {exc.strerror or exc}", "log_unavailable") from None
+        if s.closed:  # closed while the file was written
+            self.store.forget(s)
+            raise ProtocolError(f"session {session_id!r} is closed", "session_closed", "session_id")
+        if s.snapshot_tick is None or tick >= s.snapshot_tick:
+            s.snapshot_tick, s.snapshot = tick, encoded
+        self.store.drop_snapshots(s, s.snapshot_tick)
+
+    async def recovery(self, session_id: str) -> dict:
+        """What rebuilds an open session on another interaction actor:
+        {"log_token": its token (None if not kept: a session opened before tokens were kept),
+         "tick": the newest snapshot's tick or None, "state": that snapshot or None,
+         "inputs": [InputChunk with seq > tick], "outputs": [OutputChunk with seq > tick]},
+        both in seq order, one chunk per seq (the first logged), from memory and, where older,
+        Parquet. Without a snapshot they hold every chunk of the session.
+
+        This hands out the token in clear, so it is for the trusted internal caller only (an
+        actor-to-actor call; no client-facing route leads here). ProtocolError for an unknown or
+        closed session.
+        """
+        s = self._writable(session_id)
+        tick, encoded, state = s.snapshot_tick, s.snapshot, None
+        if tick is not None and encoded is None:  # restored: the snapshot is on disk only
+            try:
+                encoded = await asyncio.to_thread(self.store.load_snapshot, s, tick)
+            except (OSError, ValueError, KeyError) as exc:
+                log.error("session %r: snapshot of tick %d is unreadable (%s); recovering from the whole log", session_id, tick, exc)
+                tick = None
+            else:
+                if s.snapshot_tick == tick:
+                    s.snapshot = encoded
+        if tick is not None:
+            try:
+                state = decode_state(*encoded)  # a fresh copy each time: the caller may change it
+            except (ValueError, KeyError) as exc:
+                log.error("session %r: snapshot of tick %d is unreadable (%s); recovering from the whole log", session_id, tick, exc)
+                tick = None
+        after = -1 if tick is None else tick
+        parts: list[pa.RecordBatch] = []
+        for seg in list(s.segments):
+            if seg.blocks is None:
+                if seg.seq_max is None or seg.seq_max > after:
+                    parts += self.store.load(seg, [("seq", ">", after)])
+            else:
+                parts += [b.batch for b in seg.blocks]
+        table = pa.Table.from_batches(parts, schema=SCHEMA)
+        keep = pc.and_(pc.is_in(table.column("kind"), pa.array(CHUNK_KINDS)), pc.greater(table.column("seq"), after))
+        chunks: dict[str, dict[int, object]] = {kind: {} for kind in CHUNK_KINDS}
+        for row in table.filter(pc.fill_null(keep, False)).to_pylist():
+            chunks[row["kind"]].setdefault(row["seq"], row)
+        inputs, outputs = ([from_record(chunks[kind][q]) for q in sorted(chunks[kind])] for kind in CHUNK_KINDS)
+        return {"log_token": s.token, "tick": tick, "state": state, "inputs": inputs, "outputs": outputs}
 
     # --- reads -------------------------------------------------------------------------------
 

@@ -103,6 +103,14 @@ class LocalLog:
         self.appends += 1
         return self.log.append(deltas, request_id)
 
+    async def put_snapshot(self, session_id: str, tick: int, state: dict) -> None:
+        await asyncio.sleep(self.delay_s)
+        await self.log.put_snapshot(session_id, tick, state)
+
+    async def recovery(self, session_id: str) -> dict:
+        await asyncio.sleep(self.delay_s)
+        return await self.log.recovery(session_id)
+
 
 class FakePool:
     """Streams `replies` (one update each, `interval_s` apart, the last one "final") for every
