@@ -1,8 +1,9 @@
 """`StreamingEngine`: many sessions, one batched forward pass per tick, no Ray.
 
 `step(chunks)` reads top to bottom:
-- validate: each chunk is checked once; a bad or absent one is reported under its session id and
-  that session is stepped as missing (silence), so clocks stay aligned and no session stops another;
+- validate: each chunk is checked once (its background updates, then its text, join the session's
+  queues); a bad or absent one is reported under its session id and that session is stepped as
+  missing (silence), so clocks stay aligned and no session stops another;
 - prepare: `InputBuilder` (models/inputs.py) turns the live sessions' chunks, queued text and
   fed-back outputs into `TickInputs`;
 - execute: one forward pass for the whole batch against the persistent KV cache, the heads, the
@@ -15,6 +16,13 @@ never copies a cache. Each row's KV cache holds `n_sink` sink positions (kept fo
 of the last `window + one tick` positions, keys stored already rotated at their absolute
 positions, so a tick's cost and the engine's memory are bounded however long a session runs. A
 session's outputs depend only on its own inputs and seed, never on who else is in the batch.
+
+So a session can leave one engine and come back in another exactly: `export_session` /
+`import_session` move its state, and `rebuild` brings it back from an exported state (a snapshot)
+plus the input chunks stepped since, replayed alone on a one-row engine sharing the weights. Since
+a chunk carries everything that entered at its tick (audio, frame, text, background updates,
+forced control), the rebuilt session is the one that was left, to the float tolerance batching
+already has (text and controls exactly).
 """
 
 from __future__ import annotations
@@ -99,6 +107,7 @@ class StreamingEngine:
             self.rows = Rows(self._row_spec(), max_sessions, device)
         self._sessions: dict[str, Session] = {}
         self._by_row: list[str] = []
+        self._scratch_engine: StreamingEngine | None = None
 
     @property
     def tick_ms(self) -> int:
@@ -173,6 +182,11 @@ class StreamingEngine:
         the chunk when it names no session); a session with no chunk is stepped as missing and
         reported too. Returns one output per session (those of good chunks first, in their order,
         then those stepped as missing) and the errors.
+
+        Seqs only move forward: a chunk whose seq is not after its session's last is refused. A
+        forward gap (ticks shed under overload, or while a session moved between engines) is
+        accepted: the ticks skipped are absent from the session's history, whose clock counts the
+        micro-turns stepped, so a replay of the same chunks sees the same gap.
         """
         t0 = time.perf_counter()
         accepted, errors = self._validate(chunks)
@@ -223,15 +237,34 @@ class StreamingEngine:
             fs = self.cfg.frame_size
             if chunk.frame is not None and chunk.frame.shape != (fs, fs, 3):
                 raise ProtocolError(f"frame must be {fs}x{fs}x3 for this model, got {chunk.frame.shape[0]}x{chunk.frame.shape[1]}", "invalid_frame", "frame")
-            if sess.last_seq is not None and chunk.seq != sess.last_seq + 1:
-                raise ProtocolError(f"seq {chunk.seq} out of order, expected {sess.last_seq + 1}", "out_of_order", "seq")
-            self.inputs.queue_text(sess.queues, chunk.text)
+            if sess.last_seq is not None and chunk.seq <= sess.last_seq:
+                raise ProtocolError(f"seq {chunk.seq} out of order, expected {sess.last_seq + 1} or later", "out_of_order", "seq")
+            self._queue(sess, chunk)
         except ProtocolError as e:
             raise ProtocolError(f"session {sid!r}: {e}", e.code, e.param) from None
         return sid, chunk
 
+    def _queue(self, sess: Session, chunk: InputChunk) -> None:
+        """Queue the chunk's background updates, then its typed text; all or nothing."""
+        q = sess.queues
+        n_text, n_bg = len(q.text), len(q.bg)
+        try:
+            for text in chunk.updates:
+                self.inputs.queue_update(q, text)
+            self.inputs.queue_text(q, chunk.text)
+        except ProtocolError:
+            while len(q.text) > n_text:
+                q.text.pop()
+            while len(q.bg) > n_bg:
+                q.bg.pop()
+            raise
+
     def _missing(self, sess: Session, like: Any = None) -> InputChunk:
-        seq = sess.last_seq + 1 if sess.last_seq is not None else max(0, _int_or(getattr(like, "seq", 0), 0))
+        """Silence in place of a refused or absent chunk: at the refused chunk's seq where that is
+        a valid next one (a forward gap included), else the tick after the last."""
+        seq = _int_or(getattr(like, "seq", -1), -1)
+        if seq < 0 or (sess.last_seq is not None and seq <= sess.last_seq):
+            seq = sess.last_seq + 1 if sess.last_seq is not None else 0
         t_start = _int_or(getattr(like, "t_start", 0.0), 0.0)
         return InputChunk.silent(sess.sid, seq, t_start, self.cfg.samples_per_tick)
 
@@ -356,6 +389,48 @@ class StreamingEngine:
             self.remove_session(session_id)
             raise
         self._sessions[session_id] = Session.restore(session_id, row, state["session"])
+
+    def rebuild(self, session_id: str, state: dict | None = None, seed: int | None = None, chunks: list[InputChunk] = ()) -> list[OutputChunk]:
+        """Add `session_id` at its state after the last of `chunks`: from `state` (an
+        `export_session`, e.g. a snapshot) or a fresh session with `seed`, its logged `chunks`
+        (seq after the state's, in order) are stepped again, alone, then it joins the live rows.
+        Returns the outputs of that replay (those of a refused chunk included: refusal is part
+        of the record). The live sessions are not stepped and not touched; nothing changes here
+        if the state does not fit."""
+        check_session_id(session_id)
+        if session_id in self._sessions:
+            raise ProtocolError(f"session {session_id!r} already exists", "duplicate_session", "session_id")
+        if len(self._by_row) >= self.max_sessions:
+            raise ProtocolError(f"engine is full ({self.max_sessions} sessions); cannot add {session_id!r}", "capacity", "session_id")
+        last = state["session"]["last_seq"] if state is not None else None
+        for c in chunks:
+            if not isinstance(c, InputChunk) or c.session_id != session_id:
+                raise ProtocolError(f"rebuilding {session_id!r} takes only its own input chunks", "invalid_state", "chunks")
+            if last is not None and c.seq <= last:
+                raise ProtocolError(f"chunk seq {c.seq} is not after {last}: chunks must follow the state in order", "invalid_state", "chunks")
+            last = c.seq
+        scratch = self._scratch()
+        if state is not None:
+            scratch.import_session(session_id, state)
+        else:
+            scratch.add_session(session_id, seed)
+        try:
+            outs = []
+            for c in chunks:
+                outs += scratch.step([c])[0]
+            rebuilt = scratch.export_session(session_id)
+        finally:
+            scratch.remove_session(session_id)
+        self.import_session(session_id, rebuilt)
+        return outs
+
+    def _scratch(self) -> "StreamingEngine":
+        """A one-row engine on the same weights that steps a session alone (kept for reuse)."""
+        if self._scratch_engine is None:
+            self._scratch_engine = StreamingEngine(self.model, max_sessions=1, device=self.device, dtype=self.dtype)
+        scratch = self._scratch_engine
+        scratch.temperature, scratch.mute_when_silent = self.temperature, self.mute_when_silent
+        return scratch
 
     def state_bytes(self) -> int:
         """Bytes held in the engine's pre-sized tensors (constant for its lifetime)."""

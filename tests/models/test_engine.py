@@ -1,4 +1,5 @@
-"""StreamingEngine: batch invariance, bounded memory, state transfer, bad input, forced controls, text out."""
+"""StreamingEngine: batch invariance, bounded memory, state transfer, exact rebuild from a snapshot and
+logged chunks, forward seq gaps, bad input, forced controls, text out."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import torch
 
 from models.engine import StreamingEngine
 from protocols.chunks import CONTROLS, InputChunk, OutputChunk, ProtocolError
+from protocols.deltas import from_table, to_batch
 from tests.models.helpers import TracingEngine, fast_forward, make_chunk, micro, step_ok
 
 SEEDS = {"a": 0, "b": 1, "c": 2, "d": 3, "x": 4}
@@ -163,13 +165,13 @@ def test_bad_input_is_reported_under_its_session_and_stepped_as_missing():
     floaty = lambda c: setattr(c[1], "audio", c[1].audio.astype(np.float32))  # noqa: E731
     big_frame = lambda c: setattr(c[1], "frame", np.zeros((120, 120, 3), np.uint8))  # noqa: E731
     bad_forced = lambda c: setattr(c[1], "forced", "shout")  # noqa: E731
-    late = lambda c: setattr(c[1], "seq", 9)  # noqa: E731
+    late = lambda c: setattr(c[1], "seq", 1)  # noqa: E731
     absent = lambda c: c.pop(1)  # noqa: E731
     twice = lambda c: c.append(make_chunk("b", 0, 1))  # noqa: E731
     unknown = lambda c: c.append(make_chunk("zzz", 0, 0))  # noqa: E731
     not_a_chunk = lambda c: c.append({"session_id": "b"})  # noqa: E731
     cases = [(short, "b", "'b'.*3200 samples"), (floaty, "b", "'b'.*int16"), (big_frame, "b", "'b'.*80x80"),
-             (bad_forced, "b", "'b'.*forced"), (late, "b", "'b'.*seq 9 out of order, expected"),
+             (bad_forced, "b", "'b'.*forced"), (late, "b", "'b'.*seq 1 out of order, expected"),
              (absent, "b", "no chunk for session 'b'"), (twice, "b", "'b' has more than one chunk"),
              (unknown, "zzz", "unknown session 'zzz'"), (not_a_chunk, "{'session_id': 'b'}", "expected an InputChunk")]
     for k, (fix, key, msg) in enumerate(cases, start=3):
@@ -310,3 +312,125 @@ def test_forced_speak_holds_until_the_model_yields(monkeypatch):
     step(10, "silent")
     assert silenced.controls == ["silent"] and not step(11, "silent").audio.any()
     assert set(engine.export_session("a")["session"]) == {"seed", "last_seq", "text_queue", "bg_queue", "decoder"}
+
+
+# --- rebuilding a session from a snapshot and its logged chunks ---------------------------------
+
+
+def _scripted_inputs(sids, ticks):
+    """Chunks with typed text, background updates and forced controls at fixed ticks."""
+    for k in ticks:
+        chunks = _chunks(sids, k, text="what about tomorrow" if k % 9 == 4 else "")
+        for c in chunks:
+            if k % 7 == 3:
+                c.updates = [f"result {k} for {c.session_id}", "and more"]
+            if k % 11 in (5, 6):
+                c.forced = "speak"
+        yield k, chunks
+
+
+def test_a_session_rebuilt_from_a_snapshot_and_its_chunks_goes_on_exactly():
+    """A, B, C stepped 30 ticks; A's state exported at tick 12; A rebuilt in a second engine
+    (beside a live D, which the rebuild neither steps nor touches) from that snapshot and the
+    chunks 13..29 after a trip through the log's Arrow form, and again from no snapshot (all
+    its chunks): from tick 30 on, A's outputs are those of the A that never left."""
+    src = _engine(max_sessions=4, sessions=("a", "b", "c"))
+    logged, outs_a = [], {}
+    snapshot = None
+    for k, chunks in _scripted_inputs(["a", "b", "c"], range(30)):
+        outs = step_ok(src, chunks)
+        logged.append(chunks[0])
+        outs_a[k] = outs[0]
+        if k == 12:
+            snapshot = pickle.loads(pickle.dumps(src.export_session("a")))
+    assert any(c.updates for c in logged[13:]) and any(c.forced for c in logged[13:]) and any(c.text for c in logged[13:])
+    logged = from_table(to_batch(logged))  # what the log gives back
+    assert [c.updates for c in logged] == [c.updates for c in _scripted_inputs_a(30)]
+
+    from_snapshot, from_start = _engine(sessions=("d",)), _engine(sessions=("d",))
+    for eng in (from_snapshot, from_start):
+        step_ok(eng, _chunks(["d"], 0))
+    d_before = {name: t.clone() for name, t in from_snapshot.rows.of(0).items()}
+    replayed = from_snapshot.rebuild("a", snapshot, chunks=logged[13:])
+    assert from_snapshot.sessions == ["d", "a"]
+    assert all(torch.equal(d_before[name], t) for name, t in from_snapshot.rows.of(0).items())
+    assert [o.seq for o in replayed] == list(range(13, 30))
+    for o in replayed:
+        _same(o, outs_a[o.seq], lsb=FLOAT_LSB)
+    replayed = from_start.rebuild("a", None, chunks=logged)
+    assert [o.seq for o in replayed] == list(range(30))
+    for o in replayed:
+        _same(o, outs_a[o.seq], lsb=FLOAT_LSB)
+
+    for k, chunks in _scripted_inputs(["a", "b", "c"], range(30, 46)):
+        ref = step_ok(src, chunks)[0]
+        for eng in (from_snapshot, from_start):
+            got = {o.session_id: o for o in step_ok(eng, [chunks[0], *_chunks(["d"], k - 29)])}
+            _same(got["a"], ref, lsb=FLOAT_LSB)
+    assert torch.equal(src.rows["prev_codes"][0], from_snapshot.rows["prev_codes"][1])
+    assert src.export_session("a")["session"] == from_start.export_session("a")["session"]
+
+
+def _scripted_inputs_a(n):
+    return [chunks[0] for _, chunks in _scripted_inputs(["a"], range(n))]
+
+
+def test_rebuild_refuses_what_does_not_follow_and_changes_nothing():
+    eng = _engine(sessions=("a",))
+    for k in range(3):
+        step_ok(eng, _chunks(["a"], k))
+    state = eng.export_session("a")
+    dst = _engine(sessions=())
+    with pytest.raises(ProtocolError, match="not after 2"):
+        dst.rebuild("a", state, chunks=_chunks(["a"], 2))
+    with pytest.raises(ProtocolError, match="its own"):
+        dst.rebuild("a", state, chunks=_chunks(["b"], 3))
+    with pytest.raises(ProtocolError, match="not after 4"):
+        dst.rebuild("a", None, chunks=[*_chunks(["a"], 4), *_chunks(["a"], 4)])
+    assert dst.sessions == []
+    dst.rebuild("a", state, chunks=_chunks(["a"], 3))
+    with pytest.raises(ProtocolError, match="already exists"):
+        dst.rebuild("a", state)
+    assert dst.export_session("a")["session"]["last_seq"] == 3
+
+
+def test_a_forward_seq_gap_is_accepted_and_the_skipped_ticks_are_absent():
+    """Ticks 3 and 4 skipped: the session's history holds ticks 0-2 then 5, as if chunk 5 had
+    been its fourth; a seq that is not after the last is refused; a refused chunk at a forward
+    seq is stepped as missing at its own seq."""
+    gap, dense = _engine(), _engine()
+    chunks = _chunks(["a"], 0) + _chunks(["a"], 1) + _chunks(["a"], 2) + _chunks(["a"], 5) + _chunks(["a"], 6)
+    for i, c in enumerate(chunks):
+        o1 = step_ok(gap, [c])[0]
+        o2 = step_ok(dense, [InputChunk("a", i, c.t_start, c.audio, frame=c.frame)])[0]
+        assert o1.seq == c.seq
+        assert (o1.text, o1.controls) == (o2.text, o2.controls) and np.array_equal(o1.audio, o2.audio)
+    _, errors = gap.step(_chunks(["a"], 6))
+    assert "seq 6 out of order, expected 7 or later" in str(errors["a"])
+    bad = _chunks(["a"], 9)[0]
+    bad.frame = np.zeros((40, 40, 3), np.uint8)
+    outs, errors = gap.step([bad])
+    assert errors["a"].code == "invalid_frame" and outs[0].seq == 9
+
+
+def test_updates_in_a_chunk_enter_as_push_update_before_the_step_does():
+    pushed, carried = _engine(cls=TracingEngine), _engine(cls=TracingEngine)
+    for k in range(6):
+        c1, c2 = _chunks(["a"], k, text="hi" if k == 1 else ""), _chunks(["a"], k, text="hi" if k == 1 else "")
+        if k == 1:
+            pushed.push_update("a", "sunny")
+            c2[0].updates = ["sunny"]
+        _same(step_ok(pushed, c1)[0], step_ok(carried, c2)[0])
+    assert [t["inputs"].bg_ids for t in pushed.trace["a"]] == [t["inputs"].bg_ids for t in carried.trace["a"]]
+    assert carried.trace["a"][1]["inputs"].bg_ids[0][0] == carried.tokenizer.bg_id
+
+    full = _engine(sessions=("a",))  # a chunk whose updates do not all fit is refused whole
+    while len(full.export_session("a")["session"]["bg_queue"]) + 2 * 4098 <= full.cfg.max_queued_tokens:
+        full.push_update("a", "x" * 4096)
+    queued = len(full.export_session("a")["session"]["bg_queue"])
+    big = _chunks(["a"], 0, text="lost with it")[0]
+    big.updates = ["y" * 100, "x" * 4096, "x" * 4096]
+    outs, errors = full.step([big])
+    assert errors["a"].code == "queue_full" and outs[0].seq == 0
+    state = full.export_session("a")["session"]
+    assert len(state["bg_queue"]) == queued - full.cfg.bg_per_tick and state["text_queue"] == []
