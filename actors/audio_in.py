@@ -393,13 +393,19 @@ class AudioChunker:
             self.on_chunk(self._next_seq - 1)
 
 
+class InputBufferFull(ValueError):
+    """More audio than a `BufferedAudioInput` holds: the client sends faster than it is heard."""
+
+
 class BufferedAudioInput:
     """Audio from a client that may send faster than real time (a WebSocket `input_audio_buffer.append`).
 
     Samples are resampled to 16 kHz into a FIFO and handed out one chunk per tick, in order,
     never dropped for being early (so a file streamed at once is heard in full, in real time).
     `pop_ready(until=k)` gives chunk k when a whole chunk is buffered, or the padded remainder once
-    the client has sent nothing for a tick (the end of what it said). At most `max_s` buffered.
+    the client has sent nothing for a tick (the end of what it said). At most `max_s` buffered:
+    beyond that `push` raises `InputBufferFull` and keeps nothing of that block. Empty blocks are
+    ignored.
     """
 
     def __init__(self, clock: TickClock, max_s: float = 60.0):
@@ -414,12 +420,16 @@ class BufferedAudioInput:
         x = np.asarray(samples)
         if x.dtype != np.int16 or x.ndim != 1:
             raise ValueError("samples must be mono int16 PCM")
+        if not 8_000 <= int(rate) <= 192_000:
+            raise ValueError(f"unsupported sample rate {rate}")
+        if len(x) == 0:
+            return
+        if len(self._fifo) + len(x) * SAMPLE_RATE // rate > self.max_samples:  # before resampling: nothing is kept of it
+            raise InputBufferFull(f"more than {self.max_samples / SAMPLE_RATE:.0f} s of input audio buffered")
         if rate != self._rate:
             self._resampler = av.AudioResampler(format="s16", layout="mono", rate=SAMPLE_RATE)
             self._rate = rate
         y = x if rate == SAMPLE_RATE else resample_all(self._resampler, to_av_frame(x, rate))
-        if len(self._fifo) + len(y) > self.max_samples:
-            raise ValueError(f"more than {self.max_samples / SAMPLE_RATE:.0f} s of input audio buffered")
         self._fifo = np.concatenate([self._fifo, y])
         self._last_push = time.time() if t_arrival is None else t_arrival
 

@@ -10,7 +10,6 @@ stream is measured the same way whichever transport carries it.
 from __future__ import annotations
 
 import asyncio
-import base64
 import fractions
 import time
 
@@ -19,6 +18,7 @@ import numpy as np
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 
 from protocols.chunks import SAMPLE_RATE
+from protocols.realtime import encode_audio
 
 from .audio_in import resample_all, to_av_frame
 
@@ -130,16 +130,24 @@ class EventAudioSink:
     """The WebSocket counterpart of PacedAudioTrack: model audio goes out as events, not a track.
 
     `write()` resamples 16 kHz model audio to the session's output `rate` and keeps it for
-    `take()` (base64 PCM16 for `response.output_audio.delta`). The client plays it, so nothing is
-    queued here: counters are in 48 kHz samples like the track's, with `position == written`.
+    `take()`: base64 in the session's output format (`kind`: audio/pcm PCM16, or G.711
+    audio/pcmu or audio/pcma at 8 kHz) for `response.output_audio.delta`. `set_format` changes
+    both mid-session (a session.update). The client plays it, so nothing is queued here:
+    counters are in 48 kHz samples like the track's, with `position == written`.
     """
 
-    def __init__(self, rate: int = 24_000):
-        self.rate = rate
-        self._resampler = av.AudioResampler(format="s16", layout="mono", rate=rate)
+    def __init__(self, rate: int = 24_000, kind: str = "audio/pcm"):
         self._pending: list[np.ndarray] = []
         self.written = 0
         self.played = 0
+        self.set_format(kind, rate)
+
+    def set_format(self, kind: str, rate: int) -> None:
+        """Audio written from now on leaves as `kind` at `rate`. Anything written but not taken is
+        dropped (a session takes it after each write, so between events nothing is)."""
+        self._pending = []
+        self.kind, self.rate = kind, rate
+        self._resampler = av.AudioResampler(format="s16", layout="mono", rate=rate)
 
     def write(self, samples: np.ndarray) -> None:
         self._pending.append(resample_all(self._resampler, to_av_frame(samples, SAMPLE_RATE)))
@@ -149,7 +157,7 @@ class EventAudioSink:
     def take(self) -> str:
         data = np.concatenate(self._pending) if self._pending else np.zeros(0, np.int16)
         self._pending = []
-        return base64.b64encode(data.astype("<i2").tobytes()).decode()
+        return encode_audio(data, self.kind)
 
     @property
     def position(self) -> int:

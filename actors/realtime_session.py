@@ -20,11 +20,26 @@ Output events, per speaking run (consecutive speaking chunks, see `is_speaking`)
                  still playing) queued audio is dropped, response.done (status "cancelled"), the
                  sink's playout clear (WebRTC: output_audio_buffer.cleared); the model's speech
                  stays muted until it yields.
-Bad events get an `error` event and the session goes on.
+
+Bad events get an `error` event and the session goes on: nothing a client sends raises out of
+`receive` (a failure of ours is a `server_error` without internals). Events are bounded on the
+way in (`Sink.max_event_bytes`; `MAX_CONTROL_EVENT_BYTES` for anything but an append), on the way
+to the model (only the small fields the model side reads are forwarded, see `forwarded`, at most
+`EVENT_BYTES_PER_CHUNK` a chunk, the rest in later ones) and on the way back (items are echoed
+without media payloads and with long strings clipped, see `echoed`).
+
+Audio formats (`session.audio.input/output.format`) are the transport's to apply (see
+`Sink.audio_formats`): session.created/updated report what it applies, not merely what was asked.
+
+The session ends when the host says so; `expired(now)` tells it when: after `idle_timeout_s`
+without client activity (`touch`: any event, or media arriving, see `Sink.last_arrival`) or
+`max_session_s` after it began (None: never). `protocols.realtime.expired_error` is the error
+event to send before closing it.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 from collections import OrderedDict, deque
@@ -35,14 +50,22 @@ import numpy as np
 
 from protocols import SAMPLE_RATE, OutputChunk, ProtocolError, new_id
 from protocols.chunks import MAX_TEXT_CHARS
-from protocols.realtime import error_event, error_from, is_error, parse_client_event, rate_of, server_event, user_text
+from protocols.realtime import (
+    DEFAULT_RATE, MAX_CONTROL_EVENT_BYTES, error_event, error_from, format_of, internal_error, is_error, parse_client_event,
+    server_event, user_text,
+)
 
 from .playout import OUT_RATE
 from .playout import OUT_SAMPLES as OUT_FRAME
 
 log = logging.getLogger(__name__)
 
-MAX_EVENTS_PER_TICK = 64  # client events waiting for the next chunk; beyond that they are refused
+MAX_EVENTS_PER_TICK = 64  # client events waiting for the model; beyond that they are refused
+EVENT_BYTES_PER_CHUNK = 32 * 1024  # forwarded events in one InputChunk (at least one; the rest wait)
+MAX_TOOLS_BYTES = 16 * 1024  # function tools of a session.update or response.create, as JSON
+FORWARD_CHARS = 4_000  # longer strings forwarded to the model (instructions, a tool's output) are clipped
+ECHO_CHARS = 4_096  # longer strings in echoed items are clipped (typed text is at most MAX_TEXT_CHARS)
+MAX_TRANSCRIPT_CHARS = 16_384  # a response's transcript as its done events carry it (the deltas have it all)
 MAX_ITEMS = 32  # assistant audio items remembered per session, for conversation.item.truncate
 FORCE_S = 10.0  # the longest a response.create holds "speak" without the model yielding
 SPEAKING, NOT_SPEAKING = {"speak", "backchannel"}, {"silent", "yield"}
@@ -82,15 +105,23 @@ class AudioOut(Protocol):
 
 
 class Sink(Protocol):
-    """A session's transport as the session sees it: events out, audio out, and what differs."""
+    """A session's transport as the session sees it: events out, audio out, and what differs.
+
+    `last_arrival`: wall time the client's media last arrived (None: never, or it rides events).
+    `audio_formats(input, output)`: apply the session's audio formats (format objects as in the
+    session config) and return the ones that apply; a sink without it carries none (test fakes).
+    """
 
     audio_out: AudioOut
     max_event_bytes: int
+    last_arrival: float | None
 
     def send(self, event: dict) -> None: ...
 
-    def append_audio(self, audio_b64: str, rate: int, t_arrival: float) -> None:
-        """input_audio_buffer.append; a transport whose audio rides a track refuses it."""
+    def append_audio(self, audio_b64: str, fmt: tuple[str, int], t_arrival: float) -> None:
+        """input_audio_buffer.append in format (type, rate); a transport whose audio rides a track refuses it."""
+
+    def audio_formats(self, input: dict, output: dict) -> tuple[dict, dict]: ...
 
     def clear_input(self) -> None: ...
 
@@ -126,31 +157,89 @@ class _Run:
     response_id: str
     item_id: str
     transcript: list[str] = field(default_factory=list)
+    chars: int = 0
 
 
 def merge(base: dict, update: dict) -> dict:
+    """A session config updated: objects merge key by key, except an audio format, which is
+    replaced whole (a rate does not outlive the format it was for)."""
     out = dict(base)
     for key, value in update.items():
-        out[key] = merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+        mergeable = isinstance(value, dict) and isinstance(out.get(key), dict) and key != "format"
+        out[key] = merge(out[key], value) if mergeable else value
     return out
+
+
+def _clip(value, chars: int):
+    return value[:chars] if isinstance(value, str) else value
+
+
+def _pick(obj: dict, keys: tuple[str, ...]) -> dict:
+    return {k: _clip(obj[k], FORWARD_CHARS) for k in keys if k in obj}
+
+
+def forwarded(event: dict) -> dict:
+    """What the model side gets of a (dumped) client event: its type and the few small fields it
+    reads (a session.update's or response.create's tools, tool_choice and instructions; an item's
+    kind, ids and a function call's arguments or output; what is truncated or deleted), long
+    strings clipped. Typed text goes in the chunk's text, audio in its audio."""
+    kind = event["type"]
+    out: dict = {"type": kind}
+    if kind == "session.update":
+        out["session"] = _pick(event.get("session") or {}, ("tools", "tool_choice", "instructions"))
+    elif kind == "response.create" and event.get("response"):
+        out["response"] = _pick(event["response"], ("tools", "tool_choice", "instructions"))
+    elif kind == "conversation.item.create":
+        out["item"] = _pick(event.get("item") or {}, ("id", "type", "role", "call_id", "name", "arguments", "output"))
+    elif kind == "conversation.item.truncate":
+        out.update(_pick(event, ("item_id", "content_index", "audio_end_ms")))
+    elif kind == "conversation.item.delete":
+        out.update(_pick(event, ("item_id",)))
+    elif kind == "response.cancel":
+        out.update(_pick(event, ("response_id",)))
+    return out
+
+
+def echoed(item: dict) -> dict:
+    """An item as conversation.item.added/done show it: media payloads (input audio, image data)
+    left out and long strings clipped, so no item goes back at the size it came in."""
+    out = {k: _clip(v, ECHO_CHARS) for k, v in item.items() if k != "content"}
+    if isinstance(item.get("content"), list):
+        out["content"] = [{k: _clip(v, ECHO_CHARS) for k, v in part.items() if k not in ("audio", "image_url")} for part in item["content"]]
+    return out
+
+
+def _size(event: dict) -> int:
+    return len(json.dumps(event, ensure_ascii=False).encode("utf-8"))
 
 
 class RealtimeSession:
     """The Realtime state of one session. `prebuffer_ms` caps the margin queued ahead of each
     response (sized from how steadily outputs have come, see `prebuffer`)."""
 
-    def __init__(self, sink: Sink, config: dict, *, session_id: str | None = None, prebuffer_ms: float = 60.0, force_s: float = FORCE_S):
+    def __init__(
+        self, sink: Sink, config: dict, *, session_id: str | None = None, prebuffer_ms: float = 60.0, force_s: float = FORCE_S,
+        idle_timeout_s: float | None = None, max_session_s: float | None = None,
+    ):
         self.id = session_id or new_id("sess")
         self.sink = sink
-        self.config = config
+        self._formats: tuple[dict, dict] | None = None  # the audio formats the sink applies
+        self.config = self._apply_formats(config)
         self.prebuffer_ms = prebuffer_ms
         self.force_s = force_s
+        self.idle_timeout_s = idle_timeout_s
+        self.max_session_s = max_session_s
+        self.started: float | None = None  # wall time of the first touch or expired() call
+        self.last_active: float | None = None  # wall time of the client's last event
         self.clock_info: dict = {}  # the interaction clock, as announced in session.created
         self.first_tick: int | None = None
         self.log_token: str | None = None
         self.text: list[str] = []
+        self.queued: deque[tuple[dict, int]] = deque()  # forwarded events waiting for a chunk, with their sizes
         # The opening session config reaches the model with the first chunk, like a session.update.
-        self.events: list[dict] = [{"type": "session.update", "session": config}] if len(config) > 1 else []
+        opening = forwarded({"type": "session.update", "session": config})
+        if opening["session"]:
+            self.queued.append((opening, _size(opening)))
         self.run: _Run | None = None
         self.items: OrderedDict[str, _Item] = OrderedDict()
         self.last_response_id: str | None = None
@@ -164,9 +253,42 @@ class RealtimeSession:
 
     # --- session --------------------------------------------------------------------------------
 
-    def session_object(self) -> dict:
-        extension = {**self.config.get("interplay", {}), "clock": {**self.clock_info, "first_tick": self.first_tick}, "log_token": self.log_token}
-        return {"id": self.id, "object": "realtime.session", **self.config, "interplay": extension}
+    def session_object(self, config: dict | None = None) -> dict:
+        config = self.config if config is None else config
+        extension = {**config.get("interplay", {}), "clock": {**self.clock_info, "first_tick": self.first_tick}, "log_token": self.log_token}
+        return {"id": self.id, "object": "realtime.session", **config, "interplay": extension}
+
+    def _apply_formats(self, config: dict) -> dict:
+        """`config` with the audio formats the sink applies (asked only when they change)."""
+        apply = getattr(self.sink, "audio_formats", None)
+        if apply is None:
+            return config
+        audio = config.get("audio") or {}
+        asked = tuple(((audio.get(d) or {}).get("format") or {"type": "audio/pcm", "rate": DEFAULT_RATE}) for d in ("input", "output"))
+        if self._formats is None or asked != self._formats[0]:
+            self._formats = (asked, tuple(apply(*asked)))
+        applied = self._formats[1]
+        return {**config, "audio": {**audio, **{d: {**(audio.get(d) or {}), "format": f} for d, f in zip(("input", "output"), applied)}}}
+
+    def touch(self, now: float) -> None:
+        """The client was active at `now` (wall time): an event came, or its media did."""
+        if self.started is None:
+            self.started = now
+        self.last_active = now if self.last_active is None else max(self.last_active, now)
+
+    def expired(self, now: float) -> str | None:
+        """Why the session must end at `now` (wall time), or None: idle for `idle_timeout_s` (no
+        client event, no media arriving), or `max_session_s` since it began (its first touch or
+        expired call). The host sends `protocols.realtime.expired_error(reason)`, then closes it."""
+        if self.started is None:
+            self.started = now
+        if self.max_session_s is not None and now - self.started >= self.max_session_s:
+            return f"the session reached its maximum length of {self.max_session_s:g} s"
+        if self.idle_timeout_s is not None:
+            last = max(self.last_active or self.started, getattr(self.sink, "last_arrival", None) or self.started)
+            if now - last >= self.idle_timeout_s:
+                return f"the session was idle for {self.idle_timeout_s:g} s"
+        return None
 
     def created(self) -> None:
         self.sink.send(server_event("session.created", session=self.session_object()))
@@ -174,49 +296,75 @@ class RealtimeSession:
     # --- client events in -----------------------------------------------------------------------
 
     def receive(self, message: str | bytes, now: float) -> None:
-        """A raw client message; whatever is wrong with it becomes an error event."""
+        """A raw client message, arrived at `now`. Whatever is wrong with it, or goes wrong
+        handling it, becomes an error event: nothing raises out of here."""
+        self.touch(now)
+        event_id = None
+        try:
+            event = self._read(message)
+            if is_error(event):
+                self._reply(event)
+                return
+            event_id = event.event_id
+            self.handle(event, now)
+        except ProtocolError as exc:
+            self._reply(error_from(exc, event_id))
+        except Exception:  # a bug must not end the session, nor tell the client our internals
+            log.exception("session %s: handling a client event failed", self.id)
+            self._reply(internal_error(event_id))
+
+    def _read(self, message):
+        """The typed event of a raw message, or an error event to send back."""
+        if not isinstance(message, (str, bytes, bytearray)):
+            return error_event("an event must be a JSON text or binary message", "invalid_json")
         size = len(message) if isinstance(message, (bytes, bytearray)) else len(message.encode("utf-8", "surrogatepass"))
         limit = self.sink.max_event_bytes
         if size > limit:
-            self.sink.send(error_event(f"event of {size} bytes exceeds the limit of {limit} bytes", "message_too_large"))
-            return
+            return error_event(f"event of {size} bytes exceeds the limit of {limit} bytes", "message_too_large")
         event = parse_client_event(message, limit)
-        if is_error(event):
-            self.sink.send(event)
-            return
+        if not is_error(event) and event.type != "input_audio_buffer.append" and size > MAX_CONTROL_EVENT_BYTES:
+            return error_event(f"{event.type} of {size} bytes exceeds the limit of {MAX_CONTROL_EVENT_BYTES} bytes (larger events are audio appends)", "message_too_large", client_event_id=event.event_id)
+        return event
+
+    def _reply(self, event: dict) -> None:
         try:
-            self.handle(event, now)
-        except ProtocolError as exc:
-            self.sink.send(error_from(exc, event.event_id))
-        except Exception as exc:  # a bug must not end the session
-            log.exception("session %s: handling %s failed", self.id, event.type)
-            self.sink.send(error_event(f"could not handle {event.type}: {exc}", "server_error", type="server_error"))
+            self.sink.send(event)
+        except Exception:
+            log.exception("session %s: sending an event failed", self.id)
 
     def handle(self, ev, now: float) -> None:
-        """A parsed client event; ProtocolError for one that cannot be honoured."""
-        if len(self.events) >= MAX_EVENTS_PER_TICK:
-            raise ProtocolError(f"more than {MAX_EVENTS_PER_TICK} events in one tick", "rate_limit_exceeded")
+        """A parsed client event; ProtocolError for one that cannot be honoured. Nothing changes
+        for an event that fails."""
+        if len(self.queued) >= MAX_EVENTS_PER_TICK:
+            raise ProtocolError(f"more than {MAX_EVENTS_PER_TICK} events wait for the model", "rate_limit_exceeded")
         kind = ev.type
         if kind == "input_audio_buffer.append":
-            self.sink.append_audio(ev.audio, self.rate("input"), now)
+            self.sink.append_audio(ev.audio, format_of(self.config, "input"), now)
             return  # audio is not forwarded to the model as an event: it is the chunk itself
+        event = ev.dump()
         send = self.sink.send
         if kind == "session.update":
-            self.config = merge(self.config, ev.session.model_dump(mode="json", exclude_none=True))
+            self._check_tools(event["session"], "session")
+            config = merge(self.config, event["session"])
+            server_event("session.updated", session=self.session_object(config))  # checked before anything changes
+            self.config = self._apply_formats(config)
             send(server_event("session.updated", session=self.session_object()))
         elif kind == "conversation.item.create":
             text = user_text(ev.item)
             if len(text) > MAX_TEXT_CHARS or sum(map(len, self.text)) + len(text) > 4 * MAX_TEXT_CHARS:
                 raise ProtocolError(f"typed text is limited to {MAX_TEXT_CHARS} characters an item", "invalid_value", "item.content")
+            item = echoed({**event["item"], "object": "realtime.item", "status": "completed"})
+            item["id"] = item.get("id") or new_id("item")
+            added = server_event("conversation.item.added", previous_item_id=ev.previous_item_id, item=item)
+            done = server_event("conversation.item.done", item=item)
             if text:
                 self.text.append(text)
-            item = {**ev.item.model_dump(mode="json", exclude_none=True), "object": "realtime.item", "status": "completed"}
-            item["id"] = item.get("id") or new_id("item")
-            send(server_event("conversation.item.added", previous_item_id=ev.previous_item_id, item=item))
-            send(server_event("conversation.item.done", item=item))
+            send(added)
+            send(done)
         elif kind == "conversation.item.truncate":
             self._truncate(ev)
         elif kind == "response.create":
+            self._check_tools(event.get("response") or {}, "response")
             self._force, self._force_seq, self._cancel = "speak", None, False
         elif kind == "response.cancel":
             if self.run is None and not self.sink.audio_out.queued_ms and self._force is None:
@@ -232,10 +380,16 @@ class RealtimeSession:
             self.items.pop(ev.item_id, None)
             send(server_event("conversation.item.deleted", item_id=ev.item_id))
         # input_audio_buffer.commit needs no answer here: the model decides when to answer.
-        self.events.append(ev.dump())
+        slim = forwarded(event)
+        self.queued.append((slim, _size(slim)))
+
+    @staticmethod
+    def _check_tools(obj: dict, where: str) -> None:
+        if "tools" in obj and (size := _size(obj["tools"])) > MAX_TOOLS_BYTES:
+            raise ProtocolError(f"the tools take {size} bytes as JSON; at most {MAX_TOOLS_BYTES}", "invalid_value", f"{where}.tools")
 
     def rate(self, direction: str) -> int:
-        return rate_of(self.config, direction)
+        return format_of(self.config, direction)[1]
 
     def _truncate(self, ev) -> None:
         item = self.items.get(ev.item_id)
@@ -271,13 +425,18 @@ class RealtimeSession:
     # --- model input ----------------------------------------------------------------------------
 
     def next_input(self, seq: int, t_start: float) -> NextInput:
-        """What chunk `seq` (starting at `t_start`) carries: queued text and events, and the
+        """What chunk `seq` (starting at `t_start`) carries: queued text and events (at most
+        `EVENT_BYTES_PER_CHUNK` of them, or one; the rest wait for the next chunks), and the
         control the client's requests hold on it."""
         text, size = [], 0
         while self.text and size + len(self.text[0]) + len(text) <= MAX_TEXT_CHARS:
             size += len(self.text[0])
             text.append(self.text.pop(0))
-        events, self.events = self.events, []
+        events, size = [], 0
+        while self.queued and (not events or size + self.queued[0][1] <= EVENT_BYTES_PER_CHUNK):
+            event, n = self.queued.popleft()
+            events.append(event)
+            size += n
         forced = None
         if self._cancel:
             forced, self._cancel = "silent", False
@@ -340,7 +499,9 @@ class RealtimeSession:
         self.items[run.item_id].end = audio.written
         self.sink.audio_written(run.response_id, run.item_id)
         if out.text:
-            run.transcript.append(out.text)
+            if run.chars < MAX_TRANSCRIPT_CHARS:  # the done events carry no more than that
+                run.transcript.append(out.text)
+                run.chars += len(out.text)
             send(server_event("response.output_audio_transcript.delta", response_id=run.response_id, item_id=run.item_id, output_index=0, content_index=0, delta=out.text))
         return sample
 
@@ -393,7 +554,7 @@ class RealtimeSession:
     def _end_run(self, status: str) -> None:
         run, self.run = self.run, None
         self.last_response_id = run.response_id
-        transcript = "".join(run.transcript)
+        transcript = "".join(run.transcript)[:MAX_TRANSCRIPT_CHARS]
         ids = dict(response_id=run.response_id, item_id=run.item_id, output_index=0, content_index=0)
         item = {
             "id": run.item_id, "object": "realtime.item", "type": "message", "role": "assistant",

@@ -8,9 +8,18 @@ that differ) plus what the gatherer reads every tick: `audio_in.pop_ready(until=
   an `AudioChunker`), video in (one resized frame a tick), model audio out on a paced track that
   the server plays, events on the "oai-events" data channel. Because the server plays the audio,
   it sends `output_audio_buffer.started/stopped/cleared`; input audio as events is refused.
+  The media is Opus on the tracks, decoded to and encoded from 48 kHz PCM: a session's audio
+  formats (which describe audio carried in events) do not apply, and the session reports the
+  tracks' 48 kHz PCM as its formats whatever a client asks for.
 - `WebSocketTransport`: events through a bounded queue that the socket gateway drains; audio in
-  as `input_audio_buffer.append` (base64 PCM16 into a FIFO), audio out as
-  `response.output_audio.delta` events (the client plays them); no output_audio_buffer.* events.
+  as `input_audio_buffer.append` (base64 audio/pcm at 16, 24 or 48 kHz, or G.711 audio/pcmu /
+  audio/pcma at 8 kHz, into a FIFO), audio out as `response.output_audio.delta` events in the
+  session's output format (the client plays them); no output_audio_buffer.* events.
+
+No client message ends a session: whatever goes wrong handling one becomes an `error` event.
+Events are at most `max_event_bytes` (both kinds: 256 KB, which is aiortc's SCTP message limit
+and about 2.7 s of 24 kHz PCM16 in one append); `last_arrival` is the wall time the client's
+media last arrived (None where audio rides events: the session sees those itself).
 """
 
 from __future__ import annotations
@@ -30,9 +39,9 @@ from aiortc.mediastreams import MediaStreamError
 from protocols import ProtocolError
 from protocols.clock import TickClock
 from protocols.realtime import MAX_EVENT_BYTES as REALTIME_MAX_EVENT_BYTES
-from protocols.realtime import decode_pcm16, server_event
+from protocols.realtime import audio_format, decode_audio, internal_error, server_event
 
-from .audio_in import AudioChunker, BufferedAudioInput, frame_to_samples, release_on_arrival
+from .audio_in import AudioChunker, BufferedAudioInput, InputBufferFull, frame_to_samples, release_on_arrival
 from .ice import allowed_candidates, pinned_ice_addresses
 from .playout import EventAudioSink, PacedAudioTrack
 from .realtime_session import Sink
@@ -44,6 +53,7 @@ DATA_CHANNEL = "oai-events"
 MAX_SDP_BYTES = 64 * 1024
 MAX_CANDIDATES = 32  # ICE candidates in an offer; each one costs connectivity checks
 MAX_CHANNEL_EVENT_BYTES = 256 * 1024  # what aiortc advertises as its SCTP max-message-size
+TRACK_FORMAT = {"type": "audio/pcm", "rate": 48_000}  # what the Opus tracks decode to and encode from
 
 
 def check_sdp(sdp) -> str:
@@ -97,6 +107,7 @@ class WebRTCTransport:
         self.frames = FrameSampler(frame_size)
         self.audio_out = PacedAudioTrack(max_queue_s=max_playout_s)
         self.max_event_bytes = max_event_bytes
+        self.last_arrival: float | None = None
         self.channel = None
         self.tasks: list[asyncio.Task] = []
         self.on_message: Callable[[str | bytes], None] = lambda message: None
@@ -140,7 +151,7 @@ class WebRTCTransport:
             if channel.label != DATA_CHANNEL or self.channel is not None:
                 return
             self.channel = channel
-            channel.on("message", lambda message: self.on_message(message))
+            channel.on("message", self._message)
             self.on_open()  # aiortc emits the channel open
 
         @pc.on("connectionstatechange")
@@ -150,12 +161,22 @@ class WebRTCTransport:
             elif pc.connectionState in ("failed", "closed"):
                 await self.on_closed()
 
+    def _message(self, message) -> None:
+        """A data-channel message: an exception must not reach aiortc, whose SCTP transport would
+        drop the channel under a call that keeps its slot."""
+        try:
+            self.on_message(message)
+        except Exception:
+            log.exception("a data channel message failed")
+            self.send(internal_error())
+
     async def _read_audio(self, track) -> None:
         while True:
             try:
                 frame = await track.recv()
             except MediaStreamError:
                 return  # the client stopped sending; the call may go on with text
+            self.last_arrival = time.time()
             try:
                 samples, rate = frame_to_samples(frame)
                 pts = frame.pts if frame.pts is not None and frame.time_base == Fraction(1, rate) else None
@@ -179,8 +200,12 @@ class WebRTCTransport:
             except Exception as exc:  # a closing channel must not break the tick
                 log.debug("send failed: %s", exc)
 
-    def append_audio(self, audio_b64: str, rate: int, t_arrival: float) -> None:
+    def append_audio(self, audio_b64: str, fmt: tuple[str, int], t_arrival: float) -> None:
         raise ProtocolError("over WebRTC, audio rides the audio track; input_audio_buffer.append is for WebSocket sessions", "unsupported_event", "type")
+
+    def audio_formats(self, input: dict, output: dict) -> tuple[dict, dict]:
+        """The tracks' formats, whatever was asked: over WebRTC no audio rides events."""
+        return dict(TRACK_FORMAT), dict(TRACK_FORMAT)
 
     def clear_input(self) -> None:
         pass  # live audio from a track has no buffer to clear
@@ -243,6 +268,7 @@ class WebSocketTransport:
         self.audio_in = BufferedAudioInput(clock, max_s=max_input_s)
         self.audio_out = EventAudioSink(output_rate)
         self.max_event_bytes = max_event_bytes
+        self.last_arrival: float | None = None
         self.outbox: asyncio.Queue = asyncio.Queue(max_queued)
         self.closed = False
 
@@ -254,12 +280,20 @@ class WebSocketTransport:
         except asyncio.QueueFull:  # a client that stopped reading loses events, nobody else does
             log.warning("websocket client is not reading; dropping an event")
 
-    def append_audio(self, audio_b64: str, rate: int, t_arrival: float) -> None:
-        samples = decode_pcm16(audio_b64, self.max_event_bytes)  # ProtocolError "invalid_audio"
+    def append_audio(self, audio_b64: str, fmt: tuple[str, int], t_arrival: float) -> None:
+        """Base64 audio in format `fmt` (type, rate) into the input FIFO; ProtocolError
+        "invalid_value" for audio that does not decode, "input_audio_buffer_full" when the FIFO is."""
+        kind, rate = fmt
+        samples = decode_audio(audio_b64, kind, self.max_event_bytes)
         try:
             self.audio_in.push(samples, rate, t_arrival)
-        except ValueError as exc:
+        except InputBufferFull as exc:
             raise ProtocolError(str(exc), "input_audio_buffer_full", "audio") from None
+
+    def audio_formats(self, input: dict, output: dict) -> tuple[dict, dict]:
+        """Appended audio is decoded in the input format; deltas go out in the output format."""
+        self.audio_out.set_format(*audio_format(output))
+        return input, output
 
     def clear_input(self) -> None:
         self.audio_in.clear()

@@ -2,8 +2,11 @@
 
 `parse_client_event` turns whatever a client sent (text, bytes, dict) into a typed client event
 (the `openai.types.realtime` model, strict about unknown top-level fields), or into an `error`
-event ready to send back: validation failures never escape as exceptions, unknown event types and
-oversized events are refused. `server_event(type, **fields)` builds a server event as a JSON-ready
+event ready to send back: nothing a client sends escapes as an exception. Oversized events,
+unknown event types, JSON nested deeper than `MAX_JSON_DEPTH`, non-finite numbers and strings
+that are not Unicode (lone surrogates) are refused. Error codes follow the API's: `invalid_json`
+(not a JSON object), `missing_required_parameter`, `unknown_parameter`, `invalid_type`,
+`invalid_value`, `message_too_large`, plus `unknown_event` for an event type we do not know. `server_event(type, **fields)` builds a server event as a JSON-ready
 dict and checks it against the `openai` package's model of that event, so what we send is what
 the official clients parse.
 
@@ -40,8 +43,11 @@ from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, TypeAdapt
 
 from .chunks import ProtocolError
 
-MAX_EVENT_BYTES = 15 * 1024 * 1024  # the Realtime API's own limit for one append
+MAX_EVENT_BYTES = 256 * 1024  # one client event: about 2.7 s of 24 kHz PCM16 in an append (the API allows 15 MB)
+MAX_CONTROL_EVENT_BYTES = 64 * 1024  # any other event: a session config with its tools, an item
+MAX_JSON_DEPTH = 32  # nesting of a client event (a tool's JSON schema included)
 DEFAULT_RATE = 24_000  # the Realtime API's audio/pcm rate
+G711_RATE = 8_000  # audio/pcmu and audio/pcma
 
 
 def event_id() -> str:
@@ -107,10 +113,21 @@ class SessionConfig(RealtimeSessionCreateRequest):
     interplay: InterplaySession | None = None
 
 
+def audio_format(fmt: dict | None) -> tuple[str, int]:
+    """A (dumped) audio format object as (type, rate): G.711 is 8 kHz, audio/pcm 24 kHz unless said."""
+    fmt = fmt or {}
+    kind = fmt.get("type") or "audio/pcm"
+    return kind, G711_RATE if kind != "audio/pcm" else int(fmt.get("rate") or DEFAULT_RATE)
+
+
+def format_of(config: dict, direction: str) -> tuple[str, int]:
+    """The audio format (type, rate) of a (dumped) session config's "input" or "output" audio."""
+    return audio_format(((config.get("audio") or {}).get(direction) or {}).get("format"))
+
+
 def rate_of(config: dict, direction: str) -> int:
-    """The PCM rate of a (dumped) session config's "input" or "output" audio."""
-    fmt = ((config.get("audio") or {}).get(direction) or {}).get("format") or {}
-    return int(fmt.get("rate") or DEFAULT_RATE)
+    """The sample rate of a (dumped) session config's "input" or "output" audio."""
+    return format_of(config, direction)[1]
 
 
 # --- client events: the API's models, strict at the top level -----------------------------------
@@ -219,6 +236,16 @@ def error_from(exc: ProtocolError, client_event_id: str | None = None) -> dict:
     return error_event(str(exc), exc.code, exc.param, client_event_id)
 
 
+def internal_error(client_event_id: str | None = None) -> dict:
+    """What a client is told when handling its event failed on our side: no internals."""
+    return error_event("the server could not handle this event; the session goes on", "server_error", client_event_id=client_event_id, type="server_error")
+
+
+def expired_error(reason: str) -> dict:
+    """The error a session gets before it is closed for `reason` (idle, or its maximum length)."""
+    return error_event(reason, "session_expired")
+
+
 def is_error(event: Any) -> bool:
     return isinstance(event, dict) and event.get("type") == "error"
 
@@ -226,21 +253,73 @@ def is_error(event: Any) -> bool:
 # --- parsing ------------------------------------------------------------------------------------
 
 
+_UNION_MEMBERS = {"str", "int", "float", "bool", "none", "dict", "list"}
+
+
 def _param(loc: tuple) -> str | None:
     """A validation error's location as a dotted param, without the union tags pydantic puts in
-    it: the event's type first, and an item's tag right after "item"."""
+    it: the event's type first, an item's tag right after "item", and union members
+    ("str", "literal[...]", a model's class name) anywhere."""
     loc = list(loc[1:])
     if len(loc) > 1 and loc[0] == "item" and loc[1] in _ITEM_TAGS:
         del loc[1]
-    return ".".join(str(p) for p in loc) or None
+    keep = [p for p in loc if not (isinstance(p, str) and (p in _UNION_MEMBERS or "[" in p or p[:1].isupper()))]
+    return ".".join(str(p) for p in keep) or None
+
+
+def _code(error_type: str) -> str:
+    """A pydantic error type as the API's error code."""
+    if error_type == "missing":
+        return "missing_required_parameter"
+    if error_type == "extra_forbidden":
+        return "unknown_parameter"
+    if error_type.endswith(("_type", "_parsing")) and error_type not in ("union_tag_invalid", "union_tag_not_found"):
+        return "invalid_type"
+    return "invalid_value"
 
 
 def parse_client_event(raw: str | bytes | dict, max_bytes: int = MAX_EVENT_BYTES) -> Any:
     """A typed client event, or an error event dict (never raises for bad input)."""
     try:
         return _parse(raw, max_bytes)
-    except Exception as exc:  # a validator we did not foresee: still an error event, never a raise
-        return error_event(f"invalid event: {exc}", "invalid_value")
+    except Exception:  # a validator we did not foresee: still an error event, never a raise
+        return error_event("the event could not be read", "invalid_value")
+
+
+def _finite(text: str) -> float:
+    value = float(text)
+    if value != value or value in (float("inf"), float("-inf")):
+        raise ValueError(f"number {text[:20]} is out of range")
+    return value
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+def _check_tree(value: Any) -> str | None:
+    """What is wrong with a parsed event's shape (too deep, a string that is not Unicode), or None.
+    Iterative: a deep tree must not cost a deep stack."""
+    stack = [(value, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if isinstance(node, str):
+            if not node.isascii():
+                try:
+                    node.encode("utf-8")
+                except UnicodeEncodeError:
+                    return "a string holds a lone surrogate: not Unicode text"
+            continue
+        if isinstance(node, dict):
+            children = [*node.keys(), *node.values()]
+        elif isinstance(node, list):
+            children = node
+        else:
+            continue
+        if depth > MAX_JSON_DEPTH:
+            return f"the event is nested deeper than {MAX_JSON_DEPTH} levels"
+        stack.extend((child, depth + 1) for child in children)
+    return None
 
 
 def _parse(raw: Any, max_bytes: int) -> Any:
@@ -249,23 +328,30 @@ def _parse(raw: Any, max_bytes: int) -> Any:
         if size > max_bytes:
             return error_event(f"event of {size} bytes exceeds the limit of {max_bytes} bytes", "message_too_large")
         try:
-            raw = json.loads(raw)
+            raw = json.loads(raw, parse_float=_finite, parse_constant=_no_constant)
+        except RecursionError:
+            return error_event(f"the event is nested deeper than {MAX_JSON_DEPTH} levels", "invalid_json")
         except (ValueError, UnicodeDecodeError) as exc:
             return error_event(f"event is not valid JSON: {exc}", "invalid_json")
     if not isinstance(raw, dict):
         return error_event("event must be a JSON object", "invalid_json")
+    problem = _check_tree(raw)
+    if problem:
+        return error_event(problem, "invalid_json")
     client_id = raw.get("event_id") if isinstance(raw.get("event_id"), str) else None
     kind = raw.get("type")
+    if kind is None:
+        return error_event("event has no 'type'", "missing_required_parameter", "type", client_id)
     if not isinstance(kind, str):
-        return error_event("event has no string 'type'", "missing_type", "type", client_id)
+        return error_event("the event's 'type' must be a string", "invalid_type", "type", client_id)
     if kind not in CLIENT_EVENT_TYPES:
-        return error_event(f"unknown event type {kind!r}", "unknown_event", "type", client_id)
+        return error_event(f"unknown event type {kind[:64]!r}", "unknown_event", "type", client_id)
     try:
         return _client_adapter.validate_python(raw)
     except ValidationError as exc:
-        first = exc.errors()[0]
+        first = exc.errors(include_url=False, include_input=False)[0]
         param = _param(first["loc"])
-        return error_event(f"invalid {kind}: {first['msg']}" + (f" at '{param}'" if param else ""), "invalid_value", param, client_id)
+        return error_event(f"invalid {kind}: {first['msg']}" + (f" at '{param}'" if param else ""), _code(first["type"]), param, client_id)
 
 
 def user_text(item: Any) -> str:
@@ -284,18 +370,68 @@ def user_text(item: Any) -> str:
 # --- audio payloads -----------------------------------------------------------------------------
 
 
-def decode_pcm16(b64: str, max_bytes: int = MAX_EVENT_BYTES) -> np.ndarray:
-    """base64 little-endian PCM16 mono -> int16 samples; ProtocolError "invalid_audio" for anything else."""
+def _g711_tables() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """ITU-T G.711 as lookup tables: byte -> int16 for mu-law and A-law, and int16 (as uint16
+    index) -> byte for each, built by decoding every byte and taking the nearest code."""
+    codes = np.arange(256)
+    # mu-law: complement, sign, 3-bit exponent, 4-bit mantissa; bias 132
+    u = ~codes & 0xFF
+    ulaw = ((((u & 0x0F) << 3) + 0x84) << ((u >> 4) & 0x07)) - 0x84
+    ulaw = np.where(u & 0x80, -ulaw, ulaw).astype(np.int16)
+    # A-law: even bits inverted, sign (1 = positive), exponent, mantissa
+    a = codes ^ 0x55
+    mant, exp = a & 0x0F, (a >> 4) & 0x07
+    alaw = np.where(exp == 0, (mant << 4) + 8, ((mant << 4) + 0x108) << np.maximum(exp - 1, 0))
+    alaw = np.where(a & 0x80, alaw, -alaw).astype(np.int16)
+    encode = []
+    for table in (ulaw, alaw):
+        order = np.argsort(table, kind="stable")
+        values = table[order].astype(np.int32)
+        x = np.arange(-32768, 32768)
+        i = np.clip(np.searchsorted(values, x), 1, 255)
+        nearer_low = (x - values[i - 1]) <= (values[i] - x)
+        encode.append(order[np.where(nearer_low, i - 1, i)].astype(np.uint8)[np.arange(65536) ^ 0x8000])
+    return ulaw, alaw, encode[0], encode[1]
+
+
+ULAW_DECODE, ALAW_DECODE, ULAW_ENCODE, ALAW_ENCODE = _g711_tables()
+_DECODE = {"audio/pcmu": ULAW_DECODE, "audio/pcma": ALAW_DECODE}
+_ENCODE = {"audio/pcmu": ULAW_ENCODE, "audio/pcma": ALAW_ENCODE}
+
+
+def decode_audio(b64: Any, kind: str = "audio/pcm", max_bytes: int = MAX_EVENT_BYTES) -> np.ndarray:
+    """An append's base64 audio in format `kind` (audio/pcm: little-endian PCM16 mono; audio/pcmu,
+    audio/pcma: G.711 bytes) -> int16 samples. ProtocolError "invalid_value" for empty audio,
+    bad base64 or a PCM16 payload with an odd number of bytes."""
+    if not isinstance(b64, str):
+        raise ProtocolError("audio must be a base64 string", "invalid_type", "audio")
     if len(b64) > max_bytes * 4 // 3 + 4:
         raise ProtocolError("audio is larger than the event limit", "message_too_large", "audio")
     try:
         data = base64.b64decode(b64, validate=True)
     except (binascii.Error, ValueError):
-        raise ProtocolError("audio is not valid base64", "invalid_audio", "audio") from None
+        raise ProtocolError("audio is not valid base64", "invalid_value", "audio") from None
+    if not data:
+        raise ProtocolError("audio is empty", "invalid_value", "audio")
+    if kind in _DECODE:
+        return _DECODE[kind][np.frombuffer(data, np.uint8)]
     if len(data) % 2:
-        raise ProtocolError("PCM16 audio must have an even number of bytes", "invalid_audio", "audio")
+        raise ProtocolError("PCM16 audio must have an even number of bytes", "invalid_value", "audio")
     return np.frombuffer(data, dtype="<i2").astype(np.int16)
 
 
+def encode_audio(samples: np.ndarray, kind: str = "audio/pcm") -> str:
+    """int16 samples -> base64 in format `kind` (the inverse of `decode_audio`)."""
+    x = np.asarray(samples, dtype=np.int16)
+    if kind in _ENCODE:
+        return base64.b64encode(_ENCODE[kind][x.view(np.uint16)].tobytes()).decode()
+    return base64.b64encode(x.astype("<i2").tobytes()).decode()
+
+
+def decode_pcm16(b64: str, max_bytes: int = MAX_EVENT_BYTES) -> np.ndarray:
+    """base64 little-endian PCM16 mono -> int16 samples (see `decode_audio`)."""
+    return decode_audio(b64, "audio/pcm", max_bytes)
+
+
 def encode_pcm16(samples: np.ndarray) -> str:
-    return base64.b64encode(np.asarray(samples, dtype="<i2").tobytes()).decode()
+    return encode_audio(samples, "audio/pcm")

@@ -10,7 +10,7 @@ import pytest
 
 from actors.ingress import Ingress
 from actors.realtime_session import RealtimeSession
-from actors.transports import WebRTCTransport, WebSocketTransport
+from actors.transports import TRACK_FORMAT, WebRTCTransport, WebSocketTransport
 from protocols import OutputChunk, TickClock
 from protocols.realtime import encode_pcm16
 from tests.actors.test_ingress import Client, Echo, FakeChannel
@@ -21,6 +21,7 @@ TONE = (8000 * np.sin(np.arange(3200) / 5)).astype(np.int16)
 SILENCE = np.zeros(3200, np.int16)
 ONLY_WEBRTC = {"output_audio_buffer.started", "output_audio_buffer.stopped", "output_audio_buffer.cleared"}
 ONLY_WEBSOCKET = {"response.output_audio.delta"}
+PCM24 = {"type": "audio/pcm", "rate": 24000}
 SCRIPT = [  # client events and outputs, in order
     {"type": "session.update", "session": {"instructions": "be brief"}},
     {"type": "conversation.item.create", "item": {"type": "message", "role": "user", "content": [{"type": "input_text", "text": "hi"}]}},
@@ -48,8 +49,9 @@ def drive(transport, events) -> tuple[RealtimeSession, list]:
 
 
 def shape(event: dict) -> dict:
-    """An event without what is fresh each time (ids)."""
-    drop = {"event_id", "response_id", "item_id", "id"}
+    """An event without what is fresh each time (ids), nor the session's audio formats (each
+    transport says what it carries)."""
+    drop = {"event_id", "response_id", "item_id", "id", "audio"}
     if isinstance(event, dict):
         return {k: shape(v) for k, v in event.items() if k not in drop}
     if isinstance(event, list):
@@ -73,6 +75,8 @@ def test_websocket_and_webrtc_drive_the_same_session_code():
         common_rtc = [shape(e) for e in rtc_events if e["type"] not in ONLY_WEBRTC]
         common_ws = [shape(e) for e in ws_events if e["type"] not in ONLY_WEBSOCKET]
         assert common_rtc == common_ws
+        formats = [{d: e["session"]["audio"][d]["format"] for d in ("input", "output")} for e in (rtc_events[0], ws_events[0])]
+        assert formats == [{"input": TRACK_FORMAT, "output": TRACK_FORMAT}, {"input": PCM24, "output": PCM24}]
         assert len({e["type"] for e in common_ws}) >= 10 and [e for e in common_ws if e["type"] == "error"]
         # the same model inputs
         assert [(i.text, i.forced, [e["type"] for e in i.events]) for i in in_rtc] == [(i.text, i.forced, [e["type"] for e in i.events]) for i in in_ws]
@@ -96,10 +100,13 @@ def test_input_audio_events_are_websocket_only_and_checked():
         for transport in (rtc, ws):
             s = RealtimeSession(transport, {"type": "realtime"})
             s.receive(json.dumps({"type": "input_audio_buffer.append", "audio": "not base64!"}), time.time())
+            s.receive(json.dumps({"type": "input_audio_buffer.append", "audio": ""}), time.time())
+            s.receive(json.dumps({"type": "input_audio_buffer.append", "audio": "AAA="}), time.time())  # one sample: fine
             s.receive(json.dumps({"type": "input_audio_buffer.append", "audio": encode_pcm16(np.zeros(24_000 * 2, np.int16))}), time.time())
-        ws_errors = [json.loads(ws.outbox.get_nowait())["error"]["code"] for _ in range(ws.outbox.qsize())]
-        assert ws_errors == ["invalid_audio", "input_audio_buffer_full"]
-        assert [e["error"]["code"] for e in rtc.channel.sent] == ["unsupported_event", "unsupported_event"]
+        ws_errors = [json.loads(ws.outbox.get_nowait())["error"] for _ in range(ws.outbox.qsize())]
+        assert [(e["code"], e["param"]) for e in ws_errors] == [("invalid_value", "audio"), ("invalid_value", "audio"), ("input_audio_buffer_full", "audio")]
+        assert "base64" in ws_errors[0]["message"] and "empty" in ws_errors[1]["message"]
+        assert [e["error"]["code"] for e in rtc.channel.sent] == ["unsupported_event"] * 4
         await rtc.close()
         await ws.close()
 
@@ -151,5 +158,89 @@ def test_a_webrtc_call_and_a_websocket_share_each_tick():
         assert type(ingress.sessions[rtc_id].session) is type(ingress.sessions[ws_id].session) is RealtimeSession
         await client.pc.close()
         await ingress.shutdown()
+
+    asyncio.run(main())
+
+
+def test_websocket_audio_formats_apply_both_ways():
+    """G.711 in and out, and a changed output rate, as session.update confirms them."""
+    from protocols.realtime import decode_audio, encode_audio
+
+    async def main():
+        ws = WebSocketTransport(TickClock(0.0))
+        s = RealtimeSession(ws, {"type": "realtime", "audio": {"input": {"format": {"type": "audio/pcmu"}}}})
+        tone8k = (8000 * np.sin(2 * np.pi * 440 * np.arange(8000) / 8000)).astype(np.int16)
+        s.receive(json.dumps({"type": "input_audio_buffer.append", "audio": encode_audio(tone8k, "audio/pcmu")}), time.time())
+        assert ws.audio_in.buffered_s == pytest.approx(1.0, abs=0.01)  # 8 kHz in, 16 kHz kept
+        s.receive(json.dumps({"type": "input_audio_buffer.clear"}), time.time())
+
+        def delta_after(seq, kind):
+            s.deliver(OutputChunk(s.id, seq, seq * 0.2, TONE, text="x", controls=["speak"]), time.time())
+            while not ws.outbox.empty():
+                event = json.loads(ws.outbox.get_nowait())
+                if event["type"] == "response.output_audio.delta":
+                    return decode_audio(event["delta"], kind)
+                assert event["type"] != "error", event
+
+        pcm24 = delta_after(0, "audio/pcm")
+        assert len(pcm24) >= 4800  # 200 ms at 24 kHz (and the margin before it)
+        for seq, fmt, rate in [(1, {"type": "audio/pcma"}, 8000), (2, {"type": "audio/pcmu"}, 8000), (3, {"type": "audio/pcm", "rate": 16000}, 16000)]:
+            s.receive(json.dumps({"type": "session.update", "session": {"audio": {"output": {"format": fmt}}}}), time.time())
+            kind = fmt["type"]
+            samples = delta_after(seq, kind)
+            assert abs(len(samples) - rate // 5) <= 40, (kind, len(samples))  # 200 ms at its rate
+            assert np.sqrt(np.mean(samples[100:].astype(np.float64) ** 2)) > 3000, kind  # the tone, not noise
+        assert s.config["audio"]["output"]["format"] == {"type": "audio/pcm", "rate": 16000}
+        await ws.close()
+
+    asyncio.run(main())
+
+
+def test_webrtc_sessions_report_the_tracks_formats():
+    async def main():
+        rtc = WebRTCTransport(TickClock(0.0))
+        rtc.channel = FakeChannel()
+        s = RealtimeSession(rtc, {"type": "realtime", "audio": {"output": {"format": {"type": "audio/pcmu"}}}})
+        s.created()
+        s.receive(json.dumps({"type": "session.update", "session": {"audio": {"input": {"format": {"type": "audio/pcma"}}}}}), time.time())
+        for event in rtc.channel.sent:
+            assert event["type"] in ("session.created", "session.updated")
+            assert event["session"]["audio"]["input"]["format"] == event["session"]["audio"]["output"]["format"] == TRACK_FORMAT
+        await rtc.close()
+
+    asyncio.run(main())
+
+
+def test_a_failing_data_channel_handler_is_an_error_not_a_dead_channel():
+    async def main():
+        rtc = WebRTCTransport(TickClock(0.0))
+        rtc.channel = FakeChannel()
+
+        def broken(message):
+            raise RecursionError("maximum recursion depth exceeded")
+
+        rtc.on_message = broken
+        rtc._message('{"type": "response.create"}')  # what aiortc calls: it must not raise into SCTP
+        (error,) = rtc.channel.sent
+        assert error["error"]["code"] == "server_error" and "recursion" not in error["error"]["message"]
+        await rtc.close()
+
+    asyncio.run(main())
+
+
+def test_events_are_bounded_on_both_transports():
+    async def main():
+        rtc = WebRTCTransport(TickClock(0.0))
+        rtc.channel = FakeChannel()
+        ws = WebSocketTransport(TickClock(0.0))
+        assert rtc.max_event_bytes == ws.max_event_bytes == 256 * 1024
+        big = json.dumps({"type": "input_audio_buffer.append", "audio": encode_pcm16(np.zeros(200_000, np.int16))})  # 530 KB
+        for transport in (rtc, ws):
+            s = RealtimeSession(transport, {"type": "realtime"})
+            s.receive(big, time.time())
+        (ws_error,) = [json.loads(ws.outbox.get_nowait()) for _ in range(ws.outbox.qsize())]
+        assert ws_error["error"]["code"] == rtc.channel.sent[0]["error"]["code"] == "message_too_large"
+        await rtc.close()
+        await ws.close()
 
     asyncio.run(main())

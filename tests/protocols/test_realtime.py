@@ -5,8 +5,8 @@ import pytest
 
 from protocols import ProtocolError
 from protocols.realtime import (
-    CLIENT_EVENT_TYPES, ConversationItemTruncate, InputAudioBufferAppend, SessionUpdate, decode_pcm16,
-    encode_pcm16, error_from, is_error, parse_client_event, server_event,
+    CLIENT_EVENT_TYPES, ConversationItemTruncate, InputAudioBufferAppend, SessionUpdate, decode_audio, decode_pcm16,
+    encode_audio, encode_pcm16, error_from, format_of, internal_error, is_error, parse_client_event, server_event,
 )
 
 VALID = {
@@ -42,12 +42,22 @@ def test_session_keeps_unknown_fields_and_defaults_rate():
     [
         ("{not json", "invalid_json", None),
         ("[1, 2]", "invalid_json", None),
-        ({"event_id": "c9"}, "missing_type", "type"),
+        ({"event_id": "c9"}, "missing_required_parameter", "type"),
+        ({"type": 5, "event_id": "c9"}, "invalid_type", "type"),
         ({"type": "response.explode", "event_id": "c9"}, "unknown_event", "type"),
         ({"type": "conversation.item.truncate", "item_id": "i", "content_index": 0, "audio_end_ms": -1, "event_id": "c9"}, "invalid_value", "audio_end_ms"),
         ({"type": "session.update", "session": {"audio": {"input": {"format": {"type": "audio/pcm", "rate": 11025}}}}}, "invalid_value", "session.audio.input.format"),
-        ({"type": "input_audio_buffer.append"}, "invalid_value", "audio"),
-        ({"type": "input_audio_buffer.append", "audio": "AA==", "junk": 1}, "invalid_value", "junk"),
+        ({"type": "input_audio_buffer.append"}, "missing_required_parameter", "audio"),
+        ({"type": "input_audio_buffer.append", "audio": 5}, "invalid_type", "audio"),
+        ({"type": "input_audio_buffer.append", "audio": "AA==", "junk": 1}, "unknown_parameter", "junk"),
+        ({"type": "session.update", "session": None}, "invalid_type", "session"),
+        ({"type": "session.update", "session": {"tool_choice": 5}}, "invalid_value", "session.tool_choice"),
+        ({"type": "conversation.item.truncate", "item_id": "i", "content_index": "x", "audio_end_ms": 0}, "invalid_type", "content_index"),
+        ('{"type": "session.update", "session": {"temperature": NaN}}', "invalid_json", None),
+        ('{"type": "session.update", "session": {"temperature": 1e999}}', "invalid_json", None),
+        ('{"type": "session.update", "session": {"instructions": "\\ud800"}}', "invalid_json", None),
+        ('{"type": "response.create", "x": ' + "[" * 40 + "]" * 40 + "}", "invalid_json", None),
+        ('{"type": "response.create", "x": ' + "[" * 100_000 + "]" * 100_000 + "}", "invalid_json", None),
     ],
 )
 def test_bad_client_events_become_error_events(raw, code, param):
@@ -68,8 +78,28 @@ def test_oversized_event_is_refused_before_parsing():
 def test_pcm16_round_trip_and_bad_audio():
     samples = np.array([0, 1, -1, 32767, -32768], dtype=np.int16)
     assert np.array_equal(decode_pcm16(encode_pcm16(samples)), samples)
-    with pytest.raises(ProtocolError, match="base64"):
-        decode_pcm16("***")
+    for bad, message in [("***", "base64"), ("", "empty"), ("AAA", "base64"), ("é", "base64")]:
+        with pytest.raises(ProtocolError, match=message) as info:
+            decode_pcm16(bad)
+        assert info.value.code == "invalid_value" and info.value.param == "audio"
+
+
+def test_g711_tables_are_the_standard_ones():
+    import base64
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        import audioop  # the standard library's G.711 (until Python 3.13): the reference
+    every_byte = bytes(range(256))
+    for kind, to_linear, from_linear in [("audio/pcmu", audioop.ulaw2lin, audioop.lin2ulaw), ("audio/pcma", audioop.alaw2lin, audioop.lin2alaw)]:
+        reference = np.frombuffer(to_linear(every_byte, 2), "<i2")
+        assert np.array_equal(decode_audio(base64.b64encode(every_byte).decode(), kind), reference)
+        x = np.arange(-32768, 32768, dtype=np.int16)
+        ours = decode_audio(encode_audio(x, kind), kind).astype(np.int64)
+        theirs = np.frombuffer(to_linear(from_linear(x.tobytes(), 2), 2), "<i2").astype(np.int64)
+        assert np.all(np.abs(ours - x) <= np.abs(theirs - x))  # the nearest code: never worse than audioop's
+        assert len(base64.b64decode(encode_audio(x[:160], kind))) == 160  # a byte a sample
 
 
 def test_odd_byte_count_is_refused():
@@ -105,17 +135,18 @@ def test_client_events_are_the_openai_packages_own_models():
 
 
 @pytest.mark.parametrize(
-    "item, param",
+    "item, code, param",
     [
-        ({"type": "message", "role": "robot", "content": []}, "item"),
-        ({"type": "message", "role": "user", "content": [{"type": "bogus", "text": "x"}]}, "item.content.0.type"),
-        ({"type": "message", "role": "user"}, "item.content"),
-        ({"type": "function_call_output"}, "item.call_id"),
+        ({"type": "message", "role": "robot", "content": []}, "invalid_value", "item"),
+        ({"type": "message", "role": "user", "content": [{"type": "bogus", "text": "x"}]}, "invalid_value", "item.content.0.type"),
+        ({"type": "message", "role": "user"}, "missing_required_parameter", "item.content"),
+        ({"type": "function_call_output"}, "missing_required_parameter", "item.call_id"),
+        ({"type": "function_call_output", "call_id": "c", "output": 5}, "invalid_type", "item.output"),
     ],
 )
-def test_bad_items_name_the_field_without_union_tags(item, param):
+def test_bad_items_name_the_field_without_union_tags(item, code, param):
     event = parse_client_event({"type": "conversation.item.create", "item": item})
-    assert is_error(event) and event["error"]["code"] == "invalid_value" and event["error"]["param"] == param
+    assert is_error(event) and event["error"]["code"] == code and event["error"]["param"] == param
 
 
 def test_bad_response_create_is_an_error_event():
@@ -144,5 +175,24 @@ def test_server_events_are_checked_against_the_openai_models():
 
 
 def test_parsing_never_raises():
-    for raw in [b"\xff\xfe", "null", "{}", {"type": None}, {"type": "session.update", "session": None}, {"type": "response.create", "response": "x"}, "1e999999"]:
+    for raw in [b"\xff\xfe", "null", "{}", {"type": None}, {"type": "session.update", "session": None}, {"type": "response.create", "response": "x"}, "1e999999", None, 5, ["x"]]:
         assert is_error(parse_client_event(raw)), raw
+
+
+def test_nesting_up_to_the_limit_is_fine():
+    schema = {"type": "object"}
+    for _ in range(10):  # a tool whose JSON schema nests ten objects deep
+        schema = {"type": "object", "properties": {"x": schema}}
+    event = parse_client_event(json.dumps({"type": "session.update", "session": {"tools": [{"type": "function", "name": "f", "parameters": schema}]}}))
+    assert not is_error(event), event
+
+
+def test_formats_and_rates_of_a_session_config():
+    assert format_of({}, "input") == ("audio/pcm", 24000)
+    assert format_of({"audio": {"input": {"format": {"type": "audio/pcmu"}}}}, "input") == ("audio/pcmu", 8000)
+    assert format_of({"audio": {"output": {"format": {"type": "audio/pcm", "rate": 16000}}}}, "output") == ("audio/pcm", 16000)
+
+
+def test_internal_errors_say_nothing_of_the_inside():
+    error = internal_error("c1")["error"]
+    assert error["type"] == "server_error" and error["code"] == "server_error" and error["event_id"] == "c1"
