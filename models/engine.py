@@ -19,7 +19,8 @@ session's outputs depend only on its own inputs and seed, never on who else is i
 
 So a session can leave one engine and come back in another exactly: `export_session` /
 `import_session` move its state, and `rebuild` brings it back from an exported state (a snapshot)
-plus the input chunks stepped since, replayed alone on a one-row engine sharing the weights. Since
+plus the input chunks stepped since, replayed alone on a one-row engine sharing the weights
+(`replay`, which may run beside a step, then `import_session`). Since
 a chunk carries everything that entered at its tick (audio, frame, text, background updates,
 forced control), the rebuilt session is the one that was left, to the float tolerance batching
 already has (text and controls exactly).
@@ -29,6 +30,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import threading
 import time
 import zlib
 from dataclasses import dataclass
@@ -108,6 +110,7 @@ class StreamingEngine:
         self._sessions: dict[str, Session] = {}
         self._by_row: list[str] = []
         self._scratch_engine: StreamingEngine | None = None
+        self._scratch_lock = threading.Lock()
 
     @property
     def tick_ms(self) -> int:
@@ -135,11 +138,7 @@ class StreamingEngine:
         return list(self._by_row)
 
     def add_session(self, session_id: str, seed: int | None = None) -> None:
-        check_session_id(session_id)
-        if session_id in self._sessions:
-            raise ProtocolError(f"session {session_id!r} already exists", "duplicate_session", "session_id")
-        if len(self._by_row) >= self.max_sessions:
-            raise ProtocolError(f"engine is full ({self.max_sessions} sessions); cannot add {session_id!r}", "capacity", "session_id")
+        self._can_add(session_id)
         row = len(self._by_row)
         seed = zlib.crc32(session_id.encode()) if seed is None else int(seed)
         self._sessions[session_id] = Session(session_id, seed, row)
@@ -391,17 +390,23 @@ class StreamingEngine:
         self._sessions[session_id] = Session.restore(session_id, row, state["session"])
 
     def rebuild(self, session_id: str, state: dict | None = None, seed: int | None = None, chunks: list[InputChunk] = ()) -> list[OutputChunk]:
-        """Add `session_id` at its state after the last of `chunks`: from `state` (an
-        `export_session`, e.g. a snapshot) or a fresh session with `seed`, its logged `chunks`
-        (seq after the state's, in order) are stepped again, alone, then it joins the live rows.
-        Returns the outputs of that replay (those of a refused chunk included: refusal is part
-        of the record). The live sessions are not stepped and not touched; nothing changes here
-        if the state does not fit."""
+        """Add `session_id` at its state after the last of `chunks`: `replay`, then
+        `import_session`. Returns the replay's outputs; nothing changes here if it fails."""
+        self._can_add(session_id)
+        rebuilt, outs = self.replay(session_id, state, seed, chunks)
+        self.import_session(session_id, rebuilt)
+        return outs
+
+    def replay(self, session_id: str, state: dict | None = None, seed: int | None = None,
+               chunks: list[InputChunk] = ()) -> tuple[dict, list[OutputChunk]]:
+        """Step one session's logged `chunks` (seq after the state's, in order) again, alone, from
+        `state` (an `export_session`, e.g. a snapshot) or a fresh session with `seed`.
+        -> its state after the last chunk (for `import_session`) and the outputs of the replay
+        (those of a refused chunk included: refusal is part of the record).
+
+        It runs on a one-row engine sharing this one's weights and touches none of this engine's
+        sessions, so it may run beside `step` (in another thread); replays take turns."""
         check_session_id(session_id)
-        if session_id in self._sessions:
-            raise ProtocolError(f"session {session_id!r} already exists", "duplicate_session", "session_id")
-        if len(self._by_row) >= self.max_sessions:
-            raise ProtocolError(f"engine is full ({self.max_sessions} sessions); cannot add {session_id!r}", "capacity", "session_id")
         last = state["session"]["last_seq"] if state is not None else None
         for c in chunks:
             if not isinstance(c, InputChunk) or c.session_id != session_id:
@@ -409,20 +414,26 @@ class StreamingEngine:
             if last is not None and c.seq <= last:
                 raise ProtocolError(f"chunk seq {c.seq} is not after {last}: chunks must follow the state in order", "invalid_state", "chunks")
             last = c.seq
-        scratch = self._scratch()
-        if state is not None:
-            scratch.import_session(session_id, state)
-        else:
-            scratch.add_session(session_id, seed)
-        try:
-            outs = []
-            for c in chunks:
-                outs += scratch.step([c])[0]
-            rebuilt = scratch.export_session(session_id)
-        finally:
-            scratch.remove_session(session_id)
-        self.import_session(session_id, rebuilt)
-        return outs
+        with self._scratch_lock:
+            scratch = self._scratch()
+            if state is not None:
+                scratch.import_session(session_id, state)
+            else:
+                scratch.add_session(session_id, seed)
+            try:
+                outs = []
+                for c in chunks:
+                    outs += scratch.step([c])[0]
+                return scratch.export_session(session_id), outs
+            finally:
+                scratch.remove_session(session_id)
+
+    def _can_add(self, session_id: str) -> None:
+        check_session_id(session_id)
+        if session_id in self._sessions:
+            raise ProtocolError(f"session {session_id!r} already exists", "duplicate_session", "session_id")
+        if len(self._by_row) >= self.max_sessions:
+            raise ProtocolError(f"engine is full ({self.max_sessions} sessions); cannot add {session_id!r}", "capacity", "session_id")
 
     def _scratch(self) -> "StreamingEngine":
         """A one-row engine on the same weights that steps a session alone (kept for reuse)."""

@@ -2,7 +2,9 @@
 
 - `MockEngine`: an `Engine`. Deterministic: each output's audio is a constant at the input's mean
   level (silence in, silence out); a chunk with `forced == "speak"` speaks (level `SPEAK_LEVEL`);
-  typed text containing `trigger` emits "delegate" with that text. `step_s` makes a step slow.
+  typed text containing `trigger` emits "delegate" with that text; a chunk's updates are kept in
+  its session's state. Seqs only move forward (gaps allowed); `replay` / `rebuild` step chunks
+  as `step` does and record what they were given in `rebuilt`. `step_s` makes a step slow.
 - `LocalLog`: a `SessionLog` in this process as the async `Log` port, optionally slow.
 - `FakePool`: a `BackgroundPool` streaming scripted `BackgroundUpdate`s, recording what it ran
   and what was cancelled.
@@ -30,13 +32,14 @@ class MockEngine:
         self.samples = SAMPLE_RATE * tick_ms // 1000
         self.sessions: dict[str, dict] = {}
         self.steps: list[list[InputChunk]] = []  # every batch stepped, as handed in
+        self.rebuilt: list[tuple[str, dict | None, list[InputChunk]]] = []  # every rebuild: id, state, chunks
 
     def add_session(self, session_id: str, seed: int | None = None) -> None:
         if session_id in self.sessions:
             raise ProtocolError(f"session {session_id!r} already added", "session_exists", "session_id")
         if len(self.sessions) >= self.max_sessions:
             raise ProtocolError("engine full", "capacity")
-        self.sessions[session_id] = {"seed": seed, "ticks": 0, "updates": []}
+        self.sessions[session_id] = {"seed": seed, "ticks": 0, "updates": [], "last_seq": None}
 
     def remove_session(self, session_id: str) -> None:
         if self.sessions.pop(session_id, None) is None:
@@ -51,7 +54,24 @@ class MockEngine:
         return dict(self.sessions[session_id], updates=list(self.sessions[session_id]["updates"]))
 
     def import_session(self, session_id: str, state: dict) -> None:
-        self.sessions[session_id] = dict(state)
+        self.sessions[session_id] = dict(state, updates=list(state["updates"]))
+
+    def rebuild(self, session_id: str, state: dict | None = None, seed: int | None = None, chunks: list[InputChunk] = ()) -> list[OutputChunk]:
+        if session_id in self.sessions:
+            raise ProtocolError(f"session {session_id!r} already added", "session_exists", "session_id")
+        rebuilt, outs = self.replay(session_id, state, seed, chunks)
+        self.import_session(session_id, rebuilt)
+        return outs
+
+    def replay(self, session_id: str, state: dict | None = None, seed: int | None = None,
+               chunks: list[InputChunk] = ()) -> tuple[dict, list[OutputChunk]]:
+        self.rebuilt.append((session_id, state, list(chunks)))
+        scratch = MockEngine(self.tick_ms, 1, 0.0, self.trigger)
+        scratch.add_session(session_id, seed)
+        if state is not None:
+            scratch.import_session(session_id, state)
+        outs = [scratch._one(c)[0] for c in chunks]
+        return scratch.export_session(session_id), outs
 
     def step(self, chunks: list[InputChunk]) -> tuple[list[OutputChunk], dict[str, ProtocolError]]:
         self.steps.append(list(chunks))
@@ -59,27 +79,38 @@ class MockEngine:
             time.sleep(self.step_s)
         outputs, errors = [], {}
         for chunk in chunks:
-            try:
-                if chunk.session_id not in self.sessions:
-                    raise ProtocolError(f"unknown session {chunk.session_id!r}", "unknown_session", "session_id")
-                check_audio(chunk.audio, samples=self.samples)
-                frame = check_frame(chunk.frame)
-                if frame is not None and frame.shape != (FRAME_SIZE, FRAME_SIZE, 3):
-                    raise ProtocolError(f"frame must be {FRAME_SIZE}x{FRAME_SIZE}", "invalid_frame", "frame")
-            except ProtocolError as exc:
-                errors[chunk.session_id] = exc
-                chunk = InputChunk.silent(chunk.session_id, chunk.seq, chunk.t_start, self.samples)
-            state = self.sessions.get(chunk.session_id)
-            if state is not None:
-                state["ticks"] += 1
-            level, controls, text = int(np.abs(chunk.audio.astype(np.int32)).mean()), ["silent"], ""
-            if chunk.forced == "speak":
-                level, controls = SPEAK_LEVEL, ["speak"]
-            if self.trigger and self.trigger in chunk.text:
-                controls, text = ["delegate"], chunk.text
-            audio = np.full(self.samples, level, np.int16)
-            outputs.append(OutputChunk(chunk.session_id, chunk.seq, chunk.t_start, audio, text=text, controls=controls, step_ms=self.step_s * 1000))
+            out, error = self._one(chunk)
+            outputs.append(out)
+            if error is not None:
+                errors[chunk.session_id] = error
         return outputs, errors
+
+    def _one(self, chunk: InputChunk) -> tuple[OutputChunk, ProtocolError | None]:
+        """One session's micro-turn: a bad chunk is stepped as silence and its error returned."""
+        error, state = None, self.sessions.get(chunk.session_id)
+        try:
+            if state is None:
+                raise ProtocolError(f"unknown session {chunk.session_id!r}", "unknown_session", "session_id")
+            if state["last_seq"] is not None and chunk.seq <= state["last_seq"]:
+                raise ProtocolError(f"seq {chunk.seq} out of order", "out_of_order", "seq")
+            check_audio(chunk.audio, samples=self.samples)
+            frame = check_frame(chunk.frame)
+            if frame is not None and frame.shape != (FRAME_SIZE, FRAME_SIZE, 3):
+                raise ProtocolError(f"frame must be {FRAME_SIZE}x{FRAME_SIZE}", "invalid_frame", "frame")
+        except ProtocolError as exc:
+            error = exc
+            chunk = InputChunk.silent(chunk.session_id, chunk.seq, chunk.t_start, self.samples)
+        if state is not None:
+            state["ticks"] += 1
+            state["updates"].extend(chunk.updates)
+            state["last_seq"] = max(chunk.seq, state["last_seq"] if state["last_seq"] is not None else -1)
+        level, controls, text = int(np.abs(chunk.audio.astype(np.int32)).mean()), ["silent"], ""
+        if chunk.forced == "speak":
+            level, controls = SPEAK_LEVEL, ["speak"]
+        if self.trigger and self.trigger in chunk.text:
+            controls, text = ["delegate"], chunk.text
+        audio = np.full(self.samples, level, np.int16)
+        return OutputChunk(chunk.session_id, chunk.seq, chunk.t_start, audio, text=text, controls=controls, step_ms=self.step_s * 1000), error
 
 
 class LocalLog:
