@@ -6,10 +6,31 @@ chunk is in, or at its deadline (end of tick + grace) with the absent ones stepp
 (silence), so one slow client never delays the others. A delegate or tool-call control becomes a
 `BackgroundTask` handed to the background pool at once, and so does a client's `response.create`
 when the session has function tools (from the response or session.update) even without such a
-control: its instruction is the text typed since the last task. The task's updates are woven into
-the session's next micro-turns and reported to the client as events on its next outputs
-(`actors.background.update_events`). Every chunk, output, task and update is appended to the session log,
-in order, off the tick's path: neither the step nor delegation waits on the log.
+control: its instruction is the text typed since the last task. The task's updates are reported
+to the client as events on its next outputs (`actors.background.update_events`) and their texts
+enter the model with the session's next chunk (`InputChunk.updates`), so every input chunk in the
+log is a complete record of what entered the model at its tick.
+
+The log. Every chunk, output, task and update is appended to the session log in order, off the
+tick's path: neither the step nor delegation waits on the log. The appends wait in one bounded
+queue (`log_backlog`): while the log fails they are retried with backoff (each append carries a
+request id, so a retry never doubles it); past the bound the oldest are dropped and counted.
+
+Snapshots and moving sessions. Every `snapshot_s` each session's model state, exported right
+after its tick was stepped, is queued to `Log.put_snapshot` behind that tick's appends (sessions
+take turns, a few a tick). `resume` rebuilds a session that was live on another actor (or on this
+one before it restarted) from `Log.recovery`: the newest snapshot, then its logged input chunks
+stepped again alone (`Engine.replay`, off the tick's path), checked against the logged outputs
+(`replay_mismatches`); it is then stepped from the next tick here. The ticks it spent nowhere are
+a forward gap: never stepped, absent from its log as from its model history, so a later replay of
+its log sees the same gap and stays exact. `release` snapshots a session after its last tick and
+lets it go without closing its log, for `resume` elsewhere.
+
+Overload. A tick whose stepping starts after the next tick's deadline is not piled up: the loop
+skips to the newest due tick (the ticks between are shed: never stepped, a forward gap for every
+session, counted) and each session's next output carries an `interplay.shed` event. `join` refuses
+new sessions ("capacity") while steps run hot (p95 over 70% of the tick, or any shedding, in the
+last 25 ticks), so existing sessions keep their ticks. Exchanges are taken only a few ticks ahead.
 
 The parts are ports (`protocols.ports`): an `Engine`, and optionally a `Log` and a
 `BackgroundPool`, in process or Ray actors wrapped in `actors.remote.Remote`.
@@ -20,18 +41,21 @@ its own process (on its GPU).
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
+import secrets
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Any, Awaitable, Callable
 
 import numpy as np
 import ray
 
 from protocols import BackgroundTask, BackgroundUpdate, InputChunk, OutputChunk, ProtocolError, SessionEvent, TickClock
+from protocols.chunks import MAX_UPDATES, check_session_id
 from protocols.ports import BackgroundPool, Engine, Log
-from protocols.realtime import error_from
+from protocols.realtime import error_from, event_id
 
 if TYPE_CHECKING:
     from models.config import InteractionConfig
@@ -39,6 +63,14 @@ if TYPE_CHECKING:
 log = logging.getLogger("interplay.interaction")
 
 KEEP_TICKS = 25  # outputs kept for late exchange calls
+AHEAD_TICKS = 5  # an exchange may hand in chunks this many ticks ahead of the clock, no more
+HOT_TICKS, HOT_FRACTION = 25, 0.7  # join refuses while recent steps run this hot (or shed)
+MAX_PENDING_UPDATES = 64  # update texts waiting for a session's next chunk; the oldest go beyond
+RESUME_WAIT_TICKS = 25  # a resumed session's last tick may be this far ahead of this actor's clock
+LOG_RETRY_S = (0.05, 2.0)  # backoff of a failing log call: first and longest wait
+LEAVE_FLUSH_S, RELEASE_FLUSH_S = 10.0, 30.0
+REPLAY_AUDIO_LSB = 64  # a replayed output's audio may differ from the logged one by float noise
+INTERACTION_STATE = "interaction"  # the key of this actor's part of a snapshot
 DELEGATING = {"delegate": "delegate", "tool_call": "tool"}  # control -> BackgroundTask.kind
 
 
@@ -82,24 +114,39 @@ class TickStats:
 
     tick: int
     sessions: int
-    late: int  # chunks that arrived after their tick was stepped
+    late: int  # chunks that arrived after their tick was stepped (or shed)
     missing: int  # sessions stepped without a chunk
     step_ms: float
     lag_ms: float  # how long after the deadline the step started
+    shed: int = 0  # ticks skipped just before this one, the loop being behind
 
 
 @dataclass
 class JoinedSession:
     session_id: str
-    first_tick: int
+    first_tick: int  # the first tick stepped here
     log_token: str | None = None
     log_index: int = -1  # the last log index known for the session
+    last_seq: int | None = None  # the last tick its model stepped (here, or before it resumed here)
+    snapshot_due: int = 0  # the tick after which its state is next snapshotted
+    snapshot_phase: int = 0  # and then the ticks congruent to this (sessions take turns)
     task: BackgroundTask | None = None  # the running background task, if any
     runner: asyncio.Task | None = None
     tools: list | None = None  # the client's function tools (session.update), offered to the pool
     tool_choice: object = "auto"
     typed: list[str] = field(default_factory=list)  # text typed since the last task
     events: list[dict] = field(default_factory=list)  # background events for the next output
+    updates: list[str] = field(default_factory=list)  # update texts for the next chunk
+    shed: int = 0  # ticks shed since its last output
+
+
+@dataclass
+class _LogCall:
+    """One queued call to the log, repeatable (appends carry a request id)."""
+
+    call: Callable[[], Awaitable[Any]]
+    what: str
+    done: Callable[[Any], None] | None = None
 
 
 class Interaction:
@@ -107,7 +154,9 @@ class Interaction:
 
     `engine` is an `Engine`, or an `EngineSpec` to build one here. With `log` None nothing is
     logged; with `background` None delegated tasks are logged but not run. `now` is the wall
-    clock (tests pass a fake one); `t0` the clock's origin (default: now).
+    clock (tests pass a fake one); `t0` the clock's origin (default: now; an actor restarted
+    with the same `t0` keeps the same ticks). `snapshot_s` (None: never) is how often each
+    session's state goes to the log; `log_backlog` how many log calls may wait.
     """
 
     def __init__(
@@ -120,6 +169,8 @@ class Interaction:
         max_sessions: int = 16,
         t0: float | None = None,
         now: Callable[[], float] = time.time,
+        snapshot_s: float | None = 5.0,
+        log_backlog: int = 150,
     ):
         self.engine: Engine = engine.build() if isinstance(engine, EngineSpec) else engine
         self.log = log
@@ -128,6 +179,8 @@ class Interaction:
         self.clock = TickClock(now() if t0 is None else t0, self.engine.tick_ms)
         self.grace_s = grace_ms / 1000
         self.max_sessions = min(max_sessions, self.engine.max_sessions)
+        snapshots = bool(snapshot_s) and log is not None and hasattr(log, "put_snapshot")
+        self.snapshot_every = max(1, round(snapshot_s * 1000 / self.engine.tick_ms)) if snapshots else None
         self.sessions: dict[str, JoinedSession] = {}
         self._inbox: dict[int, dict[str, InputChunk]] = {}
         self._outputs: dict[int, dict[str, OutputChunk]] = {}
@@ -136,11 +189,21 @@ class Interaction:
         self._next_tick = self.current_tick()
         self._stats: deque[TickStats] = deque(maxlen=600)
         self._late = 0
-        self._totals = {"ticks": 0, "late_chunks": 0, "missing_chunks": 0, "tasks": 0, "updates": 0}
-        self._log_tail: asyncio.Task | None = None
+        self._phase = 0  # the next session's snapshot turn
+        self._totals = {"ticks": 0, "late_chunks": 0, "missing_chunks": 0, "tasks": 0, "updates": 0, "shed_ticks": 0,
+                        "snapshots": 0, "resumed": 0, "released": 0, "replay_mismatches": 0, "dropped_updates": 0,
+                        "log_retries": 0, "log_dropped": 0, "log_refused": 0}
         self._loop_task: asyncio.Task | None = None
         self._metrics: _TickMetrics | None = None
         self._engine_lock = asyncio.Lock()  # the step runs in a thread; the engine is not thread-safe
+        # The log's queue: calls in order, one at a time, by one writer task.
+        self.log_backlog = log_backlog
+        self._log_queue: deque[_LogCall] = deque()
+        self._log_writer: asyncio.Task | None = None
+        self._log_queued = self._log_finished = 0
+        self._log_progress = asyncio.Event()
+        self._request_prefix = secrets.token_hex(6)
+        self._requests = 0
 
     # --- clock -------------------------------------------------------------------------------
 
@@ -149,6 +212,10 @@ class Interaction:
 
     def deadline(self, tick: int) -> float:
         return self.clock.end(tick) + self.grace_s
+
+    def due_tick(self) -> int:
+        """The newest tick whose deadline has passed."""
+        return self.clock.tick_at(self.now() - self.grace_s) - 1
 
     async def clock_info(self) -> dict:
         return {**self.clock.to_dict(), "grace_s": self.grace_s}
@@ -164,11 +231,11 @@ class Interaction:
     # --- sessions ----------------------------------------------------------------------------
 
     async def join(self, session_id: str, seed: int | None = None) -> dict:
-        """Add a session from the next tick stepped; returns its first tick, log token and the clock."""
+        """Add a session from the next tick stepped; returns its first tick, log token and the clock.
+        Refused ("capacity") when full, or while steps run hot: new sessions wait, live ones don't."""
         if session_id in self.sessions:
             raise ProtocolError(f"session {session_id!r} already joined", "session_exists", "session_id")
-        if len(self.sessions) >= self.max_sessions:
-            raise ProtocolError(f"this interaction actor is full ({self.max_sessions} sessions)", "capacity")
+        self._admit()
         token = await self.log.open(session_id) if self.log is not None else None
         # Under the lock no step is in flight: every step passes the engine a chunk for each of
         # its sessions, and the joined event is queued for the log ahead of the session's chunks.
@@ -177,52 +244,159 @@ class Interaction:
                 raise ProtocolError(f"session {session_id!r} could not join: joined meanwhile or full", "capacity")
             first = self._next_tick
             self.engine.add_session(session_id, seed=seed)
-            self.sessions[session_id] = JoinedSession(session_id, first, token)
-            self._log_later([SessionEvent(session_id, self.now(), "session.joined", {"first_tick": first})])
-        return {"session_id": session_id, "first_tick": first, "log_token": token, **await self.clock_info()}
+            session = self.sessions[session_id] = JoinedSession(session_id, first, token, snapshot_due=first, snapshot_phase=self._turn())
+            self._log_later([SessionEvent(session_id, self.now(), "session.joined", {"first_tick": first, "seed": seed})])
+        return await self._answer(session)
+
+    def _admit(self) -> None:
+        if len(self.sessions) >= self.max_sessions:
+            raise ProtocolError(f"this interaction actor is full ({self.max_sessions} sessions)", "capacity")
+        if self.hot():
+            raise ProtocolError("this interaction actor is overloaded; try again or elsewhere", "capacity")
+
+    def hot(self) -> bool:
+        """Whether recent steps ran hot: p95 over HOT_FRACTION of the tick, or any tick shed."""
+        recent = list(self._stats)[-HOT_TICKS:]
+        if any(s.shed for s in recent):
+            return True
+        steps = [s.step_ms for s in recent if s.sessions]
+        return bool(steps) and float(np.percentile(steps, 95)) > HOT_FRACTION * self.clock.tick_ms
+
+    async def _answer(self, session: JoinedSession) -> dict:
+        return {"session_id": session.session_id, "first_tick": session.first_tick, "log_token": session.log_token, **await self.clock_info()}
 
     async def leave(self, session_id: str) -> None:
         """Remove a session; its background task is cancelled and its log closed once complete."""
         session = self.sessions.pop(session_id, None)
         if session is None:
             raise ProtocolError(f"unknown session {session_id!r}", "unknown_session", "session_id")
-        deltas: list = []
-        if session.runner is not None and not session.runner.done():
-            session.runner.cancel()
-            deltas.append(BackgroundUpdate(session_id, self.now(), session.task.task_id, "cancelled", "the session ended"))
+        deltas = self._cancel(session, "the session ended")
         async with self._engine_lock:
             self.engine.remove_session(session_id)
         if self.log is not None:
             self._log_later(deltas + [SessionEvent(session_id, self.now(), "session.left", {})])
-            await self.flush()
-            await self.log.close(session_id)
+            self._queue_log(_LogCall(lambda: self.log.close(session_id), f"close {session_id!r}"))
+            if not await self.flush(LEAVE_FLUSH_S):
+                log.warning("session %r left; its log closes once the log is back", session_id)
+
+    async def resume(self, session_id: str) -> dict:
+        """Join a session that was live elsewhere, rebuilt from the log (see the module doc).
+        Answers like `join`; a session already here is answered as it is."""
+        check_session_id(session_id)
+        if session_id in self.sessions:
+            return await self._answer(self.sessions[session_id])
+        if len(self.sessions) >= self.max_sessions:
+            raise ProtocolError(f"this interaction actor is full ({self.max_sessions} sessions)", "capacity")
+        if self.log is None or not hasattr(self.log, "recovery"):
+            raise ProtocolError("there is no session log to resume a session from", "unavailable")
+        rec = await self.log.recovery(session_id)
+        state, inputs = rec.get("state"), list(rec.get("inputs") or [])
+        last = inputs[-1].seq if inputs else rec.get("tick")
+        mine = dict((state or {}).get(INTERACTION_STATE) or {})
+        # The replay runs beside the ticks (it touches no live session); only joining takes the lock.
+        loop = asyncio.get_running_loop()
+        rebuilt, replayed = await loop.run_in_executor(None, self.engine.replay, session_id, state, None, inputs)
+        logged = {o.seq: o for o in rec.get("outputs") or []}
+        mismatches = sum(1 for o in replayed if o.seq in logged and _differs(o, logged[o.seq]))
+        async with self._engine_lock:
+            if session_id in self.sessions:
+                return await self._answer(self.sessions[session_id])
+            if len(self.sessions) >= self.max_sessions:
+                raise ProtocolError(f"this interaction actor is full ({self.max_sessions} sessions)", "capacity")
+            first = max(self._next_tick, last + 1 if last is not None else 0)
+            if first - max(self._next_tick, self.current_tick()) > RESUME_WAIT_TICKS:
+                raise ProtocolError(f"session {session_id!r} is ahead of this actor's clock", "unavailable")
+            self.engine.import_session(session_id, rebuilt)
+            session = JoinedSession(session_id, first, rec.get("log_token"), last_seq=last, snapshot_due=first, snapshot_phase=self._turn())
+            session.tools, session.tool_choice = mine.get("tools"), mine.get("tool_choice", "auto")
+            session.typed = list(mine.get("typed") or [])
+            by_seq = {o.seq: o for o in replayed}
+            for chunk in inputs:  # what the chunks after the snapshot told this actor (tools, typed text)
+                self._follow(session, chunk, by_seq.get(chunk.seq), start=False)
+            entered = sum(len(c.updates) for c in inputs)  # updates waiting at the snapshot entered in these, in order
+            session.updates = list(mine.get("pending") or [])[entered:]
+            self.sessions[session_id] = session
+            self._totals["resumed"] += 1
+            self._totals["replay_mismatches"] += mismatches
+            if mismatches:
+                log.warning("session %r: %d of %d replayed ticks differ from the log", session_id, mismatches, len(replayed))
+            self._log_later([SessionEvent(session_id, self.now(), "session.resumed",
+                                          {"first_tick": first, "from_tick": last, "replayed": len(inputs), "mismatches": mismatches})])
+        return {**await self._answer(session), "resumed_from": last, "replayed": len(inputs), "mismatches": mismatches}
+
+    async def release(self, session_id: str) -> None:
+        """Let a session go for `resume` elsewhere: its state after its last tick is snapshotted,
+        its running task cancelled ("moved"), and it leaves without its log being closed. Returns
+        once the log has all of it; raises "log_unavailable" if the log does not take it in time
+        (it is still written when the log is back)."""
+        session = self.sessions.get(session_id)
+        if session is None:
+            raise ProtocolError(f"unknown session {session_id!r}", "unknown_session", "session_id")
+        async with self._engine_lock:
+            del self.sessions[session_id]
+            state = await asyncio.get_running_loop().run_in_executor(None, self._export_and_remove, session_id)
+        self._totals["released"] += 1
+        deltas = self._cancel(session, "moved")
+        if self.log is None:
+            return
+        self._log_later(deltas + [SessionEvent(session_id, self.now(), "session.released", {"last_tick": session.last_seq})])
+        if session.last_seq is not None and hasattr(self.log, "put_snapshot"):
+            self._snapshot_later(session, session.last_seq, state)
+        if not await self.flush(RELEASE_FLUSH_S):
+            raise ProtocolError("the session log has not taken the session's state yet", "log_unavailable")
+
+    def _export_and_remove(self, session_id: str) -> dict:
+        state = self.engine.export_session(session_id)
+        self.engine.remove_session(session_id)
+        return state
+
+    def _cancel(self, session: JoinedSession, reason: str) -> list:
+        """Cancel the session's running task; -> the update that records it."""
+        if session.runner is None or session.runner.done():
+            return []
+        session.runner.cancel()
+        return [BackgroundUpdate(session.session_id, self.now(), session.task.task_id, "cancelled", reason)]
 
     async def push_update(self, session_id: str, text: str) -> None:
-        """Text of a background update, woven into the session's following micro-turns."""
-        async with self._engine_lock:
-            if session_id not in self.sessions:
-                raise ProtocolError(f"unknown session {session_id!r}", "unknown_session", "session_id")
-            self.engine.push_update(session_id, text)
+        """Text of a background update: it enters the model with the session's next chunk."""
+        session = self.sessions.get(session_id)
+        if session is None:
+            raise ProtocolError(f"unknown session {session_id!r}", "unknown_session", "session_id")
+        self._pend(session, text)
+
+    def _pend(self, session: JoinedSession, text: str) -> None:
+        session.updates.append(text)
+        if len(session.updates) > MAX_PENDING_UPDATES:
+            del session.updates[0]
+            self._totals["dropped_updates"] += 1
 
     # --- the exchange an ingress makes once per tick --------------------------------------------
 
     async def exchange(self, tick: int, chunks: list[InputChunk], session_ids: list[str]) -> list[OutputChunk]:
         """Hand in chunk `tick` of some sessions; get back tick `tick`'s outputs of `session_ids`.
 
-        A chunk for a tick already stepped is late: it is counted and dropped, and the outputs
-        already computed are returned. Unknown sessions get no output (the caller asked wrongly).
+        A chunk for a tick already stepped, or that will be shed (a newer tick is due), is late:
+        it is counted and dropped, and the outputs there are are returned. A tick more than
+        AHEAD_TICKS ahead of the clock is refused. Chunks of sessions not joined are dropped;
+        unknown sessions get no output (the caller asked wrongly).
         """
+        horizon = max(self._next_tick, self.current_tick()) + AHEAD_TICKS
+        if tick > horizon:
+            raise ProtocolError(f"tick {tick} is too far ahead: the clock is at tick {horizon - AHEAD_TICKS}", "invalid_value", "seq")
+        stale = tick < self._next_tick or tick < self.due_tick()
         inbox = None
         for chunk in chunks:
             if chunk.seq != tick:
                 raise ProtocolError(f"chunk of session {chunk.session_id!r} has seq {chunk.seq}, not tick {tick}", "invalid_value", "seq")
-            if tick < self._next_tick:
+            if stale:
                 self._late += 1
+                continue
+            if chunk.session_id not in self.sessions:
                 continue
             if inbox is None:
                 inbox = self._inbox.setdefault(tick, {})
             inbox[chunk.session_id] = chunk
-        if inbox is not None and self.sessions and all(sid in inbox for sid in self.sessions):
+        if inbox is not None and all(sid in inbox for sid, s in self.sessions.items() if s.first_tick <= tick):
             self._complete.setdefault(tick, asyncio.Event()).set()
         if tick >= self._next_tick:
             await self._stepped.setdefault(tick, asyncio.Event()).wait()
@@ -234,47 +408,71 @@ class Interaction:
     async def run(self) -> None:
         """Step every tick at its deadline, or as soon as it is complete; never returns."""
         while True:
-            tick = self._next_tick
-            delay = self.deadline(tick) - self.now()
-            if delay > 0:
-                complete = self._complete.setdefault(tick, asyncio.Event())
-                try:
-                    await asyncio.wait_for(complete.wait(), delay)
-                except asyncio.TimeoutError:
-                    pass
+            await self.tick_once()
+
+    async def tick_once(self) -> int:
+        """Wait for the next tick (its deadline, or until its chunks are all in) and step it; when
+        behind (a newer tick is due already), step the newest due tick instead, shedding those
+        between. Returns the tick stepped."""
+        tick = self._next_tick
+        delay = self.deadline(tick) - self.now()
+        if delay > 0:
+            complete = self._complete.setdefault(tick, asyncio.Event())
             try:
-                await self.step(tick)
-            except Exception:  # a broken step must not stop the clock for everyone
-                log.exception("tick %d failed", tick)
-                self._finish(tick, {})
+                await asyncio.wait_for(complete.wait(), delay)
+            except asyncio.TimeoutError:
+                pass
+        else:
+            tick = max(tick, self.due_tick())
+        try:
+            await self.step(tick)
+        except Exception:  # a broken step must not stop the clock for everyone
+            log.exception("tick %d failed", tick)
+            self._next_tick = max(self._next_tick, tick + 1)
+            self._finish(tick, {})
+        return tick
 
     async def step(self, tick: int) -> dict[str, OutputChunk]:
         """Step tick `tick` for every joined session now, the engine off the event loop so that
-        exchanges keep arriving; hand delegated work to the pool; queue the tick for the log."""
+        exchanges keep arriving; ticks skipped since the last one are shed. Hand delegated work
+        to the pool; queue the tick (and the snapshots due) for the log."""
         lag_ms = (self.now() - self.deadline(tick)) * 1000
         outputs: dict[str, OutputChunk] = {}
+        states: dict[str, dict] = {}
         step_ms = 0.0
         async with self._engine_lock:
+            if tick < self._next_tick:
+                raise ValueError(f"tick {tick} was stepped already (next is {self._next_tick})")
+            shed = self._shed(tick)
             self._next_tick = tick + 1
             inbox = self._inbox.pop(tick, {})
             chunks, missing = [], 0
-            for sid in self.sessions:
+            for sid, session in self.sessions.items():
+                if session.first_tick > tick:
+                    continue
                 chunk = inbox.get(sid)
                 if chunk is None:
                     chunk = InputChunk.silent(sid, tick, self.clock.start(tick), self.clock.samples())
                     missing += 1
+                room = MAX_UPDATES - len(chunk.updates)
+                if session.updates and room > 0:  # the texts enter with the chunk, and are logged with it
+                    chunk = dataclasses.replace(chunk, updates=[*chunk.updates, *session.updates[:room]])
+                    del session.updates[:room]
                 chunks.append(chunk)
             if chunks:
+                due = [c.session_id for c in chunks if self.snapshot_every and self.sessions[c.session_id].snapshot_due <= tick]
                 t = time.perf_counter()
-                outs, errors = await asyncio.get_running_loop().run_in_executor(None, self.engine.step, chunks)
+                outs, errors, states = await asyncio.get_running_loop().run_in_executor(None, self._step_engine, chunks, due)
                 step_ms = (time.perf_counter() - t) * 1000
                 for out in outs:
                     if out.session_id in errors:
                         out.events.append(error_from(errors[out.session_id]))
                     outputs[out.session_id] = out
-        stats = TickStats(tick, len(chunks), self._late, missing, step_ms, lag_ms)
+                for c in chunks:
+                    self.sessions[c.session_id].last_seq = tick
+        stats = TickStats(tick, len(chunks), self._late, missing, step_ms, lag_ms, shed)
         self._stats.append(stats)
-        for key, n in (("ticks", 1), ("late_chunks", self._late), ("missing_chunks", missing)):
+        for key, n in (("ticks", 1), ("late_chunks", self._late), ("missing_chunks", missing), ("shed_ticks", shed)):
             self._totals[key] += n
         self._late = 0
         if self._metrics is not None:
@@ -282,20 +480,52 @@ class Interaction:
         tasks = self._delegate(outputs) + self._requested(chunks, outputs)
         for out in outputs.values():
             session = self.sessions.get(out.session_id)
-            if session is not None and session.events:
+            if session is None:
+                continue
+            if session.shed:
+                out.events.append({"type": "interplay.shed", "event_id": event_id(), "ticks": session.shed, "reason": "overload"})
+                session.shed = 0
+            if session.events:
                 out.events.extend(session.events)
                 session.events = []
         self._finish(tick, outputs)
         if chunks:
-            self._log_later([*chunks, *outputs.values(), *tasks], request_id=f"{id(self):x}:{tick}")
+            self._log_later([*chunks, *outputs.values(), *tasks])
+        for sid, state in states.items():  # behind the tick's own chunks in the log
+            session = self.sessions.get(sid)
+            if session is not None:
+                self._snapshot_later(session, tick, state)
         return outputs
+
+    def _step_engine(self, chunks: list[InputChunk], export: list[str]) -> tuple[list[OutputChunk], dict, dict[str, dict]]:
+        """The engine's step, and the states of `export` right after it (in the executor)."""
+        outs, errors = self.engine.step(chunks)
+        return outs, errors, {sid: self.engine.export_session(sid) for sid in export}
+
+    def _shed(self, tick: int) -> int:
+        """Give up the ticks from the next one up to `tick` (not stepped, never will be): their
+        exchanges get no outputs and the sessions live then are told on their next output."""
+        n = tick - self._next_tick
+        if n <= 0:
+            return 0
+        for k in [k for k in self._inbox if k < tick]:
+            self._late += len(self._inbox.pop(k))
+        for k in [k for k in self._stepped if k < tick]:
+            self._stepped[k].set()
+        for k in [k for k in self._complete if k < tick]:
+            del self._complete[k]
+        for session in self.sessions.values():
+            session.shed += max(0, min(n, tick - session.first_tick))
+        log.warning("behind: shed %d tick(s) before tick %d", n, tick)
+        return n
 
     def _finish(self, tick: int, outputs: dict[str, OutputChunk]) -> None:
         self._outputs[tick] = outputs
-        self._outputs.pop(tick - KEEP_TICKS, None)
         self._stepped.setdefault(tick, asyncio.Event()).set()
-        self._stepped.pop(tick - KEEP_TICKS, None)
         self._complete.pop(tick, None)
+        for table in (self._outputs, self._stepped):
+            for k in [k for k in table if k <= tick - KEEP_TICKS]:
+                del table[k]
 
     # --- background work ---------------------------------------------------------------------
 
@@ -322,35 +552,42 @@ class Interaction:
         return tasks
 
     def _requested(self, chunks: list[InputChunk], outputs: dict[str, OutputChunk]) -> list[BackgroundTask]:
-        """Tasks a client asks for without a delegate control: `response.create` while function
-        tools are set (on the response, or the session by session.update) and tool_choice is not
-        "none". Sessions that delegated this tick already are left alone."""
+        """Tasks a client asks for without a delegate control (see `_follow`)."""
         tasks = []
         for chunk in chunks:
             session = self.sessions.get(chunk.session_id)
-            if session is None:
-                continue
-            if chunk.text:
-                session.typed = (session.typed + [chunk.text])[-8:]
-            for event in chunk.events:
-                kind = event.get("type") if isinstance(event, dict) else None
-                if kind == "session.update":
-                    config = event.get("session") or {}
-                    if "tools" in config:
-                        session.tools = config["tools"] or None
-                    if "tool_choice" in config:
-                        session.tool_choice = config["tool_choice"]
-                elif kind == "response.create":
-                    response = event.get("response") or {}
-                    tools = response.get("tools", session.tools)
-                    choice = response.get("tool_choice", session.tool_choice)
-                    out = outputs.get(chunk.session_id)
-                    delegated = out is not None and any(c in DELEGATING for c in out.controls)
-                    if not tools or choice == "none" or delegated:
-                        continue
-                    running = session.runner is not None and not session.runner.done()
-                    instruction = "\n".join(session.typed) or response.get("instructions") or "Help with the conversation so far."
-                    session.typed = []
+            if session is not None:
+                tasks += self._follow(session, chunk, outputs.get(chunk.session_id))
+        return tasks
+
+    def _follow(self, session: JoinedSession, chunk: InputChunk, out: OutputChunk | None, start: bool = True) -> list[BackgroundTask]:
+        """What a chunk tells this actor of its session: typed text, function tools (session.update)
+        and `response.create`, which asks for a task while function tools are set (on the
+        response, or the session) and tool_choice is not "none", unless the model delegated this
+        tick already. With `start` False (a resumed session's replay) no task starts: only the
+        tools and typed text come up to date, as when the chunk was first stepped."""
+        tasks = []
+        if chunk.text:
+            session.typed = (session.typed + [chunk.text])[-8:]
+        for event in chunk.events:
+            kind = event.get("type") if isinstance(event, dict) else None
+            if kind == "session.update":
+                config = event.get("session") or {}
+                if "tools" in config:
+                    session.tools = config["tools"] or None
+                if "tool_choice" in config:
+                    session.tool_choice = config["tool_choice"]
+            elif kind == "response.create":
+                response = event.get("response") or {}
+                tools = response.get("tools", session.tools)
+                choice = response.get("tool_choice", session.tool_choice)
+                delegated = out is not None and any(c in DELEGATING for c in out.controls)
+                if not tools or choice == "none" or delegated:
+                    continue
+                running = session.runner is not None and not session.runner.done()
+                instruction = "\n".join(session.typed) or response.get("instructions") or "Help with the conversation so far."
+                session.typed = []
+                if start:
                     task = BackgroundTask(
                         chunk.session_id, self.now(), "tool", instruction[:4000], context_upto=session.log_index,
                         log_token=session.log_token, supersedes=session.task.task_id if running else None,
@@ -373,20 +610,20 @@ class Interaction:
         return task
 
     async def _consume(self, session: JoinedSession, task: BackgroundTask) -> None:
-        """Stream a task's updates into the engine and the log until it ends, is superseded or its
-        session leaves (then this is cancelled, which cancels the pool's stream)."""
+        """Stream a task's updates to the session (its next chunks, its next outputs' events) and
+        the log until it ends, is superseded or its session leaves (then this is cancelled, which
+        cancels the pool's stream)."""
         from .background import update_events
 
         sid = task.session_id
         updates = self.background.run(task)
         try:
             async for update in updates:
-                async with self._engine_lock:
-                    if self.sessions.get(sid) is not session:
-                        return
-                    if update.text:
-                        self.engine.push_update(sid, update.text)
-                    session.events.extend(update_events(update))
+                if self.sessions.get(sid) is not session:
+                    return
+                if update.text:
+                    self._pend(session, update.text)
+                session.events.extend(update_events(update))
                 self._totals["updates"] += 1
                 self._log_later([update])
         except asyncio.CancelledError:
@@ -404,35 +641,100 @@ class Interaction:
 
     # --- the log ----------------------------------------------------------------------------
 
-    def _log_later(self, deltas: list, request_id: str | None = None) -> None:
-        """Queue an append behind the ones before it (so the log keeps their order); no-op without a log."""
+    def _log_later(self, deltas: list) -> None:
+        """Queue an append behind the calls before it (so the log keeps their order); no-op without a log."""
         if self.log is None or not deltas:
             return
-        previous = self._log_tail
+        self._requests += 1
+        request_id = f"{self._request_prefix}:{self._requests}"  # the same on every retry: appended once
+        self._queue_log(_LogCall(lambda: self.log.append(deltas, request_id), f"append {request_id}", self._appended))
 
-        async def append_in_order():
-            if previous is not None:
-                await asyncio.gather(previous, return_exceptions=True)
-            await self._append(deltas, request_id)
+    def _snapshot_later(self, session: JoinedSession, tick: int, state: dict) -> None:
+        """Queue `state` (the engine's, after `tick`) as the session's snapshot, with what this
+        actor knows of it: tools, typed text and the update texts still waiting for a chunk (on
+        resume, those that entered with the chunks replayed are not waiting any more)."""
+        mine = {"tools": session.tools, "tool_choice": session.tool_choice, "typed": list(session.typed),
+                "pending": list(session.updates)}
+        state = {**state, INTERACTION_STATE: mine}
+        every = self.snapshot_every or 1
+        session.snapshot_due = tick + 1 + (session.snapshot_phase - tick - 1) % every
+        self._totals["snapshots"] += 1
+        sid = session.session_id
+        self._queue_log(_LogCall(lambda: self.log.put_snapshot(sid, tick, state), f"snapshot {sid!r} at tick {tick}"))
 
-        self._log_tail = asyncio.get_running_loop().create_task(append_in_order())
+    def _turn(self) -> int:
+        """The next session's snapshot turn: sessions get them in rotation, so one tick does not export them all."""
+        turn = self._phase
+        self._phase = (self._phase + 1) % (self.snapshot_every or 1)
+        return turn
 
-    async def _append(self, deltas: list, request_id: str | None) -> None:
-        # The request id makes the append idempotent if Ray retries it after a log restart.
-        try:
-            result = await self.log.append(deltas, request_id)
-        except Exception:
-            log.exception("session log append failed")
-            return
+    def _appended(self, result: Any) -> None:
         for sid, span in (result or {}).items():
             session = self.sessions.get(sid)
             if session is not None and isinstance(span, (tuple, list)):
                 session.log_index = max(session.log_index, int(span[1]))
 
-    async def flush(self) -> None:
-        """Wait until everything queued for the log so far is in it."""
-        while self._log_tail is not None and not self._log_tail.done():
-            await asyncio.gather(self._log_tail, return_exceptions=True)
+    def _queue_log(self, call: _LogCall) -> None:
+        self._log_queue.append(call)
+        self._log_queued += 1
+        while len(self._log_queue) > self.log_backlog:  # the log is down or slow: drop the oldest
+            dropped = self._log_queue.popleft()
+            self._totals["log_dropped"] += 1
+            self._progress()
+            log.warning("log backlog full: dropped %s", dropped.what)
+        if self._log_writer is None:
+            self._log_writer = asyncio.get_running_loop().create_task(self._write_log())
+
+    async def _write_log(self) -> None:
+        """The one writer: each queued call in order, retried with backoff while the log fails;
+        a call the log refuses (ProtocolError) is not retried."""
+        wait, failing = LOG_RETRY_S[0], False
+        try:
+            while self._log_queue:
+                call = self._log_queue[0]
+                try:
+                    result = await call.call()
+                except ProtocolError as exc:
+                    self._totals["log_refused"] += 1
+                    log.warning("the session log refused %s: %s", call.what, exc)
+                except Exception:
+                    self._totals["log_retries"] += 1
+                    if not failing:
+                        log.exception("session log call failed (%s); retrying", call.what)
+                    failing = True
+                    await asyncio.sleep(wait)
+                    wait = min(wait * 2, LOG_RETRY_S[1])
+                    continue
+                else:
+                    if call.done is not None:
+                        call.done(result)
+                if failing:
+                    log.info("the session log is back")
+                wait, failing = LOG_RETRY_S[0], False
+                if self._log_queue and self._log_queue[0] is call:  # not dropped meanwhile
+                    self._log_queue.popleft()
+                    self._progress()
+        finally:
+            self._log_writer = None
+
+    def _progress(self) -> None:
+        self._log_finished += 1
+        self._log_progress.set()
+        self._log_progress = asyncio.Event()
+
+    async def flush(self, timeout: float | None = None) -> bool:
+        """Wait until every log call queued so far is done (or dropped); False if `timeout` passed first."""
+        target = self._log_queued
+
+        async def done():
+            while self._log_finished < target:
+                await self._log_progress.wait()
+
+        try:
+            await asyncio.wait_for(done(), timeout)
+        except asyncio.TimeoutError:
+            return False
+        return True
 
     # --- figures -----------------------------------------------------------------------------
 
@@ -448,9 +750,19 @@ class Interaction:
             "step_ms_p99": float(np.percentile(steps, 99)),
             "late_chunks": int(sum(s.late for s in recent)),
             "missing_chunks": int(sum(s.missing for s in recent)),
+            "shed_ticks": int(sum(s.shed for s in recent)),
+            "hot": self.hot(),
+            "log_backlog": len(self._log_queue),
             "totals": dict(self._totals),
             "ticks": [vars(s) for s in recent[-10:]],
         }
+
+
+def _differs(replayed: OutputChunk, logged: OutputChunk) -> bool:
+    """Whether a replayed output is not the logged one: text or controls differ, or audio beyond float noise."""
+    if (replayed.text, replayed.controls) != (logged.text, logged.controls) or replayed.audio.shape != logged.audio.shape:
+        return True
+    return int(np.abs(replayed.audio.astype(np.int32) - logged.audio.astype(np.int32)).max(initial=0)) > REPLAY_AUDIO_LSB
 
 
 def _in_ray_actor() -> bool:
@@ -468,6 +780,7 @@ class _TickMetrics:
         self.sessions = metrics.Gauge("interplay_sessions", "sessions stepped per tick")
         self.late = metrics.Counter("interplay_late_chunks", "chunks that arrived after their tick was stepped")
         self.missing = metrics.Counter("interplay_missing_chunks", "sessions stepped without a chunk")
+        self.shed = metrics.Counter("interplay_shed_ticks", "ticks skipped because stepping fell behind")
 
     def record(self, s: TickStats) -> None:
         self.step.observe(s.step_ms)
@@ -477,6 +790,8 @@ class _TickMetrics:
             self.late.inc(s.late)
         if s.missing:
             self.missing.inc(s.missing)
+        if s.shed:
+            self.shed.inc(s.shed)
 
 
 # Async actor: exchanges from every ingress, joins and the tick loop interleave on one event loop.
