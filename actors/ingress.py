@@ -31,12 +31,12 @@ from protocols import ProtocolError
 from protocols.chunks import MAX_FRAME_EDGE, PATCH
 from protocols.clock import TickClock
 from protocols.ports import Interaction, Placement
-from protocols.realtime import SessionConfig, error_event, rate_of
+from protocols.realtime import SessionConfig, error_event, expired_error, rate_of
 
 from .gatherer import Call, Gatherer, estimate_offset
 from .ice import use_ice_addresses
 from .realtime_session import RealtimeSession
-from .router import Direct, Placed
+from .router import Direct, Placed, Router, Routed
 from .transports import MAX_CHANNEL_EVENT_BYTES, WebRTCTransport, WebSocketTransport, check_sdp
 
 log = logging.getLogger(__name__)
@@ -90,12 +90,15 @@ class Ingress:
         ice_addresses: list[str] | None = None,
         relocate_s: float = 10.0,
         offset_every_s: float = 30.0,
+        idle_timeout_s: float | None = None,
+        max_session_s: float | None = None,
     ):
         if frame_size % PATCH or not 0 < frame_size <= MAX_FRAME_EDGE:
             raise ValueError(f"frame_size must be a multiple of {PATCH} up to {MAX_FRAME_EDGE}")
         if ice_addresses is not None:
             use_ice_addresses(ice_addresses)
-        self.placement: Placement = interaction if hasattr(interaction, "place") else Direct(interaction)
+        # A port object answers any method name (actors.remote.Remote), so placements are told apart by type.
+        self.placement: Placement = interaction if isinstance(interaction, (Direct, Router, Routed)) else Direct(interaction)
         self.clock = clock if isinstance(clock, TickClock) else TickClock.from_dict(clock)
         self.max_sessions = max_sessions
         self.jitter_ms = jitter_ms
@@ -106,6 +109,8 @@ class Ingress:
         self.max_event_bytes = max_event_bytes
         self.relocate_s = relocate_s
         self.offset_every_s = offset_every_s
+        self.idle_timeout_s, self.max_session_s = idle_timeout_s, max_session_s
+        self._reaper: asyncio.Task | None = None
         self.sessions: dict[str, Call] = {}
         self.groups: dict[str, Gatherer] = {}  # interaction actor name -> the gatherer exchanging with it
         self._gatherer_args = {"grace_s": grace_ms / 1000, "exchange_timeout_s": exchange_timeout_s, "max_in_flight": max_in_flight}
@@ -135,7 +140,10 @@ class Ingress:
             answer = await transport.negotiate(sdp)
             await self._join(call)
         except BaseException:
-            await transport.close()
+            try:
+                await transport.close()
+            except Exception:  # the original error is the one to report
+                log.warning("closing a failed offer's transport failed", exc_info=True)
             raise
         finally:
             self._negotiating -= 1
@@ -194,8 +202,9 @@ class Ingress:
     async def shutdown(self) -> None:
         for group in self.groups.values():
             group.stop()
-        for task in list(self._tasks):
-            task.cancel()
+        for task in [*self._tasks, self._reaper]:
+            if task is not None:
+                task.cancel()
         for session_id in list(self.sessions):
             await self._end(session_id)
 
@@ -206,7 +215,7 @@ class Ingress:
             raise ProtocolError(f"this ingress is full ({self.max_sessions} calls)", "capacity")
 
     def _new_call(self, transport, config: dict) -> Call:
-        session = RealtimeSession(transport, config, prebuffer_ms=self.prebuffer_ms)
+        session = RealtimeSession(transport, config, prebuffer_ms=self.prebuffer_ms, idle_timeout_s=self.idle_timeout_s, max_session_s=self.max_session_s)
         # The last sample of chunk k arrives by clock.end(k) - jitter_s: what a client needs to time its turns.
         session.clock_info = {**self.clock.to_dict(), "jitter_s": self.jitter_ms / 1000}
         return Call(session, transport)
@@ -215,6 +224,24 @@ class Ingress:
         self.sessions[call.id] = call
         self.groups[call.actor].calls[call.id] = call
         self._counts["calls"] += 1
+        if self._reaper is None or self._reaper.done():
+            self._reaper = asyncio.get_running_loop().create_task(self._reap())
+
+    async def _reap(self, every_s: float = 1.0) -> None:
+        """End the sessions that were idle too long or reached their maximum length, each after
+        an `error` event (code session_expired) saying which."""
+        while True:
+            await asyncio.sleep(every_s)
+            now = time.time()
+            for call in list(self.sessions.values()):
+                try:
+                    reason = call.session.expired(now)
+                    if reason:
+                        self._counts["expired"] = self._counts.get("expired", 0) + 1
+                        call.session.sink.send(expired_error(reason))
+                        await self._end(call.id)
+                except Exception:
+                    log.exception("session %s: expiry check failed", call.id)
 
     async def _join(self, call: Call) -> None:
         """Place the session on an interaction actor (which may refuse it, e.g. "capacity").

@@ -98,7 +98,8 @@ class Router:
         self.grow = grow
         self.watch_s = watch_s
         self.ping_timeout_s = ping_timeout_s
-        self.counts = {"placed": 0, "refused": 0, "resumed": 0, "moved": 0, "grown": 0}
+        self.counts = {"placed": 0, "refused": 0, "resumed": 0, "moved": 0, "grown": 0, "forgotten": 0}
+        self._strikes: dict[str, int] = {}
         self._lock = asyncio.Lock()
         self._watcher: asyncio.Task | None = None
 
@@ -176,13 +177,45 @@ class Router:
     # --- capacity -------------------------------------------------------------------------------
 
     async def watch(self) -> None:
-        """Grow with the cluster, every `watch_s`; never returns."""
+        """Grow with the cluster and reconcile with the actors, every `watch_s`; never returns."""
         while True:
             await asyncio.sleep(self.watch_s)
             try:
                 await self.grow_once()
             except Exception:
                 log.exception("growing the interaction actors failed")
+            try:
+                await self.reconcile()
+            except Exception:
+                log.exception("reconciling with the interaction actors failed")
+
+    async def reconcile(self) -> list[str]:
+        """Forget sessions an actor no longer has on two checks in a row (they left on their own,
+        e.g. orphaned by a dead ingress), so their slots count as free again. A session lost to a
+        restart is found by its ingress within a second or two, well before a second check."""
+        forgotten = []
+        for actor in list(self.actors.values()):
+            try:
+                stats = await asyncio.wait_for(actor.port.stats(), self.ping_timeout_s * 4)
+            except Exception:
+                continue
+            present = stats.get("session_ids") if isinstance(stats, dict) else None
+            if present is None:
+                continue
+            async with self._lock:
+                for sid in list(actor.sessions):
+                    if sid in present:
+                        self._strikes.pop(sid, None)
+                    elif self._strikes.get(sid, 0) >= 1:
+                        self._strikes.pop(sid, None)
+                        actor.sessions.discard(sid)
+                        if self.where.get(sid) == actor.name:
+                            del self.where[sid]
+                        forgotten.append(sid)
+                    else:
+                        self._strikes[sid] = 1
+        self.counts["forgotten"] += len(forgotten)
+        return forgotten
 
     async def grow_once(self) -> list[str]:
         if self.grow is None:
@@ -193,8 +226,9 @@ class Router:
         self.counts["grown"] += len(new)
         return [spec[0] for spec in new]
 
-    def start(self) -> None:
-        if self.grow is not None and self._watcher is None:
+    async def start(self) -> None:
+        """Start watching the cluster and the actors (idempotent)."""
+        if self._watcher is None:
             self._watcher = asyncio.get_running_loop().create_task(self.watch())
 
     async def stats(self) -> dict:
@@ -202,6 +236,10 @@ class Router:
             "actors": {a.name: {"sessions": len(a.sessions), "capacity": a.capacity, "draining": a.draining} for a in self.actors.values()},
             "sessions": len(self.where), **self.counts,
         }
+
+    async def placements(self) -> dict[str, str]:
+        """Session id -> the name of the actor stepping it."""
+        return dict(self.where)
 
     async def handles(self) -> dict[str, Any]:
         return {a.name: a.handle for a in self.actors.values()}

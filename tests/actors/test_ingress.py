@@ -451,3 +451,31 @@ class _RayIngress:
 
     async def offer(self, sdp, session_config=None):
         return await self.actor.offer.remote(sdp, session_config)
+
+
+def test_idle_and_overlong_sessions_end_with_an_error_event_and_free_their_slots():
+    async def main():
+        echo = Echo()
+        idle = Ingress(echo, now_clock(), max_sessions=2, idle_timeout_s=0.5)
+        sid, outbox = await idle.open_websocket()
+        long = Ingress(echo, now_clock(), max_sessions=2, max_session_s=1.0)
+        lid, loutbox = await long.open_websocket()
+        busy = time.time() + 4
+        while (sid in idle.sessions or lid in long.sessions) and time.time() < busy:
+            if lid in long.sessions:  # an active client still reaches the maximum length
+                long.receive(lid, json.dumps({"type": "input_audio_buffer.clear"}))
+            await asyncio.sleep(0.1)
+        assert sid not in idle.sessions and lid not in long.sessions
+        for box, word in ((outbox, "idle"), (loutbox, "maximum length")):
+            events = []
+            while not box.empty():
+                item = box.get_nowait()
+                if item:
+                    events.append(json.loads(item))
+            expired = [e for e in events if e["type"] == "error" and e["error"]["code"] == "session_expired"]
+            assert len(expired) == 1 and word in expired[0]["error"]["message"]
+        assert echo.left == [sid, lid] or sorted(echo.left) == sorted([sid, lid])
+        await idle.shutdown()
+        await long.shutdown()
+
+    asyncio.run(main())

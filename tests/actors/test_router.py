@@ -227,3 +227,21 @@ def test_hangup_belongs_to_the_caller_that_made_the_call():
         await ingress.shutdown()
 
     asyncio.run(main())
+
+
+def test_sessions_an_actor_no_longer_has_free_their_slots_on_the_second_check():
+    async def main():
+        a = Fake("a", capacity=1)
+
+        async def stats():
+            return {"session_ids": list(a.members)}
+
+        a.stats = stats
+        r = router(a)
+        await r.place("s0")
+        a.members.clear()  # it left on its own (orphaned)
+        assert await r.reconcile() == []  # a first miss may be a restart being resumed
+        assert await r.reconcile() == ["s0"]
+        assert (await r.place("s1")).actor == "a"
+
+    asyncio.run(main())
