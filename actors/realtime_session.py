@@ -47,6 +47,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 import numpy as np
+from pydantic import ValidationError
 
 from protocols import SAMPLE_RATE, OutputChunk, ProtocolError, new_id
 from protocols.chunks import MAX_TEXT_CHARS
@@ -160,12 +161,16 @@ class _Run:
     chars: int = 0
 
 
+MERGED = ("audio", "input", "output", "interplay")  # config objects a session.update merges into
+
+
 def merge(base: dict, update: dict) -> dict:
-    """A session config updated: objects merge key by key, except an audio format, which is
-    replaced whole (a rate does not outlive the format it was for)."""
+    """A session config updated: `audio` (its `input` and `output`) and `interplay` merge key by
+    key; every other field is replaced whole, so an object of one kind never keeps fields of
+    another (a tool choice, a turn detection, an audio format and its rate)."""
     out = dict(base)
     for key, value in update.items():
-        mergeable = isinstance(value, dict) and isinstance(out.get(key), dict) and key != "format"
+        mergeable = key in MERGED and isinstance(value, dict) and isinstance(out.get(key), dict)
         out[key] = merge(out[key], value) if mergeable else value
     return out
 
@@ -346,7 +351,11 @@ class RealtimeSession:
         if kind == "session.update":
             self._check_tools(event["session"], "session")
             config = merge(self.config, event["session"])
-            server_event("session.updated", session=self.session_object(config))  # checked before anything changes
+            try:  # checked before anything changes
+                server_event("session.updated", session=self.session_object(config))
+            except ValidationError as exc:
+                message = exc.errors(include_url=False, include_input=False)[0]["msg"]
+                raise ProtocolError(f"the session would not be valid with this update: {message}", "invalid_value", "session") from None
             self.config = self._apply_formats(config)
             send(server_event("session.updated", session=self.session_object()))
         elif kind == "conversation.item.create":

@@ -54,6 +54,7 @@ MAX_SDP_BYTES = 64 * 1024
 MAX_CANDIDATES = 32  # ICE candidates in an offer; each one costs connectivity checks
 MAX_CHANNEL_EVENT_BYTES = 256 * 1024  # what aiortc advertises as its SCTP max-message-size
 TRACK_FORMAT = {"type": "audio/pcm", "rate": 48_000}  # what the Opus tracks decode to and encode from
+MAX_EARLY_EVENTS = 256  # events held for a data channel that is not open yet (media can flow first)
 
 
 def check_sdp(sdp) -> str:
@@ -109,6 +110,7 @@ class WebRTCTransport:
         self.max_event_bytes = max_event_bytes
         self.last_arrival: float | None = None
         self.channel = None
+        self._early: list[str] = []  # events sent before the channel opened, in order
         self.tasks: list[asyncio.Task] = []
         self.on_message: Callable[[str | bytes], None] = lambda message: None
         self.on_open: Callable[[], None] = lambda: None
@@ -152,7 +154,10 @@ class WebRTCTransport:
                 return
             self.channel = channel
             channel.on("message", self._message)
-            self.on_open()  # aiortc emits the channel open
+            self.on_open()  # aiortc emits the channel open; session.created goes first
+            early, self._early = self._early, []
+            for text in early:
+                self._send_text(text)
 
         @pc.on("connectionstatechange")
         async def on_state():
@@ -194,9 +199,19 @@ class WebRTCTransport:
     # --- the session's sink ---------------------------------------------------------------------
 
     def send(self, event: dict) -> None:
-        if self.channel is not None and self.channel.readyState == "open":
+        """Send on the data channel; until it opens (the call's media may come up first, and a
+        response start with it), the first `MAX_EARLY_EVENTS` wait for it."""
+        text = json.dumps(event)
+        if self.channel is None:
+            if len(self._early) < MAX_EARLY_EVENTS:
+                self._early.append(text)
+            return
+        self._send_text(text)
+
+    def _send_text(self, text: str) -> None:
+        if self.channel.readyState == "open":
             try:
-                self.channel.send(json.dumps(event))
+                self.channel.send(text)
             except Exception as exc:  # a closing channel must not break the tick
                 log.debug("send failed: %s", exc)
 
@@ -232,8 +247,11 @@ class WebRTCTransport:
         self.send(server_event("output_audio_buffer.stopped", response_id=response_id))
 
     def playout_cleared(self, response_id: str | None) -> None:
+        """output_audio_buffer.cleared for the response whose audio was dropped; before any
+        response there was nothing to clear, and the event (which names one) is not sent."""
         self._cancel_stop()
-        self.send(server_event("output_audio_buffer.cleared", response_id=response_id))
+        if response_id is not None:
+            self.send(server_event("output_audio_buffer.cleared", response_id=response_id))
 
     def _cancel_stop(self) -> None:
         if self._stopping:

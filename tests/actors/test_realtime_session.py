@@ -537,3 +537,14 @@ def test_idle_timeout_and_maximum_length():
 
     forever, _ = session()
     assert forever.expired(0.0) is None and forever.expired(1e9) is None
+
+
+def test_session_update_replaces_objects_of_another_kind():
+    s, sink = session({"type": "realtime", "tool_choice": {"type": "function", "name": "f"}, "audio": {"input": {"turn_detection": {"type": "server_vad", "threshold": 0.5}}}})
+    send(s, {"type": "session.update", "session": {"tool_choice": {"type": "mcp", "server_label": "s"}, "audio": {"input": {"turn_detection": {"type": "semantic_vad"}}}}})
+    assert sink.errors() == []
+    assert s.config["tool_choice"] == {"type": "mcp", "server_label": "s"}
+    assert s.config["audio"]["input"]["turn_detection"] == {"type": "semantic_vad"}
+    send(s, {"type": "session.update", "session": {"interplay": {"tick_events": True}}})
+    send(s, {"type": "session.update", "session": {"audio": {"output": {"voice": "marin"}}}})
+    assert s.config["interplay"] == {"tick_events": True} and s.config["audio"]["input"]["turn_detection"] == {"type": "semantic_vad"}

@@ -244,3 +244,44 @@ def test_events_are_bounded_on_both_transports():
         await ws.close()
 
     asyncio.run(main())
+
+
+def test_events_before_the_data_channel_opens_wait_for_it():
+    """Media can come up before the data channel: a response started then is still announced."""
+
+    class Channel(FakeChannel):
+        label = "oai-events"
+
+        def on(self, name, handler):
+            self.handler = handler
+
+    async def main():
+        rtc = WebRTCTransport(TickClock(0.0))
+        s = RealtimeSession(rtc, {"type": "realtime"})
+        rtc.on_open = s.created
+        rtc.on_message = lambda message: s.receive(message, time.time())
+        s.deliver(OutputChunk(s.id, 0, 0.0, TONE, text="hi", controls=["speak"]), time.time())
+        channel = Channel()
+        rtc.pc.emit("datachannel", channel)
+        types = [e["type"] for e in channel.sent]
+        assert types[0] == "session.created" and types[1:4] == ["response.created", "response.output_item.added", "conversation.item.added"]
+        channel.handler('{"type": "input_audio_buffer.clear"}')  # and the channel's messages reach the session
+        assert channel.sent[-1]["type"] == "input_audio_buffer.cleared"
+        await rtc.close()
+
+    asyncio.run(main())
+
+
+def test_clearing_the_output_before_any_response_is_no_failure():
+    async def main():
+        rtc = WebRTCTransport(TickClock(0.0))
+        rtc.channel = FakeChannel()
+        s = RealtimeSession(rtc, {"type": "realtime"})
+        s.receive(json.dumps({"type": "output_audio_buffer.clear"}), time.time())
+        assert rtc.channel.sent == []  # nothing played, nothing cleared, no error
+        s.deliver(OutputChunk(s.id, 0, 0.0, TONE, controls=["speak"]), time.time())
+        s.receive(json.dumps({"type": "output_audio_buffer.clear"}), time.time())
+        assert [e["type"] for e in rtc.channel.sent][-1] == "output_audio_buffer.cleared"
+        await rtc.close()
+
+    asyncio.run(main())
