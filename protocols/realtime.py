@@ -6,7 +6,8 @@ event ready to send back: nothing a client sends escapes as an exception. Oversi
 unknown event types, JSON nested deeper than `MAX_JSON_DEPTH`, non-finite numbers and strings
 that are not Unicode (lone surrogates) are refused. Error codes follow the API's: `invalid_json`
 (not a JSON object), `missing_required_parameter`, `unknown_parameter`, `invalid_type`,
-`invalid_value`, `message_too_large`, plus `unknown_event` for an event type we do not know. `server_event(type, **fields)` builds a server event as a JSON-ready
+`invalid_value`, `message_too_large`, plus `unknown_event` for an event type we do not know.
+`session_config` checks an opening session config (an offer's, a WebSocket's) the same way. `server_event(type, **fields)` builds a server event as a JSON-ready
 dict and checks it against the `openai` package's model of that event, so what we send is what
 the official clients parse.
 
@@ -263,8 +264,11 @@ def _param(loc: tuple) -> str | None:
     loc = list(loc[1:])
     if len(loc) > 1 and loc[0] == "item" and loc[1] in _ITEM_TAGS:
         del loc[1]
-    keep = [p for p in loc if not (isinstance(p, str) and (p in _UNION_MEMBERS or "[" in p or p[:1].isupper()))]
-    return ".".join(str(p) for p in keep) or None
+    return _dotted(loc) or None
+
+
+def _dotted(loc) -> str:
+    return ".".join(str(p) for p in loc if not (isinstance(p, str) and (p in _UNION_MEMBERS or "[" in p or p[:1].isupper())))
 
 
 def _code(error_type: str) -> str:
@@ -352,6 +356,26 @@ def _parse(raw: Any, max_bytes: int) -> Any:
         first = exc.errors(include_url=False, include_input=False)[0]
         param = _param(first["loc"])
         return error_event(f"invalid {kind}: {first['msg']}" + (f" at '{param}'" if param else ""), _code(first["type"]), param, client_id)
+
+
+def session_config(raw: Any) -> dict:
+    """An opening session config (an offer's or a WebSocket's) checked like a session.update's
+    `session`, dumped; ProtocolError with the API's code and the offending param otherwise."""
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ProtocolError("the session config must be a JSON object", "invalid_type", "session")
+    problem = _check_tree(raw)
+    if problem:
+        raise ProtocolError(problem, "invalid_value", "session")
+    try:
+        return SessionConfig.model_validate(raw).model_dump(mode="json", exclude_none=True)
+    except ValidationError as exc:
+        first = exc.errors(include_url=False, include_input=False)[0]
+        param = ".".join(filter(None, ["session", _dotted(first["loc"])]))
+        raise ProtocolError(f"invalid session config: {first['msg']} at '{param}'", _code(first["type"]), param) from None
+    except Exception:
+        raise ProtocolError("the session config could not be read", "invalid_value", "session") from None
 
 
 def user_text(item: Any) -> str:

@@ -196,3 +196,21 @@ def test_formats_and_rates_of_a_session_config():
 def test_internal_errors_say_nothing_of_the_inside():
     error = internal_error("c1")["error"]
     assert error["type"] == "server_error" and error["code"] == "server_error" and error["event_id"] == "c1"
+
+
+def test_opening_session_configs_are_checked_like_updates():
+    from protocols.realtime import session_config
+
+    assert session_config(None) == {"type": "realtime"}
+    assert session_config({"instructions": "hi", "audio": {"input": {"format": {"type": "audio/pcmu"}}}})["audio"]["input"]["format"] == {"type": "audio/pcmu"}
+    for raw, code, param in [
+        ([1], "invalid_type", "session"),
+        ({"type": "nope"}, "invalid_value", "session.type"),
+        ({"tools": "abc"}, "invalid_type", "session.tools"),
+        ({"audio": {"output": {"speed": 9}}}, "invalid_value", "session.audio.output.speed"),
+        ({"x": json.loads("[" * 40 + "]" * 40)}, "invalid_value", "session"),
+    ]:
+        with pytest.raises(ProtocolError) as info:
+            session_config(raw)
+        assert (info.value.code, info.value.param) == (code, param), raw
+        assert "pydantic" not in str(info.value)
