@@ -111,6 +111,7 @@ class WebRTCTransport:
         self.last_arrival: float | None = None
         self.channel = None
         self._early: list[str] = []  # events sent before the channel opened, in order
+        self._closed = False
         self.tasks: list[asyncio.Task] = []
         self.on_message: Callable[[str | bytes], None] = lambda message: None
         self.on_open: Callable[[], None] = lambda: None
@@ -268,12 +269,28 @@ class WebRTCTransport:
         return self.audio_in.source(seq)
 
     async def close(self) -> None:
+        """End the call; never raises, also for a peer connection whose negotiation failed."""
+        if self._closed:
+            return
+        self._closed = True
         self._cancel_stop()
         for task in self.tasks:
             if task is not asyncio.current_task():
                 task.cancel()
         self.audio_out.stop()
-        await self.pc.close()
+        try:
+            await self.pc.close()
+        except Exception as exc:
+            # aiortc stops at the first transport a failed negotiation never made: stop the others
+            log.info("closing a call that never fully negotiated: %r", exc)
+            sctp = self.pc.sctp
+            for dtls in [t.receiver.transport for t in self.pc.getTransceivers()] + [sctp.transport if sctp else None]:
+                for transport in (dtls, getattr(dtls, "transport", None)):
+                    if transport is not None:
+                        try:
+                            await transport.stop()
+                        except Exception:
+                            pass
 
 
 class WebSocketTransport:

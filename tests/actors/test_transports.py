@@ -285,3 +285,32 @@ def test_clearing_the_output_before_any_response_is_no_failure():
         await rtc.close()
 
     asyncio.run(main())
+
+
+def test_a_call_whose_negotiation_failed_closes_cleanly():
+    """An offer whose data-channel section lost its m= line (its attributes then sit in the audio
+    section) fails to negotiate; closing that call must not raise over the ProtocolError."""
+    from aiortc import RTCPeerConnection
+
+    from protocols import ProtocolError
+
+    async def main():
+        pc = RTCPeerConnection()
+        pc.addTransceiver("audio")
+        pc.createDataChannel("oai-events")
+        await pc.setLocalDescription(await pc.createOffer())
+        sdp = "\r\n".join(line for line in pc.localDescription.sdp.split("\r\n") if not line.startswith("m=application"))
+        rtc = WebRTCTransport(TickClock(0.0))
+        with pytest.raises(ProtocolError):
+            await rtc.negotiate(sdp)
+        await rtc.close()
+        await rtc.close()  # twice: still nothing raised
+        echo = Echo()
+        ingress = Ingress(echo, TickClock(time.time()))
+        with pytest.raises(ProtocolError) as info:
+            await ingress.offer(sdp)
+        assert info.value.code == "invalid_sdp" and not ingress.sessions and not echo.members
+        await ingress.shutdown()
+        await pc.close()
+
+    asyncio.run(main())
