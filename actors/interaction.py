@@ -69,7 +69,7 @@ MAX_PENDING_UPDATES = 64  # update texts waiting for a session's next chunk; the
 RESUME_WAIT_TICKS = 25  # a resumed session's last tick may be this far ahead of this actor's clock
 LOG_RETRY_S = (0.05, 2.0)  # backoff of a failing log call: first and longest wait
 LEAVE_FLUSH_S, RELEASE_FLUSH_S = 10.0, 30.0
-REPLAY_AUDIO_LSB = 64  # a replayed output's audio may differ from the logged one by float noise
+REPLAY_AUDIO_LSB, REPLAY_LEVEL = 64, 0.01  # a replayed output's level may differ from the logged one this much
 INTERACTION_STATE = "interaction"  # the key of this actor's part of a snapshot
 DELEGATING = {"delegate": "delegate", "tool_call": "tool"}  # control -> BackgroundTask.kind
 
@@ -514,8 +514,11 @@ class Interaction:
             self._stepped[k].set()
         for k in [k for k in self._complete if k < tick]:
             del self._complete[k]
-        for session in self.sessions.values():
-            session.shed += max(0, min(n, tick - session.first_tick))
+        affected = [s for s in self.sessions.values() if s.first_tick < tick]
+        if not affected:  # nobody was due a tick (e.g. a restarted actor's first tick): nothing lost
+            return 0
+        for session in affected:
+            session.shed += min(n, tick - session.first_tick)
         log.warning("behind: shed %d tick(s) before tick %d", n, tick)
         return n
 
@@ -759,10 +762,16 @@ class Interaction:
 
 
 def _differs(replayed: OutputChunk, logged: OutputChunk) -> bool:
-    """Whether a replayed output is not the logged one: text or controls differ, or audio beyond float noise."""
+    """Whether a replayed output is not the logged one: its text or controls differ, or its level
+    does. Not its waveform: float noise may move the vocoder's phase without changing what is said."""
     if (replayed.text, replayed.controls) != (logged.text, logged.controls) or replayed.audio.shape != logged.audio.shape:
         return True
-    return int(np.abs(replayed.audio.astype(np.int32) - logged.audio.astype(np.int32)).max(initial=0)) > REPLAY_AUDIO_LSB
+    a, b = _level(replayed.audio), _level(logged.audio)
+    return abs(a - b) > max(REPLAY_AUDIO_LSB, REPLAY_LEVEL * b)
+
+
+def _level(audio: np.ndarray) -> float:
+    return float(np.sqrt(np.mean(audio.astype(np.float64) ** 2))) if audio.size else 0.0
 
 
 def _in_ray_actor() -> bool:

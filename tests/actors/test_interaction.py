@@ -1,4 +1,5 @@
-"""Interaction: the clock, missing and late chunks, bad input, the log, delegation, the Ray actor.
+"""Interaction: the clock, missing and late chunks, bad input, the log, delegation, overload
+(shedding, admission, bounded queues, a failing log), the Ray actor.
 
 Every test but the last runs against `tests.fakes.MockEngine` through the engine port; the Ray
 actor test builds the real `tiny` engine inside the actor from an `EngineSpec`.
@@ -13,7 +14,7 @@ import pytest
 from actors.interaction import EngineSpec, Interaction, InteractionActor
 from actors.remote import Remote
 from actors.session_log import SessionLog, SessionLogActor
-from protocols import BackgroundTask, BackgroundUpdate, InputChunk, OutputChunk, SessionEvent, from_table
+from protocols import BackgroundTask, BackgroundUpdate, InputChunk, OutputChunk, ProtocolError, SessionEvent, from_table
 from tests.fakes import FakePool, LocalLog, MockEngine
 
 SAMPLES = 3_200  # MockEngine's default tick: 200 ms at 16 kHz
@@ -322,3 +323,149 @@ def test_ray_actor_builds_the_real_engine_and_keeps_time_when_a_client_stops_sen
     assert len(logged) >= 12 and sum(c.missing for c in logged) >= 9  # B's silence is on record
     ray_cluster.kill(actor)
     ray_cluster.kill(log_actor, no_restart=True)
+
+
+# --- overload: shedding, admission, bounded queues -----------------------------------------------
+
+
+class SlowEngine(MockEngine):
+    """A MockEngine whose every step takes `step_s` of the fake clock."""
+
+    def __init__(self, clock, step_s, **kw):
+        super().__init__(max_sessions=4, **kw)
+        self.clock, self.slow_s = clock, step_s
+
+    def step(self, chunks):
+        self.clock.t += self.slow_s
+        return super().step(chunks)
+
+
+def test_a_loop_that_falls_behind_sheds_to_the_newest_due_tick_and_tells_the_sessions():
+    """Each step takes 2.5 ticks: the loop steps one tick per turn, always the newest due one, and
+    never piles up; the ticks in between are shed (no outputs, counted), the engine sees a forward
+    gap, and each session's next output says how many ticks it lost."""
+
+    async def scenario():
+        clock = FakeTime()
+        inter = Interaction(SlowEngine(clock, 0.5), t0=0.0, now=clock)
+        await inter.join("a")
+        await inter.join("b")
+        clock.t = 0.25  # tick 0's deadline (0.24) has passed
+        waiting = asyncio.create_task(inter.exchange(1, [chunk("a", 1)], ["a"]))
+        await asyncio.sleep(0)
+        stepped = [await inter.tick_once() for _ in range(4)]
+        assert stepped == [0, 2, 5, 7] and len(inter.engine.steps) == 4
+        assert [c.seq for c in inter.engine.steps[2]] == [5, 5]  # a forward gap, as the engine is told
+        assert await waiting == []  # an exchange of a shed tick gets no output and does not hang
+        assert not [k for k in inter._inbox if k < inter._next_tick]
+        shed = {k: [e for o in await inter.exchange(k, [], ["a", "b"]) for e in o.events if e["type"] == "interplay.shed"] for k in stepped}
+        assert [[e["ticks"] for e in shed[k]] for k in stepped] == [[], [1, 1], [2, 2], [1, 1]]
+        assert shed[2][0]["reason"] == "overload" and shed[2][0]["event_id"]
+        stats = await inter.stats()
+        assert stats["totals"]["shed_ticks"] == 4 and stats["shed_ticks"] == 4 and stats["totals"]["late_chunks"] == 1
+        assert stats["hot"]
+        with pytest.raises(ProtocolError, match="overloaded") as refused:
+            await inter.join("c")
+        assert refused.value.code == "capacity"
+        assert len(inter.sessions) == 2  # the sessions already here go on
+
+    asyncio.run(scenario())
+
+
+def test_join_is_refused_while_steps_run_hot_and_accepted_again_after():
+    async def scenario():
+        inter = Interaction(MockEngine(tick_ms=50, max_sessions=4, step_s=0.04), t0=0.0, now=FakeTime())  # 80% of the tick
+        await inter.join("a")
+        for k in range(3):
+            await inter.step(k)
+        with pytest.raises(ProtocolError, match="overloaded"):
+            await inter.join("b")
+        inter.engine.step_s = 0.0
+        for k in range(3, 3 + 25):
+            await inter.step(k)
+        assert (await inter.join("b"))["first_tick"] == 28
+
+    asyncio.run(scenario())
+
+
+def test_the_inbox_takes_only_ticks_near_the_clock():
+    async def scenario():
+        inter = make()
+        await inter.join("a")
+        with pytest.raises(ProtocolError, match="too far ahead"):
+            await inter.exchange(6, [chunk("a", 6)], ["a"])
+        inter.now.t = 3.0  # tick 13 is due; ticks 0-12 will be shed, not stepped
+        shed = [asyncio.create_task(inter.exchange(k, [chunk("a", k)], ["a"])) for k in (12, 2)]
+        await asyncio.sleep(0)
+        assert inter._inbox == {} and inter._late == 2  # not kept: dropped as late
+        assert await inter.tick_once() == 13
+        assert [await t for t in shed] == [[], []]
+
+    asyncio.run(scenario())
+
+
+class FlakyLog(LocalLog):
+    """Fails `fail` appends with a connection error (and refuses `refuse` with a ProtocolError) first."""
+
+    def __init__(self, log, fail=0, refuse=0):
+        super().__init__(log)
+        self.fail, self.refuse, self.calls = fail, refuse, []
+
+    async def append(self, deltas, request_id=None):
+        self.calls.append(request_id)
+        if self.refuse:
+            self.refuse -= 1
+            raise ProtocolError("no", "invalid_delta")
+        if self.fail:
+            self.fail -= 1
+            raise ConnectionError("the log is restarting")
+        return await super().append(deltas, request_id)
+
+
+def test_a_failing_log_is_retried_in_order_and_a_refusal_is_not(tmp_path):
+    session_log = SessionLog(tmp_path / "log", tick_ms=200)
+
+    async def scenario():
+        log = FlakyLog(session_log)
+        inter = make(log=log)
+        token = (await inter.join("a"))["log_token"]
+        await inter.flush()
+        log.fail = 3
+        for k in range(3):
+            await exchange_then_step(inter, k, [chunk("a", k)], ["a"])
+        assert await inter.flush(timeout=30)
+        assert len(log.calls) == 1 + 3 + 3 and log.calls[1:4] == [log.calls[4]] * 3  # the same request, again
+        log.refuse = 1
+        await exchange_then_step(inter, 3, [chunk("a", 3)], ["a"])
+        await exchange_then_step(inter, 4, [chunk("a", 4)], ["a"])
+        assert await inter.flush(timeout=30)
+        totals = (await inter.stats())["totals"]
+        assert (totals["log_retries"], totals["log_refused"], totals["log_dropped"]) == (3, 1, 0)
+        return token
+
+    token = asyncio.run(scenario())
+    inputs = [d.seq for d in from_table(session_log.read("a", token)) if isinstance(d, InputChunk)]
+    assert inputs == [0, 1, 2, 4]  # once each, in order; the refused tick 3 is not retried
+
+
+def test_the_log_backlog_is_bounded_and_drops_the_oldest(tmp_path):
+    session_log = SessionLog(tmp_path / "log", tick_ms=200)
+
+    async def scenario():
+        log = FlakyLog(session_log)
+        inter = Interaction(MockEngine(max_sessions=4), log=log, t0=0.0, now=FakeTime(), log_backlog=3, snapshot_s=None)
+        token = (await inter.join("a"))["log_token"]
+        await inter.flush()
+        log.fail = 10**9  # down
+        for k in range(8):
+            await exchange_then_step(inter, k, [chunk("a", k)], ["a"])
+            assert len(inter._log_queue) <= 3
+        assert not await inter.flush(timeout=0.2)
+        log.fail = 0  # back
+        assert await inter.flush(timeout=30)
+        assert (await inter.stats())["totals"]["log_dropped"] == 5
+        return token
+
+    token = asyncio.run(scenario())
+    inputs = [d.seq for d in from_table(session_log.read("a", token)) if isinstance(d, InputChunk)]
+    assert inputs == [5, 6, 7]  # the newest; the oldest were dropped while the log was down
