@@ -12,6 +12,8 @@ the process that built them and end with it (or with `stop`); while they run, a 
 on the same cluster refuses instead of reusing them.
 """
 
+from __future__ import annotations
+
 import secrets
 import time
 from dataclasses import dataclass, field
@@ -24,6 +26,7 @@ from ray.actor import ActorHandle
 from actors.background import BackgroundActor, RemotePool, ServeChat
 from actors.interaction import EngineSpec, InteractionActor
 from actors.remote import Remote
+from actors.router import RouterActor, Routed
 from actors.session_log import SessionLogActor
 from protocols import TickClock
 
@@ -33,7 +36,10 @@ from .pool import POOL_APP, SPEECH_APP
 
 NAMESPACE = "interplay"
 APP_NAME = "interplay"
-ROLES = ("session_log", "background", "interaction", "ingress")  # the actors, in the order they come up
+ROLES = ("session_log", "background", "interaction", "router", "ingress")  # the actors, in the order they come up
+# A restarted actor runs its constructor again with the same arguments: the interaction actors'
+# clock origin is one of them, so a restart keeps every tick where it was.
+RESTART = {"max_restarts": -1, "max_task_retries": 0}
 
 
 class StartupError(RuntimeError):
@@ -49,10 +55,13 @@ class App:
 
     config: AppConfig
     log: ActorHandle
-    interaction: ActorHandle
-    ingress: ActorHandle
+    interaction: ActorHandle  # the first interaction actor
+    ingress: ActorHandle  # the first ingress actor
     clock: TickClock
     parts: dict[str, str] = field(default_factory=dict)
+    interactions: dict[str, ActorHandle] = field(default_factory=dict)  # every interaction actor, by name
+    ingresses: list[ActorHandle] = field(default_factory=list)
+    router: ActorHandle | None = None
     background: ActorHandle | None = None  # the pool's BackgroundActor (None: no pool)
     pool: object = None  # the pool's LLM deployment handle
     speech: object = None  # the speech-recognition (Whisper) deployment handle (None: speech.mode is not transcript)
@@ -79,6 +88,19 @@ def model_tick_ms(config: AppConfig) -> int:
     return tick_ms
 
 
+def interaction_fleet(config: AppConfig, options: dict, log: ActorHandle, background: ActorHandle | None, t0: float, detached: bool = False) -> InteractionFleet:
+    """The interaction actors' maker for `config`, on clock origin `t0`."""
+    kwargs = {
+        "log": Remote(log), "background": RemotePool(background) if background else None,
+        "grace_ms": config.interaction.grace_ms, "max_sessions": config.interaction.max_sessions, "t0": t0,
+        "snapshot_s": config.interaction.snapshot_s,
+    }
+    return InteractionFleet(
+        engine_spec(config), options["interaction"], kwargs, config.interaction.max_sessions,
+        fixed=config.interaction.actors, detached=detached,
+    )
+
+
 def engine_spec(config: AppConfig) -> EngineSpec:
     m = config.model
     return EngineSpec(preset=m.preset, checkpoint=m.checkpoint, device=m.device, max_sessions=config.interaction.max_sessions)
@@ -93,28 +115,78 @@ def actor_options(config: AppConfig, resources: dict[str, float]) -> dict[str, d
     resource themselves (deployments/pool.py)."""
     gpu = resources.get("GPU", 0) >= 1 and config.model.device in ("auto", "cuda")
     options: dict[str, dict] = {role: {} for role in ROLES}
+    # A GPU each where there are GPUs. On CPU they ask for no CPU slot (as the other actors): a
+    # Ray actor asking for any resource otherwise holds a CPU for life, and the warm spare kept
+    # for failover would hold one for nothing.
     options["interaction"]["num_gpus"] = 1 if gpu else 0
+    if not gpu:
+        options["interaction"]["num_cpus"] = 0
     for role in ("session_log", "interaction", "ingress"):
         if resources.get(role, 0) >= 1:
             options[role]["resources"] = {role: 1}
+    options["router"]["num_cpus"] = 0  # bookkeeping only: it must fit anywhere
     return options
+
+
+@dataclass
+class InteractionFleet:
+    """Makes the interaction actors, named `interaction-<i>`, all on one clock origin `t0`: one per
+    unit of capacity the cluster offers (a GPU when the model runs on GPUs, else a unit of the
+    `interaction` resource; on a cluster with neither, two, so a failover has a warm actor to go
+    to), or `fixed` of them. Called with the names that exist, it makes the missing ones: the
+    router calls it every few seconds, so a node joining with the resource adds capacity."""
+
+    spec: EngineSpec
+    options: dict
+    kwargs: dict
+    max_sessions: int
+    fixed: int | None = None
+    namespace: str = NAMESPACE
+    detached: bool = False
+
+    def units(self, resources: dict[str, float]) -> int:
+        if self.fixed:
+            return self.fixed
+        if self.options.get("num_gpus"):
+            return max(1, int(resources.get("GPU", 0)))
+        if "resources" in self.options:
+            return max(1, int(resources.get("interaction", 0)))
+        return 2
+
+    def create(self, name: str) -> ActorHandle:
+        extra = {"lifetime": "detached", "get_if_exists": True} if self.detached else {}
+        return InteractionActor.options(name=name, namespace=self.namespace, **RESTART, **self.options, **extra).remote(self.spec, **self.kwargs)
+
+    async def __call__(self, existing: list[str]) -> list[tuple]:
+        """(name, port, capacity, handle) of each actor made for capacity not yet used."""
+        want = self.units(ray.cluster_resources())
+        made = []
+        for i in range(len(existing), want):
+            name = f"interaction-{i}"
+            handle = self.create(name)
+            await handle.ready.remote()
+            made.append((name, Remote(handle), self.max_sessions, handle))
+        return made
 
 
 def build(config: AppConfig) -> App:
     """Create the actors, bind their handles and run the Serve app on the connected Ray cluster."""
     from actors.ingress import IngressActor
 
+    exposed = config.exposure_error()
+    if exposed:
+        raise StartupError(exposed)
     tick_ms = model_tick_ms(config)
     options = actor_options(config, ray.cluster_resources())
     parts: dict[str, str] = {}
     made: list = []
 
-    def create(role: str, cls, *args, **kwargs):
+    def create(name: str, cls, *args, role: str | None = None, **kwargs):
         try:
-            handle = cls.options(name=role, namespace=NAMESPACE, **options[role]).remote(*args, **kwargs)
+            handle = cls.options(name=name, namespace=NAMESPACE, **RESTART, **options[role or name]).remote(*args, **kwargs)
         except ValueError as exc:  # the name is taken: another build's actors are alive
             raise StartupError(
-                f"Interplay is already running on this Ray cluster (its {role} actor is alive): "
+                f"Interplay is already running on this Ray cluster (its {name} actor is alive): "
                 "stop that `interplay serve` first"
             ) from exc
         made.append(handle)
@@ -136,24 +208,36 @@ def build(config: AppConfig) -> App:
 
         t = time.monotonic()
         spec = engine_spec(config)
-        interaction = create(
-            "interaction", InteractionActor, spec, log=Remote(log), background=RemotePool(background) if background else None,
-            grace_ms=config.interaction.grace_ms, max_sessions=config.interaction.max_sessions,
-        )
-        clock = TickClock.from_dict(ray.get(interaction.ready.remote()))
+        fleet = interaction_fleet(config, options, log, background, t0=time.time())
+        interactions = {}
+        for i in range(fleet.units(ray.cluster_resources())):
+            interactions[f"interaction-{i}"] = create(f"interaction-{i}", InteractionActor, spec, role="interaction", **fleet.kwargs)
+        clocks = ray.get([h.ready.remote() for h in interactions.values()])
+        clock = TickClock.from_dict(clocks[0])
+        interaction = interactions["interaction-0"]
         where = "GPU" if options["interaction"]["num_gpus"] else "CPU"
-        parts["interaction"] = f"up ({spec.checkpoint or spec.preset} on {where}, {clock.tick_ms} ms ticks, t0={clock.t0:.3f}) in {time.monotonic() - t:.1f} s"
+        parts["interaction"] = (
+            f"{len(interactions)} up ({spec.checkpoint or spec.preset} on {where}, {clock.tick_ms} ms ticks, t0={clock.t0:.3f}, "
+            f"{config.interaction.max_sessions} sessions each) in {time.monotonic() - t:.1f} s"
+        )
+        router = create("router", RouterActor, {n: (Remote(h), fleet.max_sessions, h) for n, h in interactions.items()}, grow=None if fleet.fixed else fleet)
+        ray.get(router.start.remote())
 
         t = time.monotonic()
         # A server bound to loopback keeps its WebRTC media on loopback too (aioice skips 127.0.0.1).
         ice = config.ingress.ice_addresses or (["127.0.0.1"] if config.loopback else None)
         jitter_ms, prebuffer_ms = config.margins_ms()
-        ingress = create(
-            "ingress", IngressActor, Remote(interaction), clock.to_dict(),
-            max_sessions=config.interaction.max_sessions, jitter_ms=jitter_ms, prebuffer_ms=prebuffer_ms, ice_addresses=ice,
-        )
-        ray.get(ingress.stats.remote())
-        parts["ingress"] = f"up (margins: jitter {jitter_ms:.0f} ms, playout {prebuffer_ms:.0f} ms) in {time.monotonic() - t:.1f} s"
+        ingresses = [
+            create(
+                f"ingress-{i}", IngressActor, Routed(router), clock.to_dict(), role="ingress",
+                max_sessions=config.interaction.max_sessions, jitter_ms=jitter_ms, prebuffer_ms=prebuffer_ms, ice_addresses=ice,
+                idle_timeout_s=config.interaction.idle_timeout_s, max_session_s=config.interaction.max_session_s,
+            )
+            for i in range(config.ingress.actors)
+        ]
+        ray.get([h.stats.remote() for h in ingresses])
+        ingress = ingresses[0]
+        parts["ingress"] = f"{len(ingresses)} up (margins: jitter {jitter_ms:.0f} ms, playout {prebuffer_ms:.0f} ms) in {time.monotonic() - t:.1f} s"
     except BaseException:  # nothing half-built stays behind
         for handle in made:
             ray.kill(handle, no_restart=True)
@@ -163,7 +247,10 @@ def build(config: AppConfig) -> App:
             undeploy()
         raise
 
-    app = App(config, log, interaction, ingress, clock, parts, background, pool, speech)
+    app = App(
+        config, log, interaction, ingress, clock, parts, background=background, pool=pool, speech=speech,
+        interactions=interactions, ingresses=ingresses, router=router,
+    )
     t = time.monotonic()
     serve.start(http_options={"host": config.http.host, "port": config.http.port})
     gateway = Gateway.bind(config.model_dump(), secrets.token_bytes(32), interaction, ingress, clock.to_dict())
@@ -237,24 +324,34 @@ def serve_app(args: dict):
     tick_ms = model_tick_ms(config)
     options = actor_options(config, ray.cluster_resources())
 
-    def get(role: str, cls, *a, **kw):
-        return cls.options(name=role, namespace=NAMESPACE, lifetime="detached", get_if_exists=True, **options[role]).remote(*a, **kw)
+    def get(name: str, cls, *a, role: str | None = None, **kw):
+        opts = options[role or name]
+        return cls.options(name=name, namespace=NAMESPACE, lifetime="detached", get_if_exists=True, **RESTART, **opts).remote(*a, **kw)
 
     log = get("session_log", SessionLogActor, _absolute(config.log.root), tick_ms=tick_ms, retention_s=config.log.retention_s)
     background = None
     if config.background.active():
         chat = ServeChat(None, config.background.model_id, app_name=POOL_APP)
         background = get("background", BackgroundActor, chat, **background_options(config, log))
-    interaction = get(
-        "interaction", InteractionActor, engine_spec(config), log=Remote(log), background=RemotePool(background) if background else None,
-        grace_ms=config.interaction.grace_ms, max_sessions=config.interaction.max_sessions,
-    )
-    clock = TickClock.from_dict(ray.get(interaction.ready.remote()))
+    # The clock origin is published by the first interaction actor: one made before keeps its own.
+    first = interaction_fleet(config, options, log, background, t0=time.time(), detached=True).create("interaction-0")
+    clock = TickClock.from_dict(ray.get(first.ready.remote()))
+    fleet = interaction_fleet(config, options, log, background, t0=clock.t0, detached=True)
+    interactions = {f"interaction-{i}": fleet.create(f"interaction-{i}") for i in range(fleet.units(ray.cluster_resources()))}
+    ray.get([h.ready.remote() for h in interactions.values()])
+    router = get("router", RouterActor, {n: (Remote(h), fleet.max_sessions, h) for n, h in interactions.items()}, grow=None if fleet.fixed else fleet)
+    ray.get(router.start.remote())
+    interaction = interactions["interaction-0"]
     jitter_ms, prebuffer_ms = config.margins_ms()
-    ingress = get(
-        "ingress", IngressActor, Remote(interaction), clock.to_dict(), max_sessions=config.interaction.max_sessions,
-        jitter_ms=jitter_ms, prebuffer_ms=prebuffer_ms, ice_addresses=config.ingress.ice_addresses,
-    )
+    ingresses = [
+        get(
+            f"ingress-{i}", IngressActor, Routed(router), clock.to_dict(), role="ingress", max_sessions=config.interaction.max_sessions,
+            jitter_ms=jitter_ms, prebuffer_ms=prebuffer_ms, ice_addresses=config.ingress.ice_addresses,
+            idle_timeout_s=config.interaction.idle_timeout_s, max_session_s=config.interaction.max_session_s,
+        )
+        for i in range(config.ingress.actors)
+    ]
+    ingress = ingresses[0]
     return Gateway.bind(config.model_dump(), secrets.token_bytes(32), interaction, ingress, clock.to_dict())
 
 
@@ -267,14 +364,20 @@ def stop(app: App) -> None:
             serve.delete(name)
         except Exception:
             pass
-    for handle in (app.ingress, app.interaction, app.background, app.log):
+    grown = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True) if a["namespace"] == NAMESPACE and a["name"].startswith("interaction-")]
+    for handle in [*(app.ingresses or [app.ingress]), app.router, *(app.interactions.values() or [app.interaction]), app.background, app.log]:
         if handle is not None:
             ray.kill(handle, no_restart=True)
+    for name in grown:  # the router may have made more than the build did
+        try:
+            ray.kill(ray.get_actor(name, namespace=NAMESPACE), no_restart=True)
+        except Exception:
+            pass
 
 
 def status() -> dict[str, str]:
     """Each part's state on a running deployment (the caller has connected to Ray)."""
-    alive = {a["name"] for a in ray.util.list_named_actors(all_namespaces=True) if a["namespace"] == NAMESPACE}
+    alive = {a["name"].rsplit("-", 1)[0] if a["name"][-1:].isdigit() else a["name"] for a in ray.util.list_named_actors(all_namespaces=True) if a["namespace"] == NAMESPACE}
     out = {role: "alive" if role in alive else "absent" for role in ROLES}
     try:
         out["http"] = str(serve.status().applications[APP_NAME].status)

@@ -75,7 +75,7 @@ def test_cluster_launcher_file_is_valid_for_ray_and_offers_what_the_actors_ask_f
     hosts = {role: [name for name, res in offered.items() if all(res.get(k, 0) >= n for k, n in asks(role).items())] for role in options}
     assert hosts == {
         "session_log": ["head"], "interaction": ["interaction_gpu"], "ingress": ["head"],
-        "background": list(offered), "pool_replica": ["background_gpu"],
+        "background": list(offered), "router": list(offered), "pool_replica": ["background_gpu"],
     }
     # Every custom resource the file offers is one something asks for.
     custom = {k for res in offered.values() for k in res if k not in ("CPU", "GPU", "memory")}
@@ -85,10 +85,12 @@ def test_cluster_launcher_file_is_valid_for_ray_and_offers_what_the_actors_ask_f
 def test_actors_ask_for_nothing_a_plain_cluster_lacks():
     from deployments.app import actor_options
 
-    assert actor_options(AppConfig(), {"CPU": 8}) == {"session_log": {}, "background": {}, "interaction": {"num_gpus": 0}, "ingress": {}}
+    assert actor_options(AppConfig(), {"CPU": 8}) == {
+        "session_log": {}, "background": {}, "interaction": {"num_gpus": 0, "num_cpus": 0}, "router": {"num_cpus": 0}, "ingress": {},
+    }
     assert actor_options(AppConfig(), {"CPU": 8, "GPU": 1})["interaction"] == {"num_gpus": 1}
     cpu_only = AppConfig.model_validate({"model": {"device": "cpu"}})
-    assert actor_options(cpu_only, {"GPU": 1, "interaction": 2})["interaction"] == {"num_gpus": 0, "resources": {"interaction": 1}}
+    assert actor_options(cpu_only, {"GPU": 1, "interaction": 2})["interaction"] == {"num_gpus": 0, "num_cpus": 0, "resources": {"interaction": 1}}
 
 
 def test_the_tick_length_is_the_models_and_a_yaml_that_disagrees_is_refused_in_one_line(tmp_path):
