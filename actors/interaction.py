@@ -138,6 +138,7 @@ class JoinedSession:
     events: list[dict] = field(default_factory=list)  # background events for the next output
     updates: list[str] = field(default_factory=list)  # update texts for the next chunk
     shed: int = 0  # ticks shed since its last output
+    heard: int = 0  # the newest tick an exchange brought a chunk of it for (its first tick at first)
 
 
 @dataclass
@@ -156,7 +157,9 @@ class Interaction:
     logged; with `background` None delegated tasks are logged but not run. `now` is the wall
     clock (tests pass a fake one); `t0` the clock's origin (default: now; an actor restarted
     with the same `t0` keeps the same ticks). `snapshot_s` (None: never) is how often each
-    session's state goes to the log; `log_backlog` how many log calls may wait.
+    session's state goes to the log; `log_backlog` how many log calls may wait. A session no
+    exchange has brought a chunk of for `orphan_s` (None: never) leaves on its own ("orphaned":
+    its ingress is gone).
     """
 
     def __init__(
@@ -171,6 +174,7 @@ class Interaction:
         now: Callable[[], float] = time.time,
         snapshot_s: float | None = 5.0,
         log_backlog: int = 150,
+        orphan_s: float | None = 10.0,
     ):
         self.engine: Engine = engine.build() if isinstance(engine, EngineSpec) else engine
         self.log = log
@@ -181,6 +185,7 @@ class Interaction:
         self.max_sessions = min(max_sessions, self.engine.max_sessions)
         snapshots = bool(snapshot_s) and log is not None and hasattr(log, "put_snapshot")
         self.snapshot_every = max(1, round(snapshot_s * 1000 / self.engine.tick_ms)) if snapshots else None
+        self.orphan_ticks = max(1, round(orphan_s * 1000 / self.engine.tick_ms)) if orphan_s else None
         self.sessions: dict[str, JoinedSession] = {}
         self._inbox: dict[int, dict[str, InputChunk]] = {}
         self._outputs: dict[int, dict[str, OutputChunk]] = {}
@@ -191,7 +196,7 @@ class Interaction:
         self._late = 0
         self._phase = 0  # the next session's snapshot turn
         self._totals = {"ticks": 0, "late_chunks": 0, "missing_chunks": 0, "tasks": 0, "updates": 0, "shed_ticks": 0,
-                        "snapshots": 0, "resumed": 0, "released": 0, "replay_mismatches": 0, "dropped_updates": 0,
+                        "snapshots": 0, "resumed": 0, "released": 0, "orphaned": 0, "replay_mismatches": 0, "dropped_updates": 0,
                         "log_retries": 0, "log_dropped": 0, "log_refused": 0}
         self._loop_task: asyncio.Task | None = None
         self._metrics: _TickMetrics | None = None
@@ -218,7 +223,8 @@ class Interaction:
         return self.clock.tick_at(self.now() - self.grace_s) - 1
 
     async def clock_info(self) -> dict:
-        return {**self.clock.to_dict(), "grace_s": self.grace_s}
+        """The clock, and `now`: this actor's wall clock as it answers (for offset estimates)."""
+        return {**self.clock.to_dict(), "grace_s": self.grace_s, "now": self.now()}
 
     async def ready(self) -> dict:
         """Start the tick loop (idempotent) and return the clock."""
@@ -244,7 +250,7 @@ class Interaction:
                 raise ProtocolError(f"session {session_id!r} could not join: joined meanwhile or full", "capacity")
             first = self._next_tick
             self.engine.add_session(session_id, seed=seed)
-            session = self.sessions[session_id] = JoinedSession(session_id, first, token, snapshot_due=first, snapshot_phase=self._turn())
+            session = self.sessions[session_id] = JoinedSession(session_id, first, token, snapshot_due=first, snapshot_phase=self._turn(), heard=first)
             self._log_later([SessionEvent(session_id, self.now(), "session.joined", {"first_tick": first, "seed": seed})])
         return await self._answer(session)
 
@@ -270,14 +276,20 @@ class Interaction:
         session = self.sessions.pop(session_id, None)
         if session is None:
             raise ProtocolError(f"unknown session {session_id!r}", "unknown_session", "session_id")
-        deltas = self._cancel(session, "the session ended")
         async with self._engine_lock:
             self.engine.remove_session(session_id)
+        self._left(session)
+        if self.log is not None and not await self.flush(LEAVE_FLUSH_S):
+            log.warning("session %r left; its log closes once the log is back", session_id)
+
+    def _left(self, session: JoinedSession, reason: str | None = None) -> None:
+        """A session is out of `sessions` and the engine: its task is cancelled, `session.left`
+        logged and its log closed behind its appends."""
+        sid = session.session_id
+        deltas = self._cancel(session, "the session ended")
         if self.log is not None:
-            self._log_later(deltas + [SessionEvent(session_id, self.now(), "session.left", {})])
-            self._queue_log(_LogCall(lambda: self.log.close(session_id), f"close {session_id!r}"))
-            if not await self.flush(LEAVE_FLUSH_S):
-                log.warning("session %r left; its log closes once the log is back", session_id)
+            self._log_later(deltas + [SessionEvent(sid, self.now(), "session.left", {"reason": reason} if reason else {})])
+            self._queue_log(_LogCall(lambda: self.log.close(sid), f"close {sid!r}"))
 
     async def resume(self, session_id: str) -> dict:
         """Join a session that was live elsewhere, rebuilt from the log (see the module doc).
@@ -307,7 +319,8 @@ class Interaction:
             if first - max(self._next_tick, self.current_tick()) > RESUME_WAIT_TICKS:
                 raise ProtocolError(f"session {session_id!r} is ahead of this actor's clock", "unavailable")
             self.engine.import_session(session_id, rebuilt)
-            session = JoinedSession(session_id, first, rec.get("log_token"), last_seq=last, snapshot_due=first, snapshot_phase=self._turn())
+            session = JoinedSession(session_id, first, rec.get("log_token"), last_seq=last, snapshot_due=first, snapshot_phase=self._turn(),
+                                    heard=first)
             session.tools, session.tool_choice = mine.get("tools"), mine.get("tool_choice", "auto")
             session.typed = list(mine.get("typed") or [])
             by_seq = {o.seq: o for o in replayed}
@@ -388,6 +401,9 @@ class Interaction:
         for chunk in chunks:
             if chunk.seq != tick:
                 raise ProtocolError(f"chunk of session {chunk.session_id!r} has seq {chunk.seq}, not tick {tick}", "invalid_value", "seq")
+            session = self.sessions.get(chunk.session_id)
+            if session is not None:  # late or not, its ingress is alive
+                session.heard = max(session.heard, tick)
             if stale:
                 self._late += 1
                 continue
@@ -444,6 +460,7 @@ class Interaction:
             if tick < self._next_tick:
                 raise ValueError(f"tick {tick} was stepped already (next is {self._next_tick})")
             shed = self._shed(tick)
+            orphans = self._orphans(tick)
             self._next_tick = tick + 1
             inbox = self._inbox.pop(tick, {})
             chunks, missing = [], 0
@@ -491,11 +508,25 @@ class Interaction:
         self._finish(tick, outputs)
         if chunks:
             self._log_later([*chunks, *outputs.values(), *tasks])
+        for session in orphans:
+            self._left(session, "orphaned")
         for sid, state in states.items():  # behind the tick's own chunks in the log
             session = self.sessions.get(sid)
             if session is not None:
                 self._snapshot_later(session, tick, state)
         return outputs
+
+    def _orphans(self, tick: int) -> list[JoinedSession]:
+        """Take out the sessions no chunk came for in `orphan_ticks` (their ingress is gone)."""
+        if not self.orphan_ticks:
+            return []
+        gone = [s for s in self.sessions.values() if tick - s.heard > self.orphan_ticks]
+        for session in gone:
+            log.warning("session %r: no chunk for %d ticks; it leaves", session.session_id, tick - session.heard)
+            del self.sessions[session.session_id]
+            self.engine.remove_session(session.session_id)
+            self._totals["orphaned"] += 1
+        return gone
 
     def _step_engine(self, chunks: list[InputChunk], export: list[str]) -> tuple[list[OutputChunk], dict, dict[str, dict]]:
         """The engine's step, and the states of `export` right after it (in the executor)."""
@@ -747,6 +778,7 @@ class Interaction:
         steps = np.array([s.step_ms for s in recent]) if recent else np.zeros(1)
         return {
             "sessions": len(self.sessions),
+            "session_ids": sorted(self.sessions),
             "tick": self._next_tick - 1,
             "tick_ms": self.clock.tick_ms,
             "step_ms_p50": float(np.percentile(steps, 50)),

@@ -469,3 +469,33 @@ def test_the_log_backlog_is_bounded_and_drops_the_oldest(tmp_path):
     token = asyncio.run(scenario())
     inputs = [d.seq for d in from_table(session_log.read("a", token)) if isinstance(d, InputChunk)]
     assert inputs == [5, 6, 7]  # the newest; the oldest were dropped while the log was down
+
+
+def test_a_session_whose_ingress_is_gone_leaves_on_its_own(tmp_path):
+    """No chunk of B for `orphan_s` (late ones count as signs of life): B leaves, "orphaned", its
+    log closed; A, whose chunks keep coming, stays. The clock answers with the actor's time."""
+    session_log = SessionLog(tmp_path / "log", tick_ms=200)
+
+    async def scenario():
+        inter = Interaction(MockEngine(max_sessions=4), log=LocalLog(session_log), t0=0.0, now=FakeTime(), orphan_s=1.0)
+        await inter.join("a")
+        token = (await inter.join("b"))["log_token"]
+        inter.now.t = 0.1
+        assert (await inter.clock_info())["now"] == 0.1
+        for k in range(7):
+            late = [chunk("b", k - 1)] if k == 2 else []
+            await exchange_then_step(inter, k, [chunk("a", k)], ["a"])
+            if late:
+                await inter.exchange(k - 1, late, ["b"])
+        assert sorted(inter.sessions) == ["a", "b"]  # heard of at tick 1 (late): 5 ticks of silence so far
+        await exchange_then_step(inter, 7, [chunk("a", 7)], ["a"])
+        stats = await inter.stats()
+        assert stats["session_ids"] == ["a"] and stats["totals"]["orphaned"] == 1
+        assert inter.engine.sessions.keys() == {"a"}
+        await inter.flush()
+        return token
+
+    token = asyncio.run(scenario())
+    assert session_log.info("b", token)["closed"]
+    left = [d for d in from_table(session_log.read("b", token)) if isinstance(d, SessionEvent)][-1]
+    assert (left.type, left.data) == ("session.left", {"reason": "orphaned"})
