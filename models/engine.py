@@ -23,7 +23,8 @@ plus the input chunks stepped since, replayed alone on a one-row engine sharing 
 (`replay`, which may run beside a step, then `import_session`). Since
 a chunk carries everything that entered at its tick (audio, frame, text, background updates,
 forced control), the rebuilt session is the one that was left, to the float tolerance batching
-already has (text and controls exactly).
+already has: text and controls exactly; rarely a dMel code on a quantisation step's edge, and the
+vocoder's peak-locked phase, can turn last-bit noise into a different waveform of the same level.
 """
 
 from __future__ import annotations
