@@ -31,7 +31,7 @@ from protocols import ProtocolError
 from protocols.chunks import MAX_FRAME_EDGE, PATCH
 from protocols.clock import TickClock
 from protocols.ports import Interaction, Placement
-from protocols.realtime import SessionConfig, error_event, expired_error, rate_of
+from protocols.realtime import error_event, expired_error, rate_of, session_config
 
 from .gatherer import Call, Gatherer, estimate_offset
 from .ice import use_ice_addresses
@@ -43,11 +43,9 @@ log = logging.getLogger(__name__)
 
 
 def check_config(config: dict | None) -> dict:
-    """A session config as the client gave it (offer or WebSocket), validated and dumped."""
-    try:
-        return SessionConfig.model_validate(config or {}).model_dump(mode="json", exclude_none=True)
-    except Exception as exc:
-        raise ProtocolError(f"invalid session config: {exc}", "invalid_value", "session") from None
+    """A session config as the client gave it (offer or WebSocket), validated and dumped; the
+    same checks as a session.update's (`protocols.realtime.session_config`)."""
+    return session_config(config)
 
 
 class Ingress:
@@ -157,7 +155,7 @@ class Ingress:
         the queue yields, and calls `close` when the socket closes."""
         config = check_config(session_config)
         self._check_room()
-        transport = WebSocketTransport(self.clock, output_rate=rate_of(config, "output"))
+        transport = WebSocketTransport(self.clock, output_rate=rate_of(config, "output"), max_event_bytes=self.max_event_bytes)
         call = self._new_call(transport, config)
         call.owner = owner
         self._negotiating += 1

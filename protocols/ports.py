@@ -42,6 +42,15 @@ class Engine(Protocol):
 
     def import_session(self, session_id: str, state: dict) -> None: ...
 
+    def replay(self, session_id: str, state: dict | None = None, seed: int | None = None, chunks: Any = ()) -> tuple[dict, list[OutputChunk]]:
+        """Step one session's `chunks` alone from `state` (or fresh), touching no live session
+        (safe beside `step`): -> the state after them and their outputs."""
+        ...
+
+    def rebuild(self, session_id: str, state: dict | None = None, seed: int | None = None, chunks: Any = ()) -> list[OutputChunk]:
+        """`replay`, then the session joins this engine at the state it reached."""
+        ...
+
 
 @runtime_checkable
 class Interaction(Protocol):
