@@ -389,7 +389,7 @@ class Interaction:
         """Hand in chunk `tick` of some sessions; get back tick `tick`'s outputs of `session_ids`.
 
         A chunk for a tick already stepped, or that will be shed (a newer tick is due), is late:
-        it is counted and dropped, and the outputs there are are returned. A tick more than
+        it is counted and dropped, and whatever outputs that tick has are returned. A tick more than
         AHEAD_TICKS ahead of the clock is refused. Chunks of sessions not joined are dropped;
         unknown sessions get no output (the caller asked wrongly).
         """
