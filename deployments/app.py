@@ -101,6 +101,11 @@ def interaction_fleet(config: AppConfig, options: dict, log: ActorHandle, backgr
     )
 
 
+def ingress_capacity(config: AppConfig) -> int:
+    """Calls one ingress actor holds (its media and events cost its process CPU): `ingress.max_sessions`."""
+    return getattr(config.ingress, "max_sessions", None) or 32
+
+
 def engine_spec(config: AppConfig) -> EngineSpec:
     m = config.model
     return EngineSpec(preset=m.preset, checkpoint=m.checkpoint, device=m.device, max_sessions=config.interaction.max_sessions)
@@ -230,7 +235,7 @@ def build(config: AppConfig) -> App:
         ingresses = [
             create(
                 f"ingress-{i}", IngressActor, Routed(router), clock.to_dict(), role="ingress",
-                max_sessions=config.interaction.max_sessions, jitter_ms=jitter_ms, prebuffer_ms=prebuffer_ms, ice_addresses=ice,
+                max_sessions=ingress_capacity(config), jitter_ms=jitter_ms, prebuffer_ms=prebuffer_ms, ice_addresses=ice,
                 idle_timeout_s=config.interaction.idle_timeout_s, max_session_s=config.interaction.max_session_s,
             )
             for i in range(config.ingress.actors)
@@ -321,6 +326,9 @@ def serve_app(args: dict):
     from actors.ingress import IngressActor
 
     config = AppConfig.model_validate((args or {}).get("config", {}))
+    exposed = config.exposure_error()
+    if exposed:
+        raise StartupError(exposed)
     tick_ms = model_tick_ms(config)
     options = actor_options(config, ray.cluster_resources())
 
@@ -345,7 +353,7 @@ def serve_app(args: dict):
     jitter_ms, prebuffer_ms = config.margins_ms()
     ingresses = [
         get(
-            f"ingress-{i}", IngressActor, Routed(router), clock.to_dict(), role="ingress", max_sessions=config.interaction.max_sessions,
+            f"ingress-{i}", IngressActor, Routed(router), clock.to_dict(), role="ingress", max_sessions=ingress_capacity(config),
             jitter_ms=jitter_ms, prebuffer_ms=prebuffer_ms, ice_addresses=config.ingress.ice_addresses,
             idle_timeout_s=config.interaction.idle_timeout_s, max_session_s=config.interaction.max_session_s,
         )
