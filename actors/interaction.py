@@ -790,6 +790,7 @@ class Interaction:
             "log_backlog": len(self._log_queue),
             "totals": dict(self._totals),
             "ticks": [vars(s) for s in recent[-10:]],
+            "node_id": ray.get_runtime_context().get_node_id() if _in_ray_actor() else None,
         }
 
 

@@ -100,6 +100,7 @@ class Router:
         self.ping_timeout_s = ping_timeout_s
         self.counts = {"placed": 0, "refused": 0, "resumed": 0, "moved": 0, "grown": 0, "forgotten": 0}
         self._strikes: dict[str, int] = {}
+        self._session_locks: dict[str, asyncio.Lock] = {}
         self._lock = asyncio.Lock()
         self._watcher: asyncio.Task | None = None
 
@@ -131,7 +132,9 @@ class Router:
             raise ProtocolError("every interaction actor is full; try again later", "capacity")
 
     async def locate(self, session_id: str, lost_on: str | None = None) -> Placed:
-        async with self._lock:
+        # One session at a time, not one placement at a time: the sessions of a dead actor are
+        # resumed side by side, each a log read and a short replay.
+        async with self._session_locks.setdefault(session_id, asyncio.Lock()):
             name = self.where.get(session_id)
             if name is None:
                 raise ProtocolError(f"unknown session {session_id!r}", "unknown_session", "session_id")
@@ -144,6 +147,7 @@ class Router:
     async def leave(self, session_id: str) -> None:
         async with self._lock:
             name = self.where.pop(session_id, None)
+            self._session_locks.pop(session_id, None)
             actor = self.actors.get(name) if name else None
             if actor is None:
                 raise ProtocolError(f"unknown session {session_id!r}", "unknown_session", "session_id")
@@ -276,7 +280,7 @@ class Router:
             self._put(session_id, actor)
             self.counts["resumed"] += 1
             return self._placed(actor, joined)
-        self.where.pop(session_id, None)
+        # Still known (where it was): the ingress asks again until an actor can take it.
         raise ProtocolError("no interaction actor can take this session now", "capacity")
 
     def _put(self, session_id: str, actor: _Actor) -> None:
