@@ -41,6 +41,8 @@ from .transports import MAX_CHANNEL_EVENT_BYTES, WebRTCTransport, WebSocketTrans
 
 log = logging.getLogger(__name__)
 
+MAX_OFFSET_RTT_S = 0.02  # a clock offset is taken from round trips no longer than this (or a tenth of a tick)
+
 
 def check_config(config: dict | None) -> dict:
     """A session config as the client gave it (offer or WebSocket), validated and dumped; the
@@ -267,7 +269,10 @@ class Ingress:
         while self.groups.get(group.name) is group:
             try:
                 offset, rtt = await asyncio.wait_for(estimate_offset(group.interaction), 5.0)
-                group.clock = self.clock.with_offset(offset)
+                # The midpoint of a round trip is only as good as the trip is short: a busy actor
+                # answering late would skew the clock by up to half of it. Keep the last estimate then.
+                if rtt <= max(MAX_OFFSET_RTT_S, 0.1 * self.clock.tick_s):
+                    group.clock = self.clock.with_offset(offset)
             except Exception:
                 pass  # unreachable for now: keep the last estimate
             await asyncio.sleep(self.offset_every_s)

@@ -245,3 +245,26 @@ def test_sessions_an_actor_no_longer_has_free_their_slots_on_the_second_check():
         assert (await r.place("s1")).actor == "a"
 
     asyncio.run(main())
+
+
+def test_each_gatherer_runs_on_its_actors_clock_estimated_from_round_trips():
+    """An actor whose node's clock is 80 ms ahead: the ingress's gatherer for it corrects by the
+    offset (to a round trip's precision), so the ticks it sends are the ticks that actor is at."""
+
+    async def main():
+        skewed = Fake("a", capacity=2)
+
+        async def clock_info():
+            await asyncio.sleep(0.001)
+            return {"t0": 0.0, "tick_ms": 200, "tick_s": 0.2, "now": time.time() + 0.08}
+
+        skewed.clock_info = clock_info
+        ingress = Ingress(router(skewed), TickClock(time.time()), max_sessions=2)
+        await ingress.open_websocket()
+        deadline = time.time() + 5
+        while abs(ingress.groups["a"].clock.offset_s + 0.08) > 0.01:
+            assert time.time() < deadline, ingress.groups["a"].clock
+            await asyncio.sleep(0.05)
+        await ingress.shutdown()
+
+    asyncio.run(main())

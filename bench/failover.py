@@ -1,0 +1,391 @@
+"""Failover: kill interaction actors (and a node) under live WebRTC calls; how long until output resumes.
+
+    python -m bench.failover [--calls 4] [--kills 3] [--snapshot-s 1]
+
+Starts a Ray cluster of its own on this machine with `ray start` nodes, each offering one unit
+of the `interaction` resource (so one interaction actor each), and the app on it (the untrained
+`tiny` model, `interaction.max_sessions` 2, background pool off). Then, with `--calls` WebRTC
+calls up (aiortc peers over loopback playing speech, `interplay.tick` events on):
+
+1. capacity: the calls fill both actors and one more call is refused (503); a third node joins
+   and, with no restart, the same call is taken (on the new actor), then hung up;
+2. kills: `--kills` times, the interaction actor with the most calls is killed (`ray.kill`, Ray
+   restarts it); resume time = from the kill to the first `interplay.tick` event of each of its
+   calls for a tick after the kill (every wait included: detection, placement, the rebuild from
+   the log, the first exchange and delivery);
+3. a node leaves: every process of a node holding calls is killed; its calls resume elsewhere;
+4. the log: each call's log is read back; its indices and ticks run in order with no duplicate,
+   and the logged outputs equal what a fresh engine produces from the logged inputs alone,
+   stepping the session by itself, before and after every resume: controls and text exactly,
+   audio level within 1 %. The waveform itself is counted too (ticks equal to the sample within
+   `--lsb`), not required: a session stepped in a batch and the same one stepped alone differ
+   in the last bits of float32 arithmetic, and the vocoder's phase tracking can carry such a
+   difference on as a different phase at the same level.
+
+Prints a table, writes bench/results/failover.json; exits 1 if a call was lost or an output
+differs. Aim: every resume within 2 s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from bench.common import percentiles, print_table, write_json
+from bench.soak import KEY, CallLog, soak_call
+
+ROOT = Path(__file__).resolve().parents[1]
+RAY = str(Path(sys.executable).with_name("ray"))
+
+
+def say(message: str) -> None:
+    print(f"[failover] {message}", flush=True)
+
+
+class LocalCluster:
+    """Ray nodes started here with `ray start`, in a temp dir of their own (so no other Ray user on
+    the machine attaches to them). Nodes are told apart by their node-manager ports."""
+
+    def __init__(self):
+        self.temp_dir = tempfile.mkdtemp(prefix="fo-", dir="/tmp")  # short: Ray's socket paths have a length limit
+        self.port = _free_port()
+        self.env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled"}
+        self.env.pop("RAY_ADDRESS", None)
+        self.address = f"127.0.0.1:{self.port}"
+
+    def start_head(self, num_cpus: int, resources: dict) -> None:
+        self._start(["--head", f"--port={self.port}", "--include-dashboard=false"], num_cpus, resources)
+
+    def add_node(self, num_cpus: int, resources: dict) -> int:
+        """Start a worker node; -> its node-manager port."""
+        port = _free_port()
+        self._start([f"--address={self.address}", f"--node-manager-port={port}"], num_cpus, resources)
+        return port
+
+    def _start(self, args: list[str], num_cpus: int, resources: dict) -> None:
+        cmd = [RAY, "start", *args, f"--num-cpus={num_cpus}", "--resources", json.dumps(resources), "--temp-dir", self.temp_dir, "--disable-usage-stats"]
+        # Not through pipes: the daemons `ray start` leaves behind inherit them and would die of
+        # SIGPIPE on their next write once this process stops reading.
+        subprocess.run(cmd, check=True, env=self.env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL, timeout=180)
+
+    def kill_node(self, node_manager_port: int) -> int:
+        """SIGKILL a worker node's raylet and every process under it; -> how many were killed."""
+        import psutil
+
+        killed = 0
+        for proc in psutil.process_iter(["cmdline"]):
+            cmd = " ".join(proc.info["cmdline"] or [])
+            if "raylet" in cmd and f"--node_manager_port={node_manager_port}" in cmd:
+                for p in [*proc.children(recursive=True), proc]:
+                    try:
+                        p.kill()
+                        killed += 1
+                    except psutil.Error:
+                        pass
+        return killed
+
+    def shutdown(self) -> None:
+        for entry in os.listdir("/proc"):
+            if entry.isdigit() and int(entry) != os.getpid():
+                try:
+                    if self.temp_dir.encode() in Path(f"/proc/{entry}/cmdline").read_bytes():
+                        os.kill(int(entry), signal.SIGKILL)
+                except (OSError, ProcessLookupError):
+                    pass
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# --- the scenario -------------------------------------------------------------------------------
+
+
+async def wait_until(predicate, timeout_s: float, what: str, every_s: float = 0.2):
+    deadline = time.time() + timeout_s
+    while True:
+        result = await predicate() if asyncio.iscoroutinefunction(predicate) else predicate()
+        if result:
+            return result
+        if time.time() > deadline:
+            raise TimeoutError(f"{what}: not within {timeout_s:.0f} s")
+        await asyncio.sleep(every_s)
+
+
+def resumed_at(log: CallLog, after_tick: int, t_kill: float) -> float | None:
+    """Seconds from the kill to the first tick event (arriving after it) for a tick after `after_tick`."""
+    for tick, arrival in log.ticks:
+        if tick > after_tick and arrival > t_kill:
+            return arrival - t_kill
+    return None
+
+
+async def scenario(args) -> dict:
+    import ray
+
+    from deployments import app as deployment
+    from deployments.config import AppConfig
+    from examples.call import post_offer, resample
+    from bench.e2e import speech
+
+    cluster = LocalCluster()
+    report: dict = {"kills": [], "node_leave": None, "capacity": {}, "log": {}}
+    say(f"starting a 2-node Ray cluster in {cluster.temp_dir} ...")
+    cluster.start_head(4, {"interaction": 1})
+    node2 = cluster.add_node(2, {"interaction": 1})
+    try:
+        ray.init(address=cluster.address, namespace=deployment.NAMESPACE, logging_level="ERROR", log_to_driver=False)
+        folder = tempfile.mkdtemp(prefix="interplay-failover-")
+        config = AppConfig.model_validate({
+            "model": {"preset": "tiny", "checkpoint": None}, "log": {"root": f"{folder}/log"}, "http": {"port": args.port},
+            "auth": {"api_keys": [KEY]}, "background": {"enabled": False},
+            "interaction": {"max_sessions": 2, "snapshot_s": args.snapshot_s},
+        })
+        app = deployment.build(config)
+        for name, status in app.parts.items():
+            say(f"{name:<12} {status}")
+        url, clock = f"http://127.0.0.1:{args.port}", app.clock
+        router = app.router
+
+        samples16, rate = speech(8.0, folder)
+        samples = resample(samples16, rate)
+        logs = [CallLog(i) for i in range(args.calls)]
+        until = time.time() + 3600
+        tasks = [asyncio.create_task(soak_call(url, log, samples, until, respond_every_s=6.0)) for log in logs]
+        await wait_until(lambda: all(len(log.ticks) > 10 or log.error for log in logs), 90, "every call hearing ticks")
+        lost = [log.error for log in logs if log.error]
+        if lost:
+            raise RuntimeError(f"calls failed to start: {lost}")
+        say(f"{args.calls} calls up: {(await router.stats.remote())['actors']}")
+
+        # 1. capacity: full, refused, a node joins, taken.
+        from aiortc import RTCPeerConnection
+
+        async def offer() -> int:
+            pc = RTCPeerConnection()
+            pc.addTransceiver("audio")
+            pc.createDataChannel("oai-events")
+            await pc.setLocalDescription(await pc.createOffer())
+            status, _, location = await asyncio.to_thread(post_offer, url, pc.localDescription.sdp, KEY)
+            await pc.close()
+            if status == 201:
+                await asyncio.to_thread(_hangup, url, location)
+            return status
+
+        refused = await offer()
+        t = time.time()
+        cluster.add_node(2, {"interaction": 1})
+        await wait_until(lambda: _actors(router) >= 3, 60, "the router growing onto the new node")
+        grown_s = time.time() - t
+        taken = await offer()
+        report["capacity"] = {"full_status": refused, "after_node_joined_status": taken, "grown_in_s": round(grown_s, 1)}
+        say(f"capacity: full -> HTTP {refused}; a node joined, actor added in {grown_s:.1f} s -> HTTP {taken}")
+
+        # 2. kills.
+        for k in range(args.kills):
+            await asyncio.sleep(args.settle_s)
+            where = await router.placements.remote()
+            counts: dict[str, list[str]] = {}
+            for sid, name in where.items():
+                counts.setdefault(name, []).append(sid)
+            victim = max(sorted(counts), key=lambda n: len(counts[n]))
+            sessions = counts[victim]
+            t_kill = time.time()
+            ray.kill(ray.get_actor(victim, namespace=deployment.NAMESPACE), no_restart=False)
+            kill_tick = clock.tick_at(t_kill)
+            mine = [log for log in logs if log.session_id in sessions]
+            try:
+                await wait_until(lambda: all(resumed_at(log, kill_tick + 1, t_kill) is not None for log in mine), 20, "calls resuming")
+            except TimeoutError:
+                pass
+            times = [resumed_at(log, kill_tick + 1, t_kill) for log in mine]
+            after = await router.placements.remote()
+            report["kills"].append({"actor": victim, "calls": len(mine), "resume_s": times, "now_on": sorted({after.get(s, "?") for s in sessions})})
+            say(f"kill {k + 1}: {victim} with {len(mine)} calls -> resumed in {_fmt(times)} on {sorted({after.get(s, '?') for s in sessions})}")
+
+        # 3. a node leaves.
+        await asyncio.sleep(args.settle_s)
+        where = await router.placements.remote()
+        on_node2 = [name for name in sorted(set(where.values())) if _node_port(name) == node2]
+        if on_node2:
+            sessions = [sid for sid, name in where.items() if name in on_node2]
+            t_kill = time.time()
+            killed = cluster.kill_node(node2)
+            kill_tick = clock.tick_at(t_kill)
+            mine = [log for log in logs if log.session_id in sessions]
+            try:
+                await wait_until(lambda: all(resumed_at(log, kill_tick + 1, t_kill) is not None for log in mine), 30, "calls resuming after the node left")
+            except TimeoutError:
+                pass
+            times = [resumed_at(log, kill_tick + 1, t_kill) for log in mine]
+            after = await router.placements.remote()
+            report["node_leave"] = {"actors": on_node2, "processes_killed": killed, "calls": len(mine), "resume_s": times, "now_on": sorted({after.get(s, "?") for s in sessions})}
+            say(f"node left ({on_node2}, {killed} processes): {len(mine)} calls resumed in {_fmt(times)} on {sorted({after.get(s, '?') for s in sessions})}")
+        else:
+            say("no calls on the second node; node-leave step skipped")
+
+        # 4. the log, before hanging up.
+        await asyncio.sleep(1.0)
+        report["log"] = await check_logs(app, [log.session_id for log in logs], args.lsb)
+        report["calls_alive"] = sum(1 for log in logs if not log.error)
+        report["errors"] = [log.error for log in logs if log.error]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        try:
+            deployment.stop(app)
+        except Exception:
+            pass
+        ray.shutdown()
+    except BaseException:
+        import traceback
+
+        traceback.print_exc()  # now: the driver does not outlive the cluster's shutdown below
+        sys.stdout.flush()
+        sys.stderr.flush()
+        raise
+    finally:
+        try:
+            ray.shutdown()
+        except Exception:
+            pass
+        cluster.shutdown()
+    return report
+
+
+def _hangup(url: str, location: str | None) -> None:
+    import urllib.request
+
+    if location:
+        request = urllib.request.Request(f"{url}{location}/hangup", method="POST", headers={"Authorization": f"Bearer {KEY}"})
+        try:
+            urllib.request.urlopen(request, timeout=10).read()
+        except Exception:
+            pass
+
+
+def _actors(router) -> int:
+    import ray
+
+    return len(ray.get(router.stats.remote())["actors"])
+
+
+def _node_port(actor_name: str) -> int | None:
+    """The node-manager port of the node an interaction actor runs on (now)."""
+    import ray
+
+    from deployments.app import NAMESPACE
+
+    try:
+        node_id = ray.get(ray.get_actor(actor_name, namespace=NAMESPACE).stats.remote(), timeout=5)["node_id"]
+    except Exception:
+        return None
+    for node in ray.nodes():
+        if node["NodeID"] == node_id and node["Alive"]:
+            return node.get("NodeManagerPort")
+    return None
+
+
+def _fmt(times: list) -> str:
+    ok = [t for t in times if t is not None]
+    lost = len(times) - len(ok)
+    text = ", ".join(f"{t:.2f} s" for t in ok) or "-"
+    return text + (f" ({lost} not resumed)" if lost else "")
+
+
+async def check_logs(app, session_ids: list[str], lsb: int) -> dict:
+    """Each session's log in order, and its outputs equal to a fresh engine's from its inputs."""
+    from actors.interaction import EngineSpec
+    from deployments.app import engine_spec
+    from protocols import InputChunk, OutputChunk
+    from protocols.deltas import from_table
+
+    spec: EngineSpec = engine_spec(app.config)
+    out = {
+        "sessions": 0, "ordered": 0, "gaps": 0, "ticks_compared": 0, "control_or_text_mismatches": 0, "level_mismatches": 0,
+        "audio_exact_ticks": 0, "audio_max_diff": 0,
+    }
+    for sid in session_ids:
+        if sid is None:
+            continue
+        recovery = await app.log.recovery.remote(sid)
+        table = await app.log.read.remote(sid, recovery["log_token"])
+        deltas = from_table(table)
+        indices = table.column("index").to_pylist()
+        inputs = [d for d in deltas if isinstance(d, InputChunk)]
+        outputs = {d.seq: d for d in deltas if isinstance(d, OutputChunk)}
+        seqs = [c.seq for c in inputs]
+        out["sessions"] += 1
+        out["ordered"] += int(indices == sorted(set(indices)) and seqs == sorted(set(seqs)))
+        out["gaps"] += sum(1 for a, b in zip(seqs, seqs[1:]) if b != a + 1)
+        engine = EngineSpec(spec.preset, spec.checkpoint, "cpu", max_sessions=1).build()
+        engine.add_session(sid)
+        for chunk in inputs:
+            outs, _ = engine.step([chunk])
+            logged = outputs.get(chunk.seq)
+            if logged is None or not outs:
+                continue
+            mine = outs[0]
+            out["ticks_compared"] += 1
+            if mine.controls != logged.controls or mine.text != logged.text:
+                out["control_or_text_mismatches"] += 1
+            a, b = _level(mine.audio), _level(logged.audio)
+            if abs(a - b) > 0.01 * max(a, b) + 1e-4:
+                out["level_mismatches"] += 1
+            diff = int(np.abs(mine.audio.astype(np.int32) - logged.audio.astype(np.int32)).max()) if len(mine.audio) else 0
+            out["audio_max_diff"] = max(out["audio_max_diff"], diff)
+            out["audio_exact_ticks"] += int(diff <= lsb)
+    return out
+
+
+def _level(audio: np.ndarray) -> float:
+    return float(np.sqrt(np.mean(audio.astype(np.float64) ** 2)) / 32768) if len(audio) else 0.0
+
+
+def summarise(report: dict) -> list[dict]:
+    rows = []
+    kills = [t for k in report["kills"] for t in k["resume_s"]]
+    for label, times in (("actor killed", kills), ("node left", (report.get("node_leave") or {}).get("resume_s", []))):
+        ok = [t for t in times if t is not None]
+        p = percentiles([t * 1000 for t in ok]) if ok else {}
+        rows.append({"event": label, "calls": len(times), "resumed": len(ok), "p50 ms": p.get("p50"), "worst ms": max(ok) * 1000 if ok else None})
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--calls", type=int, default=4)
+    parser.add_argument("--kills", type=int, default=3)
+    parser.add_argument("--snapshot-s", type=float, default=1.0)
+    parser.add_argument("--settle-s", type=float, default=3.0, help="calls run this long between faults")
+    parser.add_argument("--lsb", type=int, default=2, help="audio samples may differ by this much (float rounding of a batch of one vs many)")
+    parser.add_argument("--port", type=int, default=8141)
+    parser.add_argument("--name", default="failover")
+    args = parser.parse_args(argv)
+    report = asyncio.run(scenario(args))
+    rows = summarise(report)
+    print_table(rows, ["event", "calls", "resumed", "p50 ms", "worst ms"])
+    log = report["log"]
+    say(f"log: {log}")
+    path = write_json(args.name, {"args": vars(args), "report": report, "table": rows})
+    say(f"wrote {path}")
+    every = [t for k in report["kills"] for t in k["resume_s"]] + list((report.get("node_leave") or {}).get("resume_s", []))
+    ok = all(t is not None for t in every) and log.get("control_or_text_mismatches", 1) == 0 and log.get("level_mismatches", 1) == 0
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
