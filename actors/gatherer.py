@@ -41,7 +41,7 @@ from .transports import Transport
 
 log = logging.getLogger(__name__)
 
-COUNTS = ("ticks", "exchanges", "late_exchanges", "failed_exchanges", "skipped_ticks", "missing_chunks", "late_chunks", "lost")
+COUNTS = ("ticks", "exchanges", "late_exchanges", "failed_exchanges", "skipped_ticks", "missing_chunks", "late_chunks", "lost", "early_ticks")
 MISSES = 3  # exchanges in a row without a call's output before it counts as lost
 UNREACHABLE = 2  # failed or timed-out exchanges in a row before the actor counts as gone
 
@@ -133,8 +133,17 @@ class Gatherer:
         deadline = self.clock.end(k) + self.grace_s
         while True:
             self._news.clear()
-            delay = deadline - self.clock.now()
-            if delay <= 0 or self._complete(k):
+            now = self.clock.now()
+            delay = deadline - now
+            if delay <= 0:
+                return
+            if self._complete(k):
+                if now >= self.clock.start(k):
+                    return
+                # Audio placed ahead of the clock (a client running fast) must not pull the
+                # exchanges ahead of the interaction actor's ticks: never gather before the tick starts.
+                self.counts["early_ticks"] += 1
+                await asyncio.sleep(self.clock.start(k) - now)
                 return
             timer = loop.call_later(delay, self._news.set)
             try:
@@ -207,7 +216,7 @@ class Gatherer:
             outs = await asyncio.wait_for(self.interaction.exchange(k, chunks, ids), self.exchange_timeout_s)
         except Exception as exc:
             self.counts["failed_exchanges"] += 1
-            log.warning("exchange with %s for tick %d failed: %r", self.name, k, exc)
+            log.warning("exchange with %s for tick %d (now %+.3f s from its start) failed: %r", self.name, k, self.clock.now() - self.clock.start(k), exc)
             if not isinstance(exc, ProtocolError):
                 self._failures += 1
                 if self._failures >= UNREACHABLE or not isinstance(exc, asyncio.TimeoutError):

@@ -224,21 +224,32 @@ class Interaction:
 
     async def clock_info(self) -> dict:
         """The clock, and `now`: this actor's wall clock as it answers (for offset estimates)."""
+        self._restarted()
         return {**self.clock.to_dict(), "grace_s": self.grace_s, "now": self.now()}
 
     async def ready(self) -> dict:
         """Start the tick loop (idempotent) and return the clock."""
+        self._start_loop()
+        return await self.clock_info()
+
+    def _start_loop(self) -> None:
         if self._loop_task is None:
             if _in_ray_actor():
                 self._metrics = _TickMetrics()
             self._loop_task = asyncio.get_running_loop().create_task(self.run())
-        return await self.clock_info()
+
+    def _restarted(self) -> None:
+        """An actor Ray restarted runs its constructor again and nothing else: the first call
+        that comes (an exchange, a resume, a ping) starts its ticks. In process, `ready` does."""
+        if self._loop_task is None and _in_ray_actor():
+            self._start_loop()
 
     # --- sessions ----------------------------------------------------------------------------
 
     async def join(self, session_id: str, seed: int | None = None) -> dict:
         """Add a session from the next tick stepped; returns its first tick, log token and the clock.
         Refused ("capacity") when full, or while steps run hot: new sessions wait, live ones don't."""
+        self._restarted()
         if session_id in self.sessions:
             raise ProtocolError(f"session {session_id!r} already joined", "session_exists", "session_id")
         self._admit()
@@ -294,6 +305,7 @@ class Interaction:
     async def resume(self, session_id: str) -> dict:
         """Join a session that was live elsewhere, rebuilt from the log (see the module doc).
         Answers like `join`; a session already here is answered as it is."""
+        self._restarted()
         check_session_id(session_id)
         if session_id in self.sessions:
             return await self._answer(self.sessions[session_id])
@@ -393,9 +405,13 @@ class Interaction:
         AHEAD_TICKS ahead of the clock is refused. Chunks of sessions not joined are dropped;
         unknown sessions get no output (the caller asked wrongly).
         """
+        self._restarted()
         horizon = max(self._next_tick, self.current_tick()) + AHEAD_TICKS
         if tick > horizon:
-            raise ProtocolError(f"tick {tick} is too far ahead: the clock is at tick {horizon - AHEAD_TICKS}", "invalid_value", "seq")
+            raise ProtocolError(
+                f"tick {tick} is too far ahead: the clock is at tick {horizon - AHEAD_TICKS} ({self.now() - self.clock.start(tick):+.3f} s to its start)",
+                "invalid_value", "seq",
+            )
         stale = tick < self._next_tick or tick < self.due_tick()
         inbox = None
         for chunk in chunks:
