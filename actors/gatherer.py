@@ -81,7 +81,7 @@ class Call:
 
 class Gatherer:
     def __init__(
-        self, interaction: Interaction, clock: TickClock, calls: dict[str, Call], *, grace_s: float = 0.005, exchange_timeout_s: float = 1.0,
+        self, interaction: Interaction, clock: TickClock, calls: dict[str, Call], *, grace_s: float = 0.005, exchange_timeout_s: float = 0.5,
         max_in_flight: int = 4, name: str = "interaction", on_lost: Callable[[list[str]], None] | None = None,
     ):
         self.interaction = interaction

@@ -81,7 +81,7 @@ class Ingress:
         grace_ms: float = 1.0,
         jitter_ms: float = 40.0,
         frame_size: int = 160,
-        exchange_timeout_s: float = 1.0,
+        exchange_timeout_s: float = 0.5,
         max_in_flight: int = 4,
         connect_timeout_s: float = 20.0,
         prebuffer_ms: float = 60.0,

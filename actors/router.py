@@ -250,16 +250,16 @@ class Router:
 
     # --- inside ---------------------------------------------------------------------------------
 
-    async def _candidates(self, avoid: str | None = None) -> list[_Actor]:
-        """Actors with room, fullest first, that answer a ping."""
+    async def _candidates(self, avoid: str | None = None, ping_s: float | None = None) -> list[_Actor]:
+        """Actors with room, fullest first, that answer a ping within `ping_s` (default `ping_timeout_s`)."""
         open_ = [a for a in self.actors.values() if not a.draining and a.name != avoid and len(a.sessions) < a.capacity]
         open_.sort(key=lambda a: (-len(a.sessions), a.name))
-        alive = await asyncio.gather(*(self._alive(a) for a in open_))
+        alive = await asyncio.gather(*(self._alive(a, ping_s or self.ping_timeout_s) for a in open_))
         return [a for a, ok in zip(open_, alive) if ok]
 
-    async def _alive(self, actor: _Actor) -> bool:
+    async def _alive(self, actor: _Actor, timeout_s: float) -> bool:
         try:
-            await asyncio.wait_for(actor.port.clock_info(), self.ping_timeout_s)
+            await asyncio.wait_for(actor.port.clock_info(), timeout_s)
             return True
         except Exception:
             return False
@@ -267,7 +267,8 @@ class Router:
     async def _resume(self, session_id: str, prefer: _Actor | None, avoid: str | None = None) -> Placed:
         """Resume a lost session: on `prefer` (where it was) if it answers, else anywhere with room."""
         self._drop(session_id)
-        order = await self._candidates(avoid=avoid)
+        # A call is waiting in silence: a shorter ping (an actor that just died would take all of it).
+        order = await self._candidates(avoid=avoid, ping_s=self.ping_timeout_s / 2)
         if prefer is not None and prefer in order:
             order.remove(prefer)
             order.insert(0, prefer)

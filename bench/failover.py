@@ -187,7 +187,7 @@ async def scenario(args) -> dict:
 
         refused = await offer()
         t = time.time()
-        cluster.add_node(2, {"interaction": 1})
+        node3 = cluster.add_node(2, {"interaction": 1})
         await wait_until(lambda: _actors(router) >= 3, 60, "the router growing onto the new node")
         grown_s = time.time() - t
         taken = await offer()
@@ -216,14 +216,16 @@ async def scenario(args) -> dict:
             report["kills"].append({"actor": victim, "calls": len(mine), "resume_s": times, "now_on": sorted({after.get(s, "?") for s in sessions})})
             say(f"kill {k + 1}: {victim} with {len(mine)} calls -> resumed in {_fmt(times)} on {sorted({after.get(s, '?') for s in sessions})}")
 
-        # 3. a node leaves.
+        # 3. a node leaves: a worker node (not the head) whose actor has calls.
         await asyncio.sleep(args.settle_s)
         where = await router.placements.remote()
-        on_node2 = [name for name in sorted(set(where.values())) if _node_port(name) == node2]
-        if on_node2:
-            sessions = [sid for sid, name in where.items() if name in on_node2]
+        ports = {name: _node_port(name) for name in sorted(set(where.values()))}
+        leaving = next((port for port in (node2, node3) if port in ports.values()), None)
+        if leaving is not None:
+            on_node = [name for name, port in ports.items() if port == leaving]
+            sessions = [sid for sid, name in where.items() if name in on_node]
             t_kill = time.time()
-            killed = cluster.kill_node(node2)
+            killed = cluster.kill_node(leaving)
             kill_tick = clock.tick_at(t_kill)
             mine = [log for log in logs if log.session_id in sessions]
             try:
@@ -232,10 +234,10 @@ async def scenario(args) -> dict:
                 pass
             times = [resumed_at(log, kill_tick + 1, t_kill) for log in mine]
             after = await router.placements.remote()
-            report["node_leave"] = {"actors": on_node2, "processes_killed": killed, "calls": len(mine), "resume_s": times, "now_on": sorted({after.get(s, "?") for s in sessions})}
-            say(f"node left ({on_node2}, {killed} processes): {len(mine)} calls resumed in {_fmt(times)} on {sorted({after.get(s, '?') for s in sessions})}")
+            report["node_leave"] = {"actors": on_node, "processes_killed": killed, "calls": len(mine), "resume_s": times, "now_on": sorted({after.get(s, "?") for s in sessions})}
+            say(f"node left ({on_node}, {killed} processes): {len(mine)} calls resumed in {_fmt(times)} on {sorted({after.get(s, '?') for s in sessions})}")
         else:
-            say("no calls on the second node; node-leave step skipped")
+            say(f"no calls on a worker node ({ports}); node-leave step skipped")
 
         # 4. the log, before hanging up.
         await asyncio.sleep(1.0)
