@@ -293,14 +293,15 @@ class Interaction:
         if self.log is not None and not await self.flush(LEAVE_FLUSH_S):
             log.warning("session %r left; its log closes once the log is back", session_id)
 
-    def _left(self, session: JoinedSession, reason: str | None = None) -> None:
+    def _left(self, session: JoinedSession, reason: str | None = None, close: bool = True) -> None:
         """A session is out of `sessions` and the engine: its task is cancelled, `session.left`
-        logged and its log closed behind its appends."""
+        logged and (with `close`) its log closed behind its appends."""
         sid = session.session_id
         deltas = self._cancel(session, "the session ended")
         if self.log is not None:
             self._log_later(deltas + [SessionEvent(sid, self.now(), "session.left", {"reason": reason} if reason else {})])
-            self._queue_log(_LogCall(lambda: self.log.close(sid), f"close {sid!r}"))
+            if close:
+                self._queue_log(_LogCall(lambda: self.log.close(sid), f"close {sid!r}"))
 
     async def resume(self, session_id: str) -> dict:
         """Join a session that was live elsewhere, rebuilt from the log (see the module doc).
@@ -525,7 +526,10 @@ class Interaction:
         if chunks:
             self._log_later([*chunks, *outputs.values(), *tasks])
         for session in orphans:
-            self._left(session, "orphaned")
+            # Its log stays open: the session may live on elsewhere (its ingress moved it while
+            # this actor was too busy to answer); a session that truly ended is closed by its
+            # ingress's leave, or ages out of the log's retention.
+            self._left(session, "orphaned", close=False)
         for sid, state in states.items():  # behind the tick's own chunks in the log
             session = self.sessions.get(sid)
             if session is not None:

@@ -267,11 +267,14 @@ class Router:
     async def _resume(self, session_id: str, prefer: _Actor | None, avoid: str | None = None) -> Placed:
         """Resume a lost session: on `prefer` (where it was) if it answers, else anywhere with room."""
         self._drop(session_id)
-        # A call is waiting in silence: a shorter ping (an actor that just died would take all of it).
-        order = await self._candidates(avoid=avoid, ping_s=self.ping_timeout_s / 2)
-        if prefer is not None and prefer in order:
-            order.remove(prefer)
-            order.insert(0, prefer)
+        # Never move a session off an actor that still answers (it is busy, not gone: moving would
+        # leave it stepping a session nobody feeds); the others get a shorter ping, side by side,
+        # as a call is waiting in silence.
+        home, others = await asyncio.gather(
+            self._alive(prefer, self.ping_timeout_s) if prefer is not None and not prefer.draining else _false(),
+            self._candidates(avoid=avoid, ping_s=self.ping_timeout_s / 2),
+        )
+        order = ([prefer] if home else []) + [a for a in others if a is not prefer]
         for actor in order:
             try:
                 joined = await actor.port.resume(session_id)
@@ -296,6 +299,10 @@ class Router:
     @staticmethod
     def _placed(actor: _Actor, joined: dict) -> Placed:
         return Placed(actor.name, actor.handle if actor.handle is not None else actor.port, joined or {})
+
+
+async def _false() -> bool:
+    return False
 
 
 class Routed:

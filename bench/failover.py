@@ -323,8 +323,12 @@ async def check_logs(app, session_ids: list[str], lsb: int) -> dict:
     for sid in session_ids:
         if sid is None:
             continue
-        recovery = await app.log.recovery.remote(sid)
-        table = await app.log.read.remote(sid, recovery["log_token"])
+        try:
+            recovery = await app.log.recovery.remote(sid)
+            table = await app.log.read.remote(sid, recovery["log_token"])
+        except Exception as exc:  # closed under a live call (it should not be), or unreadable
+            out.setdefault("unreadable", []).append(f"{sid}: {str(exc).splitlines()[-1][:120]}")
+            continue
         deltas = from_table(table)
         indices = table.column("index").to_pylist()
         inputs = [d for d in deltas if isinstance(d, InputChunk)]

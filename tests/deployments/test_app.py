@@ -169,7 +169,7 @@ def test_hostile_sdp_is_400_and_bad_keys_are_401(app_url):
     calls = f"{app_url}/v1/realtime/calls"
     auth = {"Authorization": f"Bearer {API_KEY}", "Content-Type": "application/sdp"}
     assert post(calls, b"hello", auth)[0] == 400
-    assert post(calls, b"v=0\r\n" + b"a=x\r\n" * 20000, auth)[0] == 400  # oversized
+    assert post(calls, b"v=0\r\n" + b"a=x\r\n" * 20000, auth)[0] == 413  # oversized: too large to read
     two_audio = b"v=0\r\no=- 1 1 IN IP4 127.0.0.1\r\ns=-\r\nt=0 0\r\nm=audio 9 UDP/TLS/RTP/SAVPF 111\r\nm=audio 9 UDP/TLS/RTP/SAVPF 111\r\n"
     status, body = post(calls, two_audio, auth)
     assert status == 400 and json.loads(body)["error"]["code"] == "invalid_sdp"
