@@ -1,7 +1,8 @@
 """The `interplay` command: bring the system up on a Ray cluster and look at it.
 
 `interplay serve` starts (or joins) a Ray cluster and brings up every part on the configured
-defaults, printing each part's status; the parts run until it is stopped (Ctrl-C), and a second
+defaults, printing each part's status (it refuses, before starting anything, a config it must
+not serve: see `AppConfig.exposure_error`); the parts run until it is stopped (Ctrl-C), and a second
 `interplay serve` on the same cluster refuses while they do. `interplay status` reports on a
 running one; `interplay call --wav F` calls one over WebRTC with a WAV file and records the reply
 (the example client, `examples/call.py`); `interplay eval` scores the model against a VAD harness on
@@ -45,6 +46,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         model_tick_ms(config)  # refuse a mismatched tick before starting anything
     except (OSError, ValidationError, ValueError, StartupError) as exc:
         print(f"interplay: bad config {args.config or '(defaults)'}: {exc}", file=sys.stderr)
+        return 2
+    if exposed := config.exposure_error():  # open to the network by mistake: refuse before starting anything
+        print(f"interplay: {exposed}", file=sys.stderr)
         return 2
     _init_ray(args.address)
     try:

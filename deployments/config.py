@@ -3,16 +3,19 @@
 `AppConfig()` alone is the embedded default a fresh `interplay serve` runs on: the trained `tiny`
 model (checkpoints/tiny) on CPU, a local session log under ./data/log, HTTP on 127.0.0.1:8000. A
 YAML file overrides any part; unknown keys are refused so a typo never silently does nothing.
+Serving beyond loopback with no API keys is refused (`AppConfig.exposure_error`) unless
+`auth.allow_open` says it is meant.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import os
 from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 
 class _Section(BaseModel):
@@ -37,6 +40,15 @@ class InteractionSection(_Section):
     # that, or start-up refuses: a model is trained at one tick length.
     tick_ms: int | None = None
     grace_ms: int = Field(40, ge=0)  # how long past the tick a chunk may still arrive
+    # A session with no input from its client for this long is ended; None: never.
+    idle_timeout_s: float | None = Field(600.0, gt=0)
+    # No session lasts longer than this; None: no limit.
+    max_session_s: float | None = Field(3600.0, gt=0)
+    # How often a session's model state is snapshotted to the log (what failover resumes from).
+    snapshot_s: float = Field(5.0, gt=0)
+    # Interaction actors, each stepping its own batch; None: one per GPU, or per `interaction`
+    # resource unit where the cluster defines it, else one.
+    actors: int | None = Field(None, ge=1)
 
 
 class LogSection(_Section):
@@ -59,16 +71,51 @@ class IngressSection(_Section):
     # At most this much silence is queued ahead of a response (sized per session from how
     # steadily outputs arrive). None: 20 ms on loopback, else 60 ms.
     prebuffer_ms: float | None = Field(None, ge=0, le=1000)
+    # How many IngressActors take WebRTC calls (each holds up to interaction.max_sessions).
+    actors: int = Field(1, ge=1)
 
 
 class AuthSection(_Section):
     # Empty means open (local development). Keys may also come from INTERPLAY_API_KEYS (comma-separated).
     api_keys: list[str] = Field(default_factory=list)
+    # A client secret's lifetime when its request asks for none (at most limits.max_secret_ttl_s).
     client_secret_ttl_s: int = Field(60, ge=5, le=3600)
+    # Open (no keys) is refused on any host but loopback unless this says it is meant.
+    allow_open: bool = False
 
     def keys(self) -> list[str]:
         env = [k for k in os.environ.get("INTERPLAY_API_KEYS", "").split(",") if k]
         return self.api_keys + env
+
+
+class GatewaySection(_Section):
+    """The HTTP/WebSocket gateway's Serve replicas (deployments/gateway.py), autoscaled on
+    ongoing requests (a WebSocket holds one for as long as it is open)."""
+
+    min_replicas: int = Field(1, ge=1)
+    max_replicas: int = Field(4, ge=1)
+    target_ongoing_requests: float = Field(64.0, gt=0)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> "GatewaySection":
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(f"gateway.min_replicas ({self.min_replicas}) exceeds gateway.max_replicas ({self.max_replicas})")
+        return self
+
+    def autoscaling_config(self) -> dict:
+        """The deployment's Serve `autoscaling_config`."""
+        return {"min_replicas": self.min_replicas, "max_replicas": self.max_replicas, "target_ongoing_requests": self.target_ongoing_requests}
+
+
+class LimitsSection(_Section):
+    """What one HTTP request may cost the gateway: a body over its size is answered 413, one not
+    in within `body_timeout_s` of the request 408 (a client trickling its body holds nothing long)."""
+
+    max_body_bytes: int = Field(64 * 1024, ge=1024, le=16 * 1024 * 1024)  # an offer: raw SDP or multipart
+    max_secret_body_bytes: int = Field(16 * 1024, ge=256, le=1024 * 1024)  # a client_secrets request
+    body_timeout_s: float = Field(10.0, gt=0, le=300)
+    # The longest lifetime a client_secrets request may ask for (longer asks are cut to it).
+    max_secret_ttl_s: int = Field(3600, ge=10, le=24 * 3600)
 
 
 class SandboxSection(_Section):
@@ -149,6 +196,15 @@ class BackgroundSection(_Section):
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
 
 
+def is_loopback(host: str) -> bool:
+    if host in LOOPBACK_HOSTS:
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False  # a name other than localhost: it may resolve anywhere
+
+
 class AppConfig(_Section):
     model: ModelSection = Field(default_factory=ModelSection)
     interaction: InteractionSection = Field(default_factory=InteractionSection)
@@ -156,11 +212,32 @@ class AppConfig(_Section):
     http: HttpSection = Field(default_factory=HttpSection)
     ingress: IngressSection = Field(default_factory=IngressSection)
     auth: AuthSection = Field(default_factory=AuthSection)
+    gateway: GatewaySection = Field(default_factory=GatewaySection)
+    limits: LimitsSection = Field(default_factory=LimitsSection)
     background: BackgroundSection = Field(default_factory=BackgroundSection)
+
+    @model_validator(mode="after")
+    def _secret_ttl_within_limit(self) -> "AppConfig":
+        if self.auth.client_secret_ttl_s > self.limits.max_secret_ttl_s:
+            raise ValueError(
+                f"auth.client_secret_ttl_s ({self.auth.client_secret_ttl_s}) exceeds limits.max_secret_ttl_s ({self.limits.max_secret_ttl_s})"
+            )
+        return self
 
     @property
     def loopback(self) -> bool:
-        return self.http.host in LOOPBACK_HOSTS
+        return is_loopback(self.http.host)
+
+    def exposure_error(self) -> str | None:
+        """Why this config must not be served, in one line, or None: no API keys (open) on a
+        host other than loopback, where anyone who can reach it would use it, unless
+        `auth.allow_open` says that is meant."""
+        if self.loopback or self.auth.keys() or self.auth.allow_open:
+            return None
+        return (
+            f"refusing to serve without API keys on {self.http.host}, where anyone who can reach it could use it: "
+            "set auth.api_keys (or INTERPLAY_API_KEYS), or auth.allow_open: true to serve it open on purpose"
+        )
 
     def margins_ms(self) -> tuple[float, float]:
         """The ingress's (jitter, prebuffer) margins: as configured, or suited to where it listens."""
