@@ -236,6 +236,8 @@ class Interaction:
         if self._loop_task is None:
             if _in_ray_actor():
                 self._metrics = _TickMetrics()
+            if not self.sessions:  # ticks start now, not when the actor was made
+                self._next_tick = max(self._next_tick, self.current_tick())
             self._loop_task = asyncio.get_running_loop().create_task(self.run())
 
     def _restarted(self) -> None:
@@ -794,6 +796,7 @@ class Interaction:
 
     async def stats(self, last: int = 50) -> dict:
         """Recent figures (the last `last` ticks) and totals since the actor started."""
+        self._restarted()
         recent = list(self._stats)[-last:]
         steps = np.array([s.step_ms for s in recent]) if recent else np.zeros(1)
         return {
