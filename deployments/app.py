@@ -103,7 +103,7 @@ def interaction_fleet(config: AppConfig, options: dict, log: ActorHandle, backgr
 
 def ingress_capacity(config: AppConfig) -> int:
     """Calls one ingress actor holds (its media and events cost its process CPU): `ingress.max_sessions`."""
-    return getattr(config.ingress, "max_sessions", None) or 32
+    return config.ingress.max_sessions
 
 
 def engine_spec(config: AppConfig) -> EngineSpec:
@@ -258,10 +258,17 @@ def build(config: AppConfig) -> App:
     )
     t = time.monotonic()
     serve.start(http_options={"host": config.http.host, "port": config.http.port})
-    gateway = Gateway.bind(config.model_dump(), secrets.token_bytes(32), interaction, ingress, clock.to_dict())
+    gateway = gateway_app(config, router, ingresses, clock)
     serve.run(gateway, name=APP_NAME, route_prefix="/")  # replaces an earlier run's app
     parts["http"] = f"up at {app.url}/ in {time.monotonic() - t:.1f} s"
     return app
+
+
+def gateway_app(config: AppConfig, router: ActorHandle, ingresses: list[ActorHandle], clock: TickClock):
+    """The gateway deployment bound to the router and the ingresses, autoscaled on ongoing
+    requests (a WebSocket holds one while open) between `gateway.min_replicas` and `max_replicas`."""
+    scaled = Gateway.options(num_replicas="auto", autoscaling_config=config.gateway.autoscaling_config())
+    return scaled.bind(config.model_dump(), secrets.token_bytes(32), router, ingresses, clock.to_dict())
 
 
 def start_pool(config: AppConfig, create, log: ActorHandle, parts: dict) -> tuple[ActorHandle, object, object]:
@@ -349,7 +356,6 @@ def serve_app(args: dict):
     ray.get([h.ready.remote() for h in interactions.values()])
     router = get("router", RouterActor, {n: (Remote(h), fleet.max_sessions, h) for n, h in interactions.items()}, grow=None if fleet.fixed else fleet)
     ray.get(router.start.remote())
-    interaction = interactions["interaction-0"]
     jitter_ms, prebuffer_ms = config.margins_ms()
     ingresses = [
         get(
@@ -359,8 +365,7 @@ def serve_app(args: dict):
         )
         for i in range(config.ingress.actors)
     ]
-    ingress = ingresses[0]
-    return Gateway.bind(config.model_dump(), secrets.token_bytes(32), interaction, ingress, clock.to_dict())
+    return gateway_app(config, router, ingresses, clock)
 
 
 def stop(app: App) -> None:

@@ -71,8 +71,11 @@ class IngressSection(_Section):
     # At most this much silence is queued ahead of a response (sized per session from how
     # steadily outputs arrive). None: 20 ms on loopback, else 60 ms.
     prebuffer_ms: float | None = Field(None, ge=0, le=1000)
-    # How many IngressActors take WebRTC calls (each holds up to interaction.max_sessions).
+    # How many IngressActors take WebRTC calls (the least loaded takes a new one), and how many
+    # calls each holds (their media costs its process CPU; each gateway replica's WebSocket
+    # sessions count apart, against the same number).
     actors: int = Field(1, ge=1)
+    max_sessions: int = Field(32, ge=1)
 
 
 class AuthSection(_Section):

@@ -390,22 +390,27 @@ def make_api(edge: Edge) -> FastAPI:
 @serve.deployment(num_replicas=1, max_ongoing_requests=256, ray_actor_options={"num_cpus": 0.1})
 @serve.ingress()
 class Gateway:
-    """HTTP and WebSocket edge. Calls live in the ingress actor; WebSocket sessions live in this
-    replica's own `Ingress`, next to their socket, so their audio and events cross no extra actor
-    hop and the replica exchanges once per tick for all of them."""
+    """HTTP and WebSocket edge. Calls live in the ingress actors (the least loaded takes a new
+    one); WebSocket sessions live in this replica's own `Ingress`, next to their socket, placed by
+    the router like every session, so their audio and events cross no extra actor hop and the
+    replica exchanges once per tick with each interaction actor its sessions are on."""
 
-    def __init__(self, config: dict, signing_key: bytes, interaction: ActorHandle, ingress: ActorHandle, clock: dict):
+    def __init__(self, config: dict, signing_key: bytes, router: ActorHandle, ingresses: list[ActorHandle], clock: dict):
         from actors.ingress import Ingress
+        from actors.router import Routed
+
+        from .fleet import Ingresses, Interactions
 
         config = AppConfig.model_validate(config)
         auth = Auth(config.auth.keys(), signing_key, config.auth.client_secret_ttl_s)
-        interaction = Remote(interaction)
         jitter_ms, prebuffer_ms = config.margins_ms()
         websockets = Ingress(
-            interaction, TickClock.from_dict(clock), max_sessions=config.interaction.max_sessions,
+            Routed(router), TickClock.from_dict(clock), max_sessions=config.ingress.max_sessions,
             jitter_ms=jitter_ms, prebuffer_ms=prebuffer_ms,
+            idle_timeout_s=config.interaction.idle_timeout_s, max_session_s=config.interaction.max_session_s,
         )
-        self.edge = Edge(config, auth, interaction, Remote(ingress), websockets)
+        interactions = Interactions(Remote(router))
+        self.edge = Edge(config, auth, interactions, Ingresses([Remote(h) for h in ingresses]), websockets)
 
     def __serve_build_asgi_app__(self) -> FastAPI:
         return make_api(self.edge)
