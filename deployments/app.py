@@ -388,6 +388,17 @@ def stop(app: App) -> None:
             pass
 
 
+def drain(actor: str, undo: bool = False) -> dict:
+    """Drain an interaction actor of the running deployment (the caller has connected to Ray): no
+    new sessions go to it, and its live ones move to the others (each snapshotted into the log
+    there, rebuilt here, its call connected throughout). `undo` takes sessions on it again."""
+    router = ray.get_actor("router", namespace=NAMESPACE)
+    if undo:
+        ray.get(router.undrain.remote(actor))
+        return {"moved": [], "failed": []}
+    return ray.get(router.drain.remote(actor))
+
+
 def status() -> dict[str, str]:
     """Each part's state on a running deployment (the caller has connected to Ray)."""
     alive = {a["name"].rsplit("-", 1)[0] if a["name"][-1:].isdigit() else a["name"] for a in ray.util.list_named_actors(all_namespaces=True) if a["namespace"] == NAMESPACE}
@@ -396,6 +407,12 @@ def status() -> dict[str, str]:
         out["http"] = str(serve.status().applications[APP_NAME].status)
     except Exception:
         out["http"] = "absent"
+    try:  # each interaction actor's load, as the router sees it
+        placed = ray.get(ray.get_actor("router", namespace=NAMESPACE).stats.remote(), timeout=10)["actors"]
+        for name, a in sorted(placed.items()):
+            out[name] = f"{a['sessions']}/{a['capacity']} sessions" + (", draining" if a["draining"] else "")
+    except Exception:
+        pass
     return out
 
 

@@ -82,6 +82,22 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_drain(args: argparse.Namespace) -> int:
+    import ray
+
+    from .app import NAMESPACE, drain
+
+    ray.init(address=args.address or "auto", namespace=NAMESPACE, logging_level="ERROR")
+    result = drain(args.actor, undo=args.undo)
+    if args.undo:
+        print(f"{args.actor}: taking sessions again")
+        return 0
+    print(f"{args.actor}: draining; moved {len(result['moved'])} session(s), {len(result['failed'])} could not move")
+    for sid in result["failed"]:
+        print(f"  not moved: {sid}")
+    return 1 if result["failed"] else 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="interplay", description="Serve full-duplex interaction models on Ray.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -106,6 +122,12 @@ def main(argv: list[str] | None = None) -> int:
     st = sub.add_parser("status", help="report on a running Interplay")
     st.add_argument("--address", help="Ray address (default: auto)")
     st.set_defaults(func=cmd_status)
+
+    dr = sub.add_parser("drain", help="stop placing sessions on an interaction actor and move its live ones to the others (for an upgrade)")
+    dr.add_argument("actor", help="the interaction actor's name, e.g. interaction-0 (see `interplay status`)")
+    dr.add_argument("--undo", action="store_true", help="take sessions on it again")
+    dr.add_argument("--address", help="Ray address (default: auto)")
+    dr.set_defaults(func=cmd_drain)
 
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["call"]:  # the example client, with its own options

@@ -236,3 +236,20 @@ def test_a_second_build_on_the_same_cluster_refuses_while_the_first_runs(app):
     assert stats(app.interaction)["tick"] >= 0  # the running one is untouched
     parts = status()
     assert [parts[role] for role in ("session_log", "interaction", "ingress")] == ["alive"] * 3 and "RUNNING" in parts["http"]
+
+
+def test_a_drained_actor_takes_no_new_session_until_undrained(app):
+    """`interplay drain interaction-0`: the router places nothing more there (its sessions, none
+    here, would move to the others: tests/actors/test_router.py); `--undo` takes it back."""
+    from deployments.app import drain, status
+
+    placements = lambda: ray.get(app.router.placements.remote())  # noqa: E731
+    assert drain("interaction-0") == {"moved": [], "failed": []}
+    try:
+        assert "draining" in status()["interaction-0"]
+        placed = ray.get(app.router.place.remote("sess_drain_check"))
+        assert placed.actor != "interaction-0" and placements()["sess_drain_check"] == placed.actor
+        ray.get(app.router.leave.remote("sess_drain_check"))
+    finally:
+        drain("interaction-0", undo=True)
+    assert "draining" not in status()["interaction-0"]
