@@ -90,6 +90,7 @@ class Router:
         grow: Callable[[list[str]], Awaitable[list[tuple]]] | None = None,
         watch_s: float = 5.0,
         ping_timeout_s: float = PING_TIMEOUT_S,
+        resume_timeout_s: float = 5.0,
     ):
         self.actors: dict[str, _Actor] = {}
         for name, spec in (actors or {}).items():
@@ -98,6 +99,7 @@ class Router:
         self.grow = grow
         self.watch_s = watch_s
         self.ping_timeout_s = ping_timeout_s
+        self.resume_timeout_s = resume_timeout_s
         self.counts = {"placed": 0, "refused": 0, "resumed": 0, "moved": 0, "grown": 0, "forgotten": 0}
         self._strikes: dict[str, int] = {}
         self._session_locks: dict[str, asyncio.Lock] = {}
@@ -250,11 +252,15 @@ class Router:
 
     # --- inside ---------------------------------------------------------------------------------
 
-    async def _candidates(self, avoid: str | None = None, ping_s: float | None = None) -> list[_Actor]:
-        """Actors with room, fullest first, that answer a ping within `ping_s` (default `ping_timeout_s`)."""
+    def _open(self, avoid: str | None = None) -> list[_Actor]:
+        """Actors with room that are not draining, fullest first."""
         open_ = [a for a in self.actors.values() if not a.draining and a.name != avoid and len(a.sessions) < a.capacity]
-        open_.sort(key=lambda a: (-len(a.sessions), a.name))
-        alive = await asyncio.gather(*(self._alive(a, ping_s or self.ping_timeout_s) for a in open_))
+        return sorted(open_, key=lambda a: (-len(a.sessions), a.name))
+
+    async def _candidates(self, avoid: str | None = None) -> list[_Actor]:
+        """`_open` actors that answer a ping."""
+        open_ = self._open(avoid)
+        alive = await asyncio.gather(*(self._alive(a, self.ping_timeout_s) for a in open_))
         return [a for a, ok in zip(open_, alive) if ok]
 
     async def _alive(self, actor: _Actor, timeout_s: float) -> bool:
@@ -268,16 +274,14 @@ class Router:
         """Resume a lost session: on `prefer` (where it was) if it answers, else anywhere with room."""
         self._drop(session_id)
         # Never move a session off an actor that still answers (it is busy, not gone: moving would
-        # leave it stepping a session nobody feeds); the others get a shorter ping, side by side,
-        # as a call is waiting in silence.
-        home, others = await asyncio.gather(
-            self._alive(prefer, self.ping_timeout_s) if prefer is not None and not prefer.draining else _false(),
-            self._candidates(avoid=avoid, ping_s=self.ping_timeout_s / 2),
-        )
-        order = ([prefer] if home else []) + [a for a in others if a is not prefer]
+        # leave it stepping a session nobody feeds). The others are not pinged first: the resume
+        # itself is the question, and a loaded machine answers pings late.
+        home = prefer is not None and not prefer.draining and await self._alive(prefer, self.ping_timeout_s)
+        others = [a for a in self._open(avoid) if a is not prefer]
+        order = ([prefer] if home else []) + others
         for actor in order:
             try:
-                joined = await actor.port.resume(session_id)
+                joined = await asyncio.wait_for(actor.port.resume(session_id), self.resume_timeout_s)
             except Exception:
                 log.warning("resuming %s on %s failed", session_id, actor.name, exc_info=True)
                 continue
@@ -299,10 +303,6 @@ class Router:
     @staticmethod
     def _placed(actor: _Actor, joined: dict) -> Placed:
         return Placed(actor.name, actor.handle if actor.handle is not None else actor.port, joined or {})
-
-
-async def _false() -> bool:
-    return False
 
 
 class Routed:
