@@ -11,6 +11,17 @@ from tests.conftest import API_KEY
 pytestmark = pytest.mark.skipif(not (shutil.which("chromium") and shutil.which("chromedriver")), reason="needs Debian's chromium and chromium-driver")
 
 
+# Records each fetch's path and Authorization header as the page sends it.
+SPY_ON_FETCH = """
+window.__sent = [];
+const realFetch = window.fetch;
+window.fetch = (url, options = {}) => {
+  window.__sent.push([new URL(url, location.href).pathname, (options.headers || {}).Authorization || ""]);
+  return realFetch(url, options);
+};
+"""
+
+
 @pytest.fixture
 def browser(tmp_path, speech_wav):
     from selenium import webdriver
@@ -35,18 +46,37 @@ def browser(tmp_path, speech_wav):
     driver.quit()
 
 
+def click_call(browser, timeout=90.0):
+    """Call, and call again while the server answers 503 "capacity" (an interaction actor on a
+    busy machine refuses new sessions while its steps run hot); the page keeps its secret."""
+    from selenium.webdriver.common.by import By
+
+    deadline = time.time() + timeout
+    while True:
+        browser.find_element(By.ID, "call").click()
+        while browser.find_element(By.ID, "state").text in ("idle", "asking for the microphone…", "new", "connecting"):
+            if time.time() > deadline:
+                return
+            time.sleep(0.2)
+        refused = browser.find_element(By.ID, "state").text == "failed" and '"capacity"' in browser.find_element(By.ID, "log").text
+        if not refused or time.time() > deadline:
+            return
+        time.sleep(1.0)
+
+
 def test_the_page_completes_a_call(app_url, browser, tmp_path):
     from selenium.webdriver.common.by import By
 
     browser.get(app_url + "/")
+    browser.execute_script(SPY_ON_FETCH)
     browser.find_element(By.ID, "key").send_keys(API_KEY)
-    browser.find_element(By.ID, "call").click()
+    click_call(browser)
     deadline = time.time() + 30
     while "session.updated" not in browser.find_element(By.ID, "log").text and time.time() < deadline:
         time.sleep(0.2)
     time.sleep(2.0)  # a few seconds of the call
     log = browser.find_element(By.ID, "log").text
-    assert browser.find_element(By.ID, "state").text == "connected"
+    assert browser.find_element(By.ID, "state").text == "connected", log
     assert "session.created" in log and "session.updated" in log and "error" not in log
     ticks = browser.execute_script("return ticks.length")
     assert ticks >= 8  # the timeline got a column per tick
@@ -63,6 +93,17 @@ def test_the_page_completes_a_call(app_url, browser, tmp_path):
     browser.save_screenshot(str(tmp_path / "call.png"))
     browser.find_element(By.ID, "call").click()  # hang up
     assert browser.find_element(By.ID, "state").text == "idle"
+    # The key was traded once for a client secret and is kept nowhere; the call and its hang-up
+    # carried only the secret.
+    deadline = time.time() + 10
+    while not any(path.endswith("/hangup") for path, _ in browser.execute_script("return window.__sent")) and time.time() < deadline:
+        time.sleep(0.2)
+    sent = browser.execute_script("return window.__sent")
+    assert [path for path, _ in sent][:2] == ["/v1/realtime/client_secrets", "/v1/realtime/calls"], sent
+    assert sent[0][1] == f"Bearer {API_KEY}"
+    assert all(auth.startswith("Bearer ek_") for _, auth in sent[1:]) and sent[-1][0].endswith("/hangup"), sent
+    assert browser.find_element(By.ID, "key").get_attribute("value") == ""
+    assert API_KEY not in browser.execute_script("return JSON.stringify(secret) + document.documentElement.outerHTML")
 
 
 def test_the_page_measures_mouth_to_ear(app_url, browser):
