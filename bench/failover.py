@@ -14,6 +14,8 @@ calls up (aiortc peers over loopback playing speech, `interplay.tick` events on)
    calls for a tick after the kill (every wait included: detection, placement, the rebuild from
    the log, the first exchange and delivery);
 3. a node leaves: every process of a node holding calls is killed; its calls resume elsewhere;
+5. (after 4) the ingress actor is killed: its calls end with it, every slot they held is
+   released, and the restarted ingress takes a new call;
 4. the log: each call's log is read back; its indices and ticks run in order with no duplicate,
    and the logged outputs equal what a fresh engine produces from the logged inputs alone,
    stepping the session by itself, before and after every resume: controls and text exactly,
@@ -244,6 +246,22 @@ async def scenario(args) -> dict:
         report["log"] = await check_logs(app, [log.session_id for log in logs], args.lsb)
         report["calls_alive"] = sum(1 for log in logs if not log.error)
         report["errors"] = [log.error for log in logs if log.error]
+
+        # 5. the ingress dies: its calls end with it; every slot they held is released (the
+        # interaction actors let sessions no chunk comes for go, the router forgets them), and
+        # the restarted ingress takes a new call.
+        t_kill = time.time()
+        ray.kill(app.ingress, no_restart=False)
+        try:
+            await wait_until(lambda: _placed(router) == 0, 60, "slots released after the ingress died")
+        except TimeoutError:
+            pass
+        released_s = time.time() - t_kill if _placed(router) == 0 else None
+        ended = sum(1 for log in logs if log.error)
+        after = await offer()
+        report["ingress_kill"] = {"slots_released_s": released_s, "calls_ended": ended, "new_call_status": after}
+        say(f"ingress killed: slots released in {released_s if released_s is None else round(released_s, 1)} s, "
+            f"{ended}/{len(logs)} calls saw their connection end, a new call -> HTTP {after}")
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
@@ -277,6 +295,12 @@ def _hangup(url: str, location: str | None) -> None:
             urllib.request.urlopen(request, timeout=10).read()
         except Exception:
             pass
+
+
+def _placed(router) -> int:
+    import ray
+
+    return ray.get(router.stats.remote())["sessions"]
 
 
 def _actors(router) -> int:

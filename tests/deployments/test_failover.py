@@ -8,7 +8,9 @@ child process (its own Ray driver), its report checked here.
   resumed from the log on a warm actor or the restarted one), and none is dropped;
 - a node holding calls leaves (all its processes killed): its calls resume elsewhere;
 - every call's log is in order, and replaying its logged inputs on a fresh engine gives the
-  logged outputs (controls and text exactly, audio level within 1 %) before and after each resume.
+  logged outputs (controls and text exactly, audio level within 1 %) before and after each resume;
+- the ingress actor dies: every slot its calls held is released, and the restarted ingress takes
+  a new call.
 
 How fast the resumes were is the benchmark's business (`python -m bench.failover`), not this test's.
 """
@@ -54,4 +56,6 @@ def test_calls_survive_a_killed_actor_and_a_node_leaving_and_the_log_replays_exa
     assert log["sessions"] == 4 and log["ordered"] == 4, log
     assert log["ticks_compared"] > 100, log
     assert log["control_or_text_mismatches"] == 0 and log["level_mismatches"] == 0, log
+    dead = report["ingress_kill"]
+    assert dead["slots_released_s"] is not None and dead["new_call_status"] == 201, dead
     assert child.returncode == 0, out
