@@ -467,3 +467,16 @@ def test_a_websocket_ended_by_the_server_closes_the_socket(server):
             while True:
                 ws.recv(timeout=10)
     eventually(lambda: server.sessions() == 0)
+
+
+def test_the_largest_bindable_config_still_fits_a_websocket_handshake(server):
+    """A bound secret rides in a header line; WebSocket servers refuse lines over 8 KiB."""
+    from deployments.auth import MAX_BOUND_CONFIG_CHARS
+
+    size = MAX_BOUND_CONFIG_CHARS * 3 // 4 - 64
+    token = secret(server, {"session": {"type": "realtime", "instructions": "x" * size}})
+    assert len(token) > MAX_BOUND_CONFIG_CHARS - 200
+    for headers, protocols in (([("Authorization", f"Bearer {token}")], None), ([], ["realtime", f"openai-insecure-api-key.{token}"])):
+        with ws_connect(server, headers, subprotocols=protocols) as ws:
+            assert json.loads(ws.recv(timeout=10))["session"]["instructions"] == "x" * size
+    eventually(lambda: server.sessions() == 0)
