@@ -246,11 +246,21 @@ class Ingress:
     async def _join(self, call: Call) -> None:
         """Place the session on an interaction actor (which may refuse it, e.g. "capacity").
         What it answers carries the session's log token, handed to the client in session.created."""
-        placed = await self.placement.place(call.id)
+        try:
+            placed = await self.placement.place(call.id)
+        except asyncio.CancelledError:  # the join may have landed before the caller gave up: take it back
+            self._spawn(self._leave_quietly(call.id))
+            raise
         joined = placed.joined if isinstance(placed.joined, dict) else {}
         call.session.log_token = joined.get("log_token")
         call.actor = placed.actor
         self._group(placed)
+
+    async def _leave_quietly(self, session_id: str) -> None:
+        try:
+            await self.placement.leave(session_id)
+        except Exception:
+            pass  # it never joined
 
     def _group(self, placed: Placed) -> Gatherer:
         """The gatherer exchanging with `placed.actor` (made, started and its clock offset

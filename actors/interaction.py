@@ -504,8 +504,10 @@ class Interaction:
                     if out.session_id in errors:
                         out.events.append(error_from(errors[out.session_id]))
                     outputs[out.session_id] = out
-                for c in chunks:
-                    self.sessions[c.session_id].last_seq = tick
+                for c in chunks:  # a session may have left while the step ran (leave waits only for the engine)
+                    session = self.sessions.get(c.session_id)
+                    if session is not None:
+                        session.last_seq = tick
         stats = TickStats(tick, len(chunks), self._late, missing, step_ms, lag_ms, shed)
         self._stats.append(stats)
         for key, n in (("ticks", 1), ("late_chunks", self._late), ("missing_chunks", missing), ("shed_ticks", shed)):

@@ -118,7 +118,7 @@ class Router:
             last: ProtocolError | None = None
             for actor in await self._candidates():
                 try:
-                    joined = await actor.port.join(session_id)
+                    joined = await self._join(actor, session_id)
                 except ProtocolError as exc:  # full or overloaded there: try the next
                     last = exc
                     continue
@@ -290,6 +290,27 @@ class Router:
             return self._placed(actor, joined)
         # Still known (where it was): the ingress asks again until an actor can take it.
         raise ProtocolError("no interaction actor can take this session now", "capacity")
+
+    async def _join(self, actor: _Actor, session_id: str) -> dict:
+        """`join` on `actor`, seen through: if the caller gives up meanwhile, the join still
+        finishes there and is then taken back, so a dropped request leaks no slot."""
+        joining = asyncio.ensure_future(actor.port.join(session_id))
+        try:
+            return await asyncio.shield(joining)
+        except asyncio.CancelledError:
+            asyncio.get_running_loop().create_task(self._take_back(actor, joining, session_id))
+            raise
+
+    @staticmethod
+    async def _take_back(actor: _Actor, joining: asyncio.Future, session_id: str) -> None:
+        try:
+            await joining
+        except Exception:
+            return  # it never joined
+        try:
+            await actor.port.leave(session_id)
+        except Exception:
+            log.warning("taking back %s from %s failed", session_id, actor.name, exc_info=True)
 
     def _put(self, session_id: str, actor: _Actor) -> None:
         self.where[session_id] = actor.name

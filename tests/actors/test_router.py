@@ -268,3 +268,33 @@ def test_each_gatherer_runs_on_its_actors_clock_estimated_from_round_trips():
         await ingress.shutdown()
 
     asyncio.run(main())
+
+
+def test_a_join_cut_short_by_its_caller_is_taken_back():
+    """The caller gives up while the placement is under way (a dropped HTTP request): the session
+    that landed anyway leaves again, so no slot leaks."""
+
+    async def main():
+        a = Fake("a", capacity=2)
+        real_join = a.join
+
+        async def slow_join(session_id, seed=None):
+            answer = await real_join(session_id, seed)
+            await asyncio.sleep(0.3)  # joined, but the answer is not back yet
+            return answer
+
+        a.join = slow_join
+        r = router(a)
+        ingress = Ingress(r, TickClock(time.time()), max_sessions=2)
+        opening = asyncio.create_task(ingress.open_websocket())
+        await asyncio.sleep(0.1)
+        opening.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await opening
+        deadline = time.time() + 3
+        while a.members or r.where:
+            assert time.time() < deadline, (a.members, r.where)
+            await asyncio.sleep(0.05)
+        await ingress.shutdown()
+
+    asyncio.run(main())
