@@ -55,7 +55,7 @@ import ray
 from protocols import BackgroundTask, BackgroundUpdate, InputChunk, OutputChunk, ProtocolError, SessionEvent, TickClock
 from protocols.chunks import MAX_UPDATES, check_session_id
 from protocols.ports import BackgroundPool, Engine, Log
-from protocols.realtime import error_from, event_id
+from protocols.realtime import error_from, server_event
 
 if TYPE_CHECKING:
     from models.config import InteractionConfig
@@ -521,7 +521,7 @@ class Interaction:
             if session is None:
                 continue
             if session.shed:
-                out.events.append({"type": "interplay.shed", "event_id": event_id(), "ticks": session.shed, "reason": "overload"})
+                out.events.append(server_event("interplay.shed", ticks=session.shed, reason="overload"))
                 session.shed = 0
             if session.events:
                 out.events.extend(session.events)

@@ -205,7 +205,8 @@ _SERVER_MODELS: dict[str, type[BaseModel]] = {
 _OUR_SESSION_EVENTS = ("session.created", "session.updated")
 # Our one extension event, sent only to clients that opt in with session.interplay.tick_events:
 # per-tick input/output level, step time and stage times, for the browser page's live timeline.
-INTERPLAY_EVENT_TYPES = ("interplay.tick",)
+# Our extensions: per-tick figures (opt-in), ticks shed under overload, background tasks and updates.
+INTERPLAY_EVENT_TYPES = ("interplay.tick", "interplay.shed", "interplay.background.task", "interplay.background.update")
 SERVER_EVENT_TYPES = tuple(_SERVER_MODELS) + INTERPLAY_EVENT_TYPES
 
 
