@@ -76,7 +76,8 @@ class LocalCluster:
         return port
 
     def _start(self, args: list[str], num_cpus: int, resources: dict) -> None:
-        cmd = [RAY, "start", *args, f"--num-cpus={num_cpus}", "--resources", json.dumps(resources), "--temp-dir", self.temp_dir, "--disable-usage-stats"]
+        # Loopback only: the test suite runs in a network namespace with nothing else.
+        cmd = [RAY, "start", *args, "--node-ip-address=127.0.0.1", f"--num-cpus={num_cpus}", "--resources", json.dumps(resources), "--temp-dir", self.temp_dir, "--disable-usage-stats"]
         # Not through pipes: the daemons `ray start` leaves behind inherit them and would die of
         # SIGPIPE on their next write once this process stops reading.
         subprocess.run(cmd, check=True, env=self.env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL, timeout=180)

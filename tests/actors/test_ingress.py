@@ -333,13 +333,13 @@ def test_two_calls_share_each_tick_and_a_leaving_call_frees_its_slot():
             await Client().connect(ingress)
         assert info.value.code == "capacity"
         deadline = time.time() + 10  # both calls hear their echo (a loaded machine may take longer than 1.5 s)
-        while not (a.loud_frames() > 20 and b.loud_frames() > 20):
-            assert time.time() < deadline, (a.loud_frames(), b.loud_frames())
+        both = lambda: [ids for _, ids in echo.calls if len(ids) == 2]  # noqa: E731
+        while not (a.loud_frames() > 20 and b.loud_frames() > 20 and len(both()) >= 5):
+            assert time.time() < deadline, (a.loud_frames(), b.loud_frames(), len(both()))
             await asyncio.sleep(0.1)
         ticks = [tick for tick, _ in echo.calls]
         assert ticks == sorted(set(ticks))  # one exchange per tick, never one per session
-        both = [ids for _, ids in echo.calls if len(ids) == 2]
-        assert len(both) >= 5 and all(set(ids) == {sa, sb} for ids in both)
+        assert all(set(ids) == {sa, sb} for ids in both())
 
         await a.pc.close()  # hangs up mid-call
         deadline = time.time() + 5
