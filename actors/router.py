@@ -105,6 +105,7 @@ class Router:
         self._session_locks: dict[str, asyncio.Lock] = {}
         self._lock = asyncio.Lock()
         self._watcher: asyncio.Task | None = None
+        self._started: asyncio.Task | None = None
 
     def add(self, name: str, port: Interaction, capacity: int, handle: Any = None) -> None:
         self.actors[name] = _Actor(name, port, int(capacity), handle)
@@ -112,6 +113,7 @@ class Router:
     # --- placement ----------------------------------------------------------------------------
 
     async def place(self, session_id: str) -> Placed:
+        await self.start()
         async with self._lock:
             if session_id in self.where:
                 raise ProtocolError(f"session {session_id!r} is already placed", "session_exists", "session_id")
@@ -134,12 +136,17 @@ class Router:
             raise ProtocolError("every interaction actor is full; try again later", "capacity")
 
     async def locate(self, session_id: str, lost_on: str | None = None) -> Placed:
+        await self.start()
         # One session at a time, not one placement at a time: the sessions of a dead actor are
         # resumed side by side, each a log read and a short replay.
         async with self._session_locks.setdefault(session_id, asyncio.Lock()):
             name = self.where.get(session_id)
             if name is None:
-                raise ProtocolError(f"unknown session {session_id!r}", "unknown_session", "session_id")
+                if lost_on is None:
+                    raise ProtocolError(f"unknown session {session_id!r}", "unknown_session", "session_id")
+                # Lost where this router never saw it (it restarted since, and that actor is
+                # gone): the log knows it; resume it anywhere.
+                return await self._resume(session_id, prefer=None)
             actor = self.actors.get(name)
             if lost_on is None or lost_on != name:
                 if actor is not None:
@@ -147,6 +154,7 @@ class Router:
             return await self._resume(session_id, prefer=actor)
 
     async def leave(self, session_id: str) -> None:
+        await self.start()
         async with self._lock:
             name = self.where.pop(session_id, None)
             self._session_locks.pop(session_id, None)
@@ -233,11 +241,40 @@ class Router:
         return [spec[0] for spec in new]
 
     async def start(self) -> None:
-        """Start watching the cluster and the actors (idempotent)."""
-        if self._watcher is None:
-            self._watcher = asyncio.get_running_loop().create_task(self.watch())
+        """Take in what the actors hold, then watch the cluster and the actors (idempotent). A
+        router Ray restarted has only its constructor's arguments: the first call that reaches it
+        starts it, and waits for it."""
+        if self._started is None:
+            self._started = asyncio.get_running_loop().create_task(self._start_up())
+        await asyncio.shield(self._started)
+
+    async def _start_up(self) -> None:
+        try:
+            await self.grow_once()
+        except Exception:
+            log.exception("growing the interaction actors failed")
+        await self.adopt()
+        self._watcher = asyncio.get_running_loop().create_task(self.watch())
+
+    async def adopt(self) -> int:
+        """Know every session the actors step (after a restart, the map is rebuilt from them)."""
+        found = 0
+        async def held(actor: _Actor) -> list:
+            stats = await asyncio.wait_for(actor.port.stats(), 5.0)
+            return list(stats.get("session_ids") or [])
+
+        answers = await asyncio.gather(*(held(a) for a in self.actors.values()), return_exceptions=True)
+        async with self._lock:
+            for actor, stats in zip(list(self.actors.values()), answers):
+                for sid in stats if isinstance(stats, list) else []:
+                    if sid not in self.where:
+                        self.where[sid] = actor.name
+                        actor.sessions.add(sid)
+                        found += 1
+        return found
 
     async def stats(self) -> dict:
+        await self.start()
         return {
             "actors": {a.name: {"sessions": len(a.sessions), "capacity": a.capacity, "draining": a.draining} for a in self.actors.values()},
             "sessions": len(self.where), **self.counts,
@@ -245,6 +282,7 @@ class Router:
 
     async def placements(self) -> dict[str, str]:
         """Session id -> the name of the actor stepping it."""
+        await self.start()
         return dict(self.where)
 
     async def handles(self) -> dict[str, Any]:

@@ -159,7 +159,8 @@ class InteractionFleet:
         return 2
 
     def create(self, name: str) -> ActorHandle:
-        extra = {"lifetime": "detached", "get_if_exists": True} if self.detached else {}
+        # get_if_exists: a restarted router asks again for actors that are there.
+        extra = {"lifetime": "detached", "get_if_exists": True} if self.detached else {"get_if_exists": True}
         return InteractionActor.options(name=name, namespace=self.namespace, **RESTART, **self.options, **extra).remote(self.spec, **self.kwargs)
 
     async def __call__(self, existing: list[str]) -> list[tuple]:

@@ -145,13 +145,16 @@ def test_capacity_grows_when_the_cluster_offers_more():
     async def main():
         a, c = Fake("a", capacity=1), Fake("c", capacity=1)
 
+        joined = False  # whether the node with c's capacity has joined the cluster
+
         async def grow(existing):
-            return [("c", c, 1)] if "c" not in existing else []
+            return [("c", c, 1)] if joined and "c" not in existing else []
 
         r = router(a, grow=grow)
         await r.place("s0")
         with pytest.raises(ProtocolError):
             await r.place("s1")
+        joined = True
         assert await r.grow_once() == ["c"] and await r.grow_once() == []
         assert (await r.place("s1")).actor == "c"
 
@@ -296,5 +299,31 @@ def test_a_join_cut_short_by_its_caller_is_taken_back():
             assert time.time() < deadline, (a.members, r.where)
             await asyncio.sleep(0.05)
         await ingress.shutdown()
+
+    asyncio.run(main())
+
+
+def test_a_restarted_router_knows_the_sessions_from_the_actors_and_resumes_the_rest_from_the_log():
+    async def main():
+        a, b = Fake("a", capacity=2), Fake("b", capacity=2)
+        for f in (a, b):
+            async def stats(f=f):
+                f._check()
+                return {"session_ids": list(f.members)}
+            f.stats = stats
+        first = router(a, b)
+        await first.place("s0")
+        await first.place("s1")
+        await first.place("s2")  # on b
+        fresh = router(a, b, ping_timeout_s=0.1)  # the router restarted: only its constructor ran
+        assert await fresh.placements() == {"s0": "a", "s1": "a", "s2": "b"}
+        b.alive = False
+        fresh2 = router(a, b, ping_timeout_s=0.1)  # restarted again, and b is gone meanwhile
+        assert await fresh2.placements() == {"s0": "a", "s1": "a"}
+        with pytest.raises(ProtocolError):
+            await fresh2.locate("s2")  # a stray question about a session it never saw
+        await fresh2.leave("s1")
+        placed = await fresh2.locate("s2", lost_on="b")  # the ingress lost it on b: from the log
+        assert placed.actor == "a" and "s2" in a.resumed
 
     asyncio.run(main())
