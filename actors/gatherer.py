@@ -17,7 +17,7 @@ A gatherer exchanges with one interaction actor (`name`); an ingress has one per
 are placed on, each on that actor's clock as this process sees it (`clock.offset_s`, estimated
 from round trips by `estimate_offset`). When the actor cannot be reached (it died), or answers
 for `MISSES` ticks in a row without a call's output (it restarted empty, or let the session go),
-`on_lost(session_ids)` is told, once per call until the call moves (the ingress then finds where
+`on_lost(session_ids, gone)` is told (`gone`: it did not answer at all), once per call until the call moves (the ingress then finds where
 the session lives now: `protocols.ports.Placement.locate`).
 """
 
@@ -82,7 +82,7 @@ class Call:
 class Gatherer:
     def __init__(
         self, interaction: Interaction, clock: TickClock, calls: dict[str, Call], *, grace_s: float = 0.005, exchange_timeout_s: float = 0.5,
-        max_in_flight: int = 4, name: str = "interaction", on_lost: Callable[[list[str]], None] | None = None,
+        max_in_flight: int = 4, name: str = "interaction", on_lost: Callable[[list[str], bool], None] | None = None,
     ):
         self.interaction = interaction
         self.name = name
@@ -220,7 +220,7 @@ class Gatherer:
             if not isinstance(exc, ProtocolError):
                 self._failures += 1
                 if self._failures >= UNREACHABLE or not isinstance(exc, asyncio.TimeoutError):
-                    self._lose(ids)
+                    self._lose(ids, gone=True)
             return
         self._failures = 0
         self.counts["exchanges"] += 1
@@ -248,11 +248,12 @@ class Gatherer:
                 except Exception:
                     log.exception("session %s: delivering tick %d failed", call.id, k)
 
-    def _lose(self, ids: list[str]) -> None:
+    def _lose(self, ids: list[str], gone: bool = False) -> None:
+        """`gone`: the actor did not answer at all (else it answered without these sessions)."""
         lost = [sid for sid in ids if sid in self.calls]
         if lost and self.on_lost is not None:
             self.counts["lost"] += len(lost)
-            self.on_lost(lost)
+            self.on_lost(lost, gone)
 
     def forget(self, session_id: str) -> None:
         """The call left this gatherer (ended, or moved to another actor's)."""

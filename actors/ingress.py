@@ -88,7 +88,7 @@ class Ingress:
         max_playout_s: float = 0.6,
         max_event_bytes: int = MAX_CHANNEL_EVENT_BYTES,
         ice_addresses: list[str] | None = None,
-        relocate_s: float = 10.0,
+        relocate_s: float = 30.0,
         offset_every_s: float = 30.0,
         idle_timeout_s: float | None = None,
         max_session_s: float | None = None,
@@ -294,21 +294,21 @@ class Ingress:
 
     # --- moving calls between interaction actors -------------------------------------------------
 
-    def _lost(self, session_ids: list[str]) -> None:
+    def _lost(self, session_ids: list[str], gone: bool = False) -> None:
         for sid in session_ids:
             call = self.sessions.get(sid)
             if call is not None and sid not in self._moving:
                 self._moving.add(sid)
-                self._spawn(self._relocate(call, call.actor))
+                self._spawn(self._relocate(call, call.actor, gone))
 
-    async def _relocate(self, call: Call, lost_on: str | None) -> None:
+    async def _relocate(self, call: Call, lost_on: str | None, gone: bool = False) -> None:
         """Find where the call's session lives now (resumed from the log if need be) and move the
         call to that actor's gatherer; end the call if none can take it within `relocate_s`."""
         deadline = time.monotonic() + self.relocate_s
         try:
             while call.id in self.sessions:
                 try:
-                    placed = await asyncio.wait_for(self.placement.locate(call.id, lost_on), max(0.1, deadline - time.monotonic()))
+                    placed = await asyncio.wait_for(self.placement.locate(call.id, lost_on, gone), max(0.1, deadline - time.monotonic()))
                 except Exception as exc:
                     if isinstance(exc, ProtocolError) and exc.code == "unknown_session" or time.monotonic() > deadline:
                         log.warning("session %s could not be placed again: %r", call.id, exc)

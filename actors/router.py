@@ -55,7 +55,7 @@ class Direct:
     async def place(self, session_id: str) -> Placed:
         return Placed(self.name, self.port, await self.port.join(session_id) or {})
 
-    async def locate(self, session_id: str, lost_on: str | None = None) -> Placed:
+    async def locate(self, session_id: str, lost_on: str | None = None, gone: bool = False) -> Placed:
         resume = getattr(self.port, "resume", None)
         if lost_on is None or resume is None:
             return Placed(self.name, self.port, {})
@@ -135,7 +135,9 @@ class Router:
                 raise last
             raise ProtocolError("every interaction actor is full; try again later", "capacity")
 
-    async def locate(self, session_id: str, lost_on: str | None = None) -> Placed:
+    async def locate(self, session_id: str, lost_on: str | None = None, gone: bool = False) -> Placed:
+        """`gone`: the asker found `lost_on` not answering at all (not just without the session),
+        so it is not asked again before the session moves."""
         await self.start()
         # One session at a time, not one placement at a time: the sessions of a dead actor are
         # resumed side by side, each a log read and a short replay.
@@ -151,7 +153,7 @@ class Router:
             if lost_on is None or lost_on != name:
                 if actor is not None:
                     return self._placed(actor, {})  # it moved already: tell the ingress where
-            return await self._resume(session_id, prefer=actor)
+            return await self._resume(session_id, prefer=actor, gone=gone)
 
     async def leave(self, session_id: str) -> None:
         await self.start()
@@ -308,13 +310,13 @@ class Router:
         except Exception:
             return False
 
-    async def _resume(self, session_id: str, prefer: _Actor | None, avoid: str | None = None) -> Placed:
+    async def _resume(self, session_id: str, prefer: _Actor | None, avoid: str | None = None, gone: bool = False) -> Placed:
         """Resume a lost session: on `prefer` (where it was) if it answers, else anywhere with room."""
         self._drop(session_id)
         # Never move a session off an actor that still answers (it is busy, not gone: moving would
         # leave it stepping a session nobody feeds). The others are not pinged first: the resume
         # itself is the question, and a loaded machine answers pings late.
-        home = prefer is not None and not prefer.draining and await self._alive(prefer, self.ping_timeout_s)
+        home = prefer is not None and not prefer.draining and not gone and await self._alive(prefer, self.ping_timeout_s)
         others = [a for a in self._open(avoid) if a is not prefer]
         order = ([prefer] if home else []) + others
         for actor in order:
@@ -385,8 +387,8 @@ class Routed:
     async def place(self, session_id: str) -> Placed:
         return self._port(await self.router.place(session_id))
 
-    async def locate(self, session_id: str, lost_on: str | None = None) -> Placed:
-        return self._port(await self.router.locate(session_id, lost_on))
+    async def locate(self, session_id: str, lost_on: str | None = None, gone: bool = False) -> Placed:
+        return self._port(await self.router.locate(session_id, lost_on, gone))
 
     async def leave(self, session_id: str) -> None:
         await self.router.leave(session_id)

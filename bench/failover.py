@@ -128,6 +128,28 @@ async def wait_until(predicate, timeout_s: float, what: str, every_s: float = 0.
         await asyncio.sleep(every_s)
 
 
+async def recovered(router, settle_s: float) -> None:
+    """Faults are spaced out: the next comes once every interaction actor answers again (a killed
+    one has restarted), and `settle_s` later."""
+    import ray
+
+    from deployments.app import NAMESPACE
+
+    async def all_answer() -> bool:
+        names = list((await router.stats.remote())["actors"])
+        try:
+            await asyncio.wait_for(asyncio.gather(*(ray.get_actor(n, namespace=NAMESPACE).clock_info.remote() for n in names)), 2.0)
+            return True
+        except Exception:
+            return False
+
+    try:
+        await wait_until(all_answer, 60, "every interaction actor answering", every_s=0.5)
+    except TimeoutError:
+        say("an interaction actor is still not answering; going on")
+    await asyncio.sleep(settle_s)
+
+
 def resumed_at(log: CallLog, after_tick: int, t_kill: float) -> float | None:
     """Seconds from the kill to the first tick event (arriving after it) for a tick after `after_tick`."""
     for tick, arrival in log.ticks:
@@ -199,7 +221,7 @@ async def scenario(args) -> dict:
 
         # 2. kills.
         for k in range(args.kills):
-            await asyncio.sleep(args.settle_s)
+            await recovered(router, args.settle_s)
             where = await router.placements.remote()
             counts: dict[str, list[str]] = {}
             for sid, name in where.items():
@@ -220,7 +242,7 @@ async def scenario(args) -> dict:
             say(f"kill {k + 1}: {victim} with {len(mine)} calls -> resumed in {_fmt(times)} on {sorted({after.get(s, '?') for s in sessions})}")
 
         # 3. a node leaves: a worker node (not the head) whose actor has calls.
-        await asyncio.sleep(args.settle_s)
+        await recovered(router, args.settle_s)
         where = await router.placements.remote()
         ports = {name: _node_port(name) for name in sorted(set(where.values()))}
         leaving = next((port for port in (node2, node3) if port in ports.values()), None)

@@ -110,10 +110,11 @@ class BackgroundPool(Protocol):
 class Placement(Protocol):
     """Where sessions are stepped. `place` joins a new session somewhere with room; `locate` says
     where a session lives now, resuming it from the log when the actor named `lost_on` (where the
-    ingress last found it) no longer has it. Each answers an `actors.router.Placed`."""
+    ingress last found it) no longer has it (`gone`: that actor did not answer at all). Each
+    answers an `actors.router.Placed`."""
 
     async def place(self, session_id: str) -> Any: ...
 
-    async def locate(self, session_id: str, lost_on: str | None = None) -> Any: ...
+    async def locate(self, session_id: str, lost_on: str | None = None, gone: bool = False) -> Any: ...
 
     async def leave(self, session_id: str) -> None: ...
