@@ -194,16 +194,21 @@ class Router:
 
     async def watch(self) -> None:
         """Grow with the cluster and reconcile with the actors, every `watch_s`; never returns."""
+        growing: asyncio.Task | None = None
         while True:
+            if growing is None or growing.done():  # a new actor takes a while to load: beside, not in the way
+                growing = asyncio.get_running_loop().create_task(self._grow_logged())
             await asyncio.sleep(self.watch_s)
-            try:
-                await self.grow_once()
-            except Exception:
-                log.exception("growing the interaction actors failed")
             try:
                 await self.reconcile()
             except Exception:
                 log.exception("reconciling with the interaction actors failed")
+
+    async def _grow_logged(self) -> None:
+        try:
+            await self.grow_once()
+        except Exception:
+            log.exception("growing the interaction actors failed")
 
     async def reconcile(self) -> list[str]:
         """Forget sessions an actor no longer has on two checks in a row (they left on their own,
@@ -251,10 +256,8 @@ class Router:
         await asyncio.shield(self._started)
 
     async def _start_up(self) -> None:
-        try:
-            await self.grow_once()
-        except Exception:
-            log.exception("growing the interaction actors failed")
+        # Only what the actors hold is waited for (briefly each); growing is the watcher's job,
+        # and an actor that cannot be placed right now must not hold every placement up.
         await self.adopt()
         self._watcher = asyncio.get_running_loop().create_task(self.watch())
 
@@ -262,7 +265,7 @@ class Router:
         """Know every session the actors step (after a restart, the map is rebuilt from them)."""
         found = 0
         async def held(actor: _Actor) -> list:
-            stats = await asyncio.wait_for(actor.port.stats(), 5.0)
+            stats = await asyncio.wait_for(actor.port.stats(), 2.0)
             return list(stats.get("session_ids") or [])
 
         answers = await asyncio.gather(*(held(a) for a in self.actors.values()), return_exceptions=True)

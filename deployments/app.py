@@ -14,6 +14,7 @@ on the same cluster refuses instead of reusing them.
 
 from __future__ import annotations
 
+import asyncio
 import secrets
 import time
 from dataclasses import dataclass, field
@@ -40,6 +41,7 @@ ROLES = ("session_log", "background", "interaction", "router", "ingress")  # the
 # A restarted actor runs its constructor again with the same arguments: the interaction actors'
 # clock origin is one of them, so a restart keeps every tick where it was.
 RESTART = {"max_restarts": -1, "max_task_retries": 0}
+READY_TIMEOUT_S = 60.0  # a new interaction actor loads its model in this
 
 
 class StartupError(RuntimeError):
@@ -170,7 +172,10 @@ class InteractionFleet:
         for i in range(len(existing), want):
             name = f"interaction-{i}"
             handle = self.create(name)
-            await handle.ready.remote()
+            try:  # one that cannot be placed (its node just left) is asked for again next time
+                await asyncio.wait_for(handle.ready.remote(), READY_TIMEOUT_S)
+            except Exception:
+                break
             made.append((name, Remote(handle), self.max_sessions, handle))
         return made
 
