@@ -256,8 +256,12 @@ class Router:
         await asyncio.shield(self._started)
 
     async def _start_up(self) -> None:
-        # Only what the actors hold is waited for (briefly each); growing is the watcher's job,
-        # and an actor that cannot be placed right now must not hold every placement up.
+        # The actors there are (a restarted router knows only its first ones) and what they hold,
+        # briefly each: an actor that cannot be placed right now must not hold placements up.
+        try:
+            await asyncio.wait_for(self.grow_once(), 10.0)
+        except Exception:
+            log.warning("looking for interaction actors at start-up failed", exc_info=True)
         await self.adopt()
         self._watcher = asyncio.get_running_loop().create_task(self.watch())
 

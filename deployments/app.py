@@ -166,18 +166,37 @@ class InteractionFleet:
         return InteractionActor.options(name=name, namespace=self.namespace, **RESTART, **self.options, **extra).remote(self.spec, **self.kwargs)
 
     async def __call__(self, existing: list[str]) -> list[tuple]:
-        """(name, port, capacity, handle) of each actor made for capacity not yet used."""
+        """(name, port, capacity, handle) of each interaction actor the caller does not know yet:
+        those alive that it missed (a restarted router knows only the first ones), then one made
+        for each unit of capacity not yet used."""
+        known = set(existing)
+        named = {a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
+                 if a["namespace"] == self.namespace and a["name"].startswith("interaction-")}
+        found = []
+        for name in sorted(named - known, key=_index):
+            handle = ray.get_actor(name, namespace=self.namespace)
+            try:
+                await asyncio.wait_for(handle.clock_info.remote(), 5.0)
+            except Exception:
+                continue  # not placed right now (its node left): looked at again next time
+            found.append((name, Remote(handle), self.max_sessions, handle))
         want = self.units(ray.cluster_resources())
-        made = []
-        for i in range(len(existing), want):
+        names = known | named
+        i = max((_index(n) for n in names), default=-1) + 1
+        while len(known) + len(found) < want:
             name = f"interaction-{i}"
             handle = self.create(name)
-            try:  # one that cannot be placed (its node just left) is asked for again next time
+            try:  # one that cannot be placed is asked for again next time
                 await asyncio.wait_for(handle.ready.remote(), READY_TIMEOUT_S)
             except Exception:
                 break
-            made.append((name, Remote(handle), self.max_sessions, handle))
-        return made
+            found.append((name, Remote(handle), self.max_sessions, handle))
+            i += 1
+        return found
+
+
+def _index(name: str) -> int:
+    return int(name.rsplit("-", 1)[1]) if name.rsplit("-", 1)[-1].isdigit() else -1
 
 
 def build(config: AppConfig) -> App:
