@@ -314,7 +314,7 @@ class Ingress:
                         log.warning("session %s could not be placed again: %r", call.id, exc)
                         self._counts["lost"] += 1
                         call.session.sink.send(error_event("the session was lost by the server; please call again", "session_lost", type="server_error"))
-                        await self._end(call.id, leave=False)
+                        await self._end(call.id)  # the placement forgets it (wherever it is not)
                         return
                     await asyncio.sleep(0.2)
                     continue

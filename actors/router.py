@@ -35,6 +35,7 @@ from protocols.ports import Interaction
 log = logging.getLogger("interplay.router")
 
 PING_TIMEOUT_S = 0.5  # an actor that does not answer a ping this fast is not placed on
+_FREE = asyncio.Lock()  # stands for "no one is moving this session"
 
 
 @dataclass
@@ -215,26 +216,29 @@ class Router:
         e.g. orphaned by a dead ingress), so their slots count as free again. A session lost to a
         restart is found by its ingress within a second or two, well before a second check."""
         forgotten = []
+        present: dict[str, set] = {}  # actor name -> the sessions it holds, for those that answered
         for actor in list(self.actors.values()):
             try:
                 stats = await asyncio.wait_for(actor.port.stats(), self.ping_timeout_s * 4)
             except Exception:
                 continue
-            present = stats.get("session_ids") if isinstance(stats, dict) else None
-            if present is None:
-                continue
-            async with self._lock:
-                for sid in list(actor.sessions):
-                    if sid in present:
-                        self._strikes.pop(sid, None)
-                    elif self._strikes.get(sid, 0) >= 1:
-                        self._strikes.pop(sid, None)
-                        actor.sessions.discard(sid)
-                        if self.where.get(sid) == actor.name:
-                            del self.where[sid]
-                        forgotten.append(sid)
-                    else:
-                        self._strikes[sid] = 1
+            if isinstance(stats, dict) and stats.get("session_ids") is not None:
+                present[actor.name] = set(stats["session_ids"])
+        async with self._lock:
+            for sid, name in list(self.where.items()):
+                if name not in present or self._session_locks.get(sid, _FREE).locked():
+                    continue  # that actor did not answer, or the session is being moved right now
+                if sid in present[name]:
+                    self._strikes.pop(sid, None)
+                elif self._strikes.get(sid, 0) >= 1:
+                    self._strikes.pop(sid, None)
+                    del self.where[sid]
+                    self._session_locks.pop(sid, None)
+                    if name in self.actors:
+                        self.actors[name].sessions.discard(sid)
+                    forgotten.append(sid)
+                else:
+                    self._strikes[sid] = 1
         self.counts["forgotten"] += len(forgotten)
         return forgotten
 
