@@ -352,6 +352,16 @@ class Interaction:
                                           {"first_tick": first, "from_tick": last, "replayed": len(inputs), "mismatches": mismatches})])
         return {**await self._answer(session), "resumed_from": last, "replayed": len(inputs), "mismatches": mismatches}
 
+    async def drop(self, session_id: str) -> None:
+        """Let a session go that lives elsewhere (a resume here that its asker gave up on, which
+        landed anyway): no snapshot, nothing logged, its log left open. Unknown: nothing to do."""
+        session = self.sessions.pop(session_id, None)
+        if session is None:
+            return
+        self._cancel(session, "moved")
+        async with self._engine_lock:
+            self.engine.remove_session(session_id)
+
     async def release(self, session_id: str) -> None:
         """Let a session go for `resume` elsewhere: its state after its last tick is snapshotted,
         its running task cancelled ("moved"), and it leaves without its log being closed. Returns

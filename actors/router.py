@@ -331,10 +331,13 @@ class Router:
         others = [a for a in self._open(avoid) if a is not prefer]
         order = ([prefer] if home else []) + others
         for actor in order:
+            attempt = asyncio.ensure_future(actor.port.resume(session_id))
             try:
-                joined = await asyncio.wait_for(actor.port.resume(session_id), self.resume_timeout_s)
-            except Exception:
-                log.warning("resuming %s on %s failed", session_id, actor.name, exc_info=True)
+                joined = await asyncio.wait_for(asyncio.shield(attempt), self.resume_timeout_s)
+            except Exception as exc:
+                log.warning("resuming %s on %s failed: %r", session_id, actor.name, exc)
+                if not isinstance(exc, ProtocolError):  # it may land there yet (a restarting actor runs it later)
+                    asyncio.get_running_loop().create_task(self._drop_if_landed(actor, attempt, session_id))
                 continue
             self._put(session_id, actor)
             self.counts["resumed"] += 1
@@ -362,6 +365,19 @@ class Router:
             await actor.port.leave(session_id)
         except Exception:
             log.warning("taking back %s from %s failed", session_id, actor.name, exc_info=True)
+
+    async def _drop_if_landed(self, actor: _Actor, attempt: asyncio.Future, session_id: str) -> None:
+        """A resume given up on may still land on `actor`: once it has run (or failed), and if the
+        session lives elsewhere by then, `actor` lets it go, so it holds no slot for nothing."""
+        try:
+            await attempt
+        except Exception:
+            pass  # failed, or unknowable (the actor restarted): dropping is harmless either way
+        if self.where.get(session_id) != actor.name:
+            try:
+                await actor.port.drop(session_id)
+            except Exception:
+                log.warning("dropping %s from %s failed", session_id, actor.name, exc_info=True)
 
     def _put(self, session_id: str, actor: _Actor) -> None:
         self.where[session_id] = actor.name

@@ -172,7 +172,7 @@ async def scenario(args) -> dict:
     cluster.start_head(4, {"interaction": 1, "session_log": 1, "ingress": 4})  # as cluster.yaml: the log and ingress on the head
     node2 = cluster.add_node(2, {"interaction": 1})
     try:
-        ray.init(address=cluster.address, namespace=deployment.NAMESPACE, logging_level="ERROR", log_to_driver=False)
+        ray.init(address=cluster.address, namespace=deployment.NAMESPACE, logging_level="ERROR", log_to_driver=False, _node_ip_address="127.0.0.1")
         folder = tempfile.mkdtemp(prefix="interplay-failover-")
         config = AppConfig.model_validate({
             "model": {"preset": "tiny", "checkpoint": None}, "log": {"root": f"{folder}/log"}, "http": {"port": args.port},

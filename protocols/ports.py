@@ -76,6 +76,10 @@ class Interaction(Protocol):
         the log and it leaves without its log being closed."""
         ...
 
+    async def drop(self, session_id: str) -> None:
+        """Let a session go that lives elsewhere now: nothing snapshotted or logged, its log open."""
+        ...
+
 
 @runtime_checkable
 class Log(Protocol):

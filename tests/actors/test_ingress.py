@@ -142,6 +142,10 @@ class Echo:
     async def release(self, session_id):
         self.members.remove(session_id)
 
+    async def drop(self, session_id):
+        if session_id in self.members:
+            self.members.remove(session_id)
+
     async def exchange(self, tick, chunks, session_ids):
         self.calls.append((tick, list(session_ids)))
         self.chunks.extend(chunks)

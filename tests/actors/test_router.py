@@ -23,6 +23,7 @@ class Fake:
         self.members: list[str] = []
         self.resumed: list[str] = []
         self.released: list[str] = []
+        self.dropped: list[str] = []
         self.ticks: dict[str, list[int]] = {}
         self.alive = True
 
@@ -57,6 +58,12 @@ class Fake:
         self._check()
         self.members.remove(session_id)
         self.released.append(session_id)
+
+    async def drop(self, session_id):
+        self._check()
+        if session_id in self.members:
+            self.members.remove(session_id)
+            self.dropped.append(session_id)
 
     async def leave(self, session_id):
         self._check()
@@ -325,5 +332,32 @@ def test_a_restarted_router_knows_the_sessions_from_the_actors_and_resumes_the_r
         await fresh2.leave("s1")
         placed = await fresh2.locate("s2", lost_on="b")  # the ingress lost it on b: from the log
         assert placed.actor == "a" and "s2" in a.resumed
+
+    asyncio.run(main())
+
+
+def test_a_resume_given_up_on_that_lands_later_is_dropped_there():
+    """A restarting actor runs a resume only once it is back, after the router has placed the
+    session elsewhere: it lets the session go again instead of holding a slot for nothing."""
+
+    async def main():
+        slow, b = Fake("a", capacity=2), Fake("b", capacity=2)
+        real_resume = slow.resume
+
+        async def late_resume(session_id):
+            await asyncio.sleep(0.5)  # comes back after the router's deadline
+            return await real_resume(session_id)
+
+        slow.resume = late_resume
+        r = Router({"a": (slow, 2), "b": (b, 2)}, resume_timeout_s=0.1)
+        r.where["s0"] = "gone"
+        r.actors["a"].sessions.clear()
+        placed = await r.locate("s0", lost_on="gone", gone=True)
+        assert placed.actor == "b"
+        deadline = time.time() + 3
+        while "s0" not in slow.dropped:
+            assert time.time() < deadline, (slow.members, slow.dropped)
+            await asyncio.sleep(0.05)
+        assert slow.members == [] and b.members == ["s0"]
 
     asyncio.run(main())
