@@ -77,7 +77,8 @@ class LocalCluster:
 
     def _start(self, args: list[str], num_cpus: int, resources: dict) -> None:
         # Loopback only: the test suite runs in a network namespace with nothing else.
-        cmd = [RAY, "start", *args, "--node-ip-address=127.0.0.1", f"--num-cpus={num_cpus}", "--resources", json.dumps(resources), "--temp-dir", self.temp_dir, "--disable-usage-stats"]
+        # A small object store each: several nodes (and maybe a test's own cluster) share this machine's memory.
+        cmd = [RAY, "start", *args, "--node-ip-address=127.0.0.1", "--object-store-memory=400000000", f"--num-cpus={num_cpus}", "--resources", json.dumps(resources), "--temp-dir", self.temp_dir, "--disable-usage-stats"]
         # Not through pipes: the daemons `ray start` leaves behind inherit them and would die of
         # SIGPIPE on their next write once this process stops reading.
         subprocess.run(cmd, check=True, env=self.env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL, timeout=180)
@@ -172,6 +173,10 @@ async def scenario(args) -> dict:
     cluster.start_head(4, {"interaction": 1, "session_log": 1, "ingress": 4})  # as cluster.yaml: the log and ingress on the head
     node2 = cluster.add_node(2, {"interaction": 1})
     try:
+        # This driver joins our own cluster only, whatever Ray settings it inherited (a test's
+        # cluster address or auth token).
+        os.environ.pop("RAY_ADDRESS", None)
+        os.environ.update({k: v for k, v in cluster.env.items() if k.startswith("RAY_")})
         ray.init(address=cluster.address, namespace=deployment.NAMESPACE, logging_level="ERROR", log_to_driver=False, _node_ip_address="127.0.0.1")
         folder = tempfile.mkdtemp(prefix="interplay-failover-")
         config = AppConfig.model_validate({

@@ -27,11 +27,18 @@ pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[2]
 
 
+def _env() -> dict:
+    """The child's environment: none of this test run's own Ray cluster (address, auth)."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
+    env.pop("RAY_ADDRESS", None)
+    return env
+
+
 def test_calls_survive_a_killed_actor_and_a_node_leaving_and_the_log_replays_exactly(tmp_path):
     name = f"failover-test-{os.getpid()}"
     child = subprocess.run(
         [sys.executable, "-m", "bench.failover", "--kills", "1", "--calls", "4", "--port", "8151", "--name", name],
-        cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True, timeout=600,
+        cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600,
     )
     out = child.stdout[-4000:] + child.stderr[-4000:]
     path = ROOT / "bench" / "results" / f"{name}.json"
