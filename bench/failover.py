@@ -151,6 +151,22 @@ async def recovered(router, settle_s: float) -> None:
     await asyncio.sleep(settle_s)
 
 
+async def after_fault(fault, sessions: list[str], logs: list[CallLog], clock, router, timeout_s: float) -> dict:
+    """Cause `fault` (a function) and wait up to `timeout_s` for the calls of `sessions` to resume:
+    {"calls", "resume_s" (None: not resumed), "now_on" (the actors holding them after)}."""
+    t_kill = time.time()
+    fault()
+    kill_tick = clock.tick_at(t_kill)
+    mine = [log for log in logs if log.session_id in sessions]
+    try:
+        await wait_until(lambda: all(resumed_at(log, kill_tick + 1, t_kill) is not None for log in mine), timeout_s, "calls resuming")
+    except TimeoutError:
+        pass
+    after = await router.placements.remote()
+    times = [resumed_at(log, kill_tick + 1, t_kill) for log in mine]
+    return {"calls": len(mine), "resume_s": times, "now_on": sorted({after.get(s, "?") for s in sessions})}
+
+
 def resumed_at(log: CallLog, after_tick: int, t_kill: float) -> float | None:
     """Seconds from the kill to the first tick event (arriving after it) for a tick after `after_tick`."""
     for tick, arrival in log.ticks:
@@ -232,19 +248,10 @@ async def scenario(args) -> dict:
             for sid, name in where.items():
                 counts.setdefault(name, []).append(sid)
             victim = max(sorted(counts), key=lambda n: len(counts[n]))
-            sessions = counts[victim]
-            t_kill = time.time()
-            ray.kill(ray.get_actor(victim, namespace=deployment.NAMESPACE), no_restart=False)
-            kill_tick = clock.tick_at(t_kill)
-            mine = [log for log in logs if log.session_id in sessions]
-            try:
-                await wait_until(lambda: all(resumed_at(log, kill_tick + 1, t_kill) is not None for log in mine), 20, "calls resuming")
-            except TimeoutError:
-                pass
-            times = [resumed_at(log, kill_tick + 1, t_kill) for log in mine]
-            after = await router.placements.remote()
-            report["kills"].append({"actor": victim, "calls": len(mine), "resume_s": times, "now_on": sorted({after.get(s, "?") for s in sessions})})
-            say(f"kill {k + 1}: {victim} with {len(mine)} calls -> resumed in {_fmt(times)} on {sorted({after.get(s, '?') for s in sessions})}")
+            handle = ray.get_actor(victim, namespace=deployment.NAMESPACE)
+            fault = await after_fault(lambda: ray.kill(handle, no_restart=False), counts[victim], logs, clock, router, 20)
+            report["kills"].append({"actor": victim, **fault})
+            say(f"kill {k + 1}: {victim} with {fault['calls']} calls -> resumed in {_fmt(fault['resume_s'])} on {fault['now_on']}")
 
         # 3. a node leaves: a worker node (not the head) whose actor has calls.
         await recovered(router, args.settle_s)
@@ -254,18 +261,10 @@ async def scenario(args) -> dict:
         if leaving is not None:
             on_node = [name for name, port in ports.items() if port == leaving]
             sessions = [sid for sid, name in where.items() if name in on_node]
-            t_kill = time.time()
-            killed = cluster.kill_node(leaving)
-            kill_tick = clock.tick_at(t_kill)
-            mine = [log for log in logs if log.session_id in sessions]
-            try:
-                await wait_until(lambda: all(resumed_at(log, kill_tick + 1, t_kill) is not None for log in mine), 30, "calls resuming after the node left")
-            except TimeoutError:
-                pass
-            times = [resumed_at(log, kill_tick + 1, t_kill) for log in mine]
-            after = await router.placements.remote()
-            report["node_leave"] = {"actors": on_node, "processes_killed": killed, "calls": len(mine), "resume_s": times, "now_on": sorted({after.get(s, "?") for s in sessions})}
-            say(f"node left ({on_node}, {killed} processes): {len(mine)} calls resumed in {_fmt(times)} on {sorted({after.get(s, '?') for s in sessions})}")
+            killed: list[int] = []
+            fault = await after_fault(lambda: killed.append(cluster.kill_node(leaving)), sessions, logs, clock, router, 30)
+            report["node_leave"] = {"actors": on_node, "processes_killed": killed[0], **fault}
+            say(f"node left ({on_node}, {killed[0]} processes): {fault['calls']} calls resumed in {_fmt(fault['resume_s'])} on {fault['now_on']}")
         else:
             say(f"no calls on a worker node ({ports}); node-leave step skipped")
 

@@ -100,8 +100,12 @@ def test_deep_json_is_400_invalid_json(app_url, offer):
 @pytest.mark.parametrize("session", [[], {"audio": {"input": {"format": {"type": "audio/pcm", "rate": "fast"}}}}, {"tools": "all of them"}])
 def test_a_bad_session_config_answers_without_internals(app, app_url, offer, session):
     files = {"sdp": (None, offer), "session": (None, json.dumps(session))}
-    clean_error(httpx.post(f"{app_url}/v1/realtime/calls", files=files, headers=bearer(API_KEY)), 400)
-    clean_error(httpx.post(f"{app_url}/v1/realtime/client_secrets", json={"session": session}, headers=bearer(API_KEY)), 400)
+    for reply in (
+        httpx.post(f"{app_url}/v1/realtime/calls", files=files, headers=bearer(API_KEY)),
+        httpx.post(f"{app_url}/v1/realtime/client_secrets", json={"session": session}, headers=bearer(API_KEY)),
+    ):
+        assert reply.status_code == 400, reply.text
+        clean_error(reply, 400)
 
 
 def test_a_trickled_body_is_408_at_the_deadline(app, app_url):
