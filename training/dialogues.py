@@ -15,7 +15,9 @@ look-up to the background pool, "silent" otherwise. Behaviour rules, in real tim
 - a reply starts on the first tick boundary at least `min_silence_s` after the user's speech ends
   (0.2-0.4 s; the ticks before are "silent" and thinking pauses are held through);
 - an interruption stops the model on the first tick boundary at least `stop_after_s` after the
-  user's onset; backchannels do not;
+  user's onset (so it yields in the output tick computed from the input tick that holds the onset,
+  when that tick holds at least 50 ms of it); backchannels do not. Interruptions come louder than
+  the user's level and backchannels quieter, as people speak them;
 - a timed request is honoured on the tick boundary nearest its deadline (request end + N s);
 - typed text and background updates are answered once all their tokens have entered the model
   (`text_per_tick` / `bg_per_tick` a tick), after the user's turn or the model's current sentence.
@@ -57,7 +59,7 @@ class DialogueConfig:
     bg_per_tick: int = 8
     frame_size: int = 160
     min_silence_s: float = 0.2
-    stop_after_s: float = 0.15
+    stop_after_s: float = 0.05
     min_s: float = 10.0
     max_s: float = 40.0
 
@@ -329,10 +331,10 @@ def interruption(s: Script) -> None:
     cut = s.rng.choice(content.INTERRUPTIONS)
     if s.rng.random() < 0.5:
         q, a = content.question(s.rng)
-        us = s.say([cut, s.rng.uniform(0.05, 0.2), q], at, kind="interruption", gain_db=s.rng.uniform(0.0, 4.0))
+        us = s.say([cut, s.rng.uniform(0.05, 0.2), q], at, kind="interruption", gain_db=s.rng.uniform(1.0, 5.0))
     else:
         a = s.rng.choice(content.INTERRUPTION_REPLIES)
-        us = s.say(cut, at, kind="interruption", gain_db=s.rng.uniform(0.0, 4.0))
+        us = s.say(cut, at, kind="interruption", gain_db=s.rng.uniform(1.0, 5.0))
     s.interrupt(turn, us)
     s.reply(a, us)
 
@@ -347,7 +349,7 @@ def backchannel(s: Script) -> None:
     for at in times:
         if at < last + 1.0:
             continue
-        u = s.say(s.rng.choice(content.BACKCHANNELS), at, kind="backchannel", gain_db=s.rng.uniform(-8.0, 0.0))
+        u = s.say(s.rng.choice(content.BACKCHANNELS), at, kind="backchannel", gain_db=s.rng.uniform(-10.0, -2.0))
         s.events.append({"type": "backchannel", "start": u[0].start, "end": u[-1].end, "expect": "continue"})
         last = u[-1].end
     if s.rng.random() < 0.5:

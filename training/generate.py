@@ -1,7 +1,7 @@
 """Generate a synthetic dialogue set in parallel with Ray: `python -m training.generate --out data/synth`.
 
 The set is `<out>/train/` and `<out>/heldout/` (Parquet logs plus JSON labels, see training.data)
-and `<out>/manifest.json`. Scenarios take turns so each split holds them in equal shares; held-out
+and `<out>/manifest.json`. Scenarios take turns in `CYCLE` (the first eight cover them all); held-out
 dialogues use seeds from `HELDOUT_SEED0` on and voices (espeak variants) never used in training.
 Dialogues are Ray tasks in batches; `--workers 0` generates in this process instead.
 """
@@ -18,14 +18,17 @@ from training.dialogues import SCENARIOS, DialogueConfig, generate
 from training.voices import DEFAULT_CACHE, Synth
 
 HELDOUT_SEED0 = 1_000_000
+# The order scenarios take turns in: every scenario once, then the four of turn-taking proper again,
+# as the tiny model needs most data where the aims are (pauses, turn ends, interruptions, backchannels).
+CYCLE = SCENARIOS + ("turn_end", "pause", "interruption", "backchannel")
 
 
 def plan(n_train: int, n_heldout: int, seed0: int = 0) -> list[tuple[str, int, str]]:
     """(split, seed, scenario) for every dialogue of the set; seeds of the two splits never meet."""
     if not 0 <= seed0 < HELDOUT_SEED0 - n_train:
         raise ValueError(f"seed0 must be in [0, {HELDOUT_SEED0 - n_train})")
-    jobs = [("train", seed0 + i, SCENARIOS[i % len(SCENARIOS)]) for i in range(n_train)]
-    jobs += [("heldout", HELDOUT_SEED0 + seed0 + i, SCENARIOS[i % len(SCENARIOS)]) for i in range(n_heldout)]
+    jobs = [("train", seed0 + i, CYCLE[i % len(CYCLE)]) for i in range(n_train)]
+    jobs += [("heldout", HELDOUT_SEED0 + seed0 + i, CYCLE[i % len(CYCLE)]) for i in range(n_heldout)]
     return jobs
 
 
@@ -101,8 +104,8 @@ def generate_set(out: str | Path, n_train: int, n_heldout: int, *, seed0: int = 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m training.generate", description=__doc__.splitlines()[0])
     p.add_argument("--out", default="data/synth", help="output folder (default data/synth)")
-    p.add_argument("--train", type=int, default=400, help="training dialogues (default 400)")
-    p.add_argument("--heldout", type=int, default=40, help="held-out dialogues (default 40)")
+    p.add_argument("--train", type=int, default=1200, help="training dialogues (default 1200)")
+    p.add_argument("--heldout", type=int, default=120, help="held-out dialogues (default 120)")
     p.add_argument("--seed", type=int, default=0, help="first training seed (default 0)")
     p.add_argument("--preset", default="tiny", help="model preset whose tick and text shapes the data follows (default tiny)")
     p.add_argument("--cache", default=str(DEFAULT_CACHE), help="rendered-speech cache ('' for none; default data/cache)")
