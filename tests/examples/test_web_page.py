@@ -1,8 +1,13 @@
 """The browser page completes a call: headless Chromium, its fake microphone fed from a WAV."""
 
+import os
 import shutil
+import signal
 import subprocess
+import sys
+import threading
 import time
+from pathlib import Path
 
 import pytest
 
@@ -24,11 +29,18 @@ window.fetch = (url, options = {}) => {
 
 @pytest.fixture
 def browser(tmp_path, speech_wav):
+    driver = start_browser(tmp_path, speech_wav)
+    yield driver
+    driver.quit()
+
+
+def start_browser(tmp_path, wav: str):
+    """Headless Chromium whose microphone plays `wav` in a loop."""
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
 
     wav48 = tmp_path / "mic.wav"  # Chromium's fake capture wants 48 kHz
-    subprocess.run(["sox", speech_wav, "-r", "48000", "-c", "1", str(wav48)], check=True)
+    subprocess.run(["sox", wav, "-r", "48000", "-c", "1", str(wav48)], check=True)
     opts = webdriver.ChromeOptions()
     opts.binary_location = shutil.which("chromium")
     for flag in [
@@ -41,9 +53,7 @@ def browser(tmp_path, speech_wav):
         "--allow-loopback-in-peer-connection", "--disable-features=WebRtcHideLocalIpsWithMdns",
     ]:
         opts.add_argument(flag)
-    driver = webdriver.Chrome(service=Service(shutil.which("chromedriver")), options=opts)
-    yield driver
-    driver.quit()
+    return webdriver.Chrome(service=Service(shutil.which("chromedriver")), options=opts)
 
 
 def click_call(browser, timeout=90.0):
@@ -124,3 +134,66 @@ def test_the_page_measures_mouth_to_ear(app_url, browser):
     assert 0 < result["p50"] < 2000 and row["caller buffer"] > 0  # the browser's jitter buffer is in it
     parts = sum(row[k] for k in ("uplink", "server receive buffer", "gather", "step", "deliver", "playout", "downlink", "caller buffer"))
     assert abs(parts - row["mouth_to_ear_ms"]) < 1  # the stages add up to the figure
+
+
+@pytest.fixture
+def served(tmp_path):
+    """`interplay serve` as a user starts it, on the embedded defaults (so the shipped model), with
+    a key; its own local Ray cluster. The background pool has its own tests and stays off here."""
+    exe = Path(sys.executable).parent / "interplay"
+    if not exe.exists():
+        pytest.skip("package not installed in this environment")
+    port = 8125
+    config = tmp_path / "serve.yaml"
+    config.write_text(f"log: {{root: {tmp_path / 'log'}}}\nhttp: {{port: {port}}}\nauth: {{api_keys: [{API_KEY}]}}\n"
+                      "background: {enabled: false}\n")
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    proc = subprocess.Popen([str(exe), "serve", "--config", str(config)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, env=env, start_new_session=True)
+    lines: list[str] = []
+    threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True).start()
+    deadline = time.time() + 240
+    while not any("running" in line for line in lines) and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.5)
+    try:
+        assert any("running" in line for line in lines), "".join(lines)[-3000:]
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(10)
+
+
+@pytest.mark.skipif(not shutil.which("espeak-ng"), reason="needs espeak-ng for the spoken question")
+def test_the_shipped_model_answers_a_spoken_question_on_its_own(served, tmp_path):
+    """The page's microphone asks a question, then stays quiet; the shipped model answers in
+    speech, with no response.create and nothing typed: it took the turn itself."""
+    from selenium.webdriver.common.by import By
+
+    question = tmp_path / "question.wav"
+    subprocess.run(["espeak-ng", "-w", str(tmp_path / "q.wav"), "What is the capital of France?"], check=True)
+    subprocess.run(["sox", str(tmp_path / "q.wav"), "-r", "16000", str(question), "pad", "0.5", "6"], check=True)  # then 6 s of quiet
+    browser = start_browser(tmp_path, str(question))
+    try:
+        browser.get(served + "/")
+        browser.find_element(By.ID, "key").send_keys(API_KEY)
+        click_call(browser)
+        deadline = time.time() + 40
+        spoke = False
+        while time.time() < deadline and not spoke:
+            time.sleep(0.5)
+            spoke = browser.execute_script(
+                "const i = ticks.findIndex((t) => t.in_level > 0.01);"  # the question reached the model
+                "return i >= 0 && ticks.slice(i).filter((t) => t.out_level > 0).length >= 5")  # then a second of speech
+        log = browser.find_element(By.ID, "log").text
+        levels = browser.execute_script("return ticks.map((t) => [t.in_level, t.out_level])")
+        browser.find_element(By.ID, "call").click()
+    finally:
+        browser.quit()
+    assert spoke, (log[-2000:], levels)
+    assert "error" not in log and "→ response.create" not in log and "→ conversation.item.create" not in log
+    # It listens too: most of a call that is mostly quiet is not its speech.
+    assert sum(1 for _, out in levels if out > 0) < 0.8 * len(levels), levels
