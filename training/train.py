@@ -8,7 +8,9 @@ model.safetensors, what `interplay serve` loads).
 A step is a batch of dialogue windows: random crops of `crop_s` seconds (a quarter of them from
 the dialogue's first tick, so the attention sinks also see session starts), each built by
 `models.inputs.InputBuilder.session` exactly as the engine would have built it tick by tick, and
-teacher-forced through the model's loss. Workers split the training dialogues, each takes
+teacher-forced through the model's loss; from `self_feed_from` on, a share `self_feed` of them
+hear their own sampled speech fed back instead of the data's (`feed_back_own_speech`), as they
+will when serving. Workers split the training dialogues, each takes
 `batch / workers` windows a step and gradients are averaged across them. The control loss is
 weighted by inverse square-root class frequency, capped at 3x (silence dominates; "yield" and
 "delegate" are rare), the text loss ignores the padding after a tick's end-of-text. AdamW, linear warmup then
@@ -58,7 +60,7 @@ class Recipe:
     data: str = "data/synth"
     n_train: int = 1200  # dialogues generated when `data` is absent
     n_heldout: int = 120
-    steps: int = 1500
+    steps: int = 1600
     batch: int = 8  # dialogue windows per step, over all workers
     crop_s: tuple[float, float] = (10.0, 20.0)
     from_start: float = 0.25  # share of windows starting at the dialogue's first tick
@@ -68,6 +70,8 @@ class Recipe:
     weight_decay: float = 0.05
     betas: tuple[float, float] = (0.9, 0.95)
     clip: float = 1.0
+    self_feed: float = 0.75  # share of windows that hear the model's own speech fed back (feed_back_own_speech)
+    self_feed_from: int = 300  # from this step on, once its speech head says something
     seed: int = 0
 
     def to_dict(self) -> dict:
@@ -130,6 +134,26 @@ def control_weights(counts: torch.Tensor, cap: float = 3.0) -> torch.Tensor:
     f = counts.double() / counts.sum().clamp_min(1)
     w = torch.where(counts > 0, (f.max() / f.clamp_min(1e-12)).sqrt().clamp(max=cap), torch.ones_like(f))
     return (w / (f * w).sum().clamp_min(1e-12)).float()
+
+
+def feed_back_own_speech(model: InteractionModel, builder: InputBuilder, inp: TickInputs, tgt: dict[str, torch.Tensor],
+                         generator: torch.Generator) -> TickInputs:
+    """The window with the speech the model hears itself say replaced by its own: a pass without
+    gradients on the true history samples its speech for every tick (silence where the target is
+    "silent", as the engine mutes it), and each tick's fed-back codes become the previous tick's
+    sample. Serving feeds back what the model actually said, rougher than the data's voice; a
+    model that only ever heard the clean voice leans on it to know where it is in a turn and
+    loses its place in free running (scheduled sampling, one step deep)."""
+    with torch.no_grad():
+        x, out_pos = model.sequence(inp)
+        h, _ = model.transformer.forward_full(x, torch.arange(x.shape[1], device=x.device))
+        noise = torch.randn(tgt["mel"].shape, generator=generator).to(h)
+        mel = model.sample_mel(h[0, out_pos], noise)
+        silent = (tgt["ctrl"] == CONTROLS.index("silent")).to(mel.device)[:, None, None]
+        codes = builder.dmel.quantize(torch.where(silent, torch.full_like(mel, model.cfg.mel_floor), mel).float())
+    fed = inp.self_codes.clone()
+    fed[1:] = codes[:-1].to(fed.dtype)
+    return dataclasses.replace(inp, self_codes=fed)
 
 
 # ---- the loss ----
@@ -222,8 +246,9 @@ def train_loop(config: dict) -> None:
     log_file = Path(config["state"]).with_name(Path(config["state"]).name + ".log")
 
     def say(line: str) -> None:
-        if rank == 0:
-            print(line, flush=True)
+        if rank == 0:  # not print(): Ray Train patches it to log each line a second time
+            sys.stdout.write(line + "\n")
+            sys.stdout.flush()
             log_file.parent.mkdir(parents=True, exist_ok=True)
             with log_file.open("a") as f:
                 f.write(time.strftime("%H:%M:%S ") + line + "\n")
@@ -287,7 +312,10 @@ def train_loop(config: dict) -> None:
         for _ in range(per_worker):
             d = dialogues[int(rng.integers(len(dialogues)))]
             inp, tgt = window(builder, d, rng, recipe)
-            parts = loss_parts(model, inp.to(device), {k: v.to(device) for k, v in tgt.items()}, ctrl_weight, gen)
+            inp, tgt = inp.to(device), {k: v.to(device) for k, v in tgt.items()}
+            if step >= recipe.self_feed_from and rng.random() < recipe.self_feed:
+                inp = feed_back_own_speech(model, builder, inp, tgt, gen)
+            parts = loss_parts(model, inp, tgt, ctrl_weight, gen)
             (parts["loss"] / per_worker).backward()
             for k in sums:
                 sums[k] += parts[k].item() / per_worker

@@ -17,7 +17,7 @@ from models.model import build_model
 from training import data
 from training.dialogues import DialogueConfig, generate
 from training.generate import HELDOUT_SEED0, generate_set
-from training.train import STATE_FILE, Recipe, load_dialogues, loss_parts, train_loop, window
+from training.train import STATE_FILE, Recipe, feed_back_own_speech, load_dialogues, loss_parts, train_loop, window
 from training.voices import Synth
 
 SHIPPED = Path(__file__).resolve().parents[2] / "checkpoints" / "tiny"
@@ -63,7 +63,7 @@ def test_a_few_training_steps_decrease_the_loss(tiny_set, tmp_path):
 
 
 def test_a_resumed_run_is_the_uninterrupted_run(tiny_set, tmp_path):
-    r = recipe(tiny_set, steps=4)
+    r = recipe(tiny_set, steps=4, self_feed_from=1)  # its own speech fed back from step 1: drawn the same way too
     train_loop(config(r, tmp_path / "a"))
     train_loop(config(r, tmp_path / "b", stop_at=2))  # interrupted after step 2
     assert torch.load(tmp_path / "b" / "state" / STATE_FILE, weights_only=False)["step"] == 2
@@ -78,6 +78,26 @@ def test_a_resumed_run_is_the_uninterrupted_run(tiny_set, tmp_path):
             assert torch.equal(oa["state"][i][k], ob["state"][i][k]), (i, k)
     ma, mb = (load_checkpoint(tmp_path / w / "state").state_dict() for w in ("a", "b"))
     assert all(torch.equal(ma[k], mb[k]) for k in ma)
+
+
+def test_a_window_can_hear_the_model_s_own_speech(tiny_set):
+    """Scheduled sampling: each tick hears the speech the model sampled for the tick before (the
+    engine's feedback), silence where the data is silent; nothing else in the window changes."""
+    import dataclasses
+
+    builder, model = InputBuilder(CFG), build_model(CFG).eval()
+    d = load_dialogues(sorted((tiny_set / "train").glob("*.parquet"))[:1], CFG)[0]
+    r = dataclasses.replace(recipe(tiny_set), crop_s=(60.0, 60.0), from_start=1.0)  # the whole dialogue
+    inp, tgt = window(builder, d, np.random.default_rng(0), r)
+    fed = feed_back_own_speech(model, builder, inp, tgt, torch.Generator().manual_seed(0))
+    silent = tgt["ctrl"][:-1] == CONTROLS.index("silent")
+    assert silent.any() and (~silent).any()
+    assert torch.equal(fed.self_codes[0], inp.self_codes[0])  # the tick before the window is the data's
+    assert all(torch.equal(fed.self_codes[k + 1], builder.silence_codes) for k in torch.nonzero(silent).flatten().tolist())
+    spoken = torch.nonzero(~silent).flatten() + 1
+    assert not torch.equal(fed.self_codes[spoken], inp.self_codes[spoken])  # random weights say something else
+    for name in ("mel_codes", "prev_ctrl", "prev_text", "tick"):
+        assert torch.equal(getattr(fed, name), getattr(inp, name)), name
 
 
 @pytest.fixture(scope="module")
