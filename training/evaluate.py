@@ -225,14 +225,21 @@ def _mean(xs: list) -> float | None:
     return float(np.mean(xs)) if xs else None
 
 
+def _median(xs: list) -> float | None:
+    xs = [x for x in xs if x is not None]
+    return float(np.median(xs)) if xs else None
+
+
 def summarize(results: list[dict[str, list[dict]]]) -> dict:
     """Pool per-event results over dialogues into the table's figures."""
     ev = {k: [r for res in results for r in res.get(k, [])] for k in ("pause", "turn_taking", "interruption", "backchannel", "timing", "counting")}
     tt, it, bc = ev["turn_taking"], ev["interruption"], ev["backchannel"]
     return {
         "pause": {"takeover_rate": _mean([r["takeover"] for r in ev["pause"]]), "n": len(ev["pause"])},
-        "turn_taking": {"takeover_rate": _mean([r["takeover"] for r in tt]), "latency_s": _mean([r["latency_s"] for r in tt]), "n": len(tt)},
+        "turn_taking": {"takeover_rate": _mean([r["takeover"] for r in tt]), "latency_s": _mean([r["latency_s"] for r in tt]),
+                        "latency_median_s": _median([r["latency_s"] for r in tt]), "n": len(tt)},
         "interruption": {"takeover_rate": _mean([r["takeover"] for r in it]), "stop_latency_s": _mean([r["stop_latency_s"] for r in it]),
+                         "stop_latency_median_s": _median([r["stop_latency_s"] for r in it]),
                          "response_latency_s": _mean([r["response_latency_s"] for r in it]), "n": len(it),
                          "n_speaking": sum(r["speaking"] for r in it)},
         "backchannel": {"takeover_rate": _mean([r["takeover"] for r in bc]), "n": len(bc), "n_speaking": sum(r["speaking"] for r in bc)},
@@ -437,8 +444,10 @@ ROWS = [  # (label, metric, field, better)
     ("pause handling: take-over rate", "pause", "takeover_rate", "lower"),
     ("turn-taking: take-over rate", "turn_taking", "takeover_rate", "higher"),
     ("turn-taking: latency (s)", "turn_taking", "latency_s", "lower"),
+    ("turn-taking: latency, median (s)", "turn_taking", "latency_median_s", "lower"),
     ("interruption: take-over rate", "interruption", "takeover_rate", "higher"),
     ("interruption: stop latency (s)", "interruption", "stop_latency_s", "lower"),
+    ("interruption: stop latency, median (s)", "interruption", "stop_latency_median_s", "lower"),
     ("interruption: response latency (s)", "interruption", "response_latency_s", "lower"),
     ("backchannel: take-over rate", "backchannel", "takeover_rate", "lower"),
     ("timing score (+-1 s)", "timing", "score", "higher"),
@@ -447,7 +456,7 @@ ROWS = [  # (label, metric, field, better)
 
 FOOTNOTE = (f"Silero VAD on each system's output audio, default settings, gaps under {MERGE_GAP_S} s merged. A take-over is one "
             f"merged segment of >= {TAKEOVER_S:g} s (FDB's ASR rule, under 1 s and <= 3 words is no take-over, replaced by this "
-            "speech-duration rule); latencies are means over take-overs (stop latency: over interruptions it was speaking at). "
+            "speech-duration rule); latencies are means (FDB's figure; medians beside them) over take-overs (stop latency: over interruptions it was speaking at). "
             f"Backchannel: a take-over unless one segment spans it and {HOLD_AFTER_S} s beyond. Harness: Silero VAD, "
             f"{ENDPOINT_MS} ms endpointing, barge-in on detected speech, replaying the script's reply to the turn it heard (its content is an oracle's). "
             "Script: the dialogue's own scripted model channel, the behaviour the data asks for.")

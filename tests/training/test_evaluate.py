@@ -145,6 +145,8 @@ def test_score_and_summarize_a_hand_built_dialogue():
     m = ev.summarize([res])
     assert m["pause"] == {"takeover_rate": 0.0, "n": 1}
     assert m["turn_taking"]["takeover_rate"] == 1.0 and m["turn_taking"]["latency_s"] == pytest.approx((0.4 + 0.6 + 0.2) / 3)
+    assert m["turn_taking"]["latency_median_s"] == pytest.approx(0.4)
+    assert m["interruption"]["stop_latency_median_s"] == pytest.approx(0.3)
     assert m["interruption"]["stop_latency_s"] == pytest.approx(0.3) and m["interruption"]["takeover_rate"] == 1.0
     assert m["interruption"]["response_latency_s"] == pytest.approx(0.6) and m["interruption"]["n_speaking"] == 1
     assert m["backchannel"]["takeover_rate"] == 0.0
