@@ -470,11 +470,11 @@ def table(result: dict) -> str:
 
     lines = [f"{result['dialogues']} dialogues ({result['audio_s']:.0f} s) from {result['data']}; model: {result['model']} "
              f"(stepped at {result['real_time_factor']['model']:g}x real time, {result['batch']} sessions an engine)",
-             f"{'metric':<36} {'model':>7} {'harness':>8} {'script':>7}  {'better':<6} {'n':>4}",
-             "-" * 74]
+             f"{'metric':<40} {'model':>7} {'harness':>8} {'script':>7}  {'better':<6} {'n':>4}",
+             "-" * 78]
     for label, metric, fld, better in ROWS:
         cells = " ".join(f"{cell(m[name][metric][fld]):>{w}}" for name, w in zip(SYSTEMS, (7, 8, 7)))
-        lines.append(f"{label:<36} {cells}  {better:<6} {m['model'][metric]['n']:>4}")
+        lines.append(f"{label:<40} {cells}  {better:<6} {m['model'][metric]['n']:>4}")
     speaking = lambda k: ", ".join(f"{name} {m[name][k]['n_speaking']}/{m[name][k]['n']}" for name in SYSTEMS)  # noqa: E731
     lines.append(f"speaking when the user interrupted: {speaking('interruption')}; at a backchannel: {speaking('backchannel')}")
     lines.append(FOOTNOTE)
