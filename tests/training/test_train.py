@@ -127,11 +127,6 @@ def test_the_shipped_checkpoint_is_the_default_and_streams(heldout_pause):
     assert "speak" in controls and "silent" in controls, controls
 
 
-@pytest.mark.xfail(
-    reason="the shipped tiny model still takes some thinking pauses (held-out pause take-over rate 0.33, "
-    "aim 0.2): a known gap of the current recipe, kept visible here until the model learns it",
-    strict=False,
-)
 def test_the_shipped_checkpoint_speaks_after_the_question_not_in_the_pause(heldout_pause):
     from actors.interaction import EngineSpec
     from deployments.config import AppConfig
