@@ -84,6 +84,7 @@ class EngineSpec:
     checkpoint: str | None = None
     device: str = "auto"
     max_sessions: int = 16
+    onset_margin: float | None = None  # None: the checkpoint's calibrated one (0 for random weights)
 
     def model_config(self) -> "InteractionConfig":
         """The model's `InteractionConfig` (its tick length, shapes), read without building it."""
@@ -104,8 +105,13 @@ class EngineSpec:
         device = self.device
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
+        from models.checkpoint import load_decision
+
         source = load_checkpoint(self.checkpoint, device=device) if self.checkpoint else self.preset
-        return StreamingEngine(source, max_sessions=self.max_sessions, device=device)
+        margin = self.onset_margin
+        if margin is None:
+            margin = load_decision(self.checkpoint).get("onset_margin", 0.0) if self.checkpoint else 0.0
+        return StreamingEngine(source, max_sessions=self.max_sessions, device=device, onset_margin=margin)
 
 
 @dataclass

@@ -110,7 +110,8 @@ def ingress_capacity(config: AppConfig) -> int:
 
 def engine_spec(config: AppConfig) -> EngineSpec:
     m = config.model
-    return EngineSpec(preset=m.preset, checkpoint=m.checkpoint, device=m.device, max_sessions=config.interaction.max_sessions)
+    return EngineSpec(preset=m.preset, checkpoint=m.checkpoint, device=m.device, max_sessions=config.interaction.max_sessions,
+                      onset_margin=m.onset_margin)
 
 
 def actor_options(config: AppConfig, resources: dict[str, float]) -> dict[str, dict]:

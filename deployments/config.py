@@ -32,6 +32,9 @@ class ModelSection(_Section):
     # null: `preset` with random weights.
     checkpoint: str | None = SHIPPED_CHECKPOINT
     device: str = "auto"  # auto: cuda when present, else cpu
+    # How sure the model must be to start speaking from silence, in logits; null: the
+    # checkpoint's calibrated value (its decision.json). Higher holds more pauses, answers later.
+    onset_margin: float | None = Field(None, ge=0, le=20)
 
 
 class InteractionSection(_Section):

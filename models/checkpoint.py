@@ -1,4 +1,7 @@
-"""Checkpoints are directories: `config.json` (the InteractionConfig) + `model.safetensors`.
+"""Checkpoints are directories: `config.json` (the InteractionConfig) + `model.safetensors`, and
+optionally `decision.json`: the operating point its decisions were calibrated at (`onset_margin`,
+see `models.engine.StreamingEngine`), chosen on a validation set, not learned, so kept beside the
+weights rather than in the model's config.
 
 The config also rides in the safetensors header, so a lone weights file still says what it is.
 Round trips are exact: tensors are saved as they are, in their dtype.
@@ -18,6 +21,7 @@ from models.model import InteractionModel, build_model
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
+DECISION_FILE = "decision.json"
 FORMAT = "interplay-interaction-model/1"
 
 
@@ -41,6 +45,17 @@ def load_config(path: str | Path) -> InteractionConfig:
     if fmt != FORMAT:
         raise ValueError(f"{cfg_file}: format {fmt!r} is not {FORMAT!r}")
     return InteractionConfig.from_dict(d)
+
+
+def load_decision(path: str | Path) -> dict:
+    """The checkpoint's calibrated decision settings ({} when it has none)."""
+    f = Path(path) / DECISION_FILE
+    if not f.is_file():
+        return {}
+    d = json.loads(f.read_text())
+    if not isinstance(d.get("onset_margin", 0.0), (int, float)):
+        raise ValueError(f"{f}: onset_margin must be a number")
+    return {"onset_margin": float(d.get("onset_margin", 0.0))}
 
 
 def load_checkpoint(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> InteractionModel:

@@ -49,6 +49,7 @@ from protocols.chunks import InputChunk, OutputChunk, ProtocolError, check_audio
 
 STATE_VERSION = 2
 SILENT, YIELD = CONTROLS.index("silent"), CONTROLS.index("yield")
+SPEAK, DELEGATE = CONTROLS.index("speak"), CONTROLS.index("delegate")
 VOCODER = "vocoder."  # prefix of the vocoder's state among the rows
 
 
@@ -80,12 +81,16 @@ class StreamingEngine:
         temperature: float = 0.0,
         init_seed: int = 0,
         mute_when_silent: bool = True,
+        onset_margin: float = 0.0,
     ):
         """`model_or_config`: a model, a config or a preset name. A config is built with weights
         drawn from `init_seed`, so every engine built from the same preset holds the same model and
         sessions can move between them (export_session / import_session). With
         `mute_when_silent`, a micro-turn whose control is "silent" outputs silence (and the model
-        hears silence back), whatever the flow head drew."""
+        hears silence back), whatever the flow head drew. `onset_margin`: a quiet session (last
+        control "silent" or "delegate") starts to speak only where "speak" or "yield" beats the
+        other controls by this many logits; the operating point of its turn-taking, as an
+        endpointer's silence threshold is (a checkpoint's calibrated value: `load_decision`)."""
         device = torch.device(device)
         if dtype is None:
             dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -103,6 +108,7 @@ class StreamingEngine:
         self.max_sessions = max_sessions
         self.temperature = float(temperature)
         self.mute_when_silent = mute_when_silent
+        self.onset_margin = float(onset_margin)
         self.inputs = InputBuilder(cfg, device)
         self.tokenizer = self.inputs.tokenizer
         self.vocoder = Vocoder(self.inputs.features).to(device)
@@ -290,7 +296,7 @@ class StreamingEngine:
         seeds, ticks = [s.seed for s in sessions], live["tick"].tolist()
         noise = torch.stack([flow_noise(s, k, cfg.frames_per_tick, cfg.n_mels) for s, k in zip(seeds, ticks)]).to(dev)
         mel = model.sample_mel(h_out, noise)  # (n, F, M)
-        ctrl, text = self._choose(ctrl_logits, text_logits, seeds, ticks)
+        ctrl, text = self._choose(self._onset(ctrl_logits, inputs.prev_ctrl), text_logits, seeds, ticks)
         ctrl = self._forced(ctrl, chunks)
         spoken = mel.float()
         if self.mute_when_silent:  # "silent" means silence: the control token decides, not a harness
@@ -344,6 +350,15 @@ class StreamingEngine:
         shapes the control tokens rather than bypassing them."""
         forced = torch.tensor([CONTROLS.index(c.forced) if c.forced else -1 for c in chunks], dtype=ctrl.dtype, device=ctrl.device)
         return torch.where((forced >= 0) & (ctrl != YIELD), forced, ctrl)
+
+    def _onset(self, ctrl_logits: torch.Tensor, prev_ctrl: torch.Tensor) -> torch.Tensor:
+        """Control logits with `onset_margin` taken off speaking for the quiet sessions."""
+        if self.onset_margin == 0.0:
+            return ctrl_logits
+        quiet = ((prev_ctrl == SILENT) | (prev_ctrl == DELEGATE)).to(ctrl_logits.device)
+        out = ctrl_logits.float().clone()
+        out[:, [SPEAK, YIELD]] -= self.onset_margin * quiet[:, None].float()
+        return out
 
     def _choose(self, ctrl_logits, text_logits, seeds, ticks):
         """Greedy, or sampling at `temperature` with Gumbel noise drawn from (seed, tick)."""
@@ -442,6 +457,7 @@ class StreamingEngine:
             self._scratch_engine = StreamingEngine(self.model, max_sessions=1, device=self.device, dtype=self.dtype)
         scratch = self._scratch_engine
         scratch.temperature, scratch.mute_when_silent = self.temperature, self.mute_when_silent
+        scratch.onset_margin = self.onset_margin
         return scratch
 
     def state_bytes(self) -> int:

@@ -379,10 +379,12 @@ SYSTEMS = ("model", "harness", "script")  # script: the behaviour the data asks 
 
 
 def evaluate(data_dir: str | Path = "data/synth/heldout", checkpoint: str | Path | None = None, preset: str = "tiny",
-             limit: int | None = None, batch: int = 8, plot_session: str | None = None, progress=sys.stderr) -> dict:
+             limit: int | None = None, batch: int = 8, plot_session: str | None = None, progress=sys.stderr,
+             onset_margin: float | None = None) -> dict:
     """Run and score the model (a checkpoint, or `preset`'s random weights if None) and the
     harness on a split; returns the JSON-able result, with per-dialogue events and, under
-    "timeline", the speech of one dialogue (`plot_session`, default the first pause dialogue)."""
+    "timeline", the speech of one dialogue (`plot_session`, default the first pause dialogue).
+    `onset_margin`: the engine's (None: the checkpoint's calibrated one, as serving uses)."""
     from models.engine import StreamingEngine
     from training.data import read
 
@@ -391,11 +393,15 @@ def evaluate(data_dir: str | Path = "data/synth/heldout", checkpoint: str | Path
         raise FileNotFoundError(f"no dialogues in {data_dir} (python -m training.generate makes them)")
     sessions = [read(p) for p in paths]
     if checkpoint:
-        from models.checkpoint import load_checkpoint
+        from models.checkpoint import load_checkpoint, load_decision
 
-        engine, source = StreamingEngine(load_checkpoint(checkpoint), max_sessions=batch), str(checkpoint)
+        if onset_margin is None:
+            onset_margin = load_decision(checkpoint).get("onset_margin", 0.0)
+        engine = StreamingEngine(load_checkpoint(checkpoint), max_sessions=batch, onset_margin=onset_margin)
+        source = str(checkpoint)
     else:
-        engine, source = StreamingEngine(preset, max_sessions=batch), f"{preset} (random weights)"
+        engine = StreamingEngine(preset, max_sessions=batch, onset_margin=onset_margin or 0.0)
+        source = f"{preset} (random weights)"
     if any(s.tick_ms != engine.tick_ms for s in sessions):
         raise ValueError(f"dialogues are not at the model's {engine.tick_ms} ms tick")
     audio_s = sum(s.labels.get("duration_s", s.n_ticks * s.tick_ms / 1000) for s in sessions)
@@ -425,7 +431,7 @@ def evaluate(data_dir: str | Path = "data/synth/heldout", checkpoint: str | Path
     if ps is None:
         raise ValueError(f"no dialogue {pick!r} to plot among those evaluated")
     return {
-        "data": str(data_dir), "model": source, "batch": batch, "dialogues": len(sessions), "audio_s": round(audio_s, 1),
+        "data": str(data_dir), "model": source, "onset_margin": engine.onset_margin, "batch": batch, "dialogues": len(sessions), "audio_s": round(audio_s, 1),
         "rules": {"vad": "silero-vad defaults (threshold 0.5, min speech 250 ms, min silence 100 ms, pad 30 ms)",
                   "merge_gap_s": MERGE_GAP_S, "takeover_s": TAKEOVER_S, "hold_after_s": HOLD_AFTER_S,
                   "timing_tol_s": TIMING_TOL_S, "speaking_slack_s": SPEAKING_SLACK_S, "harness_endpoint_ms": ENDPOINT_MS},
@@ -468,7 +474,7 @@ def table(result: dict) -> str:
     def cell(v) -> str:
         return "-" if v is None else f"{v:.2f}"
 
-    lines = [f"{result['dialogues']} dialogues ({result['audio_s']:.0f} s) from {result['data']}; model: {result['model']} "
+    lines = [f"{result['dialogues']} dialogues ({result['audio_s']:.0f} s) from {result['data']}; model: {result['model']} (onset margin {result.get('onset_margin', 0.0):g}) "
              f"(stepped at {result['real_time_factor']['model']:g}x real time, {result['batch']} sessions an engine)",
              f"{'metric':<40} {'model':>7} {'harness':>8} {'script':>7}  {'better':<6} {'n':>4}",
              "-" * 78]
@@ -589,6 +595,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--limit", type=int, default=None, help="only the first N dialogues")
     p.add_argument("--batch", type=int, default=8, help="dialogues stepped together as sessions of one engine (default 8)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--onset-margin", type=float, default=None,
+                   help="logits the model must be sure by to start speaking (default: the checkpoint's decision.json, as served)")
 
 
 DEFAULT_CHECKPOINT = Path("checkpoints/tiny")
@@ -608,7 +616,8 @@ def run(args: argparse.Namespace) -> int:
         else:
             print(f"[eval] no checkpoint at {DEFAULT_CHECKPOINT}: evaluating {args.preset}'s random weights", file=sys.stderr)
     try:
-        result = evaluate(args.data, checkpoint, args.preset, args.limit, args.batch, args.plot_session)
+        result = evaluate(args.data, checkpoint, args.preset, args.limit, args.batch, args.plot_session,
+                          onset_margin=args.onset_margin)
     except (FileNotFoundError, ValueError) as exc:
         print(f"interplay eval: {exc}", file=sys.stderr)
         return 2

@@ -124,3 +124,29 @@ def test_margins_suit_where_the_server_listens():
     assert public.margins_ms() == (40.0, 60.0)
     explicit = AppConfig.model_validate({"http": {"host": "0.0.0.0"}, "ingress": {"jitter_ms": 25, "prebuffer_ms": 30}})
     assert explicit.margins_ms() == (25.0, 30.0)
+
+
+def test_onset_margin_comes_from_the_checkpoint_unless_set(tmp_path):
+    import json
+    import shutil
+
+    from actors.interaction import EngineSpec
+    from deployments.app import engine_spec
+    from deployments.config import AppConfig
+    from models.checkpoint import load_decision
+
+    shipped = AppConfig().model.checkpoint
+    assert "onset_margin" in load_decision(shipped)  # the shipped model's calibration is on record
+    assert engine_spec(AppConfig()).onset_margin is None  # so serving uses it
+    calibrated = tmp_path / "calibrated"
+    shutil.copytree(shipped, calibrated)
+    (calibrated / "decision.json").write_text(json.dumps({"onset_margin": 1.5}))
+    assert EngineSpec(checkpoint=str(calibrated), device="cpu", max_sessions=1).build().onset_margin == 1.5
+    assert EngineSpec(checkpoint=str(calibrated), device="cpu", max_sessions=1, onset_margin=0.5).build().onset_margin == 0.5
+    assert engine_spec(AppConfig.model_validate({"model": {"onset_margin": 0.5}})).onset_margin == 0.5
+    with pytest.raises(ValueError):
+        AppConfig.model_validate({"model": {"onset_margin": -1}})
+    (calibrated / "decision.json").write_text(json.dumps({"onset_margin": "high"}))
+    with pytest.raises(ValueError, match="onset_margin"):
+        load_decision(calibrated)
+    assert EngineSpec(checkpoint=None, device="cpu", max_sessions=1).build().onset_margin == 0.0

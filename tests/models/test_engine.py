@@ -434,3 +434,32 @@ def test_updates_in_a_chunk_enter_as_push_update_before_the_step_does():
     assert errors["a"].code == "queue_full" and outs[0].seq == 0
     state = full.export_session("a")["session"]
     assert len(state["bg_queue"]) == queued - full.cfg.bg_per_tick and state["text_queue"] == []
+
+
+def test_onset_margin_holds_a_quiet_session_but_not_a_speaking_one(monkeypatch):
+    """"speak" ahead of "silent" by 1 logit: without a margin a quiet session starts speaking;
+    with a margin of 2 it holds; once speaking (here: asked to) the margin no longer applies."""
+    quiet = np.zeros(200 * 16, np.int16)
+
+    def engine(margin):
+        eng = StreamingEngine("tiny", max_sessions=1, onset_margin=margin)
+        real = eng.model.predict
+
+        def leaning(h):
+            _, text = real(h)
+            ctrl = torch.full((h.shape[0], len(CONTROLS)), -5.0)
+            ctrl[:, CONTROLS.index("silent")], ctrl[:, CONTROLS.index("speak")] = 0.0, 1.0
+            return ctrl, text
+
+        monkeypatch.setattr(eng.model, "predict", leaning)
+        eng.add_session("a")
+        return eng
+
+    def step(eng, k, forced=None):
+        return step_ok(eng, [InputChunk("a", k, k * 0.2, quiet, forced=forced)])[0].controls[0]
+
+    eager, patient = engine(0.0), engine(2.0)
+    assert [step(eager, k) for k in range(3)] == ["speak"] * 3
+    assert [step(patient, k) for k in range(3)] == ["silent"] * 3
+    assert step(patient, 3, forced="speak") == "speak"
+    assert [step(patient, k) for k in range(4, 6)] == ["speak"] * 2  # speaking: the margin is not in the way
