@@ -105,13 +105,11 @@ class EngineSpec:
         device = self.device
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
-        from models.checkpoint import load_decision
+        from models.checkpoint import onset_margin
 
         source = load_checkpoint(self.checkpoint, device=device) if self.checkpoint else self.preset
-        margin = self.onset_margin
-        if margin is None:
-            margin = load_decision(self.checkpoint).get("onset_margin", 0.0) if self.checkpoint else 0.0
-        return StreamingEngine(source, max_sessions=self.max_sessions, device=device, onset_margin=margin)
+        return StreamingEngine(source, max_sessions=self.max_sessions, device=device,
+                               onset_margin=onset_margin(self.checkpoint, self.onset_margin))
 
 
 @dataclass

@@ -58,6 +58,14 @@ def load_decision(path: str | Path) -> dict:
     return {"onset_margin": float(d.get("onset_margin", 0.0))}
 
 
+def onset_margin(checkpoint: str | Path | None, override: float | None = None) -> float:
+    """The margin an engine runs at: `override` if given, else the checkpoint's calibrated one,
+    else 0 (random weights, or a checkpoint never calibrated)."""
+    if override is not None:
+        return float(override)
+    return load_decision(checkpoint).get("onset_margin", 0.0) if checkpoint else 0.0
+
+
 def load_checkpoint(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> InteractionModel:
     """-> the model, in eval mode, on `device`, in the saved dtype unless `dtype` is given."""
     path = Path(path)

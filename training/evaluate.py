@@ -392,16 +392,14 @@ def evaluate(data_dir: str | Path = "data/synth/heldout", checkpoint: str | Path
     if not paths:
         raise FileNotFoundError(f"no dialogues in {data_dir} (python -m training.generate makes them)")
     sessions = [read(p) for p in paths]
-    if checkpoint:
-        from models.checkpoint import load_checkpoint, load_decision
+    from models.checkpoint import load_checkpoint
+    from models.checkpoint import onset_margin as margin_for
 
-        if onset_margin is None:
-            onset_margin = load_decision(checkpoint).get("onset_margin", 0.0)
-        engine = StreamingEngine(load_checkpoint(checkpoint), max_sessions=batch, onset_margin=onset_margin)
-        source = str(checkpoint)
+    margin = margin_for(checkpoint, onset_margin)
+    if checkpoint:
+        engine, source = StreamingEngine(load_checkpoint(checkpoint), max_sessions=batch, onset_margin=margin), str(checkpoint)
     else:
-        engine = StreamingEngine(preset, max_sessions=batch, onset_margin=onset_margin or 0.0)
-        source = f"{preset} (random weights)"
+        engine, source = StreamingEngine(preset, max_sessions=batch, onset_margin=margin), f"{preset} (random weights)"
     if any(s.tick_ms != engine.tick_ms for s in sessions):
         raise ValueError(f"dialogues are not at the model's {engine.tick_ms} ms tick")
     audio_s = sum(s.labels.get("duration_s", s.n_ticks * s.tick_ms / 1000) for s in sessions)
