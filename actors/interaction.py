@@ -26,6 +26,11 @@ a forward gap: never stepped, absent from its log as from its model history, so 
 its log sees the same gap and stays exact. `release` snapshots a session after its last tick and
 lets it go without closing its log, for `resume` elsewhere.
 
+One writer per session: every call to the log carries the session's writer epoch (0 from `join`,
+the one `Log.recovery` hands a `resume`). An actor that was slow, not dead, while its session was
+resumed elsewhere is refused by the log ("moved") on its next append, and then lets the session go
+(`fenced`): it never writes into the log of a session that lives on elsewhere, nor closes it.
+
 Overload. A tick whose stepping starts after the next tick's deadline is not piled up: the loop
 skips to the newest due tick (the ticks between are shed: never stepped, a forward gap for every
 session, counted) and each session's next output carries an `interplay.shed` event. `join` refuses
@@ -47,7 +52,7 @@ import secrets
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Awaitable, Callable
+from typing import TYPE_CHECKING, Any, Awaitable, Callable, Iterable
 
 import numpy as np
 import ray
@@ -131,6 +136,7 @@ class JoinedSession:
     first_tick: int  # the first tick stepped here
     log_token: str | None = None
     log_index: int = -1  # the last log index known for the session
+    epoch: int = 0  # the session log's writer epoch this actor holds for it
     last_seq: int | None = None  # the last tick its model stepped (here, or before it resumed here)
     snapshot_due: int = 0  # the tick after which its state is next snapshotted
     snapshot_phase: int = 0  # and then the ticks congruent to this (sessions take turns)
@@ -200,7 +206,7 @@ class Interaction:
         self._late = 0
         self._phase = 0  # the next session's snapshot turn
         self._totals = {"ticks": 0, "late_chunks": 0, "missing_chunks": 0, "tasks": 0, "updates": 0, "shed_ticks": 0,
-                        "snapshots": 0, "resumed": 0, "released": 0, "orphaned": 0, "replay_mismatches": 0, "dropped_updates": 0,
+                        "snapshots": 0, "resumed": 0, "released": 0, "orphaned": 0, "fenced": 0, "replay_mismatches": 0, "dropped_updates": 0,
                         "log_retries": 0, "log_dropped": 0, "log_refused": 0}
         self._loop_task: asyncio.Task | None = None
         self._metrics: _TickMetrics | None = None
@@ -305,9 +311,9 @@ class Interaction:
         sid = session.session_id
         deltas = self._cancel(session, "the session ended")
         if self.log is not None:
-            self._log_later(deltas + [SessionEvent(sid, self.now(), "session.left", {"reason": reason} if reason else {})])
+            self._log_later(deltas + [SessionEvent(sid, self.now(), "session.left", {"reason": reason} if reason else {})], [session])
             if close:
-                self._queue_log(_LogCall(lambda: self.log.close(sid), f"close {sid!r}"))
+                self._queue_log(_LogCall(lambda: self.log.close(sid, session.epoch), f"close {sid!r}"))
 
     async def resume(self, session_id: str) -> dict:
         """Join a session that was live elsewhere, rebuilt from the log (see the module doc).
@@ -338,8 +344,8 @@ class Interaction:
             if first - max(self._next_tick, self.current_tick()) > RESUME_WAIT_TICKS:
                 raise ProtocolError(f"session {session_id!r} is ahead of this actor's clock", "unavailable")
             self.engine.import_session(session_id, rebuilt)
-            session = JoinedSession(session_id, first, rec.get("log_token"), last_seq=last, snapshot_due=first, snapshot_phase=self._turn(),
-                                    heard=first)
+            session = JoinedSession(session_id, first, rec.get("log_token"), epoch=int(rec.get("epoch") or 0), last_seq=last,
+                                    snapshot_due=first, snapshot_phase=self._turn(), heard=first)
             session.tools, session.tool_choice = mine.get("tools"), mine.get("tool_choice", "auto")
             session.typed = list(mine.get("typed") or [])
             by_seq = {o.seq: o for o in replayed}
@@ -381,7 +387,7 @@ class Interaction:
         deltas = self._cancel(session, "moved")
         if self.log is None:
             return
-        self._log_later(deltas + [SessionEvent(session_id, self.now(), "session.released", {"last_tick": session.last_seq})])
+        self._log_later(deltas + [SessionEvent(session_id, self.now(), "session.released", {"last_tick": session.last_seq})], [session])
         if session.last_seq is not None and hasattr(self.log, "put_snapshot"):
             self._snapshot_later(session, session.last_seq, state)
         if not await self.flush(RELEASE_FLUSH_S):
@@ -496,10 +502,11 @@ class Interaction:
             orphans = self._orphans(tick)
             self._next_tick = tick + 1
             inbox = self._inbox.pop(tick, {})
-            chunks, missing = [], 0
+            chunks, missing, stepped = [], 0, []
             for sid, session in self.sessions.items():
                 if session.first_tick > tick:
                     continue
+                stepped.append(session)
                 chunk = inbox.get(sid)
                 if chunk is None:
                     chunk = InputChunk.silent(sid, tick, self.clock.start(tick), self.clock.samples())
@@ -542,7 +549,7 @@ class Interaction:
                 session.events = []
         self._finish(tick, outputs)
         if chunks:
-            self._log_later([*chunks, *outputs.values(), *tasks])
+            self._log_later([*chunks, *outputs.values(), *tasks], stepped)
         for session in orphans:
             # Its log stays open: the session may live on elsewhere (its ingress moved it while
             # this actor was too busy to answer); a session that truly ended is closed by its
@@ -697,15 +704,15 @@ class Interaction:
                     self._pend(session, update.text)
                 session.events.extend(update_events(update))
                 self._totals["updates"] += 1
-                self._log_later([update])
+                self._log_later([update], [session])
         except asyncio.CancelledError:
             if session.task is not task and self.sessions.get(sid) is session:  # superseded
-                self._log_later([BackgroundUpdate(sid, self.now(), task.task_id, "cancelled", "superseded")])
+                self._log_later([BackgroundUpdate(sid, self.now(), task.task_id, "cancelled", "superseded")], [session])
             raise
         except Exception as exc:  # a failed task is an error update; the call goes on
             log.exception("background task %s failed", task.task_id)
             if self.sessions.get(sid) is session:
-                self._log_later([BackgroundUpdate(sid, self.now(), task.task_id, "error", f"background task failed: {type(exc).__name__}")])
+                self._log_later([BackgroundUpdate(sid, self.now(), task.task_id, "error", f"background task failed: {type(exc).__name__}")], [session])
         finally:
             aclose = getattr(updates, "aclose", None)
             if aclose is not None:
@@ -713,13 +720,20 @@ class Interaction:
 
     # --- the log ----------------------------------------------------------------------------
 
-    def _log_later(self, deltas: list) -> None:
-        """Queue an append behind the calls before it (so the log keeps their order); no-op without a log."""
+    def _log_later(self, deltas: list, sessions: Iterable[JoinedSession] = ()) -> None:
+        """Queue an append behind the calls before it (so the log keeps their order), with the
+        writer epoch of each session in it: of `sessions` (those the deltas were made for, which
+        may have left `sessions` since), else of the session here; no-op without a log."""
         if self.log is None or not deltas:
             return
         self._requests += 1
         request_id = f"{self._request_prefix}:{self._requests}"  # the same on every retry: appended once
-        self._queue_log(_LogCall(lambda: self.log.append(deltas, request_id), f"append {request_id}", self._appended))
+        epochs = {s.session_id: s.epoch for s in sessions}
+        for sid in {d.session_id for d in deltas} - set(epochs):
+            if sid in self.sessions:
+                epochs[sid] = self.sessions[sid].epoch
+        self._queue_log(_LogCall(lambda: self.log.append(deltas, request_id, epochs), f"append {request_id}",
+                                 lambda result: self._appended(result, epochs)))
 
     def _snapshot_later(self, session: JoinedSession, tick: int, state: dict) -> None:
         """Queue `state` (the engine's, after `tick`) as the session's snapshot, with what this
@@ -732,7 +746,8 @@ class Interaction:
         session.snapshot_due = tick + 1 + (session.snapshot_phase - tick - 1) % every
         self._totals["snapshots"] += 1
         sid = session.session_id
-        self._queue_log(_LogCall(lambda: self.log.put_snapshot(sid, tick, state), f"snapshot {sid!r} at tick {tick}"))
+        epoch = session.epoch
+        self._queue_log(_LogCall(lambda: self.log.put_snapshot(sid, tick, state, epoch), f"snapshot {sid!r} at tick {tick}"))
 
     def _turn(self) -> int:
         """The next session's snapshot turn: sessions get them in rotation, so one tick does not export them all."""
@@ -740,11 +755,31 @@ class Interaction:
         self._phase = (self._phase + 1) % (self.snapshot_every or 1)
         return turn
 
-    def _appended(self, result: Any) -> None:
+    def _appended(self, result: Any, epochs: dict[str, int]) -> None:
         for sid, span in (result or {}).items():
             session = self.sessions.get(sid)
             if session is not None and isinstance(span, (tuple, list)):
                 session.log_index = max(session.log_index, int(span[1]))
+        for sid in getattr(result, "moved", ()):
+            session = self.sessions.get(sid)
+            if session is not None and session.epoch == epochs.get(sid):  # not resumed here again since
+                self._fenced(session)
+
+    def _fenced(self, session: JoinedSession) -> None:
+        """The log says the session moved on to another writer: let it go here, logging nothing
+        (its log is the other writer's now). Its next tick no longer steps it."""
+        sid = session.session_id
+        del self.sessions[sid]
+        self._totals["fenced"] += 1
+        log.warning("session %r was taken over elsewhere; letting it go here", sid)
+        self._cancel(session, "moved")
+
+        async def remove() -> None:
+            async with self._engine_lock:
+                if sid not in self.sessions and sid in self.engine.sessions:
+                    self.engine.remove_session(sid)
+
+        asyncio.get_running_loop().create_task(remove())
 
     def _queue_log(self, call: _LogCall) -> None:
         self._log_queue.append(call)

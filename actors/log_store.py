@@ -1,7 +1,7 @@
 """Where the SessionLog keeps its rows: in-memory blocks, write-ahead files and Parquet.
 
 Layout under `root` (a directory or any pyarrow filesystem URI), one folder per session:
-sessions/<dir>/session.json (id, hashed token, closed), sessions/<dir>/seg-<first>-<last>.parquet
+sessions/<dir>/session.json (id, hashed token, closed, writer epoch), sessions/<dir>/seg-<first>-<last>.parquet
 (persisted rows) and wal-<first>.arrows (rows not yet in Parquet, one Arrow IPC stream per
 in-memory segment; kept on local disk under `wal_dir` when `root` is remote). A row is
 acknowledged only once its batch is whole in the WAL file, so `LogStore.restore` rebuilds every
@@ -110,6 +110,7 @@ class LogSession:
     dirname: str
     token_hash: str
     closed: bool = False
+    epoch: int = 0  # the writer's: raised each time the session is taken over (`SessionLog.recovery`)
     next_index: int = 0
     newest_t: float = -math.inf
     segments: list[Segment] = field(default_factory=list)
@@ -174,7 +175,7 @@ class LogStore:
     def write_meta(self, s: LogSession) -> None:
         folder = f"{self.base}/{s.dirname}"
         self.fs.create_dir(folder, recursive=True)
-        data = json.dumps({"session_id": s.session_id, "token_sha256": s.token_hash, "closed": s.closed}).encode()
+        data = json.dumps({"session_id": s.session_id, "token_sha256": s.token_hash, "closed": s.closed, "epoch": s.epoch}).encode()
         path = f"{folder}/session.json"
         if self.local:
             with open(path + ".tmp", "wb") as f:
@@ -329,7 +330,7 @@ class LogStore:
             try:
                 with self.fs.open_input_stream(f"{info.path}/session.json") as f:
                     meta = json.loads(f.read())
-                s = LogSession(meta["session_id"], info.base_name, meta["token_sha256"], bool(meta.get("closed")))
+                s = LogSession(meta["session_id"], info.base_name, meta["token_sha256"], bool(meta.get("closed")), int(meta.get("epoch", 0)))
             except (OSError, ValueError, KeyError) as exc:
                 log.warning("skipping %s: no readable session.json (%s)", info.path, exc)
                 continue

@@ -20,6 +20,14 @@ choice here: the actor that takes a session over must give the session's clients
 already hold, and only the log has it. So while a session is open its token is kept in clear
 beside its WAL (mode 0600) and in memory; closing the session deletes it (session.json only ever
 has the hash). `recovery` is an internal actor-to-actor call: nothing a client reaches routes to it.
+
+Fencing: one writer per session at a time. Each session has a writer epoch (0 when opened, kept
+in session.json); taking a session over (`recovery`) raises it and hands the new epoch to the
+taker. A writer passes the epoch it holds to `append`, `put_snapshot` and `close`; one that holds
+an older epoch was superseded (an actor that was slow, not dead, while its session moved) and is
+refused with "session_moved", so it can neither interleave rows with the new writer's, nor
+replace the snapshot the next takeover starts from, nor close a session that lives on. Callers
+that pass no epoch are not fenced.
 """
 
 from __future__ import annotations
@@ -52,14 +60,16 @@ _REMEMBERED_REQUESTS = 4096
 
 class AppendResult(dict):
     """{session_id: (first_index, last_index)} for the sessions whose deltas landed; `errors` maps each
-    rejected session to the reason (its deltas were all refused, other sessions' were not)."""
+    rejected session to the reason (its deltas were all refused, other sessions' were not); `moved`
+    lists the sessions refused because the writer's epoch is stale (the session moved on)."""
 
-    def __init__(self, ranges: Iterable = (), errors: dict[str, str] | None = None):
+    def __init__(self, ranges: Iterable = (), errors: dict[str, str] | None = None, moved: Iterable[str] = ()):
         super().__init__(ranges)
         self.errors = dict(errors or {})
+        self.moved = list(moved)
 
     def __repr__(self) -> str:
-        return f"AppendResult({dict(self)!r}, errors={self.errors!r})"
+        return f"AppendResult({dict(self)!r}, errors={self.errors!r}, moved={self.moved!r})"
 
 
 class SessionLog:
@@ -141,13 +151,15 @@ class SessionLog:
         self._sessions[session_id] = s
         return token
 
-    def close(self, session_id: str) -> None:
-        """No more appends: the session's rows go to Parquet and leave memory; reads still work."""
+    def close(self, session_id: str, epoch: int | None = None) -> None:
+        """No more appends: the session's rows go to Parquet and leave memory; reads still work.
+        With `epoch`, refused ("session_moved") unless it is the session's current writer epoch."""
         s = self._sessions.get(session_id)
         if s is None:
             raise ProtocolError(f"unknown session {session_id!r}", "unknown_session", "session_id")
         if s.closed:
             return
+        _fence(s, epoch)
         for seg in [seg for seg in s.segments if seg.blocks is not None]:
             self.store.persist(s, seg)
         s.closed = True
@@ -198,17 +210,24 @@ class SessionLog:
 
     # --- append ------------------------------------------------------------------------------
 
-    def append(self, deltas: list | pa.RecordBatch | pa.Table, request_id: str | None = None) -> AppendResult:
+    def append(self, deltas: list | pa.RecordBatch | pa.Table, request_id: str | None = None,
+               epochs: dict[str, int] | None = None) -> AppendResult:
         """Append deltas of any number of sessions; the log numbers each session's rows from 0.
 
         Per session all or nothing: a session with one bad delta (or unknown, or closed) gets
         nothing appended and an entry in `result.errors`; the other sessions' deltas land. If no
-        session lands, `ProtocolError` is raised instead (its `errors` attribute holds the same
-        map). A batch whose schema is not SCHEMA is refused whole. With `request_id`, a repeated
-        call (e.g. Ray retrying it after a restart) returns the first call's indices, appending nothing.
+        session lands and one had an error, `ProtocolError` is raised instead (its `errors`
+        attribute holds the same map). A batch whose schema is not SCHEMA is refused whole. With
+        `request_id`, a repeated call (e.g. Ray retrying it after a restart) returns the first
+        call's indices, appending nothing. `epochs` maps a session to the writer epoch the caller
+        holds (see Fencing above): a session whose epoch is not current lands nothing and is
+        listed in `result.moved`.
         """
         if request_id is not None and not isinstance(request_id, str):
             raise ProtocolError("request_id must be a string", "invalid_value", "request_id")
+        if epochs is not None and not (isinstance(epochs, dict) and all(isinstance(k, str) and _is_epoch(v) for k, v in epochs.items())):
+            raise ProtocolError("epochs must map session ids to non-negative integers", "invalid_value", "epochs")
+        moved: list[str] = []
         batch, positions, errors, checked = as_batch(deltas)
         groups: dict[str, list[int]] = {}
         for i, sid in enumerate(batch.column(0).to_pylist()):
@@ -226,6 +245,9 @@ class SessionLog:
                 continue
             try:
                 s = self._writable(sid)
+                if epochs is not None and sid in epochs and epochs[sid] != s.epoch:
+                    moved.append(sid)
+                    continue
                 for i in rows:
                     try:
                         check_row(small[i], audio_len[i], frame_len[i], rebuild=not checked, tick_bytes=self._tick_bytes)
@@ -253,7 +275,7 @@ class SessionLog:
             exc = ProtocolError(f"append rejected: {detail}", "invalid_delta")
             exc.errors = errors
             raise exc
-        return AppendResult(ranges, errors)
+        return AppendResult(ranges, errors, moved)
 
     def _writable(self, session_id: str) -> LogSession:
         s = self._sessions.get(session_id)
@@ -308,7 +330,7 @@ class SessionLog:
 
     # --- failover ----------------------------------------------------------------------------
 
-    async def put_snapshot(self, session_id: str, tick: int, state: dict) -> None:
+    async def put_snapshot(self, session_id: str, tick: int, state: dict, epoch: int | None = None) -> None:
         """Keep `state` (an `Engine.export_session` taken after tick `tick` was stepped) as the
         session's newest snapshot: in memory (a copy), and in its folder (written to a temporary file and
         renamed; fsynced if the log fsyncs), so a restarted log has it. An older snapshot goes; one
@@ -316,9 +338,11 @@ class SessionLog:
 
         ProtocolError: unknown or closed session ("unknown_session", "session_closed"), a tick that
         is not an integer >= 0, or a state that is not a dict of plain values and numpy arrays
-        ("invalid_state"). The file is written off the event loop; appends go on meanwhile.
+        ("invalid_state"), or an `epoch` that is not the session's writer epoch ("session_moved").
+        The file is written off the event loop; appends go on meanwhile.
         """
         s = self._writable(session_id)
+        _fence(s, epoch)
         if isinstance(tick, bool) or not isinstance(tick, (int, np.integer)) or tick < 0:
             raise ProtocolError(f"tick must be a non-negative integer, got {tick!r}", "invalid_value", "tick")
         tick = int(tick)
@@ -336,9 +360,11 @@ class SessionLog:
             s.snapshot_tick, s.snapshot = tick, encoded
         self.store.drop_snapshots(s, s.snapshot_tick)
 
-    async def recovery(self, session_id: str) -> dict:
+    async def recovery(self, session_id: str, take_over: bool = True) -> dict:
         """What rebuilds an open session on another interaction actor:
         {"log_token": its token (None if not kept: a session opened before tokens were kept),
+         "epoch": the writer epoch the caller now holds (with `take_over`, raised by one: whoever
+         wrote before is fenced off; without, the current one, for a caller that only reads),
          "tick": the newest snapshot's tick or None, "state": that snapshot or None,
          "inputs": [InputChunk with seq > tick], "outputs": [OutputChunk with seq > tick]},
         both in seq order, one chunk per seq (the first logged), from memory and, where older,
@@ -349,6 +375,14 @@ class SessionLog:
         closed session.
         """
         s = self._writable(session_id)
+        if take_over:
+            s.epoch += 1
+            try:
+                await asyncio.to_thread(self.store.write_meta, s)
+            except OSError as exc:
+                s.epoch -= 1
+                raise ProtocolError(f"could not take over session {session_id!r}: {exc.strerror or exc}", "log_unavailable") from None
+        epoch = s.epoch
         tick, encoded, state = s.snapshot_tick, s.snapshot, None
         if tick is not None and encoded is None:  # restored: the snapshot is on disk only
             try:
@@ -379,7 +413,7 @@ class SessionLog:
         for row in table.filter(pc.fill_null(keep, False)).to_pylist():
             chunks[row["kind"]].setdefault(row["seq"], row)
         inputs, outputs = ([from_record(chunks[kind][q]) for q in sorted(chunks[kind])] for kind in CHUNK_KINDS)
-        return {"log_token": s.token, "tick": tick, "state": state, "inputs": inputs, "outputs": outputs}
+        return {"log_token": s.token, "epoch": epoch, "tick": tick, "state": state, "inputs": inputs, "outputs": outputs}
 
     # --- reads -------------------------------------------------------------------------------
 
@@ -494,6 +528,20 @@ class SessionLog:
                 lo = max(start, b.first) - b.first
                 parts.append(b.batch.slice(lo, min(end, b.last + 1) - b.first - lo))
         return pa.Table.from_batches(parts, schema=SCHEMA)
+
+
+def _is_epoch(value) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool) and value >= 0
+
+
+def _fence(s: LogSession, epoch) -> None:
+    """Refuse a writer whose epoch is not the session's (None: the caller is not fenced)."""
+    if epoch is None:
+        return
+    if not _is_epoch(epoch):
+        raise ProtocolError(f"epoch must be a non-negative integer, got {epoch!r}", "invalid_value", "epoch")
+    if epoch != s.epoch:
+        raise ProtocolError(f"session {s.session_id!r} moved to another writer (epoch {s.epoch}, not {epoch})", "session_moved", "epoch")
 
 
 def _span(s: LogSession, start, end) -> tuple[int, int]:

@@ -83,23 +83,26 @@ class Interaction(Protocol):
 
 @runtime_checkable
 class Log(Protocol):
-    """The session log's write side; `append` is idempotent per `request_id`."""
+    """The session log's write side; `append` is idempotent per `request_id`. One writer per
+    session: a writer passes the epoch it holds (`epochs`, `epoch`), and one holding an older
+    epoch than the session's is refused ("session_moved"; for `append`, listed in `moved`)."""
 
     async def open(self, session_id: str) -> str: ...
 
-    async def close(self, session_id: str) -> None: ...
+    async def close(self, session_id: str, epoch: int | None = None) -> None: ...
 
-    async def append(self, deltas: list[Any], request_id: str | None = None) -> dict: ...
+    async def append(self, deltas: list[Any], request_id: str | None = None, epochs: dict[str, int] | None = None) -> dict: ...
 
-    async def put_snapshot(self, session_id: str, tick: int, state: dict) -> None:
+    async def put_snapshot(self, session_id: str, tick: int, state: dict, epoch: int | None = None) -> None:
         """Keep `state` (an `Engine.export_session` after tick `tick` was stepped) as the session's
         newest snapshot, durably: a restarted log still has it."""
         ...
 
-    async def recovery(self, session_id: str) -> dict:
-        """What rebuilds the session: {"log_token", "tick": the snapshot's tick or None, "state":
-        the snapshot or None, "inputs": the logged InputChunks after that tick, "outputs": the
-        logged OutputChunks of the same ticks, both in seq order}."""
+    async def recovery(self, session_id: str, take_over: bool = True) -> dict:
+        """What rebuilds the session: {"log_token", "epoch": the writer epoch the caller holds
+        now (with `take_over`, a new one: the previous writer is fenced off), "tick": the
+        snapshot's tick or None, "state": the snapshot or None, "inputs": the logged InputChunks
+        after that tick, "outputs": the logged OutputChunks of the same ticks, both in seq order}."""
         ...
 
 

@@ -125,22 +125,22 @@ class LocalLog:
         await asyncio.sleep(self.delay_s)
         return self.log.open(session_id)
 
-    async def close(self, session_id: str) -> None:
+    async def close(self, session_id: str, epoch: int | None = None) -> None:
         await asyncio.sleep(self.delay_s)
-        self.log.close(session_id)
+        self.log.close(session_id, epoch)
 
-    async def append(self, deltas: list, request_id: str | None = None) -> dict:
+    async def append(self, deltas: list, request_id: str | None = None, epochs: dict | None = None) -> dict:
         await asyncio.sleep(self.delay_s)
         self.appends += 1
-        return self.log.append(deltas, request_id)
+        return self.log.append(deltas, request_id, epochs)
 
-    async def put_snapshot(self, session_id: str, tick: int, state: dict) -> None:
+    async def put_snapshot(self, session_id: str, tick: int, state: dict, epoch: int | None = None) -> None:
         await asyncio.sleep(self.delay_s)
-        await self.log.put_snapshot(session_id, tick, state)
+        await self.log.put_snapshot(session_id, tick, state, epoch)
 
-    async def recovery(self, session_id: str) -> dict:
+    async def recovery(self, session_id: str, take_over: bool = True) -> dict:
         await asyncio.sleep(self.delay_s)
-        return await self.log.recovery(session_id)
+        return await self.log.recovery(session_id, take_over)
 
 
 class FakePool:

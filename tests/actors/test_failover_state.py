@@ -232,6 +232,48 @@ def test_a_released_session_resumes_on_another_actor_exactly(tmp_path):
     assert [e.type for e in deltas if isinstance(e, SessionEvent)] == ["session.joined", "session.released", "session.resumed"]
 
 
+def test_an_actor_too_slow_to_answer_is_fenced_off_when_its_session_resumes_elsewhere(tmp_path):
+    """A is resumed on Y while X, slow but alive, still holds it (the ingress gave up on X). X
+    goes on stepping A on silence for a tick; the log refuses X's rows, snapshot and close for A
+    (its epoch is stale), so A's log is Y's alone, in order, with no tick twice; X lets A go and
+    keeps B; Y goes on exactly."""
+    session_log = SessionLog(tmp_path / "log", tick_ms=200)
+    want = reference(range(20), ("a", "b"))
+
+    async def scenario():
+        log = LocalLog(session_log)
+        x = Run(log, snapshot_s=0.2)  # a snapshot every tick: X's stale one would be the newest
+        for sid in ("a", "b"):
+            await x.inter.join(sid)
+        for k in range(10):
+            same(x, await x.tick(k, ("a", "b")), want[k], "ab")
+        await x.inter.flush()
+
+        y = Run(log, x.time)
+        answer = await y.inter.resume("a")  # X is not asked: it did not answer in time
+        assert answer["first_tick"] == 10 and y.inter.sessions["a"].epoch == 1
+        for k in range(10, 20):
+            x.time.t = y.time.t = k * 0.2 + 0.05
+            got_b = asyncio.create_task(x.tick(k, ("b",)))  # the ingress feeds A to Y now
+            same(y, await y.tick(k, ("a",)), want[k], "a")
+            same(x, await got_b, want[k], "b")
+            await x.inter.flush()
+        stats = await x.inter.stats()
+        assert list(x.inter.sessions) == ["b"] and x.inter.engine.sessions == ["b"]
+        assert stats["totals"]["fenced"] == 1 and stats["totals"]["log_refused"] >= 1  # its snapshot of A too
+        await x.inter.leave("b")
+        await y.inter.leave("a")
+        await y.inter.flush()
+        return answer["log_token"]
+
+    token = asyncio.run(scenario())
+    deltas = from_table(session_log.read("a", token))
+    assert [c.seq for c in deltas if isinstance(c, InputChunk)] == list(range(20))
+    assert [c.seq for c in deltas if isinstance(c, OutputChunk)] == list(range(20))
+    assert [e.type for e in deltas if isinstance(e, SessionEvent)] == ["session.joined", "session.resumed", "session.left"]
+    assert session_log.info("a", token)["closed"]  # closed by Y, its writer, at the end
+
+
 def test_resume_without_a_log_is_refused():
     async def scenario():
         run = Run()

@@ -411,7 +411,7 @@ class FlakyLog(LocalLog):
         super().__init__(log)
         self.fail, self.refuse, self.calls = fail, refuse, []
 
-    async def append(self, deltas, request_id=None):
+    async def append(self, deltas, request_id=None, epochs=None):
         self.calls.append(request_id)
         if self.refuse:
             self.refuse -= 1
@@ -419,7 +419,7 @@ class FlakyLog(LocalLog):
         if self.fail:
             self.fail -= 1
             raise ConnectionError("the log is restarting")
-        return await super().append(deltas, request_id)
+        return await super().append(deltas, request_id, epochs)
 
 
 def test_a_failing_log_is_retried_in_order_and_a_refusal_is_not(tmp_path):

@@ -196,6 +196,41 @@ def test_a_reopened_session_keeps_its_token_for_recovery(tmp_path):
     assert run(SessionLog(str(tmp_path)).recovery("s"))["log_token"] == token
 
 
+def test_a_takeover_fences_off_the_previous_writer_even_after_a_restart(tmp_path):
+    log = SessionLog(str(tmp_path))
+    token = log.open("s")
+    log.open("t")
+    assert log.append(ticks("s", 0, 2), epochs={"s": 0}) == {"s": (0, 3)}
+    assert run(log.recovery("s", take_over=False))["epoch"] == 0  # a reader takes nothing over
+    assert run(log.recovery("s"))["epoch"] == 1
+
+    stale = log.append(ticks("s", 2, 1) + ticks("t", 0, 1), epochs={"s": 0, "t": 0})
+    assert stale == {"t": (0, 1)} and stale.moved == ["s"] and not stale.errors
+    alone = log.append(ticks("s", 2, 1), epochs={"s": 0})  # nothing lands, and that is not an error
+    assert alone == {} and alone.moved == ["s"]
+    with pytest.raises(ProtocolError) as exc:
+        run(log.put_snapshot("s", 5, engine_state(), epoch=0))
+    assert exc.value.code == "session_moved"
+    with pytest.raises(ProtocolError) as exc:
+        log.close("s", epoch=0)
+    assert exc.value.code == "session_moved"
+    assert log.append(ticks("s", 2, 1), epochs={"s": 1}) == {"s": (4, 5)}  # the new writer's
+
+    restarted = SessionLog(str(tmp_path))
+    assert restarted.append(ticks("s", 3, 1), epochs={"s": 0}).moved == ["s"]
+    assert restarted.append(ticks("s", 3, 1), epochs={"s": 1}) == {"s": (6, 7)}
+    assert restarted.append(ticks("s", 4, 1)) == {"s": (8, 9)}  # a caller without an epoch is not fenced
+    assert [r["seq"] for r in restarted.read("s", token).to_pylist() if r["kind"] == "input_chunk"] == [0, 1, 2, 3, 4]
+    for bad in ({"s": -1}, {"s": True}, {"s": "1"}, {1: 1}, ["s"]):
+        with pytest.raises(ProtocolError) as exc:
+            restarted.append(ticks("s", 5, 1), epochs=bad)
+        assert exc.value.code == "invalid_value"
+    with pytest.raises(ProtocolError):
+        restarted.close("s", epoch=2.5)
+    restarted.close("s", epoch=1)
+    assert restarted.info("s", token)["closed"]
+
+
 def test_a_chunks_updates_and_other_fields_round_trip_through_the_log(tmp_path):
     names = {f.name for f in dataclasses.fields(InputChunk)}
     extra = {"updates": ["the weather is sunny", "ünïcode ✓"]} if "updates" in names else {}
