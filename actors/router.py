@@ -329,7 +329,10 @@ class Router:
         # itself is the question, and a loaded machine answers pings late.
         home = prefer is not None and not prefer.draining and not gone and await self._alive(prefer, self.ping_timeout_s)
         others = [a for a in self._open(avoid) if a is not prefer]
-        order = ([prefer] if home else []) + others
+        # Where it was comes last even when it did not answer: with no room elsewhere it is the
+        # only hope, and a busy actor that still holds the session answers a resume as it is.
+        late = prefer is not None and not home and not prefer.draining and prefer.name != avoid and prefer.name in self.actors
+        order = ([prefer] if home else []) + others + ([prefer] if late else [])
         for actor in order:
             attempt = asyncio.ensure_future(actor.port.resume(session_id))
             try:

@@ -131,6 +131,21 @@ def test_a_restarted_actor_takes_its_own_sessions_back_from_the_log():
     asyncio.run(main())
 
 
+def test_a_busy_actor_reported_gone_keeps_its_session_when_no_other_has_room():
+    """The ingress found `a` not answering (busy, not dead) and every other actor is full: rather
+    than lose the call, the router asks `a` last, which still holds it and answers as it is."""
+
+    async def main():
+        a, b = Fake("a"), Fake("b", capacity=1)
+        r = router(a, b)
+        assert [(await r.place(s)).actor for s in ("s0", "s1", "s2")] == ["a", "a", "b"]
+        placed = await r.locate("s0", lost_on="a", gone=True)
+        assert placed.actor == "a" and not a.resumed and not b.resumed
+        assert sorted((await r.placements()).items()) == [("s0", "a"), ("s1", "a"), ("s2", "b")]
+
+    asyncio.run(main())
+
+
 def test_drain_moves_every_session_and_places_nothing_more_there():
     async def main():
         a, b = Fake("a", capacity=3), Fake("b", capacity=3)
