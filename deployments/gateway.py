@@ -46,6 +46,7 @@ MAX_CALL_ID_CHARS = 128
 # HTTP status of a ProtocolError by its code; any other code is the client's mistake (400).
 HTTP_STATUS = {"capacity": 503, "unauthorized": 401, "forbidden": 403, "unknown_session": 404}
 UNAVAILABLE = "the service cannot take this request right now; try again shortly"
+RETRY_AFTER_S = 1
 
 
 class HttpError(Exception):
@@ -60,9 +61,12 @@ def api_error(status: int, message: str, code: str, param: str | None = None) ->
     error = {"type": "server_error" if status >= 500 else "invalid_request_error", "code": code, "message": message}
     if param:
         error["param"] = param
-    # A refused body may still be arriving: the connection is not worth keeping.
-    headers = {"Connection": "close"} if status in (408, 413) else None
-    return JSONResponse({"error": error}, status_code=status, headers=headers)
+    headers = {}
+    if status in (408, 413):  # a refused body may still be arriving: the connection is not worth keeping
+        headers["Connection"] = "close"
+    if status == 503:  # full or not answering for now: a client may try again in a second
+        headers["Retry-After"] = str(RETRY_AFTER_S)
+    return JSONResponse({"error": error}, status_code=status, headers=headers or None)
 
 
 # What only internals look like (a Ray task error's first line names the process: "ray::X.y() (pid=..., ip=...)").

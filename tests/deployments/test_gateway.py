@@ -289,6 +289,7 @@ def test_a_ray_task_error_posing_as_a_protocol_error_shows_only_its_cause():
     assert isinstance(wrapped, ProtocolError) and "pid=" in str(wrapped).split("\n")[0]
     response = protocol_error(wrapped)
     assert response.status_code == 503 and json.loads(response.body)["error"]["message"] == "this ingress is full (16 calls)"
+    assert response.headers["retry-after"] == "1"  # a client knows when to try again
     assert clean("ray::IngressActor.offer() (pid=7, ip=10.0.0.1)") == "invalid request"
 
 
