@@ -231,14 +231,28 @@ async def scenario(args) -> dict:
                 await asyncio.to_thread(_hangup, url, location)
             return status
 
+        async def offer_until_taken(within_s: float) -> tuple[int, int]:
+            """Offer as a client told "Retry-After" would, until taken or `within_s` passed: (status, tries)."""
+            deadline, tries = time.time() + within_s, 0
+            while True:
+                status, tries = await offer(), tries + 1
+                if status != 503 or time.time() > deadline:
+                    return status, tries
+                await asyncio.sleep(1.0)
+
         refused = await offer()
         t = time.time()
         node3 = cluster.add_node(2, {"interaction": 1})
         await wait_until(lambda: _actors(router) >= 3, 60, "the router growing onto the new node")
         grown_s = time.time() - t
-        taken = await offer()
-        report["capacity"] = {"full_status": refused, "after_node_joined_status": taken, "grown_in_s": round(grown_s, 1)}
-        say(f"capacity: full -> HTTP {refused}; a node joined, actor added in {grown_s:.1f} s -> HTTP {taken}")
+        # The new actor may refuse a few seconds more (its first steps run hot while it warms up on
+        # a loaded machine): a client retries on 503 as told.
+        taken, tries = await offer_until_taken(30.0)
+        taken_s = time.time() - t
+        report["capacity"] = {"full_status": refused, "after_node_joined_status": taken, "grown_in_s": round(grown_s, 1),
+                              "taken_in_s": round(taken_s, 1), "offers": tries}
+        say(f"capacity: full -> HTTP {refused}; a node joined, actor added in {grown_s:.1f} s -> HTTP {taken} "
+            f"({tries} offer{'s' if tries > 1 else ''}, {taken_s:.1f} s after the node joined)")
 
         # 2. kills.
         for k in range(args.kills):
@@ -364,6 +378,7 @@ async def check_logs(app, session_ids: list[str], lsb: int) -> dict:
     from actors.interaction import EngineSpec
     from deployments.app import engine_spec
     from protocols import InputChunk, OutputChunk
+    from protocols.background import SessionEvent
     from protocols.deltas import from_table
 
     spec: EngineSpec = engine_spec(app.config)
@@ -375,7 +390,7 @@ async def check_logs(app, session_ids: list[str], lsb: int) -> dict:
         if sid is None:
             continue
         try:
-            recovery = await app.log.recovery.remote(sid)
+            recovery = await app.log.recovery.remote(sid, take_over=False)
             table = await app.log.read.remote(sid, recovery["log_token"])
         except Exception as exc:  # closed under a live call (it should not be), or unreadable
             out.setdefault("unreadable", []).append(f"{sid}: {str(exc).splitlines()[-1][:120]}")
@@ -388,6 +403,10 @@ async def check_logs(app, session_ids: list[str], lsb: int) -> dict:
         out["sessions"] += 1
         out["ordered"] += int(indices == sorted(set(indices)) and seqs == sorted(set(seqs)))
         out["gaps"] += sum(1 for a, b in zip(seqs, seqs[1:]) if b != a + 1)
+        back = [(a, b) for a, b in zip(seqs, seqs[1:]) if b <= a]
+        if back:  # where it went wrong: the steps back, and who joined, resumed or released the call when
+            events = [(i, d.type, d.data) for i, d in zip(indices, deltas) if isinstance(d, SessionEvent)]
+            out.setdefault("disorder", {})[sid] = {"steps_back": back[:8], "events": events[:12]}
         engine = EngineSpec(spec.preset, spec.checkpoint, "cpu", max_sessions=1).build()
         engine.add_session(sid)
         for chunk in inputs:
