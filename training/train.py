@@ -9,8 +9,8 @@ A step is a batch of dialogue windows: random crops of `crop_s` seconds (a quart
 the dialogue's first tick, so the attention sinks also see session starts), each built by
 `models.inputs.InputBuilder.session` exactly as the engine would have built it tick by tick, and
 teacher-forced through the model's loss; from `self_feed_from` on, a share `self_feed` of them
-hear their own sampled speech fed back instead of the data's (`feed_back_own_speech`), as they
-will when serving. Workers split the training dialogues, each takes
+hear their own sampled speech (and, with `self_feed_controls`, their own chosen controls) fed back
+instead of the data's (`feed_back_own_speech`), as they will when serving. Workers split the training dialogues, each takes
 `batch / workers` windows a step and gradients are averaged across them. The control loss is
 weighted by inverse square-root class frequency, capped at 3x (silence dominates; "yield" and
 "delegate" are rare), the text loss ignores the padding after a tick's end-of-text. AdamW, linear warmup then
@@ -72,6 +72,7 @@ class Recipe:
     clip: float = 1.0
     self_feed: float = 0.75  # share of windows that hear the model's own speech fed back (feed_back_own_speech)
     self_feed_from: int = 300  # from this step on, once its speech head says something
+    self_feed_controls: bool = False  # and those windows also hear the controls it chose (greedy, as served)
     seed: int = 0
 
     def to_dict(self) -> dict:
@@ -137,23 +138,31 @@ def control_weights(counts: torch.Tensor, cap: float = 3.0) -> torch.Tensor:
 
 
 def feed_back_own_speech(model: InteractionModel, builder: InputBuilder, inp: TickInputs, tgt: dict[str, torch.Tensor],
-                         generator: torch.Generator) -> TickInputs:
-    """The window with the speech the model hears itself say replaced by its own: a pass without
-    gradients on the true history samples its speech for every tick (silence where the target is
-    "silent", as the engine mutes it), and each tick's fed-back codes become the previous tick's
-    sample. Serving feeds back what the model actually said, rougher than the data's voice; a
-    model that only ever heard the clean voice leans on it to know where it is in a turn and
-    loses its place in free running (scheduled sampling, one step deep)."""
+                         generator: torch.Generator, controls: bool = False) -> TickInputs:
+    """The window with what the model hears itself say replaced by its own: a pass without
+    gradients on the true history samples its speech for every tick, and each tick's fed-back
+    codes become the previous tick's sample. Serving feeds back what the model actually said,
+    rougher than the data's voice; a model that only ever heard the clean voice leans on it to
+    know where it is in a turn and loses its place in free running (scheduled sampling, one step
+    deep). With `controls`, the control it chose there (greedy, as the engine does) is fed back
+    too, and its speech muted where that control is "silent" (else where the target's is), while
+    the targets stay the data's: a model that missed the moment to stop, or started in a pause,
+    learns to stop on the next tick, instead of trusting its own last control to say where it is."""
     with torch.no_grad():
         x, out_pos = model.sequence(inp)
         h, _ = model.transformer.forward_full(x, torch.arange(x.shape[1], device=x.device))
         noise = torch.randn(tgt["mel"].shape, generator=generator).to(h)
         mel = model.sample_mel(h[0, out_pos], noise)
-        silent = (tgt["ctrl"] == CONTROLS.index("silent")).to(mel.device)[:, None, None]
+        ctrl = model.predict(h[0, out_pos])[0].argmax(-1) if controls else tgt["ctrl"]
+        silent = (ctrl == CONTROLS.index("silent")).to(mel.device)[:, None, None]
         codes = builder.dmel.quantize(torch.where(silent, torch.full_like(mel, model.cfg.mel_floor), mel).float())
     fed = inp.self_codes.clone()
     fed[1:] = codes[:-1].to(fed.dtype)
-    return dataclasses.replace(inp, self_codes=fed)
+    if not controls:
+        return dataclasses.replace(inp, self_codes=fed)
+    prev = inp.prev_ctrl.clone()
+    prev[1:] = ctrl[:-1].to(prev.dtype)
+    return dataclasses.replace(inp, self_codes=fed, prev_ctrl=prev)
 
 
 # ---- the loss ----
@@ -314,7 +323,7 @@ def train_loop(config: dict) -> None:
             inp, tgt = window(builder, d, rng, recipe)
             inp, tgt = inp.to(device), {k: v.to(device) for k, v in tgt.items()}
             if step >= recipe.self_feed_from and rng.random() < recipe.self_feed:
-                inp = feed_back_own_speech(model, builder, inp, tgt, gen)
+                inp = feed_back_own_speech(model, builder, inp, tgt, gen, recipe.self_feed_controls)
             parts = loss_parts(model, inp, tgt, ctrl_weight, gen)
             (parts["loss"] / per_worker).backward()
             for k in sums:
@@ -464,6 +473,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=1, help="torch threads per worker (default 1)")
     p.add_argument("--save-every", type=float, default=300.0, help="seconds between checkpoints (default 300)")
     p.add_argument("--address", help="join an existing Ray cluster instead of starting one")
+    p.add_argument("--self-feed-controls", action="store_true",
+                   help="self-fed windows also hear the controls the model chose (off in the shipped recipe; see the README)")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--resume", action="store_true", help="continue from the last checkpoint; refuse if there is none "
                    "(without it a run continues when it finds one, and starts afresh otherwise)")
@@ -471,7 +482,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def main_args(args: argparse.Namespace) -> int:
-    recipe = Recipe(preset=args.preset, data=args.data, steps=args.steps, batch=args.batch, lr=args.lr, seed=args.seed)
+    recipe = Recipe(preset=args.preset, data=args.data, steps=args.steps, batch=args.batch, lr=args.lr, seed=args.seed,
+                    self_feed_controls=args.self_feed_controls)
     state = args.state or str(Path("data/train") / Path(args.out).name)
     t = time.perf_counter()
     try:

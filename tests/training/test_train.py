@@ -80,7 +80,7 @@ def test_a_resumed_run_is_the_uninterrupted_run(tiny_set, tmp_path):
     assert all(torch.equal(ma[k], mb[k]) for k in ma)
 
 
-def test_a_window_can_hear_the_model_s_own_speech(tiny_set):
+def test_a_window_can_hear_the_model_s_own_speech_and_controls(tiny_set):
     """Scheduled sampling: each tick hears the speech the model sampled for the tick before (the
     engine's feedback), silence where the data is silent; nothing else in the window changes."""
     import dataclasses
@@ -98,6 +98,20 @@ def test_a_window_can_hear_the_model_s_own_speech(tiny_set):
     assert not torch.equal(fed.self_codes[spoken], inp.self_codes[spoken])  # random weights say something else
     for name in ("mel_codes", "prev_ctrl", "prev_text", "tick"):
         assert torch.equal(getattr(fed, name), getattr(inp, name)), name
+
+    # With its controls too: each tick hears the control it chose the tick before (greedy, as the
+    # engine chooses), its speech muted where that was "silent"; the rest is the data's.
+    own = feed_back_own_speech(model, builder, inp, tgt, torch.Generator().manual_seed(0), controls=True)
+    with torch.no_grad():
+        x, out_pos = model.sequence(inp)
+        h, _ = model.transformer.forward_full(x, torch.arange(x.shape[1]))
+        chosen = model.predict(h[0, out_pos])[0].argmax(-1)
+    assert torch.equal(own.prev_ctrl[1:], chosen[:-1]) and own.prev_ctrl[0] == inp.prev_ctrl[0]
+    assert not torch.equal(chosen, tgt["ctrl"])  # random weights choose otherwise than the data
+    quiet = torch.nonzero(chosen[:-1] == CONTROLS.index("silent")).flatten().tolist()
+    assert quiet and all(torch.equal(own.self_codes[k + 1], builder.silence_codes) for k in quiet)
+    for name in ("mel_codes", "prev_text", "tick"):
+        assert torch.equal(getattr(own, name), getattr(inp, name)), name
 
 
 @pytest.fixture(scope="module")
