@@ -19,6 +19,11 @@ def ray_cluster():
         ray.init(num_cpus=5, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
     yield ray
     ray.shutdown()
+    # A Serve handle's router thread may still push metrics after this; with Ray down, that call
+    # would start a new local Ray instance while the interpreter exits.
+    from ray._private import auto_init_hook
+
+    auto_init_hook.enable_auto_connect = False
 
 
 def pytest_configure(config):
