@@ -379,8 +379,7 @@ class SessionLog:
             s.epoch += 1
             try:
                 await asyncio.to_thread(self.store.write_meta, s)
-            except OSError as exc:
-                s.epoch -= 1
+            except OSError as exc:  # the raise stands in memory: no rollback under a takeover that raced this one
                 raise ProtocolError(f"could not take over session {session_id!r}: {exc.strerror or exc}", "log_unavailable") from None
         epoch = s.epoch
         tick, encoded, state = s.snapshot_tick, s.snapshot, None
