@@ -9,7 +9,7 @@ A step is a batch of dialogue windows: random crops of `crop_s` seconds (a quart
 the dialogue's first tick, so the attention sinks also see session starts), each built by
 `models.inputs.InputBuilder.session` exactly as the engine would have built it tick by tick, and
 teacher-forced through the model's loss; from `self_feed_from` on, a share `self_feed` of them
-hear their own sampled speech (and, with `self_feed_controls`, their own chosen controls) fed back
+hear their own sampled speech (and, from step `self_feed_controls_from`, their own chosen controls) fed back
 instead of the data's (`feed_back_own_speech`), as they will when serving. Workers split the training dialogues, each takes
 `batch / workers` windows a step and gradients are averaged across them. The control loss is
 weighted by inverse square-root class frequency, capped at 3x (silence dominates; "yield" and
@@ -72,7 +72,7 @@ class Recipe:
     clip: float = 1.0
     self_feed: float = 0.75  # share of windows that hear the model's own speech fed back (feed_back_own_speech)
     self_feed_from: int = 300  # from this step on, once its speech head says something
-    self_feed_controls: bool = False  # and those windows also hear the controls it chose (greedy, as served)
+    self_feed_controls_from: int = 0  # from this step on (0: never), those windows also hear the controls it chose (greedy, as served)
     seed: int = 0
 
     def to_dict(self) -> dict:
@@ -323,7 +323,8 @@ def train_loop(config: dict) -> None:
             inp, tgt = window(builder, d, rng, recipe)
             inp, tgt = inp.to(device), {k: v.to(device) for k, v in tgt.items()}
             if step >= recipe.self_feed_from and rng.random() < recipe.self_feed:
-                inp = feed_back_own_speech(model, builder, inp, tgt, gen, recipe.self_feed_controls)
+                controls = 0 < recipe.self_feed_controls_from <= step
+                inp = feed_back_own_speech(model, builder, inp, tgt, gen, controls)
             parts = loss_parts(model, inp, tgt, ctrl_weight, gen)
             (parts["loss"] / per_worker).backward()
             for k in sums:
@@ -473,8 +474,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=1, help="torch threads per worker (default 1)")
     p.add_argument("--save-every", type=float, default=300.0, help="seconds between checkpoints (default 300)")
     p.add_argument("--address", help="join an existing Ray cluster instead of starting one")
-    p.add_argument("--self-feed-controls", action="store_true",
-                   help="self-fed windows also hear the controls the model chose (off in the shipped recipe; see the README)")
+    p.add_argument("--self-feed-controls", type=int, nargs="?", const=d.self_feed_from, default=d.self_feed_controls_from, metavar="STEP",
+                   help=f"from STEP on (default {d.self_feed_from}), self-fed windows also hear the controls the model chose "
+                        f"(off in the shipped recipe; see the README)")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--resume", action="store_true", help="continue from the last checkpoint; refuse if there is none "
                    "(without it a run continues when it finds one, and starts afresh otherwise)")
@@ -483,7 +485,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def main_args(args: argparse.Namespace) -> int:
     recipe = Recipe(preset=args.preset, data=args.data, steps=args.steps, batch=args.batch, lr=args.lr, seed=args.seed,
-                    self_feed_controls=args.self_feed_controls)
+                    self_feed_controls_from=args.self_feed_controls)
     state = args.state or str(Path("data/train") / Path(args.out).name)
     t = time.perf_counter()
     try:

@@ -63,7 +63,9 @@ def test_a_few_training_steps_decrease_the_loss(tiny_set, tmp_path):
 
 
 def test_a_resumed_run_is_the_uninterrupted_run(tiny_set, tmp_path):
-    r = recipe(tiny_set, steps=4, self_feed_from=1)  # its own speech fed back from step 1: drawn the same way too
+    # Its own speech fed back from step 1 and its own controls from step 3, after the interruption:
+    # the schedule is a function of the step, so the resumed run feeds back the same.
+    r = recipe(tiny_set, steps=4, self_feed_from=1, self_feed_controls_from=3)
     train_loop(config(r, tmp_path / "a"))
     train_loop(config(r, tmp_path / "b", stop_at=2))  # interrupted after step 2
     assert torch.load(tmp_path / "b" / "state" / STATE_FILE, weights_only=False)["step"] == 2
