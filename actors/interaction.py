@@ -209,6 +209,7 @@ class Interaction:
                         "snapshots": 0, "resumed": 0, "released": 0, "orphaned": 0, "fenced": 0, "replay_mismatches": 0, "dropped_updates": 0,
                         "log_retries": 0, "log_dropped": 0, "log_refused": 0}
         self._loop_task: asyncio.Task | None = None
+        self._removals: set[asyncio.Task] = set()  # held so a pending removal is not garbage-collected
         self._metrics: _TickMetrics | None = None
         self._engine_lock = asyncio.Lock()  # the step runs in a thread; the engine is not thread-safe
         # The log's queue: calls in order, one at a time, by one writer task.
@@ -779,7 +780,9 @@ class Interaction:
                 if sid not in self.sessions and sid in self.engine.sessions:
                     self.engine.remove_session(sid)
 
-        asyncio.get_running_loop().create_task(remove())
+        task = asyncio.get_running_loop().create_task(remove())
+        self._removals.add(task)
+        task.add_done_callback(self._removals.discard)
 
     def _queue_log(self, call: _LogCall) -> None:
         self._log_queue.append(call)
