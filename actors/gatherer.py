@@ -71,6 +71,7 @@ class Call:
     transport: Transport
     actor: str | None = None  # the interaction actor stepping it (its gatherer's name)
     owner: str | None = None  # who may hang it up besides an API key holder (a hash of the secret that made it)
+    tenant: str | None = None  # whose session quota it counts against (deployments.auth)
     early: dict[int, np.ndarray] = field(default_factory=dict)  # chunks that came before their tick was gathered
     levels: dict[int, float] = field(default_factory=dict)  # input RMS per tick, for interplay.tick
 

@@ -121,16 +121,19 @@ class Ingress:
 
     # --- sessions -------------------------------------------------------------------------------
 
-    async def offer(self, sdp: str, session_config: dict | None = None, owner: str | None = None) -> dict:
-        """SDP offer in, {"session_id", "sdp": answer} out; ProtocolError "invalid_sdp" / "capacity".
-        `owner`, when given, is who (besides an API key holder) may hang the call up."""
+    async def offer(self, sdp: str, session_config: dict | None = None, owner: str | None = None, tenant: str | None = None,
+                    ceiling: dict | None = None) -> dict:
+        """SDP offer in, {"session_id", "sdp": answer} out; ProtocolError "invalid_sdp" / "capacity" /
+        "rate_limit_exceeded". `owner`, when given, is who (besides an API key holder) may hang the
+        call up; `tenant` whose session quota the call counts against; `ceiling` the config bound to
+        the caller's client secret, which no session.update or response.create may widen."""
         check_sdp(sdp)
         config = check_config(session_config)
         self._check_room()
         self._negotiating += 1
         transport = WebRTCTransport(self.clock, jitter_ms=self.jitter_ms, frame_size=self.frame_size, max_playout_s=self.max_playout_s, max_event_bytes=self.max_event_bytes)
-        call = self._new_call(transport, config)
-        call.owner = owner
+        call = self._new_call(transport, config, ceiling)
+        call.owner, call.tenant = owner, tenant
         session = call.session
         transport.on_message = lambda message: session.receive(message, time.time())
         transport.on_open = session.created
@@ -151,15 +154,17 @@ class Ingress:
         transport.tasks.append(asyncio.create_task(self._watch_connect(session)))
         return {"session_id": session.id, "sdp": answer}
 
-    async def open_websocket(self, session_config: dict | None = None, owner: str | None = None) -> tuple[str, asyncio.Queue]:
+    async def open_websocket(self, session_config: dict | None = None, owner: str | None = None, tenant: str | None = None,
+                             ceiling: dict | None = None) -> tuple[str, asyncio.Queue]:
         """A Realtime session over a WebSocket: its id, and the queue its events leave by (JSON
         text; None once it ended). The caller feeds the client's messages to `receive`, sends what
-        the queue yields, and calls `close` when the socket closes."""
+        the queue yields, and calls `close` when the socket closes. `owner`, `tenant` and
+        `ceiling` as for `offer`."""
         config = check_config(session_config)
         self._check_room()
         transport = WebSocketTransport(self.clock, output_rate=rate_of(config, "output"), max_event_bytes=self.max_event_bytes)
-        call = self._new_call(transport, config)
-        call.owner = owner
+        call = self._new_call(transport, config, ceiling)
+        call.owner, call.tenant = owner, tenant
         self._negotiating += 1
         try:
             await self._join(call)
@@ -214,8 +219,8 @@ class Ingress:
         if len(self.sessions) + self._negotiating >= self.max_sessions:
             raise ProtocolError(f"this ingress is full ({self.max_sessions} calls)", "capacity")
 
-    def _new_call(self, transport, config: dict) -> Call:
-        session = RealtimeSession(transport, config, prebuffer_ms=self.prebuffer_ms, idle_timeout_s=self.idle_timeout_s, max_session_s=self.max_session_s)
+    def _new_call(self, transport, config: dict, ceiling: dict | None = None) -> Call:
+        session = RealtimeSession(transport, config, prebuffer_ms=self.prebuffer_ms, idle_timeout_s=self.idle_timeout_s, max_session_s=self.max_session_s, ceiling=ceiling)
         # The last sample of chunk k arrives by clock.end(k) - jitter_s: what a client needs to time its turns.
         session.clock_info = {**self.clock.to_dict(), "jitter_s": self.jitter_ms / 1000}
         return Call(session, transport)
@@ -247,7 +252,7 @@ class Ingress:
         """Place the session on an interaction actor (which may refuse it, e.g. "capacity").
         What it answers carries the session's log token, handed to the client in session.created."""
         try:
-            placed = await self.placement.place(call.id)
+            placed = await self.placement.place(call.id, call.tenant)
         except asyncio.CancelledError:  # the join may have landed before the caller gave up: take it back
             self._spawn(self._leave_quietly(call.id))
             raise

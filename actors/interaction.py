@@ -9,7 +9,10 @@ when the session has function tools (from the response or session.update) even w
 control: its instruction is the text typed since the last task. The task's updates are reported
 to the client as events on its next outputs (`actors.background.update_events`) and their texts
 enter the model with the session's next chunk (`InputChunk.updates`), so every input chunk in the
-log is a complete record of what entered the model at its tick.
+log is a complete record of what entered the model at its tick. A session runs one task at a time
+(a new one supersedes it) and starts them at most `task_burst` at once, refilled at
+`task_starts_per_s` (`actors.quotas.TokenBucket`); a start over that is refused with an `error`
+event (rate_limit_exceeded), so no client can make the pool work every tick.
 
 The log. Every chunk, output, task and update is appended to the session log in order, off the
 tick's path: neither the step nor delegation waits on the log. The appends wait in one bounded
@@ -60,7 +63,9 @@ import ray
 from protocols import BackgroundTask, BackgroundUpdate, InputChunk, OutputChunk, ProtocolError, SessionEvent, TickClock
 from protocols.chunks import MAX_UPDATES, check_session_id
 from protocols.ports import BackgroundPool, Engine, Log
-from protocols.realtime import error_from, server_event
+
+from .quotas import TokenBucket
+from protocols.realtime import error_event, error_from, server_event
 
 if TYPE_CHECKING:
     from models.config import InteractionConfig
@@ -145,6 +150,7 @@ class JoinedSession:
     tools: list | None = None  # the client's function tools (session.update), offered to the pool
     tool_choice: object = "auto"
     typed: list[str] = field(default_factory=list)  # text typed since the last task
+    starts: TokenBucket | None = None  # how fast it may start background tasks
     events: list[dict] = field(default_factory=list)  # background events for the next output
     updates: list[str] = field(default_factory=list)  # update texts for the next chunk
     shed: int = 0  # ticks shed since its last output
@@ -185,8 +191,11 @@ class Interaction:
         snapshot_s: float | None = 5.0,
         log_backlog: int = 150,
         orphan_s: float | None = 10.0,
+        task_starts_per_s: float = 0.2,
+        task_burst: int = 3,
     ):
         self.engine: Engine = engine.build() if isinstance(engine, EngineSpec) else engine
+        self.task_starts_per_s, self.task_burst = task_starts_per_s, task_burst
         self.log = log
         self.background = background
         self.now = now
@@ -207,7 +216,7 @@ class Interaction:
         self._phase = 0  # the next session's snapshot turn
         self._totals = {"ticks": 0, "late_chunks": 0, "missing_chunks": 0, "tasks": 0, "updates": 0, "shed_ticks": 0,
                         "snapshots": 0, "resumed": 0, "released": 0, "orphaned": 0, "fenced": 0, "replay_mismatches": 0, "dropped_updates": 0,
-                        "log_retries": 0, "log_dropped": 0, "log_refused": 0}
+                        "log_retries": 0, "log_dropped": 0, "log_refused": 0, "tasks_refused": 0}
         self._loop_task: asyncio.Task | None = None
         self._removals: set[asyncio.Task] = set()  # held so a pending removal is not garbage-collected
         self._metrics: _TickMetrics | None = None
@@ -620,7 +629,7 @@ class Interaction:
         for out in outputs.values():
             session = self.sessions.get(out.session_id)
             kinds = [DELEGATING[c] for c in out.controls if c in DELEGATING]
-            if session is None or not kinds:
+            if session is None or not kinds or not self._may_start(session):
                 continue
             running = session.runner is not None and not session.runner.done()
             task = BackgroundTask(
@@ -662,7 +671,7 @@ class Interaction:
                 tools = response.get("tools", session.tools)
                 choice = response.get("tool_choice", session.tool_choice)
                 delegated = out is not None and any(c in DELEGATING for c in out.controls)
-                if not tools or choice == "none" or delegated:
+                if not tools or choice == "none" or delegated or (start and not self._may_start(session)):
                     continue
                 running = session.runner is not None and not session.runner.done()
                 instruction = "\n".join(session.typed) or response.get("instructions") or "Help with the conversation so far."
@@ -675,6 +684,20 @@ class Interaction:
                     )
                     tasks.append(self._start(session, task))
         return tasks
+
+    def _may_start(self, session: JoinedSession) -> bool:
+        """Whether the session may start a background task now (its `TokenBucket`); if not, the
+        client is told with an `error` event and the conversation goes on without the task."""
+        if session.starts is None:
+            session.starts = TokenBucket(self.task_starts_per_s, self.task_burst, self.now())
+        if session.starts.take(self.now()):
+            return True
+        self._totals["tasks_refused"] += 1
+        session.events.append(error_event(
+            f"background tasks are limited to {self.task_burst} at once and {self.task_starts_per_s * 60:g} a minute per session; this one was not started",
+            "rate_limit_exceeded",
+        ))
+        return False
 
     def _start(self, session: JoinedSession, task: BackgroundTask) -> BackgroundTask:
         """Hand `task` to the pool (cancelling the session's running one, which it supersedes)."""

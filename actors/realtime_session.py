@@ -28,6 +28,12 @@ to the model (only the small fields the model side reads are forwarded, see `for
 `EVENT_BYTES_PER_CHUNK` a chunk, the rest in later ones) and on the way back (items are echoed
 without media payloads and with long strings clipped, see `echoed`).
 
+A session opened with a client secret that has a config bound to it holds that config as its
+`ceiling`: a session.update or response.create may narrow its tools (a subset, by name) and its
+tool_choice, but may not name a tool the ceiling lacks, change a field the ceiling sets
+(instructions, say) or unset one; such an event gets an `error` (code "forbidden") and changes
+nothing. With a ceiling that has no tools, no function tools may be added.
+
 Audio formats (`session.audio.input/output.format`) are the transport's to apply (see
 `Sink.audio_formats`): session.created/updated report what it applies, not merely what was asked.
 
@@ -218,16 +224,47 @@ def _size(event: dict) -> int:
     return len(json.dumps(event, ensure_ascii=False).encode("utf-8"))
 
 
+def _tool_name(tool) -> str | None:
+    if not isinstance(tool, dict):
+        return None
+    return tool.get("name") or (tool.get("function") or {}).get("name")
+
+
+def beyond_ceiling(asked: dict, ceiling: dict, where: str) -> str | None:
+    """Why `asked` (a session.update's session or a response.create's response) would widen what
+    `ceiling` (a client secret's bound config) allows, or None. Tools narrow by name; tool_choice
+    may be "none", "auto", "required" or a tool the ceiling has; any other field the ceiling sets
+    is fixed."""
+    allowed = {_tool_name(t) for t in ceiling.get("tools") or []}
+    for tool in asked.get("tools") or []:
+        if _tool_name(tool) not in allowed:
+            return f"{where}.tools: {_tool_name(tool)!r} is not among the tools this client secret allows"
+    choice = asked.get("tool_choice")
+    if isinstance(choice, dict) and _tool_name(choice) not in allowed:
+        return f"{where}.tool_choice: {_tool_name(choice)!r} is not among the tools this client secret allows"
+    for key, value in asked.items():
+        if key in ("tools", "tool_choice", "type") or key not in ceiling:
+            continue
+        fixed = ceiling[key]
+        if isinstance(fixed, dict) and isinstance(value, dict):
+            if merge(fixed, value) != fixed:
+                return f"{where}.{key} is fixed by this client secret"
+        elif value != fixed:
+            return f"{where}.{key} is fixed by this client secret"
+    return None
+
+
 class RealtimeSession:
     """The Realtime state of one session. `prebuffer_ms` caps the margin queued ahead of each
     response (sized from how steadily outputs have come, see `prebuffer`)."""
 
     def __init__(
         self, sink: Sink, config: dict, *, session_id: str | None = None, prebuffer_ms: float = 60.0, force_s: float = FORCE_S,
-        idle_timeout_s: float | None = None, max_session_s: float | None = None,
+        idle_timeout_s: float | None = None, max_session_s: float | None = None, ceiling: dict | None = None,
     ):
         self.id = session_id or new_id("sess")
         self.sink = sink
+        self.ceiling = ceiling  # the config bound to the client secret that opened it, if any
         self._formats: tuple[dict, dict] | None = None  # the audio formats the sink applies
         self.config = self._apply_formats(config)
         self.prebuffer_ms = prebuffer_ms
@@ -350,6 +387,7 @@ class RealtimeSession:
         send = self.sink.send
         if kind == "session.update":
             self._check_tools(event["session"], "session")
+            self._check_ceiling(event["session"], "session")
             config = merge(self.config, event["session"])
             try:  # checked before anything changes
                 server_event("session.updated", session=self.session_object(config))
@@ -374,6 +412,7 @@ class RealtimeSession:
             self._truncate(ev)
         elif kind == "response.create":
             self._check_tools(event.get("response") or {}, "response")
+            self._check_ceiling(event.get("response") or {}, "response")
             self._force, self._force_seq, self._cancel = "speak", None, False
         elif kind == "response.cancel":
             if self.run is None and not self.sink.audio_out.queued_ms and self._force is None:
@@ -391,6 +430,10 @@ class RealtimeSession:
         # input_audio_buffer.commit needs no answer here: the model decides when to answer.
         slim = forwarded(event)
         self.queued.append((slim, _size(slim)))
+
+    def _check_ceiling(self, obj: dict, where: str) -> None:
+        if self.ceiling is not None and (why := beyond_ceiling(obj, self.ceiling, where)):
+            raise ProtocolError(why, "forbidden", where)
 
     @staticmethod
     def _check_tools(obj: dict, where: str) -> None:

@@ -1,8 +1,10 @@
 """Placement: which interaction actor steps each session, and moving sessions when one dies or drains.
 
 An ingress asks its `Placement` three things (`protocols.ports.Placement`):
-- `place(session_id)`: join a new session somewhere with room -> `Placed(actor, port, joined)`;
-  ProtocolError "capacity" when every actor is full (or refuses, e.g. overloaded);
+- `place(session_id, tenant)`: join a new session somewhere with room -> `Placed(actor, port, joined)`;
+  ProtocolError "capacity" when every actor is full (or refuses, e.g. overloaded),
+  "rate_limit_exceeded" when `tenant` (the caller's API key) holds its limit of sessions already
+  (`actors.quotas.Tenants`; counted here because every session of the deployment is placed here);
 - `locate(session_id, lost_on)`: where the session lives now. `lost_on` names the actor the
   ingress last exchanged with and found without the session (it died and restarted empty, or
   could not be reached, or let the session go to drain): the session is resumed from the log
@@ -32,6 +34,8 @@ import ray
 from protocols import ProtocolError
 from protocols.ports import Interaction
 
+from .quotas import Tenants
+
 log = logging.getLogger("interplay.router")
 
 PING_TIMEOUT_S = 0.5  # an actor that does not answer a ping this fast is not placed on
@@ -50,11 +54,17 @@ class Placed:
 class Direct:
     """One interaction port: every session lives there; a lost one is resumed there."""
 
-    def __init__(self, interaction: Interaction, name: str = "interaction"):
+    def __init__(self, interaction: Interaction, name: str = "interaction", sessions_per_tenant: int | None = None):
         self.port, self.name = interaction, name
+        self.tenants = Tenants(sessions_per_tenant)
 
-    async def place(self, session_id: str) -> Placed:
-        return Placed(self.name, self.port, await self.port.join(session_id) or {})
+    async def place(self, session_id: str, tenant: str | None = None) -> Placed:
+        self.tenants.admit(session_id, tenant)
+        try:
+            return Placed(self.name, self.port, await self.port.join(session_id) or {})
+        except BaseException:
+            self.tenants.release(session_id)
+            raise
 
     async def locate(self, session_id: str, lost_on: str | None = None, gone: bool = False) -> Placed:
         resume = getattr(self.port, "resume", None)
@@ -63,6 +73,7 @@ class Direct:
         return Placed(self.name, self.port, await resume(session_id) or {})
 
     async def leave(self, session_id: str) -> None:
+        self.tenants.release(session_id)
         await self.port.leave(session_id)
 
 
@@ -92,8 +103,10 @@ class Router:
         watch_s: float = 5.0,
         ping_timeout_s: float = PING_TIMEOUT_S,
         resume_timeout_s: float = 5.0,
+        sessions_per_tenant: int | None = None,
     ):
         self.actors: dict[str, _Actor] = {}
+        self.tenants = Tenants(sessions_per_tenant)
         for name, spec in (actors or {}).items():
             self.add(name, *spec)
         self.where: dict[str, str] = {}  # session id -> actor name
@@ -113,28 +126,36 @@ class Router:
 
     # --- placement ----------------------------------------------------------------------------
 
-    async def place(self, session_id: str) -> Placed:
+    async def place(self, session_id: str, tenant: str | None = None) -> Placed:
         await self.start()
         async with self._lock:
             if session_id in self.where:
                 raise ProtocolError(f"session {session_id!r} is already placed", "session_exists", "session_id")
-            last: ProtocolError | None = None
-            for actor in await self._candidates():
-                try:
-                    joined = await self._join(actor, session_id)
-                except ProtocolError as exc:  # full or overloaded there: try the next
-                    last = exc
-                    continue
-                except Exception:
-                    log.warning("join on %s failed; trying another", actor.name, exc_info=True)
-                    continue
-                self._put(session_id, actor)
-                self.counts["placed"] += 1
-                return self._placed(actor, joined)
-            self.counts["refused"] += 1
-            if last is not None and last.code != "capacity":
-                raise last
-            raise ProtocolError("every interaction actor is full; try again later", "capacity")
+            self.tenants.admit(session_id, tenant)
+            try:
+                return await self._place(session_id)
+            finally:
+                if session_id not in self.where:  # refused, failed or cancelled: its place is free
+                    self.tenants.release(session_id)
+
+    async def _place(self, session_id: str) -> Placed:
+        last: ProtocolError | None = None
+        for actor in await self._candidates():
+            try:
+                joined = await self._join(actor, session_id)
+            except ProtocolError as exc:  # full or overloaded there: try the next
+                last = exc
+                continue
+            except Exception:
+                log.warning("join on %s failed; trying another", actor.name, exc_info=True)
+                continue
+            self._put(session_id, actor)
+            self.counts["placed"] += 1
+            return self._placed(actor, joined)
+        self.counts["refused"] += 1
+        if last is not None and last.code != "capacity":
+            raise last
+        raise ProtocolError("every interaction actor is full; try again later", "capacity")
 
     async def locate(self, session_id: str, lost_on: str | None = None, gone: bool = False) -> Placed:
         """`gone`: the asker found `lost_on` not answering at all (not just without the session),
@@ -160,6 +181,7 @@ class Router:
         await self.start()
         async with self._lock:
             name = self.where.pop(session_id, None)
+            self.tenants.release(session_id)
             self._session_locks.pop(session_id, None)
             actor = self.actors.get(name) if name else None
             if actor is None:
@@ -233,6 +255,7 @@ class Router:
                 elif self._strikes.get(sid, 0) >= 1:
                     self._strikes.pop(sid, None)
                     del self.where[sid]
+                    self.tenants.release(sid)
                     self._session_locks.pop(sid, None)
                     if name in self.actors:
                         self.actors[name].sessions.discard(sid)
@@ -414,8 +437,8 @@ class Routed:
             port = self._ports.setdefault(placed.actor, Remote(port))
         return Placed(placed.actor, port, placed.joined)
 
-    async def place(self, session_id: str) -> Placed:
-        return self._port(await self.router.place(session_id))
+    async def place(self, session_id: str, tenant: str | None = None) -> Placed:
+        return self._port(await self.router.place(session_id, tenant))
 
     async def locate(self, session_id: str, lost_on: str | None = None, gone: bool = False) -> Placed:
         return self._port(await self.router.locate(session_id, lost_on, gone))

@@ -96,6 +96,7 @@ def interaction_fleet(config: AppConfig, options: dict, log: ActorHandle, backgr
         "log": Remote(log), "background": RemotePool(background) if background else None,
         "grace_ms": config.interaction.grace_ms, "max_sessions": config.interaction.max_sessions, "t0": t0,
         "snapshot_s": config.interaction.snapshot_s,
+        "task_starts_per_s": config.limits.task_starts_per_minute / 60, "task_burst": config.limits.task_burst,
     }
     return InteractionFleet(
         engine_spec(config), options["interaction"], kwargs, config.interaction.max_sessions,
@@ -251,7 +252,7 @@ def build(config: AppConfig) -> App:
             f"{len(interactions)} up ({spec.checkpoint or spec.preset} on {where}, {clock.tick_ms} ms ticks, t0={clock.t0:.3f}, "
             f"{config.interaction.max_sessions} sessions each) in {time.monotonic() - t:.1f} s"
         )
-        router = create("router", RouterActor, {n: (Remote(h), fleet.max_sessions, h) for n, h in interactions.items()}, grow=None if fleet.fixed else fleet)
+        router = create("router", RouterActor, {n: (Remote(h), fleet.max_sessions, h) for n, h in interactions.items()}, grow=None if fleet.fixed else fleet, sessions_per_tenant=config.limits.sessions_per_key)
         ray.get(router.start.remote())
 
         t = time.monotonic()
@@ -380,7 +381,7 @@ def serve_app(args: dict):
     fleet = interaction_fleet(config, options, log, background, t0=clock.t0, detached=True)
     interactions = {f"interaction-{i}": fleet.create(f"interaction-{i}") for i in range(fleet.units(ray.cluster_resources()))}
     ray.get([h.ready.remote() for h in interactions.values()])
-    router = get("router", RouterActor, {n: (Remote(h), fleet.max_sessions, h) for n, h in interactions.items()}, grow=None if fleet.fixed else fleet)
+    router = get("router", RouterActor, {n: (Remote(h), fleet.max_sessions, h) for n, h in interactions.items()}, grow=None if fleet.fixed else fleet, sessions_per_tenant=config.limits.sessions_per_key)
     ray.get(router.start.remote())
     jitter_ms, prebuffer_ms = config.margins_ms()
     ingresses = [

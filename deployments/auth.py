@@ -8,8 +8,12 @@ owner (a hash of the secret; None for an API key holder, who may act on any call
 keys configured the deployment is open (local development): anyone passes, and a valid secret
 still brings its config and owner.
 
-Secret formats: `ek_<expires>.<nonce>.<signature>` (no config) and
-`ek_<expires>.<nonce>.<config>.<signature>`; the signature covers everything before it.
+Every grant also names its `tenant`, the party whose quotas a call counts against: an API key's
+own id (a hash of the key, never the key), carried inside each secret that key mints, so a key
+holder cannot escape its quotas by minting more secrets; "open" for everyone on an open deployment.
+
+Secret formats: `ek_<expires>.<nonce>.<tenant>.<signature>` (no config) and
+`ek_<expires>.<nonce>.<tenant>.<config>.<signature>`; the signature covers everything before it.
 """
 
 from __future__ import annotations
@@ -38,13 +42,18 @@ class AuthError(Exception):
         self.status = status
 
 
+OPEN_TENANT = "open"
+
+
 @dataclass(frozen=True)
 class Grant:
-    """What a checked credential allows: `owner` of the calls it makes (None: any call), and the
-    session `config` bound to it (None: the caller's own)."""
+    """What a checked credential allows: `owner` of the calls it makes (None: any call), the
+    session `config` bound to it (None: the caller's own; else a ceiling the session may narrow,
+    never widen), and the `tenant` its quotas count against."""
 
     owner: str | None = None
     config: dict | None = None
+    tenant: str = OPEN_TENANT
 
 
 def _b64(data: bytes) -> str:
@@ -67,6 +76,15 @@ def owner_of(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()[:32]
 
 
+def tenant_of(api_key: str) -> str:
+    """An API key's quota id: a hash of it, so the key itself is never kept or logged."""
+    return "key-" + hashlib.sha256(api_key.encode()).hexdigest()[:16]
+
+
+def is_tenant(text: str) -> bool:
+    return text == OPEN_TENANT or (len(text) == 20 and text.startswith("key-") and all(c in "0123456789abcdef" for c in text[4:]))
+
+
 class Auth:
     def __init__(self, api_keys: list[str], signing_key: bytes | None = None, ttl_s: int = 60, clock=time.time):
         self.api_keys = [k.encode() for k in dict.fromkeys(api_keys) if k]
@@ -81,21 +99,27 @@ class Auth:
     def _sign(self, body: str) -> str:
         return _b64(hmac.new(self.signing_key, body.encode(), hashlib.sha256).digest()[:24])
 
-    def mint(self, ttl_s: int | None = None, config: dict | None = None) -> dict:
-        """A client secret in the Realtime API's shape: {"value", "expires_at"}, with `config`
-        (a validated session config) bound to it when given; ValueError if it is too large."""
+    def mint(self, ttl_s: int | None = None, config: dict | None = None, tenant: str = OPEN_TENANT) -> dict:
+        """A client secret in the Realtime API's shape: {"value", "expires_at"}, counting against
+        `tenant`'s quotas (the minting key's), with `config` (a validated session config) bound to
+        it when given; ValueError if it is too large."""
+        if not is_tenant(tenant):
+            raise ValueError(f"not a tenant id: {tenant!r}")
         expires = int(self.clock()) + int(ttl_s or self.ttl_s)
-        body = f"{expires}.{secrets.token_hex(8)}"
+        body = f"{expires}.{secrets.token_hex(8)}.{tenant}"
         if config is not None:
             body += "." + encode_config(config)
         return {"value": f"ek_{body}.{self._sign(body)}", "expires_at": expires}
 
-    def check_api_key(self, header: str | None) -> None:
-        """Only a real API key (not a client secret) may mint secrets or call server-side APIs."""
+    def check_api_key(self, header: str | None) -> str:
+        """Only a real API key (not a client secret) may mint secrets or call server-side APIs;
+        the key's tenant ("open" on an open deployment)."""
         if self.open:
-            return
-        if not self._is_key(self._bearer(header)):
+            return OPEN_TENANT
+        token = self._bearer(header)
+        if not self._is_key(token):
             raise AuthError("invalid API key")
+        return tenant_of(token)
 
     def check(self, header: str | None, allow_expired: bool = False) -> Grant:
         """An API key or an unexpired client secret (expired too with `allow_expired`: its holder
@@ -111,7 +135,7 @@ class Auth:
             return self._check_secret(token, allow_expired)
         if not self._is_key(token):
             raise AuthError("invalid API key")
-        return Grant()
+        return Grant(tenant=tenant_of(token))
 
     def _is_key(self, token: str) -> bool:
         given = token.encode()
@@ -119,24 +143,26 @@ class Auth:
 
     def _check_secret(self, token: str, allow_expired: bool) -> Grant:
         parts = token[3:].split(".")
-        if len(parts) not in (3, 4) or len(token) > MAX_TOKEN_CHARS:
+        if len(parts) not in (4, 5) or len(token) > MAX_TOKEN_CHARS:
             raise AuthError("malformed client secret")
         *signed, signature = parts
         try:
             expires_at = int(signed[0])
         except ValueError:
             raise AuthError("malformed client secret") from None
+        if not is_tenant(signed[2]):  # also refuses the formats before tenants, whose third part was a config
+            raise AuthError("malformed client secret")
         if not hmac.compare_digest(signature.encode(), self._sign(".".join(signed)).encode()):
             raise AuthError("invalid client secret")
         if expires_at < self.clock() and not allow_expired:
             raise AuthError("client secret expired")
         config = None
-        if len(signed) == 3:
+        if len(signed) == 4:
             try:  # signed by us, so well-formed unless the signing key leaked
-                config = json.loads(_unb64(signed[2]))
+                config = json.loads(_unb64(signed[3]))
             except (ValueError, binascii.Error):
                 raise AuthError("malformed client secret") from None
-        return Grant(owner=owner_of(token), config=config)
+        return Grant(owner=owner_of(token), config=config, tenant=signed[2])
 
     @staticmethod
     def _bearer(header: str | None) -> str:
@@ -148,3 +174,25 @@ class Auth:
         if scheme.lower() != "bearer" or not token.strip():
             raise AuthError("Authorization header must be 'Bearer <key>'")
         return token.strip()
+
+
+def origin_allowed(origin: str | None, host: str | None, allowed: list[str]) -> bool:
+    """Whether a request carrying `Origin: origin` may act (CORS does not protect a WebSocket or a
+    no-preflight POST: a page on any site could otherwise drive a call with the visitor's network
+    position). No Origin (not a browser), the page's own origin (the request's `Host`), a
+    loopback page (any port), or one of `allowed` ("*" for any) may; anything else may not."""
+    if origin is None:
+        return True
+    origin = origin.strip().rstrip("/").lower()
+    if "*" in allowed or origin in (a.strip().rstrip("/").lower() for a in allowed):
+        return True
+    scheme, sep, rest = origin.partition("://")
+    if not sep or scheme not in ("http", "https") or not rest or "/" in rest:
+        return False  # "null" (a sandboxed frame, a file), or not an origin at all
+    if host is not None and rest == host.strip().lower():
+        return True
+    name = rest.rsplit(":", 1)[0] if not rest.endswith("]") else rest
+    name = name.strip("[]")
+    from .config import is_loopback
+
+    return is_loopback(name)

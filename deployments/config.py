@@ -88,6 +88,10 @@ class AuthSection(_Section):
     client_secret_ttl_s: int = Field(60, ge=5, le=3600)
     # Open (no keys) is refused on any host but loopback unless this says it is meant.
     allow_open: bool = False
+    # Browser pages (their Origin, "https://app.example.com") that may make calls, open WebSockets
+    # and mint secrets here, besides the server's own page and pages on loopback; "*": any.
+    # Requests without an Origin (not from a browser) are not affected.
+    allowed_origins: list[str] = Field(default_factory=list)
 
     def keys(self) -> list[str]:
         env = [k for k in os.environ.get("INTERPLAY_API_KEYS", "").split(",") if k]
@@ -122,6 +126,16 @@ class LimitsSection(_Section):
     body_timeout_s: float = Field(10.0, gt=0, le=300)
     # The longest lifetime a client_secrets request may ask for (longer asks are cut to it).
     max_secret_ttl_s: int = Field(3600, ge=10, le=24 * 3600)
+    # Per caller. Sessions (calls and WebSockets) open at once per API key (a key's client
+    # secrets count against it; an open deployment is one caller); null: no limit. Over it a new
+    # call is answered 429. A session runs one background task at a time (a new one supersedes
+    # it), so a key's concurrent tasks are at most its sessions.
+    sessions_per_key: int | None = Field(8, ge=1)
+    # Background tasks a session may start (a client's response.create or the model's delegate
+    # control): a burst of `task_burst`, refilled at `task_starts_per_minute`. A start over it is
+    # refused with an `error` event (rate_limit_exceeded) and the conversation goes on.
+    task_starts_per_minute: float = Field(12.0, gt=0, le=6000)
+    task_burst: int = Field(3, ge=1, le=100)
 
 
 class SandboxSection(_Section):

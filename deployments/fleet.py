@@ -25,12 +25,13 @@ class Ingresses:
         stats = await asyncio.gather(*(p.stats() for p in self.ports), return_exceptions=True)
         return sorted((s["sessions"] if isinstance(s, dict) else 1 << 30, i) for i, s in enumerate(stats))
 
-    async def offer(self, sdp: str, config: dict | None = None, owner: str | None = None) -> dict:
+    async def offer(self, sdp: str, config: dict | None = None, owner: str | None = None, tenant: str | None = None,
+                    ceiling: dict | None = None) -> dict:
         last: Exception | None = None
         order = [i for _, i in await self._loads()] if len(self.ports) > 1 else [0]
         for i in order:
             try:
-                return await self.ports[i].offer(sdp, config, owner=owner)
+                return await self.ports[i].offer(sdp, config, owner=owner, tenant=tenant, ceiling=ceiling)
             except ProtocolError as exc:
                 if exc.code != "capacity":
                     raise

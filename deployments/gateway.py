@@ -6,6 +6,12 @@
 `/healthz` and `/metrics`. `deployments.app.build` binds `Gateway` to the actors' handles; `Edge`
 is the same edge over any ports, so tests serve it in process.
 
+Browsers are held to an Origin allow-list (`deployments.auth.origin_allowed`, `auth.allowed_origins`):
+a call, hang-up, secret or WebSocket from a page elsewhere is answered 403 before anything else.
+Per-caller limits: a caller's sessions are counted against its API key (`limits.sessions_per_key`,
+429 past it, counted by the router), and a client secret's bound config is the ceiling of the
+sessions it opens.
+
 No input gets a 5xx other than 503 (the service cannot answer now), and every error is JSON,
 `{"error": {"type", "code", "message"}}`, whose message is one short sentence: a ProtocolError's
 first line, never a traceback, path or address (those are logged here). Bodies are read against a
@@ -33,7 +39,7 @@ from starlette.requests import ClientDisconnect
 from actors.remote import Remote
 from protocols import ProtocolError, TickClock
 
-from .auth import Auth, AuthError, Grant
+from .auth import Auth, AuthError, Grant, origin_allowed
 from .config import AppConfig
 from .websocket import detached, serve_websocket
 
@@ -44,7 +50,7 @@ MAX_JSON_DEPTH = 32
 MAX_MESSAGE_CHARS = 200
 MAX_CALL_ID_CHARS = 128
 # HTTP status of a ProtocolError by its code; any other code is the client's mistake (400).
-HTTP_STATUS = {"capacity": 503, "unauthorized": 401, "forbidden": 403, "unknown_session": 404}
+HTTP_STATUS = {"capacity": 503, "unauthorized": 401, "forbidden": 403, "unknown_session": 404, "rate_limit_exceeded": 429}
 UNAVAILABLE = "the service cannot take this request right now; try again shortly"
 RETRY_AFTER_S = 1
 
@@ -297,11 +303,18 @@ class Edge:
                 lines += [f"# TYPE interplay_ingress_{key} gauge", f"interplay_ingress_{key} {value}"]
         return PlainTextResponse("\n".join(lines) + "\n", media_type="text/plain; version=0.0.4")
 
+    def check_origin(self, headers) -> None:
+        """403 for a browser page that may not call here (see `origin_allowed`)."""
+        if not origin_allowed(headers.get("origin"), headers.get("host"), self.config.auth.allowed_origins):
+            raise HttpError(403, "this page's origin may not call this server (see auth.allowed_origins)", "forbidden_origin")
+
     @answers
     async def client_secrets(self, request: Request) -> JSONResponse:
         """A short-lived secret for a browser, in the Realtime API's shape; the `session` given is
-        validated and bound to it, so calls made with the secret get that config."""
-        self.auth.check_api_key(request.headers.get("authorization"))
+        validated and bound to it, so calls made with the secret get that config (as a ceiling),
+        and count against the minting key's quotas."""
+        self.check_origin(request.headers)
+        tenant = self.auth.check_api_key(request.headers.get("authorization"))
         body = await read_body(request, self.limits.max_secret_body_bytes, self.limits.body_timeout_s)
         raw = parse_json(body) if body.strip() else {}
         try:
@@ -313,7 +326,7 @@ class Edge:
         if ask.expires_after is not None:
             ttl = min(ask.expires_after.seconds, self.limits.max_secret_ttl_s)
         try:
-            secret = self.auth.mint(ttl, config)
+            secret = self.auth.mint(ttl, config, tenant)
         except ValueError as exc:  # too large to ride in a header
             raise HttpError(400, clean(str(exc)), "invalid_value", "session") from None
         return JSONResponse({**secret, "session": config if config is not None else {}})
@@ -323,13 +336,14 @@ class Edge:
         """The Realtime WebRTC flow: an SDP offer in (raw application/sdp, or multipart with
         `sdp` and `session` fields), the SDP answer out with 201 and the call's Location. A secret
         with a bound config gives the call that config; an offer's own that differs is refused."""
+        self.check_origin(request.headers)
         grant = self.auth.check(request.headers.get("authorization"))
         body = await read_body(request, self.limits.max_body_bytes, self.limits.body_timeout_s)
         sdp, session = await _offer_parts(request, body)
         config = self._config_for(grant, session)
         # Finished even if the client drops meanwhile (the call then never connects and times
         # out): an offer cut short could leave its session joined on the interaction side.
-        answer = await asyncio.shield(detached(self.ingress.offer(sdp, config, owner=grant.owner)))
+        answer = await asyncio.shield(detached(self.ingress.offer(sdp, config, owner=grant.owner, tenant=grant.tenant, ceiling=grant.config)))
         call_id = answer["session_id"]
         return Response(answer["sdp"], status_code=201, media_type="application/sdp", headers={"Location": f"/v1/realtime/calls/{call_id}"})
 
@@ -337,6 +351,7 @@ class Edge:
     async def hangup(self, call_id: str, request: Request) -> Response:
         """End a call: an API key holder any call, a secret's holder only the calls it made (even
         after the secret expired)."""
+        self.check_origin(request.headers)
         grant = self.auth.check(request.headers.get("authorization"), allow_expired=True)
         if len(call_id) > MAX_CALL_ID_CHARS:
             raise HttpError(404, "no such call", "unknown_session", "call_id")
@@ -346,7 +361,7 @@ class Edge:
     async def realtime(self, ws: WebSocket) -> None:
 
         try:
-            await serve_websocket(ws, self.auth, self.websockets)
+            await serve_websocket(ws, self.auth, self.websockets, self.config.auth.allowed_origins)
         except Exception:  # serve_websocket ends its own session; nothing more to tell the client
             log.exception("websocket handler failed")
 

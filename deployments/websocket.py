@@ -1,7 +1,10 @@
 """The Realtime API over a WebSocket (`/v1/realtime`), as the official clients speak it.
 
-The socket is authenticated (an `Authorization: Bearer` header, or for browsers, which cannot
-set headers, the `openai-insecure-api-key.<key>` subprotocol), then becomes one session of the
+The socket's Origin is checked first (`deployments.auth.origin_allowed`: a page elsewhere could
+otherwise drive a session from the visitor's browser), then it is authenticated (an
+`Authorization: Bearer` header, or for browsers, which cannot set headers, the
+`openai-insecure-api-key.<key>` subprotocol; the accepted subprotocol is `realtime` when offered,
+else none, so the key is never echoed back in a header), then becomes one session of the
 gateway's own ingress (an in-process `Ingress`, bound to the interaction side like the actor is):
 client messages go to `Ingress.receive`, and the session's events (audio as base64 PCM16 deltas)
 go back from its outbox until either side ends it.
@@ -24,7 +27,7 @@ from fastapi.responses import JSONResponse
 from protocols import ProtocolError
 from protocols.realtime import error_event
 
-from .auth import Auth, AuthError, Grant
+from .auth import Auth, AuthError, Grant, origin_allowed
 
 log = logging.getLogger("interplay.websocket")
 
@@ -41,7 +44,7 @@ def _credentials(ws: WebSocket) -> tuple[str | None, str | None]:
     keyed = next((p for p in offered if p.startswith(KEY_PROTOCOL)), None)
     if header is None and keyed is not None:
         header = f"Bearer {keyed[len(KEY_PROTOCOL):]}"
-    accept = "realtime" if "realtime" in offered else keyed
+    accept = "realtime" if "realtime" in offered else None  # never the key: it would be echoed back
     return header, accept
 
 
@@ -56,9 +59,12 @@ async def _refuse(ws: WebSocket, status: int, message: str, code: str) -> None:
             pass  # the client is gone already
 
 
-async def serve_websocket(ws: WebSocket, auth: Auth, ingress) -> None:
+async def serve_websocket(ws: WebSocket, auth: Auth, ingress, allowed_origins: list[str] = ()) -> None:
     from .gateway import HTTP_STATUS, UNAVAILABLE, clean
 
+    if not origin_allowed(ws.headers.get("origin"), ws.headers.get("host"), list(allowed_origins)):
+        await _refuse(ws, 403, "this page's origin may not call this server (see auth.allowed_origins)", "forbidden_origin")
+        return
     header, subprotocol = _credentials(ws)
     try:
         grant = auth.check(header)
@@ -97,7 +103,7 @@ def detached(coro) -> asyncio.Task:
 async def _open(ingress, grant: Grant) -> tuple[str, asyncio.Queue]:
     """`ingress.open_websocket`, finished even if this handler is cancelled meanwhile, in which
     case the session it made is closed when it is made."""
-    opening = detached(ingress.open_websocket(grant.config, owner=grant.owner))
+    opening = detached(ingress.open_websocket(grant.config, owner=grant.owner, tenant=grant.tenant, ceiling=grant.config))
     try:
         return await asyncio.shield(opening)
     except asyncio.CancelledError:

@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from deployments.auth import Auth, AuthError, Grant
+from deployments.auth import Auth, AuthError, Grant, tenant_of
 
 
 def test_open_when_no_keys():
@@ -57,36 +57,56 @@ def test_non_ascii_or_huge_credentials_are_refused_not_crashed(header):
 
 def test_a_key_grants_any_call_and_a_secret_its_own():
     auth = Auth(["sk-1"])
-    assert auth.check("Bearer sk-1") == Grant(owner=None, config=None)
+    assert auth.check("Bearer sk-1") == Grant(owner=None, config=None, tenant=tenant_of("sk-1"))
     first, second = auth.mint()["value"], auth.mint()["value"]
     a, b = auth.check(f"Bearer {first}"), auth.check(f"Bearer {second}")
     assert a.owner and b.owner and a.owner != b.owner and a.config is None
     assert auth.check(f"Bearer {first}").owner == a.owner  # stable: any replica computes the same
 
 
+def test_secrets_count_against_the_key_that_minted_them_and_never_carry_the_key():
+    auth = Auth(["sk-alice", "sk-bob"], signing_key=b"k")
+    alice = auth.check_api_key("Bearer sk-alice")
+    assert alice == tenant_of("sk-alice") != auth.check_api_key("Bearer sk-bob")
+    assert "sk-alice" not in alice
+    secret = auth.mint(config=None, tenant=alice)["value"]
+    assert "sk-alice" not in secret
+    assert auth.check(f"Bearer {secret}").tenant == alice
+    # the tenant is signed: a holder cannot move its secret onto another key's quota
+    expires, nonce, tenant, sig = secret[3:].split(".")
+    with pytest.raises(AuthError):
+        auth.check(f"Bearer ek_{expires}.{nonce}.{tenant_of('sk-bob')}.{sig}")
+    with pytest.raises(ValueError):
+        auth.mint(tenant="not.a.tenant")
+    assert Auth([]).check_api_key(None) == "open"
+
+
 def test_a_bound_config_rides_in_the_secret_and_cannot_be_altered():
     config = {"type": "realtime", "instructions": "be brief \u00e9", "audio": {"output": {"voice": "x"}}}
     auth = Auth(["sk-1"], signing_key=b"k")
     secret = auth.mint(config=config)["value"]
-    assert secret.count(".") == 3
+    assert secret.count(".") == 4
     assert Auth(["sk-2"], signing_key=b"k").check(f"Bearer {secret}").config == config  # another replica, stateless
-    expires, nonce, body, sig = secret[3:].split(".")
+    expires, nonce, tenant, body, sig = secret[3:].split(".")
     forged = base64.urlsafe_b64encode(json.dumps({"type": "realtime", "instructions": "evil"}).encode()).rstrip(b"=").decode()
-    for token in (f"ek_{expires}.{nonce}.{forged}.{sig}", f"ek_{expires}.{nonce}.{sig}", f"ek_{int(expires) + 999}.{nonce}.{body}.{sig}"):
+    for token in (f"ek_{expires}.{nonce}.{tenant}.{forged}.{sig}", f"ek_{expires}.{nonce}.{tenant}.{sig}", f"ek_{int(expires) + 999}.{nonce}.{tenant}.{body}.{sig}"):
         with pytest.raises(AuthError, match="invalid client secret"):
             auth.check(f"Bearer {token}")
 
 
-def test_an_old_format_secret_still_verifies():
-    """Secrets minted before configs could be bound (three parts, signature over expiry.nonce)."""
+def test_secrets_of_the_format_before_tenants_are_refused():
+    """Before tenants, a secret was expiry.nonce[.config].signature: the four-part form, signed
+    alike, must not pass as a new secret whose config part is read as its tenant (it would lose
+    its bound config)."""
     import hashlib
     import hmac
 
     auth = Auth(["sk-1"], signing_key=b"k", clock=lambda: 1000.0)
-    body = "1060.0123456789abcdef"
-    sig = base64.urlsafe_b64encode(hmac.new(b"k", body.encode(), hashlib.sha256).digest()[:24]).rstrip(b"=").decode()
-    grant = auth.check(f"Bearer ek_{body}.{sig}")
-    assert grant.config is None and grant.owner
+    config = base64.urlsafe_b64encode(b'{"type":"realtime"}').rstrip(b"=").decode()
+    for body in ("1060.0123456789abcdef", f"1060.0123456789abcdef.{config}"):
+        sig = base64.urlsafe_b64encode(hmac.new(b"k", body.encode(), hashlib.sha256).digest()[:24]).rstrip(b"=").decode()
+        with pytest.raises(AuthError, match="malformed"):
+            auth.check(f"Bearer ek_{body}.{sig}")
 
 
 def test_an_oversized_config_cannot_be_bound():

@@ -15,7 +15,7 @@ class FakeIngress:
     async def stats(self):
         return {"sessions": len(self.calls), "late_chunks": 1}
 
-    async def offer(self, sdp, config=None, owner=None):
+    async def offer(self, sdp, config=None, owner=None, tenant=None, ceiling=None):
         if len(self.calls) >= self.room:
             raise ProtocolError("full", "capacity")
         sid = f"{self.name}-{len(self.calls)}"

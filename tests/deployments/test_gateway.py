@@ -17,6 +17,7 @@ import pytest
 import uvicorn
 
 from actors.ingress import Ingress
+from actors.router import Direct
 from deployments.auth import Auth
 from deployments.config import AppConfig
 from deployments.gateway import Edge, make_api
@@ -71,9 +72,11 @@ class Server:
         self.loop = asyncio.get_running_loop()
         self.interaction = Fake()
         clock = TickClock(time.time())
-        self.calls = Ingress(self.interaction, clock, max_sessions=16)
-        self.websockets = Ingress(self.interaction, clock, max_sessions=16)
-        auth = Auth([KEY], b"signing-key", self.config.auth.client_secret_ttl_s)
+        # One placement for calls and WebSockets alike, as the router is for the deployment.
+        placement = Direct(self.interaction, sessions_per_tenant=self.config.limits.sessions_per_key)
+        self.calls = Ingress(placement, clock, max_sessions=16)
+        self.websockets = Ingress(placement, clock, max_sessions=16)
+        auth = Auth(self.config.auth.keys(), b"signing-key", self.config.auth.client_secret_ttl_s)
         self.edge = Edge(self.config, auth, self.interaction, self.calls, self.websockets)
         server = uvicorn.Server(uvicorn.Config(make_api(self.edge), log_level="warning", lifespan="off"))
         server.install_signal_handlers = lambda: None
@@ -324,9 +327,9 @@ def test_a_secret_carries_its_config_to_the_call_and_an_offer_may_not_differ(ser
     seen = []
     real_offer = server.calls.offer
 
-    async def spy(sdp, config=None, owner=None):
+    async def spy(sdp, config=None, owner=None, **quota):
         seen.append(config)
-        return await real_offer(sdp, config, owner=owner)
+        return await real_offer(sdp, config, owner=owner, **quota)
 
     monkeypatch.setattr(server.calls, "offer", spy)
     bound = {"type": "realtime", "instructions": "speak like a pirate"}
