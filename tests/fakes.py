@@ -5,7 +5,8 @@
   typed text containing `trigger` emits "delegate" with that text; a chunk's updates are kept in
   its session's state. Seqs only move forward (gaps allowed); `replay` / `rebuild` step chunks
   as `step` does and record what they were given in `rebuilt`. `step_s` makes a step slow.
-- `LocalLog`: a `SessionLog` in this process as the async `Log` port, optionally slow.
+- `LocalLog`: a `SessionLog` in this process as the async `Log` port, optionally slow, or held
+  (hanging) until a test releases it.
 - `FakePool`: a `BackgroundPool` streaming scripted `BackgroundUpdate`s, recording what it ran
   and what was cancelled.
 """
@@ -114,32 +115,39 @@ class MockEngine:
 
 
 class LocalLog:
-    """A `SessionLog` (`actors.session_log`) in process as the async `Log` port; each call waits `delay_s` first."""
+    """A `SessionLog` (`actors.session_log`) in process as the async `Log` port; each call waits
+    `delay_s` first, and while `held` is an unset `asyncio.Event`, until it is set."""
 
     def __init__(self, log, delay_s: float = 0.0):
         self.log = log
         self.delay_s = delay_s
+        self.held: asyncio.Event | None = None
         self.appends = 0
 
-    async def open(self, session_id: str) -> str:
+    async def _wait(self) -> None:
         await asyncio.sleep(self.delay_s)
+        if self.held is not None:
+            await self.held.wait()
+
+    async def open(self, session_id: str) -> str:
+        await self._wait()
         return self.log.open(session_id)
 
     async def close(self, session_id: str, epoch: int | None = None) -> None:
-        await asyncio.sleep(self.delay_s)
+        await self._wait()
         self.log.close(session_id, epoch)
 
     async def append(self, deltas: list, request_id: str | None = None, epochs: dict | None = None) -> dict:
-        await asyncio.sleep(self.delay_s)
+        await self._wait()
         self.appends += 1
         return self.log.append(deltas, request_id, epochs)
 
     async def put_snapshot(self, session_id: str, tick: int, state: dict, epoch: int | None = None) -> None:
-        await asyncio.sleep(self.delay_s)
+        await self._wait()
         await self.log.put_snapshot(session_id, tick, state, epoch)
 
     async def recovery(self, session_id: str, take_over: bool = True) -> dict:
-        await asyncio.sleep(self.delay_s)
+        await self._wait()
         return await self.log.recovery(session_id, take_over)
 
 
