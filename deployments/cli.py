@@ -23,7 +23,9 @@ def _init_ray(address: str | None) -> None:
     import ray
 
     from .app import NAMESPACE
+    from .proxy import use_in_cluster
 
+    use_in_cluster()  # the WebSocket frame cap, for the Serve proxy of a cluster started here
     print(f"[interplay] starting Ray ({'joining ' + address if address else 'local cluster'}) ...", flush=True)
     t = time.monotonic()
     # No --address: a cluster of our own ("local"), never one some other program on this machine started.

@@ -13,6 +13,9 @@ def ray_cluster():
     """A local Ray cluster shared by every test that asks for it; shut down at the end of the run."""
     import ray
 
+    from deployments.proxy import use_in_cluster
+
+    use_in_cluster()  # the Serve proxy's WebSocket frame cap, as `interplay serve` sets it
     if not ray.is_initialized():
         # 5 logical CPUs: the background pool's replica and engine hold 2, the speech deployment's 1,
         # and 2 stay free for the actors tests create (an actor needs 1 free to be placed).
