@@ -622,8 +622,9 @@ class Interaction:
         """Turn delegate/tool controls into BackgroundTasks and hand each to the pool at once.
 
         A task's `context_upto` is the last log index known for its session when it is made: the
-        log is appended off the tick's path, so it may lag the current tick by one (the pool reads
-        the rest as it arrives).
+        log is appended off the tick's path, so it may lag the current tick by one, and the pool's
+        context ends there (the tick that made the task, and any before it not yet acknowledged,
+        are not in it; the task's own instruction is).
         """
         tasks = []
         for out in outputs.values():
