@@ -14,8 +14,9 @@ from actors.transports import TRACK_FORMAT, WebRTCTransport, WebSocketTransport
 from protocols import OutputChunk, TickClock
 from protocols.realtime import encode_pcm16
 from tests.actors.test_ingress import Client, Echo, FakeChannel
+from tests.waits import until
 
-pytestmark = pytest.mark.timeout(30)
+pytestmark = pytest.mark.timeout(120)
 
 TONE = (8000 * np.sin(np.arange(3200) / 5)).astype(np.int16)
 SILENCE = np.zeros(3200, np.int16)
@@ -125,10 +126,12 @@ def test_a_websocket_session_through_the_ingress():
             ingress.receive(sid, json.dumps({"type": "input_audio_buffer.append", "audio": encode_pcm16(tone[i : i + 1600])}))
         ingress.receive(sid, json.dumps({"type": "response.create"}))
         ingress.receive(sid, b"\xff not json")
-        await asyncio.sleep(1.3)
-        mine = [c for c in echo.chunks if c.session_id == sid]
-        assert sum(not c.missing and np.abs(c.audio).max() > 6000 for c in mine) >= 4  # the appended audio, a chunk a tick
-        assert [c.forced for c in mine[:2]] == ["speak", "speak"]
+
+        def mine():
+            return [c for c in echo.chunks if c.session_id == sid]
+
+        await until(lambda: sum(not c.missing and np.abs(c.audio).max() > 6000 for c in mine()) >= 4)  # the appended audio, a chunk a tick
+        assert [c.forced for c in mine()[:2]] == ["speak", "speak"]
         await ingress.close(sid)
         events = []
         while (text := await outbox.get()) is not None:
@@ -152,9 +155,8 @@ def test_a_webrtc_call_and_a_websocket_share_each_tick():
         rtc_id = await client.connect(ingress)
         ws_id, _ = await ingress.open_websocket(None)
         await client.wait_for("session.created")
-        await asyncio.sleep(1.0)
-        both = [ids for _, ids in echo.calls if set(ids) == {rtc_id, ws_id}]
-        assert len(both) >= 3
+        both = lambda: [ids for _, ids in echo.calls if set(ids) == {rtc_id, ws_id}]  # noqa: E731
+        await until(lambda: len(both()) >= 3)  # one exchange a tick carries both
         assert type(ingress.sessions[rtc_id].session) is type(ingress.sessions[ws_id].session) is RealtimeSession
         await client.pc.close()
         await ingress.shutdown()
