@@ -29,6 +29,7 @@ from actors.transports import WebSocketTransport
 from protocols import TickClock
 from protocols.realtime import CLIENT_EVENT_TYPES, INTERPLAY_EVENT_TYPES, SessionConfig, encode_audio
 from tests.actors.test_ingress import Client, Echo
+from tests.waits import TIMEOUT_S, until
 
 FUZZ = settings(max_examples=50, deadline=None, suppress_health_check=list(HealthCheck))
 LIVE = settings(max_examples=50, deadline=None, suppress_health_check=list(HealthCheck))
@@ -313,9 +314,10 @@ class Live:
         self.ws, self.ws_out = await self.ingress.open_websocket(None)
         self.rtc = Client()
         self.rtc_id = await self.rtc.connect(self.ingress)
-        await self.rtc.wait_for("session.created", timeout=10)
+        await self.rtc.wait_for("session.created")
         self.first = self.ingress.sessions[self.good].session.first_tick
         self.cases = 0
+        self.busiest_s = 0.0  # the most CPU time the ingress's loop spent on one fuzzed message and its probe
         return self
 
     def feed(self) -> None:
@@ -330,8 +332,10 @@ class Live:
         self.feed()
         # WebSocket: what the gateway does with each frame
         drain(self.ws_out)
+        cpu = time.thread_time()
         self.ingress.receive(self.ws, message)
         self.ingress.receive(self.ws, PROBE)
+        self.busiest_s = max(self.busiest_s, time.thread_time() - cpu)
         replies = drain(self.ws_out)
         for event in replies:
             check_reply(event)
@@ -342,10 +346,7 @@ class Live:
         n, seen = len(self.rtc.of_type("input_audio_buffer.cleared")), len(self.rtc.events)
         self.rtc.channel.send(message)
         self.rtc.channel.send(PROBE)
-        deadline = time.time() + 10
-        while len(self.rtc.of_type("input_audio_buffer.cleared")) == n:
-            assert time.time() < deadline, ("the call went quiet after", message[:200])
-            await asyncio.sleep(0.005)
+        await until(lambda: len(self.rtc.of_type("input_audio_buffer.cleared")) > n, interval=0.005, message=("the call went quiet after", message[:200]))
         replies = self.rtc.events[seen:]
         for event in replies:
             check_reply(event)
@@ -357,9 +358,7 @@ class Live:
         await self.rtc.pc.close()
         for sid in (self.good, self.ws):
             await self.ingress.close(sid)
-        deadline = time.time() + 10
-        while self.ingress.sessions and time.time() < deadline:
-            await asyncio.sleep(0.05)
+        await until(lambda: not self.ingress.sessions, message=lambda: list(self.ingress.sessions))
         await self.ingress.shutdown()
 
 
@@ -371,7 +370,7 @@ def test_a_live_ingress_survives_fuzzed_clients_and_keeps_the_others_on_time():
     thread = threading.Thread(target=loop.run_forever, daemon=True)
     thread.start()
 
-    def run(coro, timeout: float = 60.0):
+    def run(coro, timeout: float = 2 * TIMEOUT_S):
         return asyncio.run_coroutine_threadsafe(coro, loop).result(timeout)
 
     live = run(Live().start())
@@ -383,7 +382,8 @@ def test_a_live_ingress_survives_fuzzed_clients_and_keeps_the_others_on_time():
 
     try:
         fuzz()
-        run(asyncio.sleep(0.5))
+        after = len(live.echo.calls)
+        run(until(lambda: len(live.echo.calls) >= after + 2))  # the ticks go on after the last example
         stats = run(live.ingress.stats())
         calls = list(live.echo.calls)  # before the sessions close
     finally:
@@ -398,7 +398,9 @@ def test_a_live_ingress_survives_fuzzed_clients_and_keeps_the_others_on_time():
     good = [c for c in live.echo.chunks if c.session_id == live.good and c.seq <= exchanged[-1][0]]
     assert len(good) == len(exchanged) and not [c.seq for c in good if c.missing]
     assert stats["failed_exchanges"] == 0
-    assert stats["skipped_ticks"] <= len(exchanged) // 4  # loose: a loaded machine may stall the loop now and then
+    # No message keeps the ingress's loop from its ticks: each costs it far less than a tick of
+    # CPU time (CPU time, not wall time: a loaded machine slows the loop, not the message's cost).
+    assert live.busiest_s < live.ingress.clock.tick_s, live.busiest_s
     # and nothing leaked: every session left the interaction side
     assert not live.ingress.sessions and not live.echo.members
     assert sorted(live.echo.left) == sorted([live.good, live.ws, live.rtc_id])
@@ -407,11 +409,8 @@ def test_a_live_ingress_survives_fuzzed_clients_and_keeps_the_others_on_time():
 # --- dropped connections at every step of a call --------------------------------------------------
 
 
-async def _settled(ingress, echo, deadline_s: float = 10.0) -> None:
-    deadline = time.time() + deadline_s
-    while ingress.sessions or echo.members:
-        assert time.time() < deadline, f"leaked: {list(ingress.sessions)} {echo.members}"
-        await asyncio.sleep(0.05)
+async def _settled(ingress, echo) -> None:
+    await until(lambda: not (ingress.sessions or echo.members), message=lambda: f"leaked: {list(ingress.sessions)} {echo.members}")
 
 
 @pytest.mark.timeout(120)
@@ -432,11 +431,11 @@ def test_dropped_connections_leak_no_slot():
             client = Client()
             await client.connect(ingress)
             joined += 1
-            await client.wait_for("session.created", timeout=10)
+            await client.wait_for("session.created")
             if step == "mid_event":
                 client.channel.send(json.dumps({"type": "session.update", "session": {"instructions": "x" * 30_000}}))
             elif step == "mid_audio":
-                await client.wait_for("response.output_audio_transcript.delta", timeout=10)
+                await client.wait_for("response.output_audio_transcript.delta")
             await client.pc.close()
         await _settled(ingress, echo)
 
@@ -448,9 +447,9 @@ def test_dropped_connections_leak_no_slot():
                 ingress.receive(sid, '{"type": "session.update", "session": {"instr')
             elif step == "mid_audio":
                 ingress.receive(sid, json.dumps({"type": "input_audio_buffer.append", "audio": encode_audio(np.ones(48_000, np.int16))}))
-                await asyncio.sleep(0.5)  # chunks of it were exchanged
+                await until(lambda: any(c.session_id == sid and not c.missing for c in echo.chunks))  # chunks of it were exchanged
             await ingress.close(sid)
-            while (await asyncio.wait_for(outbox.get(), 5)) is not None:  # the end mark comes
+            while (await asyncio.wait_for(outbox.get(), TIMEOUT_S)) is not None:  # the end mark comes
                 pass
         await _settled(ingress, echo)
 
@@ -459,7 +458,7 @@ def test_dropped_connections_leak_no_slot():
         assert stats["sessions"] == 0
         client = Client()  # every slot is free again
         await client.connect(ingress)
-        await client.wait_for("session.created", timeout=10)
+        await client.wait_for("session.created")
         await client.pc.close()
         await _settled(ingress, echo)
         await ingress.shutdown()
