@@ -2,8 +2,10 @@
 
 Tick k is taken as soon as every live call's chunk k is complete (audio inputs that say so
 through `on_chunk`), else at the deadline `clock.end(k) + grace_s`. Times are wall-clock, so
-ticks are long (1 s) and every bound is in ticks: the test starts in the first hundredth of a
-tick, and a deadline far off is one the early path beats by ticks, whatever the load.
+ticks are long (1 s): the test starts in the first hundredth of a tick, a deadline far off is
+one only the early path can beat, and one held to its deadline is taken no sooner. How soon after
+it a loaded machine gets round to it is not checked (a tick it gets to more than a tick late is
+skipped, which the `tick == k` checks would show).
 """
 
 import asyncio
@@ -18,6 +20,7 @@ from actors.playout import EventAudioSink
 from actors.realtime_session import RealtimeSession
 from protocols import OutputChunk
 from protocols.clock import TickClock
+from tests.waits import TIMEOUT_S, until
 
 TICK_MS = 1000
 
@@ -116,7 +119,7 @@ def setup(clock: TickClock, grace_ticks: float, *audio_ins) -> tuple[int, Intera
     return k, interaction, gatherer, calls
 
 
-@pytest.mark.timeout(60)
+@pytest.mark.timeout(180)
 def test_a_tick_whose_chunks_are_all_complete_is_exchanged_at_once():
     async def main():
         clock = clock_in_a_fresh_tick()
@@ -130,23 +133,20 @@ def test_a_tick_whose_chunks_are_all_complete_is_exchanged_at_once():
         await asyncio.sleep(0)
         assert interaction.exchanges.empty()  # one call's chunk alone does not make the tick
         audio_b = b.complete(k)
-        tick, at, chunks = await asyncio.wait_for(interaction.exchanges.get(), 5 * clock.tick_s)
+        tick, at, chunks = await asyncio.wait_for(interaction.exchanges.get(), TIMEOUT_S)
         gatherer.stop()
-        assert tick == k and at < deadline - 15 * clock.tick_s
+        assert tick == k and at < deadline  # 21 ticks early: only a complete tick is taken before its deadline
         assert not any(c.missing for c in chunks.values())
         assert np.array_equal(chunks[calls[0].id].audio, audio_a) and np.array_equal(chunks[calls[1].id].audio, audio_b)
         assert gatherer.counts["missing_chunks"] == 0
-        for _ in range(100):  # the outputs are delivered; interplay.tick says when the tick was taken
-            if calls[0].transport.ticks():
-                break
-            await asyncio.sleep(0.01)
+        await until(calls[0].transport.ticks)  # the outputs are delivered; interplay.tick says when the tick was taken
         at = calls[0].transport.ticks()[0]["at"]
         assert at["ready"] <= at["gathered"] <= at["returned"] <= at["written"]
 
     asyncio.run(main())
 
 
-@pytest.mark.timeout(60)
+@pytest.mark.timeout(180)
 def test_a_later_chunk_means_the_earlier_one_cannot_come():
     async def main():
         clock = clock_in_a_fresh_tick()
@@ -155,16 +155,16 @@ def test_a_later_chunk_means_the_earlier_one_cannot_come():
         gatherer.start()
         await hooked(a)
         a.complete(k + 1)  # chunk k was skipped (the caller's audio jumped past it)
-        tick, at, chunks = await asyncio.wait_for(interaction.exchanges.get(), 5 * clock.tick_s)
-        assert tick == k and at < clock.end(k) + 15 * clock.tick_s and chunks[calls[0].id].missing
-        tick, at, chunks = await asyncio.wait_for(interaction.exchanges.get(), 5 * clock.tick_s)
+        tick, at, chunks = await asyncio.wait_for(interaction.exchanges.get(), TIMEOUT_S)
+        assert tick == k and at < clock.end(k) + gatherer.grace_s and chunks[calls[0].id].missing
+        tick, at, chunks = await asyncio.wait_for(interaction.exchanges.get(), TIMEOUT_S)
         gatherer.stop()
         assert tick == k + 1 and not chunks[calls[0].id].missing
 
     asyncio.run(main())
 
 
-@pytest.mark.timeout(60)
+@pytest.mark.timeout(180)
 def test_a_real_chunker_wakes_the_gatherer_as_it_completes_a_chunk():
     async def main():
         clock = clock_in_a_fresh_tick()
@@ -173,16 +173,16 @@ def test_a_real_chunker_wakes_the_gatherer_as_it_completes_a_chunk():
         gatherer.start()
         await hooked(chunker)
         chunker.push(np.full(clock.samples(), 3000, np.int16), 16_000)  # a tick of audio, placed to end as tick k ends
-        tick, at, chunks = await asyncio.wait_for(interaction.exchanges.get(), 5 * clock.tick_s)
+        tick, at, chunks = await asyncio.wait_for(interaction.exchanges.get(), TIMEOUT_S)
         gatherer.stop()
-        assert tick == k and at < clock.end(k) + 15 * clock.tick_s
+        assert tick == k and at < clock.end(k) + gatherer.grace_s
         chunk = chunks[calls[0].id]
         assert not chunk.missing and chunk.audio[-1] == 3000
 
     asyncio.run(main())
 
 
-@pytest.mark.timeout(60)
+@pytest.mark.timeout(180)
 def test_a_missing_chunk_holds_the_tick_to_its_deadline_and_is_flagged():
     async def main():
         clock = clock_in_a_fresh_tick()
@@ -193,9 +193,9 @@ def test_a_missing_chunk_holds_the_tick_to_its_deadline_and_is_flagged():
         await hooked(a)
         audio_a = a.complete(k)  # b's chunk k never comes
         await hooked(b)
-        tick, at, chunks = await asyncio.wait_for(interaction.exchanges.get(), 5 * clock.tick_s)
+        tick, at, chunks = await asyncio.wait_for(interaction.exchanges.get(), TIMEOUT_S)
         gatherer.stop()
-        assert tick == k and deadline <= at < deadline + 2 * clock.tick_s
+        assert tick == k and deadline <= at
         assert not chunks[calls[0].id].missing and np.array_equal(chunks[calls[0].id].audio, audio_a)
         assert chunks[calls[1].id].missing and not chunks[calls[1].id].audio.any()
         assert gatherer.counts["missing_chunks"] == 1
@@ -203,7 +203,7 @@ def test_a_missing_chunk_holds_the_tick_to_its_deadline_and_is_flagged():
     asyncio.run(main())
 
 
-@pytest.mark.timeout(60)
+@pytest.mark.timeout(180)
 @pytest.mark.parametrize("with_webrtc", [False, True])
 def test_a_call_without_on_chunk_is_gathered_at_the_deadline(with_webrtc):
     async def main():
@@ -218,9 +218,9 @@ def test_a_call_without_on_chunk_is_gathered_at_the_deadline(with_webrtc):
         if with_webrtc:
             a.complete(k)  # complete from the start: the WebSocket call alone holds the tick
         gatherer.start()
-        tick, at, chunks = await asyncio.wait_for(interaction.exchanges.get(), 5 * clock.tick_s)
+        tick, at, chunks = await asyncio.wait_for(interaction.exchanges.get(), TIMEOUT_S)
         gatherer.stop()
-        assert tick == k and deadline <= at < deadline + 2 * clock.tick_s
+        assert tick == k and deadline <= at
         assert not any(c.missing for c in chunks.values()) and len(chunks) == len(calls)
         assert np.array_equal(chunks[calls[0].id].audio, said)
 
