@@ -17,6 +17,7 @@ from actors.session_log import SessionLog
 from models.engine import StreamingEngine
 from protocols import BackgroundUpdate, InputChunk, OutputChunk, SessionEvent, from_table
 from tests.fakes import FakePool, LocalLog
+from tests.waits import until
 
 SIDS = ("a", "b", "c")
 SAMPLES = 3_200
@@ -209,8 +210,7 @@ def test_a_released_session_resumes_on_another_actor_exactly(tmp_path):
         await x.inter.push_update("a", update_for("a", 13))  # waits for tick 13, which is stepped on Y
         await x.inter.release("a")
         assert list(x.inter.sessions) == ["b"] and x.inter.engine.sessions == ["b"]
-        await asyncio.sleep(0.01)
-        assert running.task_id in pool.cancelled
+        await until(lambda: running.task_id in pool.cancelled)
 
         y = Run(log, x.time)
         answer = await y.inter.resume("a")
