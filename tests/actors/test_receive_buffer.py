@@ -13,6 +13,7 @@ from aiortc.rtp import RtpPacket
 
 from actors.audio_in import ArrivalBuffer, release_on_arrival
 from actors.ice import use_ice_addresses
+from tests.waits import TIMEOUT_S
 
 
 def packet(seq: int, data: bytes = b"x") -> RtpPacket:
@@ -32,7 +33,7 @@ def test_arrival_buffer_releases_each_packet_in_order():
 
 
 class Beeps(MediaStreamTrack):
-    """20 ms 48 kHz frames in real time; remembers when each pts left."""
+    """20 ms 48 kHz frames in real time; `n` frames have left so far."""
 
     kind = "audio"
 
@@ -40,7 +41,6 @@ class Beeps(MediaStreamTrack):
         super().__init__()
         self.n = 0
         self.start = None
-        self.sent: dict[int, float] = {}
 
     async def recv(self):
         if self.readyState != "live":
@@ -53,18 +53,19 @@ class Beeps(MediaStreamTrack):
         x = (3000 * np.sin(np.arange(960) * 2 * np.pi * 440 / 48000)).astype(np.int16)
         frame = av.AudioFrame.from_ndarray(x.reshape(1, -1), format="s16", layout="mono")
         frame.sample_rate, frame.pts, frame.time_base = 48000, self.n * 960, fractions.Fraction(1, 48000)
-        self.sent[frame.pts] = time.time()
         self.n += 1
         return frame
 
 
-async def held_ms(release: bool, seconds: float = 1.5) -> tuple[float, list]:
-    """Median ms from a frame leaving the sender to the receiving track handing it out."""
+async def held_frames(release: bool, frames: int = 75) -> tuple[float, list]:
+    """Median count of frames the sender had sent after each frame by the time the receiving
+    track handed that frame out. Counted in frames, not milliseconds: both peers share one event
+    loop, so a busy machine delays them alike and the count stays what the buffer makes it."""
     use_ice_addresses(["127.0.0.1"])
     sender, receiver = RTCPeerConnection(), RTCPeerConnection()
     beeps = Beeps()
     sender.addTrack(beeps)
-    lags: list[float] = []
+    ahead: list[int] = []
     done = asyncio.Event()
     if release:
         release_on_arrival(receiver)  # before any receiver exists: switched on its "track" event
@@ -72,10 +73,10 @@ async def held_ms(release: bool, seconds: float = 1.5) -> tuple[float, list]:
     @receiver.on("track")
     def _track(track):
         async def read():
-            while time.time() - (beeps.start or time.time()) < seconds:
+            while len(ahead) < frames:
                 frame = await track.recv()
-                if frame.pts in beeps.sent:
-                    lags.append(time.time() - beeps.sent[frame.pts])
+                if frame.pts is not None and frame.pts // 960 < beeps.n:
+                    ahead.append(beeps.n - 1 - frame.pts // 960)
             done.set()
 
         asyncio.ensure_future(read())
@@ -84,19 +85,19 @@ async def held_ms(release: bool, seconds: float = 1.5) -> tuple[float, list]:
     await receiver.setRemoteDescription(sender.localDescription)
     await receiver.setLocalDescription(await receiver.createAnswer())
     await sender.setRemoteDescription(RTCSessionDescription(receiver.localDescription.sdp, "answer"))
-    await asyncio.wait_for(done.wait(), 20)
+    await asyncio.wait_for(done.wait(), TIMEOUT_S)
     buffers = [type(getattr(r, "_RTCRtpReceiver__jitter_buffer")).__name__ for r in receiver.getReceivers()]
     await sender.close()
     await receiver.close()
-    return float(np.median(lags[10:]) * 1000), buffers
+    return float(np.median(ahead[10:])), buffers
 
 
-@pytest.mark.timeout(60)
+@pytest.mark.timeout(180)
 def test_receiver_no_longer_holds_audio_80_ms():
-    default, buffers = asyncio.run(held_ms(release=False))
-    assert buffers == ["JitterBuffer"] and default >= 70  # four 20 ms packets held
-    released, buffers = asyncio.run(held_ms(release=True))
-    assert buffers == ["ArrivalBuffer"] and released <= 15, released
+    default, buffers = asyncio.run(held_frames(release=False))
+    assert buffers == ["JitterBuffer"] and default >= 4, default  # four 20 ms packets held
+    released, buffers = asyncio.run(held_frames(release=True))
+    assert buffers == ["ArrivalBuffer"] and released <= 1, released  # each handed out as it comes
 
 
 def test_release_on_arrival_switches_an_existing_receiver_once():
