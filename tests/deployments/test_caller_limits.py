@@ -9,8 +9,9 @@ import pytest
 from websockets.exceptions import InvalidStatus
 
 from deployments.auth import origin_allowed
+from tests.waits import wait_for
 
-from .test_gateway import KEY, Server, assert_clean_error, bearer, eventually, offer, ws_connect  # noqa: F401 (offer: a fixture)
+from .test_gateway import KEY, Server, assert_clean_error, bearer, offer, ws_connect  # noqa: F401 (offer: a fixture)
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -70,7 +71,7 @@ def test_a_page_elsewhere_can_neither_open_a_websocket_nor_make_a_call(server, o
     for origin in ("https://app.example.com", "http://localhost:5173"):  # allowed, and loopback pages
         with ws_connect(server, [("Authorization", f"Bearer {KEY}"), ("Origin", origin)]) as ws:
             assert json.loads(ws.recv(timeout=10))["type"] == "session.created"
-    eventually(lambda: server.sessions() == 0)
+    wait_for(lambda: server.sessions() == 0)
 
 
 def test_a_key_sent_as_a_subprotocol_is_never_echoed(server):
@@ -80,7 +81,7 @@ def test_a_key_sent_as_a_subprotocol_is_never_echoed(server):
         assert KEY not in str(ws.response.headers)
     with ws_connect(server, [], subprotocols=["realtime", f"openai-insecure-api-key.{KEY}"]) as ws:
         assert ws.subprotocol == "realtime" and KEY not in str(ws.response.headers)
-    eventually(lambda: server.sessions() == 0)
+    wait_for(lambda: server.sessions() == 0)
 
 
 # --- sessions per key ------------------------------------------------------------------------------
@@ -103,11 +104,11 @@ def test_a_keys_sessions_are_capped_across_its_secrets_and_others_are_unaffected
     finally:
         first.close()
     # an ended session frees its place (no slot leaks, refused attempts included)
-    eventually(lambda: len(server.calls.placement.tenants.of) == 1)
+    wait_for(lambda: len(server.calls.placement.tenants.of) == 1)
     with ws_connect(server, [("Authorization", f"Bearer {KEY}")]) as again:
         assert json.loads(again.recv(timeout=10))["type"] == "session.created"
     second.close()
-    eventually(lambda: server.sessions() == 0 and not server.calls.placement.tenants.of)
+    wait_for(lambda: server.sessions() == 0 and not server.calls.placement.tenants.of)
 
 
 # --- a bound config is a ceiling -----------------------------------------------------------------------
@@ -142,4 +143,4 @@ def test_a_secrets_bound_config_cannot_be_widened_by_the_session(server):
         assert updated["tools"] == [] and updated["instructions"] == "only tell the time"
         ws.send(json.dumps({"type": "session.update", "session": {"type": "realtime", "tools": bound["tools"]}}))
         assert [t["name"] for t in events_until(ws, "session.updated")["session"]["tools"]] == ["clock"]
-    eventually(lambda: server.sessions() == 0)
+    wait_for(lambda: server.sessions() == 0)

@@ -20,7 +20,8 @@ import pytest
 from hypothesis import HealthCheck, given, reject, settings
 from hypothesis import strategies as st
 
-from tests.deployments.test_gateway import INTERNALS, KEY, Server, _upgrade, eventually
+from tests.deployments.test_gateway import INTERNALS, KEY, Server, _upgrade
+from tests.waits import wait_for
 from tests.deployments.test_gateway import offer as offer  # noqa: F401  (the fixture)
 
 pytestmark = pytest.mark.timeout(600)
@@ -265,7 +266,7 @@ class Caller(threading.Thread):
                 while not self.stop.is_set():
                     n += 1
                     ws.send(json.dumps({"type": "session.update", "session": {"type": "realtime", "instructions": f"turn {n}"}}))
-                    deadline = time.time() + 0.3
+                    deadline = time.time() + 0.3  # an update every 0.3 s, reading what comes meanwhile
                     while time.time() < deadline:
                         try:
                             self.events.append(json.loads(ws.recv(timeout=0.1))["type"])
@@ -288,16 +289,16 @@ def test_fuzz_in_process(target, prop):
     before = target.sessions()
     caller = Caller(server)
     caller.start()
-    eventually(lambda: "session.created" in caller.events)
+    wait_for(lambda: "session.created" in caller.events)
     prop(target)
     updated = caller.events.count("session.updated")
-    eventually(lambda: caller.events.count("session.updated") > updated)  # still answered after the fuzzing
+    wait_for(lambda: caller.events.count("session.updated") > updated)  # still answered after the fuzzing
     caller.stop.set()
     caller.join(10)
     assert caller.error is None, caller.error
     assert "error" not in caller.events
-    eventually(lambda: target.sessions() == before)
+    wait_for(lambda: target.sessions() == before)
     response = httpx.post(target.url + "/v1/realtime/calls", content=target.offer, headers={"Authorization": f"Bearer {KEY}", "Content-Type": "application/sdp"})
     assert response.status_code == 201  # a good call still gets in
     hang_up(target, response)
-    eventually(lambda: target.sessions() == before)
+    wait_for(lambda: target.sessions() == before)
