@@ -1,11 +1,13 @@
 """Where the SessionLog keeps its rows: in-memory blocks, write-ahead files and Parquet.
 
 Layout under `root` (a directory or any pyarrow filesystem URI), one folder per session:
-sessions/<dir>/session.json (id, hashed token, closed, writer epoch), sessions/<dir>/seg-<first>-<last>.parquet
+sessions/<dir>/session.json (id, hashed token, closed and when, writer epoch), sessions/<dir>/seg-<first>-<last>.parquet
 (persisted rows) and wal-<first>.arrows (rows not yet in Parquet, one Arrow IPC stream per
 in-memory segment; kept on local disk under `wal_dir` when `root` is remote). A row is
 acknowledged only once its batch is whole in the WAL file, so `LogStore.restore` rebuilds every
-session from these files alone: a torn last batch was never acknowledged and is dropped.
+open session from these files alone: a torn last batch was never acknowledged and is dropped.
+A closed session is only listed at restore (its session.json read); `find` reads its rows' places
+when it is asked for, and `delete` removes its folder whole.
 
 What a session needs to fail over lives beside its WAL files while it is open, and goes when it
 closes: `token` (the session's token in clear, mode 0600: the interaction side that takes a
@@ -31,6 +33,7 @@ import logging
 import math
 import os
 import re
+import shutil
 import tempfile
 from dataclasses import dataclass, field
 from typing import Any
@@ -110,6 +113,7 @@ class LogSession:
     dirname: str
     token_hash: str
     closed: bool = False
+    closed_at: float | None = None  # wall-clock seconds; the data-retention clock (`SessionLog.keep_s`) starts here
     epoch: int = 0  # the writer's: raised each time the session is taken over (`SessionLog.recovery`)
     next_index: int = 0
     newest_t: float = -math.inf
@@ -175,7 +179,10 @@ class LogStore:
     def write_meta(self, s: LogSession) -> None:
         folder = f"{self.base}/{s.dirname}"
         self.fs.create_dir(folder, recursive=True)
-        data = json.dumps({"session_id": s.session_id, "token_sha256": s.token_hash, "closed": s.closed, "epoch": s.epoch}).encode()
+        meta = {"session_id": s.session_id, "token_sha256": s.token_hash, "closed": s.closed, "epoch": s.epoch}
+        if s.closed_at is not None:
+            meta["closed_at"] = s.closed_at
+        data = json.dumps(meta).encode()
         path = f"{folder}/session.json"
         if self.local:
             with open(path + ".tmp", "wb") as f:
@@ -316,27 +323,90 @@ class LogStore:
 
     # --- reading -----------------------------------------------------------------------------
 
-    def load(self, seg: Segment, filters: list) -> list[pa.RecordBatch]:
-        table = pq.read_table(seg.parquet_path, filesystem=self.fs, filters=filters)
-        return table.select(SCHEMA.names).cast(SCHEMA).to_batches()
+    def load(self, path: str, filters: list, columns: list[str] | None = None) -> list[pa.RecordBatch]:
+        """The rows of one Parquet segment that pass `filters`, only `columns` (None: all), in
+        SCHEMA's types. Reads no shared state: it may run in a thread."""
+        names = SCHEMA.names if columns is None else columns
+        table = pq.read_table(path, filesystem=self.fs, filters=filters, columns=names)
+        return table.select(names).cast(pa.schema([SCHEMA.field(n) for n in names])).to_batches()
 
-    def restore(self) -> tuple[list[LogSession], list[tuple[str, str, tuple[int, int]]]]:
-        """Every session in storage (tokens and state from session.json, rows from Parquet and
-        WAL), and the (request_id, session_id, index range) of each append still in a WAL file."""
-        sessions, requests = [], []
+    def restore(self) -> tuple[list[LogSession], list[LogSession], list[tuple[str, str, tuple[int, int]]]]:
+        """The open sessions in storage (tokens and state from session.json, rows from Parquet and
+        WAL), the closed ones (session.json only: no rows read), and the (request_id, session_id,
+        index range) of each append still in a WAL file."""
+        opened, closed, requests = [], [], []
         for info in self.fs.get_file_info(pafs.FileSelector(self.base, allow_not_found=True)):
             if info.type != pafs.FileType.Directory:
                 continue
-            try:
-                with self.fs.open_input_stream(f"{info.path}/session.json") as f:
-                    meta = json.loads(f.read())
-                s = LogSession(meta["session_id"], info.base_name, meta["token_sha256"], bool(meta.get("closed")), int(meta.get("epoch", 0)))
-            except (OSError, ValueError, KeyError) as exc:
-                log.warning("skipping %s: no readable session.json (%s)", info.path, exc)
+            s = self._read_meta(info.path, info.base_name)
+            if s is None:
+                if not self.fs.get_file_info(pafs.FileSelector(info.path)):
+                    self.fs.delete_dir(info.path)  # what a delete interrupted after session.json leaves
                 continue
-            requests += self._restore_session(s, info.path)
-            sessions.append(s)
-        return sessions, requests
+            if not s.closed:
+                requests += self._restore_session(s, info.path)
+                opened.append(s)
+                continue
+            wal = self.folder(s)
+            if any(_WAL_RE.fullmatch(n) for n in (os.listdir(wal) if os.path.isdir(wal) else ())):
+                self._restore_session(s, info.path)  # closed with rows never persisted: persist them now
+                for seg in [seg for seg in s.segments if seg.blocks is not None]:
+                    self.persist(s, seg)
+                s.segments = []
+            else:
+                self.forget(s)  # the crash came between closing and dropping these
+            closed.append(s)
+        return opened, closed, requests
+
+    def find(self, session_id: str) -> LogSession | None:
+        """A session that is not in memory (a closed one), with where its rows are; None if none."""
+        folder = f"{self.base}/{dirname_of(session_id)}"
+        s = self._read_meta(folder, dirname_of(session_id), quiet=True)
+        if s is None or s.session_id != session_id or not s.closed:  # an open session is in memory, always
+            return None
+        self._restore_session(s, folder)
+        return s
+
+    def delete(self, dirname: str) -> None:
+        """Remove a session from storage: its Parquet files and local folder (WAL, token,
+        snapshots) first and session.json last, so an interrupted delete leaves a folder that
+        `restore` still lists as closed and deletes again. Reads no shared state: it may run in a thread."""
+        folder = f"{self.base}/{dirname}"
+        infos = self.fs.get_file_info(pafs.FileSelector(folder, allow_not_found=True))
+        for info in infos:
+            if info.base_name == "session.json":
+                continue
+            if info.type == pafs.FileType.Directory:
+                self.fs.delete_dir(info.path)
+            else:
+                self.fs.delete_file(info.path)
+        local = os.path.join(self.wal_base, dirname)
+        if os.path.isdir(local) and (not self.local or local != folder):
+            shutil.rmtree(local)
+        if self.fs.get_file_info(folder).type != pafs.FileType.NotFound:
+            try:
+                self.fs.delete_file(f"{folder}/session.json")
+            except FileNotFoundError:
+                pass
+            self.fs.delete_dir(folder)
+
+    def _read_meta(self, folder: str, dirname: str, quiet: bool = False) -> LogSession | None:
+        try:
+            with self.fs.open_input_stream(f"{folder}/session.json") as f:
+                meta = json.loads(f.read())
+            s = LogSession(meta["session_id"], dirname, meta["token_sha256"], bool(meta.get("closed")), epoch=int(meta.get("epoch", 0)))
+            if s.closed:
+                closed_at = meta.get("closed_at")
+                if closed_at is None:  # closed before the time was kept: the file's own time is when
+                    closed_at = self.fs.get_file_info(f"{folder}/session.json").mtime.timestamp()
+                s.closed_at = float(closed_at)
+            return s
+        except FileNotFoundError:
+            if not quiet and self.fs.get_file_info(pafs.FileSelector(folder)):
+                log.warning("skipping %s: it has no session.json", folder)
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+            log.warning("skipping %s: no readable session.json (%s)", folder, exc)
+        return None
 
     def _restore_session(self, s: LogSession, folder: str) -> list[tuple[str, str, tuple[int, int]]]:
         segments, broken, requests = [], [], []

@@ -1,17 +1,31 @@
 """`SessionLog`: the append-only log of every session's context deltas, as Arrow batches of `deltas.SCHEMA`.
 
 An append is acknowledged only once it is in the session's write-ahead file, so neither a dying
-writer nor a restarted log loses it; memory holds the retention window, older rows live in Parquet
-under `root` (a directory or any pyarrow filesystem URI), and reads need the session's token.
-Storage (segments, WAL, Parquet, restore) is `actors.log_store`; what an append accepts is
-`actors.log_checks`. `SessionLogActor` at the bottom is the Ray actor.
+writer nor a restarted log loses it; memory holds the last `retention_s` of each open session,
+older rows live in Parquet under `root` (a directory or any pyarrow filesystem URI), and reads
+need the session's token. Storage (segments, WAL, Parquet, restore) is `actors.log_store`; what an
+append accepts is `actors.log_checks`. `SessionLogActor` at the bottom is the Ray actor.
+
+Keeping and deleting. `retention_s` only says what stays in memory; nothing leaves disk for it.
+`keep_s` is the data-retention promise: a session closed for `keep_s` seconds is deleted, its
+Parquet, WAL, snapshots and session.json with its folder, and whatever memory it held (None: kept
+forever). Open sessions are never deleted. `sweep` does it, by itself every min(keep_s / 10, 60 s)
+where an event loop runs (the actor's), its file work in a thread so appends go on; a restarted
+log deletes at once what expired while it was down. A closed session leaves memory when it closes:
+only the last few closed (read by tasks that ran late) are held, the others are read from disk
+when asked for, so memory does not grow with the calls served.
 
 Two ways to read. `read` returns a copy of the rows (through an actor call, serialised once).
 `refs` returns where the rows are: the ObjectRefs of the sealed segments the log owns in the Ray
 object store, then the few rows not sealed yet (and any from Parquet) as small tables; `fetch`
 turns that into one table, reading the objects zero-copy when on the same node. Either way the
 session's token is checked first; an ObjectRef, once handed out, is itself the capability to its
-rows, so only a token holder ever gets one.
+rows, so only a token holder ever gets one. Both can read less: `columns` (a projection: the big
+`audio` and `frame` bytes stay where they are unless asked for), `kinds` and `last_s` (rows of
+those kinds, in the last `last_s` seconds before the range's last row). Rows that left memory are
+read from Parquet in a thread where the
+read is a coroutine (`refs`, `wait`, `recovery`, and the actor's `read` and `read_last`), so a long
+read never holds up another session's appends.
 
 Failover: `put_snapshot` keeps each open session's newest engine state (durably, in a
 pickle-free file), and `recovery` hands back what rebuilds the session elsewhere: that state, the
@@ -38,8 +52,9 @@ import logging
 import math
 import os
 import secrets
+import time
 from collections import OrderedDict
-from typing import Iterable
+from typing import Callable, Iterable
 
 import numpy as np
 import pyarrow as pa
@@ -47,7 +62,7 @@ import pyarrow.compute as pc
 import ray
 
 from protocols.chunks import ProtocolError, check_session_id
-from protocols.deltas import SCHEMA, from_record
+from protocols.deltas import KINDS, SCHEMA, from_record
 
 from .log_checks import CHUNK_KINDS, as_batch, audio_bytes, check_row
 from .log_store import INDEX, T, Block, LogSession, LogStore, decode_state, dirname_of, encode_state, from_ipc, hash_token, to_ipc
@@ -56,6 +71,8 @@ log = logging.getLogger("interplay.session_log")
 
 _SMALL = [n for n in SCHEMA.names if n not in ("audio", "frame")]
 _REMEMBERED_REQUESTS = 4096
+_INDEX_T = ["index", "t"]
+_RECENT_CLOSED = 32  # closed sessions held in memory after they close or are read, newest first
 
 
 class AppendResult(dict):
@@ -77,6 +94,9 @@ class SessionLog:
 
     One instance owns a root: two logs on the same root would write over each other's files.
     With `tick_ms`, a chunk's audio must be exactly one tick of it; without, any whole 25 ms hops.
+    `retention_s` is the in-memory window of an open session (older rows go to Parquet, nothing is
+    deleted for it); `keep_s` how long a closed session is kept on disk before it is deleted
+    (None: forever); `clock` the wall clock a session's closing time is taken from.
     `object_store` (default: whether Ray is running here) puts sealed segments into Ray's object
     store for `refs`; without it `refs` hands out the in-memory tables themselves.
     """
@@ -93,13 +113,19 @@ class SessionLog:
         wal_dir: str | None = None,
         fsync: bool = False,
         object_store: bool | None = None,
+        keep_s: float | None = None,
+        clock: Callable[[], float] = time.time,
     ):
         root = os.fspath(root) if root else os.path.join(os.getcwd(), "data", "log")
         if "://" not in root:
             root = os.path.abspath(root)
         if not (retention_s > 0 and segment_s > 0 and segment_rows > 0 and block_rows > 0):
             raise ValueError("retention_s, segment_s, segment_rows and block_rows must be positive")
+        if keep_s is not None and (isinstance(keep_s, bool) or not isinstance(keep_s, (int, float)) or not (math.isfinite(keep_s) and keep_s > 0)):
+            raise ValueError("keep_s must be a positive number of seconds, or None to keep closed sessions forever")
         self.root = root
+        self.keep_s = None if keep_s is None else float(keep_s)
+        self._clock = clock
         self.retention_s = float(retention_s)
         self.segment_s = float(segment_s)
         self.segment_rows = int(segment_rows)
@@ -107,18 +133,25 @@ class SessionLog:
         self._tick_bytes = audio_bytes(tick_ms)
         shared = ray.is_initialized() if object_store is None else bool(object_store)
         self.store = LogStore(root, wal_dir, fsync, shared=shared)
-        self._sessions: dict[str, LogSession] = {}
+        self._sessions: dict[str, LogSession] = {}  # the open ones
+        self._recent: OrderedDict[str, LogSession] = OrderedDict()  # a few closed ones, newest last
+        self._closed: dict[str, tuple[float, str]] = {}  # with keep_s, every closed one on disk: (closed_at, dirname)
+        self._deleting: set[str] = set()
+        self._sweeper: asyncio.Task | None = None
         self._requests: OrderedDict[str, dict[str, tuple[int, int]]] = OrderedDict()
-        sessions, requests = self.store.restore()
+        opened, closed, requests = self.store.restore()
         for rid, sid, span in requests:
             self._requests.setdefault(rid, {})[sid] = span
-        for s in sessions:
+        for s in opened:
             self._sessions[s.session_id] = s
-            if s.closed:
-                for seg in [p for p in s.segments if p.blocks is not None]:
-                    self.store.persist(s, seg)
-            else:
-                self._evict(s)
+            self._evict(s)
+        if self.keep_s is not None:
+            now = self._clock()
+            for s in closed:
+                self._closed[s.session_id] = (s.closed_at, s.dirname)
+                if s.closed_at + self.keep_s <= now:  # expired while the log was down
+                    self._delete(s.session_id)
+        self._start_sweeper()
         if _in_ray_actor():
             ray.util.register_serializer(pa.Table, serializer=_table_to_ipc, deserializer=_table_from_ipc)
 
@@ -131,7 +164,10 @@ class SessionLog:
         again: a retried or restored open is harmless). A caller may choose the token (>= 16 chars).
         """
         check_session_id(session_id)
-        s = self._sessions.get(session_id)
+        self._start_sweeper()
+        if session_id in self._deleting:
+            raise ProtocolError(f"session {session_id!r} is being deleted; open it again once it is gone", "session_exists", "session_id")
+        s = self._find(session_id)
         if s is not None:
             if isinstance(token, str) and hmac.compare_digest(s.token_hash, hash_token(token)):
                 if s.closed:
@@ -153,8 +189,9 @@ class SessionLog:
 
     def close(self, session_id: str, epoch: int | None = None) -> None:
         """No more appends: the session's rows go to Parquet and leave memory; reads still work.
-        With `epoch`, refused ("session_moved") unless it is the session's current writer epoch."""
-        s = self._sessions.get(session_id)
+        With `epoch`, refused ("session_moved") unless it is the session's current writer epoch.
+        From now on `keep_s` counts: the session is deleted once it has been closed that long."""
+        s = self._find(session_id)
         if s is None:
             raise ProtocolError(f"unknown session {session_id!r}", "unknown_session", "session_id")
         if s.closed:
@@ -162,10 +199,133 @@ class SessionLog:
         _fence(s, epoch)
         for seg in [seg for seg in s.segments if seg.blocks is not None]:
             self.store.persist(s, seg)
-        s.closed = True
+        s.closed, s.closed_at = True, self._clock()
         self.store.write_meta(s)
         self.store.forget(s)
+        del self._sessions[session_id]
+        self._hold_closed(s)
+        if self.keep_s is not None:
+            self._closed[session_id] = (s.closed_at, s.dirname)
+        self._start_sweeper()
         self._notify(s)
+
+    # --- keeping and deleting ----------------------------------------------------------------
+
+    async def sweep(self, now: float | None = None) -> list[str]:
+        """Delete every session closed for `keep_s` or longer at `now` (default: the clock): its
+        files (in a thread: appends go on) and what it held in memory. Returns the ids deleted.
+        Open sessions are never deleted; a delete that fails is logged and tried again next sweep."""
+        if self.keep_s is None:
+            return []
+        now = self._clock() if now is None else float(now)
+        due = [sid for sid, (closed_at, _) in self._closed.items() if closed_at + self.keep_s <= now]
+        gone = []
+        for sid in due:
+            if await self._delete_async(sid):
+                gone.append(sid)
+        return gone
+
+    async def _delete_async(self, session_id: str) -> bool:
+        entry = self._closed.pop(session_id, None)
+        if entry is None or session_id in self._deleting:
+            return False
+        self._forget_closed(session_id)
+        self._deleting.add(session_id)
+        try:
+            await asyncio.to_thread(self.store.delete, entry[1])
+            return True
+        except OSError as exc:
+            log.error("session %r: could not delete its files (%s); trying again at the next sweep", session_id, exc)
+            self._closed[session_id] = entry
+            return False
+        finally:
+            self._deleting.discard(session_id)
+
+    def _delete(self, session_id: str) -> None:
+        """`_delete_async` inline, for a log starting up."""
+        entry = self._closed.pop(session_id)
+        self._forget_closed(session_id)
+        try:
+            self.store.delete(entry[1])
+        except OSError as exc:
+            log.error("session %r: could not delete its files (%s); trying again at the next sweep", session_id, exc)
+            self._closed[session_id] = entry
+
+    def _forget_closed(self, session_id: str) -> None:
+        """Drop what memory holds of a closed session: its rows' places and its request ids."""
+        self._recent.pop(session_id, None)
+        for rid in [rid for rid, spans in self._requests.items() if session_id in spans]:
+            del self._requests[rid][session_id]
+            if not self._requests[rid]:
+                del self._requests[rid]
+
+    def _start_sweeper(self) -> None:
+        """Sweep every min(keep_s / 10, 60 s) on the running event loop, if there is one (the
+        actor's is; without one, call `sweep`)."""
+        if self.keep_s is None or (self._sweeper is not None and not self._sweeper.done()):
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return
+        self._sweeper = loop.create_task(self._sweep_forever(min(self.keep_s / 10, 60.0)))
+
+    async def _sweep_forever(self, period: float) -> None:
+        while True:
+            await asyncio.sleep(period)
+            try:
+                await self.sweep()
+            except Exception:
+                log.exception("sweeping expired sessions failed; trying again in %.0f s", period)
+
+    def _hold_closed(self, s: LogSession) -> None:
+        self._recent[s.session_id] = s
+        self._recent.move_to_end(s.session_id)
+        while len(self._recent) > _RECENT_CLOSED:
+            self._recent.popitem(last=False)
+
+    def _known(self, session_id) -> tuple[LogSession | None, bool]:
+        """The session if memory holds it, and whether storage must be asked (a closed one)."""
+        if not isinstance(session_id, str):
+            return None, False
+        s = self._sessions.get(session_id) or self._recent.get(session_id)
+        if s is not None:
+            if s.closed:
+                self._recent.move_to_end(session_id)
+            return s, False
+        if session_id in self._deleting or (self.keep_s is not None and session_id not in self._closed):
+            return None, False  # with keep_s every closed session on disk is listed
+        return None, True
+
+    def _find(self, session_id) -> LogSession | None:
+        """An open session, or a closed one from memory or else storage; None if there is none."""
+        s, ask = self._known(session_id)
+        if ask:
+            s = self._found(session_id, self._from_store(session_id))
+        return s
+
+    async def _find_async(self, session_id) -> LogSession | None:
+        """`_find`, asking storage in a thread."""
+        s, ask = self._known(session_id)
+        if ask:
+            s = self._found(session_id, await asyncio.to_thread(self._from_store, session_id))
+        return s
+
+    def _from_store(self, session_id: str) -> LogSession | None:
+        try:
+            return self.store.find(session_id)
+        except OSError as exc:
+            raise ProtocolError(f"could not read session {session_id!r} from storage: {exc.strerror or exc}", "log_unavailable") from None
+
+    def _found(self, session_id: str, s: LogSession | None) -> LogSession | None:
+        """Hold a closed session read from storage, unless it went meanwhile (deleted) or is held already."""
+        if s is None or session_id in self._deleting or (self.keep_s is not None and session_id not in self._closed):
+            return None
+        held = self._sessions.get(session_id) or self._recent.get(session_id)
+        if held is not None:
+            return held
+        self._hold_closed(s)
+        return s
 
     def info(self, session_id: str, token: str) -> dict:
         s = self._authorize(session_id, token)
@@ -181,7 +341,7 @@ class SessionLog:
     def stats(self) -> dict:
         """Figures for the whole log (not per session, so no token): memory, disk, process."""
         mem_rows = mem_bytes = pq_bytes = pq_files = wal_bytes = shared_objects = shared_bytes = 0
-        for s in self._sessions.values():
+        for s in [*self._sessions.values(), *self._recent.values()]:
             for seg in s.segments:
                 if seg.blocks is None:
                     pq_bytes += seg.parquet_bytes
@@ -194,15 +354,16 @@ class SessionLog:
                     shared_objects += len(shared)
                     shared_bytes += sum(b.batch.nbytes for b in shared)
         return {
-            "sessions": len(self._sessions),
-            "open_sessions": sum(not s.closed for s in self._sessions.values()),
+            "sessions": len(self._sessions) + len(self._recent),  # in memory: the open ones and a few closed
+            "open_sessions": len(self._sessions),
+            "closed_to_delete": len(self._closed),  # closed sessions on disk that keep_s will delete
             "memory_rows": mem_rows,
             "memory_bytes": mem_bytes,
             "object_store_objects": shared_objects,  # sealed segments held in Ray's object store
             "object_store_bytes": shared_bytes,  # of memory_bytes, the part in the object store
             "arrow_pool_bytes": pa.total_allocated_bytes(),
             "wal_bytes": wal_bytes,
-            "parquet_bytes": pq_bytes,
+            "parquet_bytes": pq_bytes,  # of the sessions in memory
             "parquet_files": pq_files,
             **_memory(),
             "pid": os.getpid(),
@@ -279,11 +440,11 @@ class SessionLog:
 
     def _writable(self, session_id: str) -> LogSession:
         s = self._sessions.get(session_id)
-        if s is None:
+        if s is not None:
+            return s
+        if self._find(session_id) is None:
             raise ProtocolError(f"unknown session {session_id!r}: open it before appending", "unknown_session", "session_id")
-        if s.closed:
-            raise ProtocolError(f"session {session_id!r} is closed", "session_closed", "session_id")
-        return s
+        raise ProtocolError(f"session {session_id!r} is closed", "session_closed", "session_id")
 
     def _append_rows(self, s: LogSession, part: pa.RecordBatch, ts: list[float], request_id: str | None) -> tuple[int, int]:
         n, first = part.num_rows, s.next_index
@@ -399,14 +560,14 @@ class SessionLog:
                 log.error("session %r: snapshot of tick %d is unreadable (%s); recovering from the whole log", session_id, tick, exc)
                 tick = None
         after = -1 if tick is None else tick
-        parts: list[pa.RecordBatch] = []
-        for seg in list(s.segments):
+        plan: list[tuple] = []
+        for seg in s.segments:
             if seg.blocks is None:
                 if seg.seq_max is None or seg.seq_max > after:
-                    parts += self.store.load(seg, [("seq", ">", after)])
+                    plan.append(("parquet", seg.parquet_path, [("seq", ">", after)]))
             else:
-                parts += [b.batch for b in seg.blocks]
-        table = pa.Table.from_batches(parts, schema=SCHEMA)
+                plan += [("rows", b.batch) for b in seg.blocks]
+        table = self._table(await self._resolve_async(plan, None, session_id), None)
         keep = pc.and_(pc.is_in(table.column("kind"), pa.array(CHUNK_KINDS)), pc.greater(table.column("seq"), after))
         chunks: dict[str, dict[int, object]] = {kind: {} for kind in CHUNK_KINDS}
         for row in table.filter(pc.fill_null(keep, False)).to_pylist():
@@ -416,77 +577,85 @@ class SessionLog:
 
     # --- reads -------------------------------------------------------------------------------
 
-    def read(self, session_id: str, token: str, start: int = 0, end: int | None = None) -> pa.Table:
-        """Rows with start <= index < end (end None: up to the newest), oldest first."""
+    def read(self, session_id: str, token: str, start: int = 0, end: int | None = None, *,
+             columns: list[str] | None = None, kinds: list[str] | None = None, last_s: float | None = None) -> pa.Table:
+        """Rows with start <= index < end (end None: up to the newest), oldest first; only `columns`
+        (None: all; "index" always), only rows of `kinds` (None: all) whose t is at most `last_s`
+        before the t of the range's last row (None: any). Reads Parquet inline; the actor's `read`
+        is a coroutine that reads it in a thread."""
         s = self._authorize(session_id, token)
-        return self._rows(s, *_span(s, start, end))
+        columns, kinds, last_s = _options(columns, kinds, last_s)
+        start, end = _span(s, start, end)
+        since_t = None if last_s is None else _since(self._resolve(self._last_row(s, start, end), session_id=session_id), last_s)
+        plan = self._plan(s, start, end, columns, kinds, since_t)
+        return self._table(self._resolve(plan, columns, session_id), columns)
 
-    def refs(self, session_id: str, token: str, start: int = 0, end: int | None = None) -> list[tuple[int, int, "ray.ObjectRef | pa.Table"]]:
+    async def refs(self, session_id: str, token: str, start: int = 0, end: int | None = None, *,
+                   columns: list[str] | None = None, kinds: list[str] | None = None, last_s: float | None = None) -> list[tuple[int, int, "ray.ObjectRef | pa.Table"]]:
         """Where rows start <= index < end are: (first_index, last_index, part) in index order.
 
         A part is the ObjectRef of a sealed segment in the object store (one Arrow IPC stream,
         owned by this log; it may hold rows outside the range), or a table of exactly its rows
-        (those not sealed yet, at most `block_rows` of the newest, and any read from Parquet).
-        `fetch` reads them into one table.
+        (those not sealed yet, at most `block_rows` of the newest, and any read from Parquet, which
+        is read in a thread). `fetch` reads them into one table. With `columns`, `kinds` or
+        `last_s` (as `read`) every part is a table of just those rows and columns: the reader
+        never receives the bytes it did not ask for.
         """
-        s = self._authorize(session_id, token)
-        start, end = _span(s, start, end)
+        s = await self._authorize_async(session_id, token)
+        options = await self._window(s, session_id, start, end, columns, kinds, last_s)
+        plan = self._plan(s, *options, shared=True)
+        items = await self._resolve_async(plan, options[2], session_id)
         parts: list[tuple[int, int, object]] = []
         rows: list[pa.RecordBatch] = []  # consecutive rows not in the object store, sent as one table
 
         def flush():
             if rows:
-                table = pa.Table.from_batches(rows, schema=SCHEMA)
-                first = rows[0].column(INDEX)[0].as_py()
-                parts.append((first, first + table.num_rows - 1, table))
+                table = pa.Table.from_batches(rows, schema=_schema(options[2]))
+                index = table.column(INDEX if options[2] is None else "index")
+                parts.append((index[0].as_py(), index[-1].as_py(), table))
                 rows.clear()
 
-        for seg in s.segments:
-            if seg.last < start or seg.first >= end:
-                continue
-            if seg.blocks is None:
-                rows += self.store.load(seg, [("index", ">=", start), ("index", "<", end)])
-                continue
-            for b in seg.blocks:
-                if b.last < start or b.first >= end:
-                    continue
-                if b.ref is not None:
-                    flush()
-                    parts.append((b.first, b.last, b.ref))
-                    continue
-                lo = max(start, b.first) - b.first
-                rows.append(b.batch.slice(lo, min(end, b.last + 1) - b.first - lo))
+        for item in items:
+            if item[0] == "ref":
+                flush()
+                parts.append(item[1:])
+            elif item[1].num_rows:
+                rows.append(item[1])
         flush()
         return parts
 
     def read_last(self, session_id: str, token: str, seconds: float) -> pa.Table:
-        """Rows whose t is within `seconds` of the session's newest t, in index order."""
+        """Rows whose t is within `seconds` of the session's newest t, in index order. Reads Parquet
+        inline; the actor's `read_last` is a coroutine that reads it in a thread."""
         s = self._authorize(session_id, token)
+        return self._table(self._resolve(self._last_plan(s, seconds), None, session_id), None)
+
+    def _last_plan(self, s: LogSession, seconds) -> list[tuple]:
         if isinstance(seconds, bool) or not isinstance(seconds, (int, float, np.number)) or not math.isfinite(seconds) or seconds < 0:
             raise ProtocolError(f"seconds must be a non-negative number, got {seconds!r}", "invalid_value", "seconds")
         cutoff = s.newest_t - float(seconds)
-        parts: list[pa.RecordBatch] = []
+        plan: list[tuple] = []
         for seg in s.segments:
             if seg.t_max < cutoff:
                 continue
             if seg.blocks is None:
-                parts += self.store.load(seg, [("t", ">=", cutoff)])
+                plan.append(("parquet", seg.parquet_path, [("t", ">=", cutoff)]))
                 continue
             for b in seg.blocks:
                 if b.t_max < cutoff:
                     continue
                 if b.t_min >= cutoff:
-                    parts.append(b.batch)
+                    plan.append(("rows", b.batch))
                 elif b.sorted_t:  # a zero-copy slice where t is in order (chunks always are)
                     i = int(np.searchsorted(b.batch.column(T).to_numpy(), cutoff, side="left"))
-                    parts.append(b.batch.slice(i))
+                    plan.append(("rows", b.batch.slice(i)))
                 else:
-                    parts.append(b.batch.filter(pc.greater_equal(b.batch.column(T), cutoff)))
-        return pa.Table.from_batches(parts, schema=SCHEMA)
+                    plan.append(("rows", b.batch.filter(pc.greater_equal(b.batch.column(T), cutoff))))
+        return plan
 
     async def wait(self, session_id: str, token: str, after_index: int = -1, timeout_s: float = 30.0) -> pa.Table:
         """Rows with index > after_index as soon as there are any; an empty table at the timeout or once closed."""
-        s = self._authorize(session_id, token)
+        s = await self._authorize_async(session_id, token)
         if isinstance(after_index, bool) or not isinstance(after_index, (int, np.integer)) or after_index < -1:
             raise ProtocolError(f"after_index must be an index >= -1, got {after_index!r}", "invalid_value", "after_index")
         if isinstance(timeout_s, bool) or not isinstance(timeout_s, (int, float)) or not timeout_s >= 0:
@@ -503,30 +672,90 @@ class SessionLog:
                 await asyncio.wait_for(s.changed.wait(), remaining)
             except asyncio.TimeoutError:
                 break
-        return self._rows(s, int(after_index) + 1, s.next_index)
+        plan = self._plan(s, int(after_index) + 1, s.next_index)
+        return self._table(await self._resolve_async(plan, None, session_id), None)
 
     def _authorize(self, session_id: str, token: str) -> LogSession:
-        s = self._sessions.get(session_id) if isinstance(session_id, str) else None
-        if s is None:
-            raise ProtocolError(f"unknown session {session_id!r}", "unknown_session", "session_id")
-        if not isinstance(token, str) or not hmac.compare_digest(s.token_hash, hash_token(token)):
-            raise ProtocolError(f"this token does not grant access to session {session_id!r}", "forbidden", "token")
-        return s
+        return _check_token(self._find(session_id), session_id, token)
 
-    def _rows(self, s: LogSession, start: int, end: int) -> pa.Table:
-        parts: list[pa.RecordBatch] = []
+    async def _window(self, s: LogSession, session_id: str, start, end, columns, kinds, last_s) -> tuple:
+        """A read's arguments checked, as `_plan` takes them: (start, end, columns, kinds, since_t);
+        the t of the range's last row is read in a thread if it is in Parquet."""
+        columns, kinds, last_s = _options(columns, kinds, last_s)
+        start, end = _span(s, start, end)
+        since_t = None if last_s is None else _since(await self._resolve_async(self._last_row(s, start, end), session_id=session_id), last_s)
+        return start, end, columns, kinds, since_t
+
+    def _last_row(self, s: LogSession, start: int, end: int) -> list[tuple]:
+        """The plan that reads the index and t of row end - 1 (none for an empty range)."""
+        return self._plan(s, end - 1, end, _INDEX_T) if end > start else []
+
+    async def _authorize_async(self, session_id: str, token: str) -> LogSession:
+        return _check_token(await self._find_async(session_id), session_id, token)
+
+    def _plan(self, s: LogSession, start: int, end: int, columns: list[str] | None = None, kinds: list[str] | None = None,
+              since_t: float | None = None, shared: bool = False) -> list[tuple]:
+        """Where rows start <= index < end (of `kinds`, with t >= since_t) are, in index order:
+        ("ref", first, last, ObjectRef) for a block in the object store (only when `shared` and
+        nothing is projected or filtered), ("rows", batch) for rows in memory (a zero-copy slice
+        unless filtered), ("parquet", path, filters) for rows in Parquet. Made on the event loop
+        (it reads the session's segments); `_resolve` may then run in a thread."""
+        plain = columns is None and kinds is None and since_t is None
+        plan: list[tuple] = []
         for seg in s.segments:
-            if seg.last < start or seg.first >= end:
+            if seg.last < start or seg.first >= end or (since_t is not None and seg.t_max < since_t):
                 continue
             if seg.blocks is None:
-                parts += self.store.load(seg, [("index", ">=", start), ("index", "<", end)])
+                filters = [("index", ">=", start), ("index", "<", end)]
+                if kinds is not None:
+                    filters.append(("kind", "in", list(kinds)))
+                if since_t is not None:
+                    filters.append(("t", ">=", since_t))
+                plan.append(("parquet", seg.parquet_path, filters))
                 continue
             for b in seg.blocks:
-                if b.last < start or b.first >= end:
+                if b.last < start or b.first >= end or (since_t is not None and b.t_max < since_t):
+                    continue
+                if shared and plain and b.ref is not None:
+                    plan.append(("ref", b.first, b.last, b.ref))
                     continue
                 lo = max(start, b.first) - b.first
-                parts.append(b.batch.slice(lo, min(end, b.last + 1) - b.first - lo))
-        return pa.Table.from_batches(parts, schema=SCHEMA)
+                batch = b.batch.slice(lo, min(end, b.last + 1) - b.first - lo)
+                if kinds is not None or (since_t is not None and b.t_min < since_t):
+                    keep = pc.is_in(batch.column("kind"), pa.array(kinds)) if kinds is not None else None
+                    if since_t is not None:
+                        late = pc.greater_equal(batch.column(T), since_t)
+                        keep = late if keep is None else pc.and_(keep, late)
+                    batch = batch.filter(keep)
+                plan.append(("rows", batch if columns is None else batch.select(columns)))
+        return plan
+
+    def _resolve(self, plan: list[tuple], columns: list[str] | None = _INDEX_T, session_id: str = "") -> list[tuple]:
+        """`plan` with each Parquet item read into ("rows", batch) items. Touches nothing the
+        event loop changes: it may run in a thread."""
+        out: list[tuple] = []
+        try:
+            for item in plan:
+                if item[0] == "parquet":
+                    out += [("rows", b) for b in self.store.load(item[1], item[2], columns)]
+                else:
+                    out.append(item)
+        except FileNotFoundError:
+            raise ProtocolError(f"session {session_id!r} was deleted", "unknown_session", "session_id") from None
+        except OSError as exc:
+            raise ProtocolError(f"could not read session {session_id!r} from storage: {exc.strerror or exc}", "log_unavailable") from None
+        return out
+
+    async def _resolve_async(self, plan: list[tuple], columns: list[str] | None = _INDEX_T, session_id: str = "") -> list[tuple]:
+        """`_resolve` in a thread when there is Parquet to read, so the event loop (every other
+        session's appends) goes on meanwhile; inline when everything is in memory."""
+        if any(item[0] == "parquet" for item in plan):
+            return await asyncio.to_thread(self._resolve, plan, columns, session_id)
+        return plan
+
+    @staticmethod
+    def _table(items: list[tuple], columns: list[str] | None) -> pa.Table:
+        return pa.Table.from_batches([item[1] for item in items], schema=_schema(columns))
 
 
 def _is_epoch(value) -> bool:
@@ -552,8 +781,50 @@ def _span(s: LogSession, start, end) -> tuple[int, int]:
     return int(start), s.next_index if end is None else min(int(end), s.next_index)
 
 
-async def fetch(parts: list[tuple[int, int, object]], start: int = 0, end: int | None = None) -> pa.Table:
-    """The rows of `parts` (from `SessionLog.refs`) with start <= index < end as one table.
+def _check_token(s: LogSession | None, session_id, token) -> LogSession:
+    if s is None:
+        raise ProtocolError(f"unknown session {session_id!r}", "unknown_session", "session_id")
+    if not isinstance(token, str) or not hmac.compare_digest(s.token_hash, hash_token(token)):
+        raise ProtocolError(f"this token does not grant access to session {session_id!r}", "forbidden", "token")
+    return s
+
+
+def _options(columns, kinds, last_s) -> tuple[list[str] | None, list[str] | None, float | None]:
+    """A read's projection and filters, checked: columns in SCHEMA's order with "index" always
+    among them (None: all), kinds known ones, last_s a finite number of seconds >= 0."""
+    if columns is not None:
+        if isinstance(columns, str) or not isinstance(columns, (list, tuple)) or not all(isinstance(c, str) for c in columns):
+            raise ProtocolError("columns must be a list of column names", "invalid_value", "columns")
+        unknown = [c for c in columns if c not in SCHEMA.names]
+        if unknown:
+            raise ProtocolError(f"unknown columns {unknown}; the log has {SCHEMA.names}", "invalid_value", "columns")
+        columns = [n for n in SCHEMA.names if n in columns or n == "index"]
+        if len(columns) == len(SCHEMA.names):
+            columns = None
+    if kinds is not None:
+        if isinstance(kinds, str) or not isinstance(kinds, (list, tuple)) or not all(k in KINDS for k in kinds):
+            raise ProtocolError(f"kinds must be a list of delta kinds out of {list(KINDS)}", "invalid_value", "kinds")
+        kinds = list(kinds)
+    if last_s is not None:
+        if isinstance(last_s, bool) or not isinstance(last_s, (int, float, np.number)) or not (math.isfinite(last_s) and last_s >= 0):
+            raise ProtocolError(f"last_s must be a non-negative number of seconds, got {last_s!r}", "invalid_value", "last_s")
+        last_s = float(last_s)
+    return columns, kinds, last_s
+
+
+def _since(items: list[tuple], last_s: float) -> float | None:
+    """The first t of a window of `last_s` seconds ending at the t of the row `items` hold (None: no row)."""
+    ts = [item[1].column("t") for item in items if item[1].num_rows]
+    return ts[-1][-1].as_py() - last_s if ts else None
+
+
+def _schema(columns: list[str] | None) -> pa.Schema:
+    return SCHEMA if columns is None else pa.schema([SCHEMA.field(n) for n in columns])
+
+
+async def fetch(parts: list[tuple[int, int, object]], start: int = 0, end: int | None = None, columns: list[str] | None = None) -> pa.Table:
+    """The rows of `parts` (from `SessionLog.refs`) with start <= index < end as one table
+    (`columns`: those `refs` was asked for, so that no parts still gives the right schema).
 
     Objects are awaited together; on the log's node their columns point into the object store
     (no copy). The table keeps them alive as long as it lives.
@@ -568,11 +839,16 @@ async def fetch(parts: list[tuple[int, int, object]], start: int = 0, end: int |
             part = from_ipc(part)
         elif isinstance(part, pa.RecordBatch):
             part = pa.Table.from_batches([part])
-        lo = max(start - first, 0)
-        hi = part.num_rows if end is None else min(end - first, part.num_rows)
+        if first + part.num_rows - 1 == last:  # contiguous rows: cut by position
+            lo = max(start - first, 0)
+            hi = part.num_rows if end is None else min(end - first, part.num_rows)
+        else:  # a filtered table (kinds, last_s): cut by its index column, which is in order
+            index = part.column("index").to_numpy()
+            lo = int(np.searchsorted(index, start, side="left"))
+            hi = part.num_rows if end is None else int(np.searchsorted(index, end, side="left"))
         if hi > lo:
             tables.append(part.slice(lo, hi - lo))
-    return pa.concat_tables(tables) if tables else SCHEMA.empty_table()
+    return pa.concat_tables(tables) if tables else _schema(_options(columns, None, None)[0]).empty_table()
 
 
 def _memory() -> dict:
@@ -608,7 +884,23 @@ def _table_from_ipc(buf: pa.Buffer) -> pa.Table:
     return from_ipc(buf)
 
 
-# An async actor (all methods run on its one event loop, so no locks). Restarted by Ray whenever it
-# dies (its state comes back from `root`); calls in flight are retried, so pass `request_id` to
-# `append` to make a retried append idempotent.
-SessionLogActor = ray.remote(max_restarts=-1, max_task_retries=-1)(SessionLog)
+class ServedSessionLog(SessionLog):
+    """The log as its actor serves it: `read` and `read_last` are coroutines whose Parquet part is
+    read in a thread (the plain class reads inline, for callers without an event loop)."""
+
+    async def read(self, session_id: str, token: str, start: int = 0, end: int | None = None, *,
+                   columns: list[str] | None = None, kinds: list[str] | None = None, last_s: float | None = None) -> pa.Table:
+        s = await self._authorize_async(session_id, token)
+        options = await self._window(s, session_id, start, end, columns, kinds, last_s)
+        return self._table(await self._resolve_async(self._plan(s, *options), options[2], session_id), options[2])
+
+    async def read_last(self, session_id: str, token: str, seconds: float) -> pa.Table:
+        s = await self._authorize_async(session_id, token)
+        return self._table(await self._resolve_async(self._last_plan(s, seconds), None, session_id), None)
+
+
+# An async actor (all methods run on its one event loop, so no locks: what runs in a thread only
+# reads files and immutable batches). Restarted by Ray whenever it dies (its state comes back from
+# `root`); calls in flight are retried, so pass `request_id` to `append` to make a retried append
+# idempotent.
+SessionLogActor = ray.remote(max_restarts=-1, max_task_retries=-1)(ServedSessionLog)

@@ -132,7 +132,7 @@ def test_without_the_object_store_refs_are_the_tables(tmp_path):
     log = SessionLog(str(tmp_path), block_rows=4, object_store=False)
     token = log.open("s")
     log.append(ticks("s", 0, 5))
-    parts = log.refs("s", token, 3)
+    parts = asyncio.run(log.refs("s", token, 3))
     assert all(isinstance(p, pa.Table) for _, _, p in parts) and parts[0][0] == 3
     assert_rows(asyncio.run(fetch(parts, 3)), ticks("s", 0, 5)[3:], first=3)
     assert log.stats()["object_store_objects"] == 0
