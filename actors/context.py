@@ -1,8 +1,12 @@
-"""A background task's context: the whole conversation up to what the task saw, as chat messages.
+"""A background task's context: the recent conversation up to what the task saw, as chat messages.
 
-`await render(task, log, speech=...)` reads the task's session log by reference (`SessionLog.refs`
-with the task's `log_token`, objects fetched zero-copy; only rows 0..`task.context_upto`, only
-the task's own session: the log checks the token) and returns OpenAI chat messages:
+`await render(task, log, speech=...)` reads the task's session log (`SessionLog.refs` with the
+task's `log_token`; only the task's own session: the log checks the token) and returns OpenAI chat
+messages. The read is bounded: only rows up to `task.context_upto`, of the last `context_s`
+seconds before it (at most `max_rows` rows), and only the columns rendering uses: text,
+payloads and times of every row, and the audio of the user's input chunks alone (their loudness
+finds the runs of speech, whatever the speech option). The model's own audio and video frames are
+never read. Older conversation is left out with a note saying so. From the rows:
 
 - the user's speech: runs of input chunks louder than `SPEECH_RMS`, ending after `END_S` of
   quiet, each one user message (see "Speech" below);
@@ -13,7 +17,7 @@ the task's own session: the log checks the token) and returns OpenAI chat messag
 - last, the task itself as a user message (its kind, tool, instruction and arguments).
 
 Messages are in the order their first row was logged. A system message leads (`system=None`
-leaves it out).
+leaves it out); a note follows it when rows before the window exist.
 
 Bounded, newest kept: messages are counted in characters (an audio part as `AUDIO_CHARS_PER_S`
 per second). The system message and the task always stay; of the conversation, the newest
@@ -60,6 +64,10 @@ log = logging.getLogger("interplay.context")
 SPEECH_RMS = 300.0  # int16 RMS above which a chunk counts as speech (about -40 dBFS)
 END_S = 0.6  # this much quiet ends a run of speech (the user's or the model's)
 MAX_CHARS = 32_000  # about 8k tokens
+CONTEXT_S = 300.0  # how far back a task's context reaches: longer than MAX_CHARS holds of talk
+MAX_ROWS = 20_000  # and at most this many rows back (a 300 s window is about 3,000 chunk rows)
+_COLUMNS = ["index", "session_id", "t", "kind", "text", "payload"]  # what rendering reads of every row
+_AUDIO = ["index", "session_id", "audio"]  # and of the user's input chunks
 AUDIO_CHARS_PER_S = 100  # an audio part's cost in the budget (about 25 audio tokens a second)
 SYSTEM = (
     "You work in the background for a live voice assistant that keeps talking with the user. "
@@ -104,38 +112,46 @@ class AsAudio:
 # --- reading the log --------------------------------------------------------------------------------
 
 
-async def _call(log_port: Any, method: str, *args):
+async def _call(log_port: Any, method: str, *args, **kwargs):
     """A log method through whatever `log` is: a Ray actor handle, an async port, or the plain class."""
     fn = getattr(log_port, method)
     if hasattr(fn, "remote"):
         from ray.exceptions import RayTaskError
 
         try:
-            return await fn.remote(*args)
+            return await fn.remote(*args, **kwargs)
         except RayTaskError as exc:
             cause = getattr(exc, "cause", None)
             if isinstance(cause, ProtocolError):
                 raise ProtocolError(str(cause), cause.code, cause.param) from None
             raise
-    result = fn(*args)
+    result = fn(*args, **kwargs)
     return await result if inspect.isawaitable(result) else result
 
 
-async def read(task: BackgroundTask, log_port: Any) -> pa.Table:
-    """Rows 0..task.context_upto of the task's session, read by reference with the task's token."""
+async def read(task: BackgroundTask, log_port: Any, *, context_s: float | None = CONTEXT_S, max_rows: int = MAX_ROWS) -> tuple[pa.Table, pa.Table]:
+    """The task's window of its session, with the task's token: (rows, audio). `rows` holds
+    `_COLUMNS` of every row up to task.context_upto, at most `max_rows` back, with t no more than
+    `context_s` before that last row's (None: any); `audio` the `_AUDIO` columns of the input
+    chunks among them, in the same order."""
     end = task.context_upto + 1
     if end <= 0:
-        from protocols.deltas import SCHEMA
-
-        return SCHEMA.empty_table()
+        return _empty(_COLUMNS), _empty(_AUDIO)
     if not task.log_token:
         raise ProtocolError(f"task {task.task_id} carries no log token: its context cannot be read", "forbidden", "log_token")
+    start = max(0, end - max_rows)
+    rows = await _fetch(task, log_port, start, end, columns=_COLUMNS, last_s=context_s)
+    audio = await _fetch(task, log_port, start, end, columns=_AUDIO, kinds=["input_chunk"], last_s=context_s)
+    return rows, audio
+
+
+async def _fetch(task: BackgroundTask, log_port: Any, start: int, end: int, **options) -> pa.Table:
     from ray.exceptions import ObjectLostError, OwnerDiedError
 
     for attempt in range(3):
-        parts = await _call(log_port, "refs", task.session_id, task.log_token, 0, end)
+        parts = await _call(log_port, "refs", task.session_id, task.log_token, start, end, **options)
         try:
-            table = await fetch(parts, 0, end)
+            table = await fetch(parts, start, end, options["columns"])
             break
         except (OwnerDiedError, ObjectLostError):  # the log restarted between refs and fetch: ask again
             if attempt == 2:
@@ -143,6 +159,12 @@ async def read(task: BackgroundTask, log_port: Any) -> pa.Table:
     if table.num_rows and pc.any(pc.not_equal(table["session_id"], task.session_id)).as_py():
         raise ProtocolError("the log returned rows of another session", "forbidden", "session_id")
     return table
+
+
+def _empty(columns: list[str]) -> pa.Table:
+    from protocols.deltas import SCHEMA
+
+    return pa.schema([SCHEMA.field(c) for c in columns]).empty_table()
 
 
 # --- rendering --------------------------------------------------------------------------------------
@@ -201,24 +223,27 @@ def _task_message(row: dict, payload: dict) -> dict:
     return {"role": "assistant", "content": None, "tool_calls": [{"id": payload["task_id"], "type": "function", "function": {"name": name, "arguments": json.dumps(args, ensure_ascii=False)}}]}
 
 
-async def conversation(table: pa.Table, speech: Any = None) -> list[_Item]:
-    """The conversation in `table` (one session's rows, index order) as items in logged order."""
+async def conversation(table: pa.Table, audio: pa.Table, speech: Any = None) -> list[_Item]:
+    """The conversation in `table` (one session's rows, index order) as items in logged order;
+    `audio` holds the audio of its input chunks, in the same order."""
     items: list[_Item] = []
     kinds = table["kind"].to_pylist()
     index, ts, texts, payloads = (table[c].to_pylist() for c in ("index", "t", "text", "payload"))
     sid = table["session_id"][0].as_py() if table.num_rows else None
 
-    # The user's speech: loud input chunks, in runs.
+    # The user's speech: loud input chunks, in runs (positions in `ins` are rows of `audio`).
     ins = [i for i, k in enumerate(kinds) if k == "input_chunk"]
+    if [index[i] for i in ins] != audio["index"].to_pylist():
+        raise ValueError("the audio read does not match the input chunks read")
     if ins:
-        rms = _rms(table["audio"])
-        loud = [rms[i] > SPEECH_RMS for i in ins]
+        sound = audio["audio"]
+        rms = _rms(sound)
+        loud = list(rms > SPEECH_RMS)
         t_in = [ts[i] for i in ins]
-        tick_s = _tick_s(table["audio"], ins[0])
+        tick_s = _tick_s(sound, 0)
         pending = []
         for a, b in _runs(loud, t_in, END_S):
-            rows = ins[a : b + 1]
-            samples = lambda rows=rows: np.concatenate([np.frombuffer(table["audio"][i].as_buffer(), "<i2") for i in rows]).astype(np.int16)
+            samples = lambda a=a, b=b: np.concatenate([np.frombuffer(sound[j].as_buffer(), "<i2") for j in range(a, b + 1)]).astype(np.int16)
             pending.append((ins[a], t_in[a], t_in[b] + tick_s, (sid, index[ins[a]], index[ins[b]]), samples))
         contents = await asyncio.gather(*(_speech(speech, key, samples) for _, _, _, key, samples in pending))
         for (pos, t0, t1, _, _), content in zip(pending, contents):
@@ -335,8 +360,10 @@ def task_message(task: BackgroundTask) -> dict:
     return {"role": "user", "content": "\n".join(lines)}
 
 
-async def render(task: BackgroundTask, log: Any, *, speech: Any = None, max_chars: int = MAX_CHARS, system: str | None = SYSTEM) -> list[dict]:
-    """The task's whole conversation up to `task.context_upto` as chat messages (see the module).
+async def render(task: BackgroundTask, log: Any, *, speech: Any = None, max_chars: int = MAX_CHARS, system: str | None = SYSTEM,
+                 context_s: float | None = CONTEXT_S, max_rows: int = MAX_ROWS) -> list[dict]:
+    """The task's conversation up to `task.context_upto`, its last `context_s` seconds (None: all)
+    and at most `max_rows` rows, as chat messages (see the module).
 
     `log` is the session log: a `SessionLogActor` handle, a `Remote` of it, or a `SessionLog`.
     `speech` is `Transcripts(transcriber)` (default in the pool), `AsAudio()`, or None.
@@ -344,7 +371,16 @@ async def render(task: BackgroundTask, log: Any, *, speech: Any = None, max_char
     """
     if not isinstance(max_chars, int) or max_chars <= 0:
         raise ValueError("max_chars must be a positive number of characters")
-    items = await conversation(await read(task, log), speech) if log is not None else []
+    if context_s is not None and not context_s > 0:
+        raise ValueError("context_s must be a positive number of seconds, or None for all of the session")
+    if not isinstance(max_rows, int) or max_rows <= 0:
+        raise ValueError("max_rows must be a positive number of rows")
     messages = [{"role": "system", "content": system}] if system else []
+    if log is None:
+        return messages + [task_message(task)]
+    rows, audio = await read(task, log, context_s=context_s, max_rows=max_rows)
+    if rows.num_rows and rows["index"][0].as_py() > 0:  # a session's rows start at 0: older ones exist
+        messages.append({"role": "user", "content": f"[the conversation before {rows['t'][0].as_py():.1f} s is left out]"})
+    items = await conversation(rows, audio, speech)
     return messages + bound(items, max_chars) + [task_message(task)]
 

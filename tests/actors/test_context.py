@@ -7,6 +7,8 @@ import json
 import wave
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 import pytest
 
 from actors.context import AsAudio, Transcripts, render
@@ -187,3 +189,53 @@ def test_loudness_is_read_per_row_from_sliced_columns():
     column = pa.chunked_array([pa.array(rows, pa.binary()).slice(1, 3), pa.array(rows, pa.binary()).slice(3, 2)])
     want = [np.sqrt(np.mean(np.frombuffer(r, np.int16)[::4].astype(np.float64) ** 2)) if r else 0.0 for r in rows[1:4] + rows[3:5]]
     assert np.allclose(_rms(column), want, rtol=1e-3)
+
+
+class SpyLog:
+    """The session log as `render` reads it, keeping what each read asked for and got back."""
+
+    def __init__(self, log):
+        self.log, self.reads = log, []
+
+    async def refs(self, *args, **kwargs):
+        parts = await self.log.refs(*args, **kwargs)
+        self.reads.append((args, kwargs, [p for _, _, p in parts]))
+        return parts
+
+
+def test_a_long_session_is_read_only_for_its_window(tmp_path):
+    # Two minutes of a call, a video frame every tick, nearly all of it in Parquet by the end.
+    log = SessionLog(str(tmp_path), tick_ms=200, retention_s=5.0, segment_s=2.0, object_store=False)
+    token = log.open("s")
+    frame = np.full((40, 40, 3), 7, np.uint8)
+    for k0 in range(0, 600, 50):
+        log.append([d for k in range(k0, k0 + 50) for d in (
+            InputChunk("s", k, k * 0.2, speech(k) if k % 50 < 5 else quiet(), frame=frame, text=f"typed at {k}" if k % 100 == 60 else ""),
+            OutputChunk("s", k, k * 0.2, np.zeros(SAMPLES, np.int16), text=f"said at {k}" if k % 50 == 20 else ""),
+        )])
+    info = log.info("s", token)
+    assert info["parquet_rows"] > 1000
+    spy, stt = SpyLog(log), CountingTranscriber()
+    t = BackgroundTask("s", 500.0, "delegate", "answer", context_upto=info["next_index"] - 1, log_token=token, task_id="w")
+    messages = asyncio.run(render(t, spy, speech=Transcripts(stt), context_s=29.9, system=None))
+
+    # The last 29.9 s before the last row the task saw (ticks 450-599) and nothing older: three runs of speech, two typed lines, three replies.
+    assert messages[0] == {"role": "user", "content": "[the conversation before 90.0 s is left out]"}
+    body = json.dumps(messages)
+    assert stt.calls == [5 * SAMPLES] * 3
+    assert [k for k in range(0, 600, 10) if f"typed at {k}\"" in body] == [460, 560]
+    assert [k for k in range(0, 600, 10) if f"said at {k}\"" in body] == [470, 520, 570]
+    # What was fetched: two reads of the window; audio only of the input chunks, frames never.
+    (rows_args, rows_options, rows_parts), (audio_args, audio_options, audio_parts) = spy.reads
+    rows = pa.concat_tables(rows_parts)
+    assert "audio" not in rows.column_names and "frame" not in rows.column_names
+    assert rows["index"].to_pylist() == list(range(900, 1200)) and pc.min(rows["t"]).as_py() >= 89.9
+    audio = pa.concat_tables(audio_parts)
+    assert audio_options["kinds"] == ["input_chunk"] and audio.column_names == ["session_id", "index", "audio"]
+    assert audio["index"].to_pylist() == list(range(900, 1200, 2))
+    assert audio.nbytes < 150 * (2 * SAMPLES + 64)  # the user's 150 chunks of audio and little else
+
+    # A row bound as well: at most max_rows back, whatever the seconds.
+    spy.reads.clear()
+    asyncio.run(render(t, spy, speech=Transcripts(stt), context_s=None, max_rows=40, system=None))
+    assert [pa.concat_tables(parts)["index"].to_pylist() for _, _, parts in spy.reads] == [list(range(1160, 1200)), list(range(1160, 1200, 2))]
