@@ -227,7 +227,7 @@ def build(config: AppConfig) -> App:
     deployed = False  # whether this build got as far as deploying a pool (only then undo it)
     try:
         t = time.monotonic()
-        log = create("session_log", SessionLogActor, _absolute(config.log.root), tick_ms=tick_ms, retention_s=config.log.retention_s)
+        log = create("session_log", SessionLogActor, _absolute(config.log.root), tick_ms=tick_ms, retention_s=config.log.retention_s, keep_s=config.log.keep_s)
         ray.get(log.stats.remote())
         parts["session_log"] = f"up ({config.log.root}, retention {config.log.retention_s:.0f} s) in {time.monotonic() - t:.1f} s"
 
@@ -370,7 +370,7 @@ def serve_app(args: dict):
         opts = options[role or name]
         return cls.options(name=name, namespace=NAMESPACE, lifetime="detached", get_if_exists=True, **RESTART, **opts).remote(*a, **kw)
 
-    log = get("session_log", SessionLogActor, _absolute(config.log.root), tick_ms=tick_ms, retention_s=config.log.retention_s)
+    log = get("session_log", SessionLogActor, _absolute(config.log.root), tick_ms=tick_ms, retention_s=config.log.retention_s, keep_s=config.log.keep_s)
     background = None
     if config.background.active():
         chat = ServeChat(None, config.background.model_id, app_name=POOL_APP)

@@ -56,7 +56,13 @@ class InteractionSection(_Section):
 
 class LogSection(_Section):
     root: str = "./data/log"  # a directory or any pyarrow filesystem URI (s3://..., gs://...)
+    # The in-memory window of an open session: older rows go to Parquet. Nothing is deleted for it.
     retention_s: float = Field(120.0, gt=0)
+    # The data-retention promise: a session closed this long ago is deleted from disk (Parquet, WAL,
+    # snapshots, session.json, its folder). None keeps every call forever. A week by default: the
+    # log holds callers' raw audio and video, which no one should keep by accident, and a week
+    # leaves time to look into a call that went wrong; set None to keep calls (e.g. to train on).
+    keep_s: float | None = Field(7 * 24 * 3600.0, gt=0)
 
 
 class HttpSection(_Section):
