@@ -232,6 +232,11 @@ class LogStore:
         self.drop_snapshots(s)
         _remove(os.path.join(self.folder(s), "token"))
         s.token = s.snapshot = s.snapshot_tick = None
+        if self.folder(s) != f"{self.base}/{s.dirname}":  # a local folder apart from the root's: empty now
+            try:
+                os.rmdir(self.folder(s))
+            except OSError:
+                pass
 
     def new_segment(self, s: LogSession) -> Segment:
         folder = os.path.join(self.wal_base, s.dirname)

@@ -9,6 +9,7 @@ import asyncio
 import glob
 import os
 import threading
+import time
 
 import pytest
 
@@ -168,3 +169,24 @@ def test_the_periodic_sweep_deletes_in_a_thread_while_appends_go_on(tmp_path):
         assert_rows(log.read("live", token), ticks("live", 0, 5))
 
     asyncio.run(scenario())
+
+
+def test_the_actor_sweeps_by_itself(ray_cluster, tmp_path):
+    from .test_session_log import new_log as new_actor
+
+    ray = ray_cluster
+    log = new_actor(tmp_path, keep_s=0.5)  # the wall clock; a sweep every 0.05 s
+    token = ray.get(log.open.remote("s"))
+    ray.get(log.append.remote(ticks("s", 0, 5)))
+    ray.get(log.close.remote("s"))
+    folder = tmp_path / "sessions" / dirname_of("s")
+    assert folder.is_dir()
+    deadline = time.monotonic() + 60
+    while folder.exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not folder.exists()
+    assert ray.get(log.stats.remote())["closed_to_delete"] == 0
+    with pytest.raises(ProtocolError) as exc:
+        ray.get(log.read.remote("s", token))
+    assert exc.value.code == "unknown_session"
+    ray.kill(log, no_restart=True)
