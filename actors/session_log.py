@@ -23,9 +23,8 @@ session's token is checked first; an ObjectRef, once handed out, is itself the c
 rows, so only a token holder ever gets one. Both can read less: `columns` (a projection: the big
 `audio` and `frame` bytes stay where they are unless asked for), `kinds` and `last_s` (rows of
 those kinds, in the last `last_s` seconds before the range's last row). Rows that left memory are
-read from Parquet in a thread where the
-read is a coroutine (`refs`, `wait`, `recovery`, and the actor's `read` and `read_last`), so a long
-read never holds up another session's appends.
+read from Parquet in a thread where the read is a coroutine (`refs`, `wait`, `recovery`, and the
+actor's `read` and `read_last`), so a long read never holds up another session's appends.
 
 Failover: `put_snapshot` keeps each open session's newest engine state (durably, in a
 pickle-free file), and `recovery` hands back what rebuilds the session elsewhere: that state, the
@@ -72,7 +71,7 @@ log = logging.getLogger("interplay.session_log")
 _SMALL = [n for n in SCHEMA.names if n not in ("audio", "frame")]
 _REMEMBERED_REQUESTS = 4096
 _INDEX_T = ["index", "t"]
-_RECENT_CLOSED = 32  # closed sessions held in memory after they close or are read, newest first
+_RECENT_CLOSED = 32  # closed sessions held in memory (the last closed or read), the rest read from disk
 
 
 class AppendResult(dict):
@@ -227,7 +226,7 @@ class SessionLog:
 
     async def _delete_async(self, session_id: str) -> bool:
         entry = self._closed.pop(session_id, None)
-        if entry is None or session_id in self._deleting:
+        if entry is None:  # deleted meanwhile by another sweep
             return False
         self._forget_closed(session_id)
         self._deleting.add(session_id)
@@ -586,7 +585,7 @@ class SessionLog:
         s = self._authorize(session_id, token)
         columns, kinds, last_s = _options(columns, kinds, last_s)
         start, end = _span(s, start, end)
-        since_t = None if last_s is None else _since(self._resolve(self._last_row(s, start, end), session_id=session_id), last_s)
+        since_t = None if last_s is None else _since(self._resolve(self._last_row(s, start, end), _INDEX_T, session_id), last_s)
         plan = self._plan(s, start, end, columns, kinds, since_t)
         return self._table(self._resolve(plan, columns, session_id), columns)
 
@@ -602,16 +601,16 @@ class SessionLog:
         never receives the bytes it did not ask for.
         """
         s = await self._authorize_async(session_id, token)
-        options = await self._window(s, session_id, start, end, columns, kinds, last_s)
-        plan = self._plan(s, *options, shared=True)
-        items = await self._resolve_async(plan, options[2], session_id)
+        start, end, columns, kinds, since_t = await self._window(s, session_id, start, end, columns, kinds, last_s)
+        plan = self._plan(s, start, end, columns, kinds, since_t, shared=True)
+        items = await self._resolve_async(plan, columns, session_id)
         parts: list[tuple[int, int, object]] = []
         rows: list[pa.RecordBatch] = []  # consecutive rows not in the object store, sent as one table
 
         def flush():
             if rows:
-                table = pa.Table.from_batches(rows, schema=_schema(options[2]))
-                index = table.column(INDEX if options[2] is None else "index")
+                table = pa.Table.from_batches(rows, schema=_schema(columns))
+                index = table.column("index")
                 parts.append((index[0].as_py(), index[-1].as_py(), table))
                 rows.clear()
 
@@ -678,20 +677,20 @@ class SessionLog:
     def _authorize(self, session_id: str, token: str) -> LogSession:
         return _check_token(self._find(session_id), session_id, token)
 
+    async def _authorize_async(self, session_id: str, token: str) -> LogSession:
+        return _check_token(await self._find_async(session_id), session_id, token)
+
     async def _window(self, s: LogSession, session_id: str, start, end, columns, kinds, last_s) -> tuple:
         """A read's arguments checked, as `_plan` takes them: (start, end, columns, kinds, since_t);
         the t of the range's last row is read in a thread if it is in Parquet."""
         columns, kinds, last_s = _options(columns, kinds, last_s)
         start, end = _span(s, start, end)
-        since_t = None if last_s is None else _since(await self._resolve_async(self._last_row(s, start, end), session_id=session_id), last_s)
+        since_t = None if last_s is None else _since(await self._resolve_async(self._last_row(s, start, end), _INDEX_T, session_id), last_s)
         return start, end, columns, kinds, since_t
 
     def _last_row(self, s: LogSession, start: int, end: int) -> list[tuple]:
         """The plan that reads the index and t of row end - 1 (none for an empty range)."""
         return self._plan(s, end - 1, end, _INDEX_T) if end > start else []
-
-    async def _authorize_async(self, session_id: str, token: str) -> LogSession:
-        return _check_token(await self._find_async(session_id), session_id, token)
 
     def _plan(self, s: LogSession, start: int, end: int, columns: list[str] | None = None, kinds: list[str] | None = None,
               since_t: float | None = None, shared: bool = False) -> list[tuple]:
@@ -730,7 +729,7 @@ class SessionLog:
                 plan.append(("rows", batch if columns is None else batch.select(columns)))
         return plan
 
-    def _resolve(self, plan: list[tuple], columns: list[str] | None = _INDEX_T, session_id: str = "") -> list[tuple]:
+    def _resolve(self, plan: list[tuple], columns: list[str] | None, session_id: str) -> list[tuple]:
         """`plan` with each Parquet item read into ("rows", batch) items. Touches nothing the
         event loop changes: it may run in a thread."""
         out: list[tuple] = []
@@ -746,7 +745,7 @@ class SessionLog:
             raise ProtocolError(f"could not read session {session_id!r} from storage: {exc.strerror or exc}", "log_unavailable") from None
         return out
 
-    async def _resolve_async(self, plan: list[tuple], columns: list[str] | None = _INDEX_T, session_id: str = "") -> list[tuple]:
+    async def _resolve_async(self, plan: list[tuple], columns: list[str] | None, session_id: str) -> list[tuple]:
         """`_resolve` in a thread when there is Parquet to read, so the event loop (every other
         session's appends) goes on meanwhile; inline when everything is in memory."""
         if any(item[0] == "parquet" for item in plan):
@@ -891,8 +890,9 @@ class ServedSessionLog(SessionLog):
     async def read(self, session_id: str, token: str, start: int = 0, end: int | None = None, *,
                    columns: list[str] | None = None, kinds: list[str] | None = None, last_s: float | None = None) -> pa.Table:
         s = await self._authorize_async(session_id, token)
-        options = await self._window(s, session_id, start, end, columns, kinds, last_s)
-        return self._table(await self._resolve_async(self._plan(s, *options), options[2], session_id), options[2])
+        start, end, columns, kinds, since_t = await self._window(s, session_id, start, end, columns, kinds, last_s)
+        plan = self._plan(s, start, end, columns, kinds, since_t)
+        return self._table(await self._resolve_async(plan, columns, session_id), columns)
 
     async def read_last(self, session_id: str, token: str, seconds: float) -> pa.Table:
         s = await self._authorize_async(session_id, token)
