@@ -33,7 +33,7 @@ from protocols.clock import TickClock
 from protocols.ports import Interaction, Placement
 from protocols.realtime import error_event, expired_error, rate_of, session_config
 
-from .gatherer import Call, Gatherer, estimate_offset
+from .gatherer import COUNTS, Call, Gatherer, estimate_offset
 from .ice import use_ice_addresses
 from .realtime_session import RealtimeSession
 from .router import Direct, Placed, Router, Routed
@@ -194,7 +194,7 @@ class Ingress:
             raise ProtocolError(f"unknown session {session_id!r}", "unknown_session", "session_id")
 
     async def stats(self) -> dict:
-        counts: dict = {}
+        counts = dict.fromkeys(COUNTS, 0)  # every counter, also before the first call is placed
         for group in self.groups.values():
             for key, value in group.counts.items():
                 counts[key] = counts.get(key, 0) + value

@@ -15,6 +15,7 @@ from aiortc import RTCPeerConnection, RTCSessionDescription
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack, VideoStreamTrack
 
 from actors import audio_in
+from actors.gatherer import COUNTS
 from actors.ingress import Ingress, IngressActor
 from actors.realtime_session import RealtimeSession
 from actors.remote import Remote
@@ -159,6 +160,18 @@ def now_clock(behind_s: float = 0.0) -> TickClock:
 
 def test_the_fakes_fit_the_port():
     assert isinstance(Echo(), Interaction)
+
+
+def test_a_fresh_ingress_reports_every_counter():
+    """Before any call is placed (no gatherer yet) the stats carry every counter, at zero."""
+
+    async def main():
+        ingress = Ingress(Echo(), now_clock())
+        stats = await ingress.stats()
+        assert {key: stats[key] for key in COUNTS} == dict.fromkeys(COUNTS, 0) and stats["sessions"] == 0
+        await ingress.shutdown()
+
+    asyncio.run(main())
 
 
 def test_bad_sdp_is_refused():
