@@ -12,8 +12,9 @@ PIP := $(PY) -m pip --disable-pip-version-check
 .DEFAULT_GOAL := setup
 
 # OS packages the tests use: Chromium and its driver (the browser test), espeak-ng and sox
-# (speech to call with). Installed with apt when missing; nothing else needs root.
-SYSTEM_DEPS := chromium chromium-driver espeak-ng sox iproute2
+# (speech to call with), bubblewrap (the python tool's sandbox). Installed with apt when missing;
+# nothing else needs root.
+SYSTEM_DEPS := chromium chromium-driver espeak-ng sox iproute2 bubblewrap
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 # The CPU vLLM build for the background pool (Ray Serve LLM in ray 2.60 is built against vLLM
@@ -43,7 +44,7 @@ serve: $(STAMP) $(VLLM_STAMP)
 	$(VENV)/bin/interplay serve
 
 system-deps:
-	@if command -v chromium >/dev/null && command -v chromedriver >/dev/null && command -v espeak-ng >/dev/null && command -v sox >/dev/null && command -v ip >/dev/null; then :; \
+	@if command -v chromium >/dev/null && command -v chromedriver >/dev/null && command -v espeak-ng >/dev/null && command -v sox >/dev/null && command -v ip >/dev/null && command -v bwrap >/dev/null; then :; \
 	elif command -v apt-get >/dev/null; then \
 		echo "== installing $(SYSTEM_DEPS) with apt"; \
 		$(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends $(SYSTEM_DEPS) >/dev/null; \

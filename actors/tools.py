@@ -4,16 +4,30 @@ A `Tool` is a name, a description, a JSON schema for its arguments (an object sc
 async function called with those arguments as keywords. `ToolRegistry.call(name, arguments)`
 checks the arguments against the schema, runs the function under a time limit and returns its
 result (JSON-serialisable); whatever goes wrong (unknown tool, bad arguments, the function
-raising, the time limit) is a `ToolError` with a one-line message, never anything else.
+raising, the time limit) is a `ToolError` with a one-line message, never anything else. No
+built-in tool runs on the event loop for longer than a moment, so the time limit can stop it.
 
 Built in (`default_tools()`):
 - `clock`: the current time (UTC and local, ISO 8601, Unix seconds);
 - `timer`: waits the given seconds (at most `MAX_TIMER_S`) and says so;
 - `calculator`: arithmetic over numbers, + - * / // % **, parentheses and a few math functions,
-  evaluated from the expression's syntax tree (nothing is `eval`ed; huge powers are refused);
-- `python`: runs a snippet in a separate interpreter (`python -I`, empty environment, its own
-  temporary directory) under `resource.setrlimit` limits on address space, CPU time, file size and
-  open files, and a wall-clock limit; what it prints is the result. Exceeding a limit is a ToolError.
+  evaluated from the expression's syntax tree (nothing is `eval`ed) in a worker thread. Every
+  operation whose result could pass `MAX_INT_BITS` (a product, a power, a factorial, `round` to
+  far too many digits) is refused before it is computed, so every accepted expression is quick;
+- `python`, only with `default_tools(sandbox=SandboxLimits(...))` (config
+  `background.sandbox.enabled`, off by default): runs a snippet in the bubblewrap sandbox of
+  actors/sandbox.py and returns what it printed. The isolation contract, in short: the snippet
+  runs as uid 65534 in its own user, PID, network, IPC, UTS and cgroup namespaces with no
+  capabilities; it reads only the interpreter, its standard library (no site-packages) and the
+  system's shared libraries, all read-only, and writes nowhere (no writable filesystem at all);
+  it sees only its own processes in /proc, a minimal read-only /dev, no environment variables,
+  and a network with only its own loopback (nothing outside the sandbox is reachable, the host's
+  loopback included). Limits, set before the snippet runs so it cannot raise them: address space,
+  CPU time, processes (a fork bomb stops at `max_processes`), open files, file size, no cores,
+  the wall clock, and stdout/stderr each read up to `output_bytes` before it is stopped. Every
+  process it started is gone when the call returns, times out or is cancelled. At most
+  `max_running` snippets run at once per registry; another call is refused with a ToolError.
+  Where bwrap or user namespaces are missing, asking for it raises `SandboxUnavailable`.
 
 Users add their own with `registry.register(Tool(...))` or the `@registry.tool(...)` decorator
 (e.g. a search backend), or name `module:attribute` paths in the config (`load_tools`).
@@ -28,17 +42,14 @@ import importlib
 import json
 import math
 import operator
-import os
-import resource
-import signal
-import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
-from typing import Any, Awaitable, Callable
+from typing import TYPE_CHECKING, Any, Awaitable, Callable
+
+if TYPE_CHECKING:
+    from .sandbox import SandboxLimits
 
 MAX_TIMER_S = 300.0
-MAX_OUTPUT_CHARS = 8000
 
 
 class ToolError(Exception):
@@ -165,6 +176,40 @@ _FUNCTIONS = {name: getattr(math, name) for name in ("sqrt", "sin", "cos", "tan"
 _FUNCTIONS.update(abs=abs, round=round, min=min, max=max)
 _CONSTANTS = {"pi": math.pi, "e": math.e, "tau": math.tau}
 MAX_EXPRESSION = 200
+# No integer on the way may pass this many bits: each operation on such numbers takes
+# microseconds, so an accepted expression (at most MAX_EXPRESSION characters) is always quick.
+MAX_INT_BITS = 4096
+MAX_FACTORIAL = 500  # 500! has 3,767 bits
+MAX_ROUND_DIGITS = 1000  # round(x, -1000) computes 10 ** 1000, 3,322 bits
+
+
+def _too_large(what: str) -> ToolError:
+    return ToolError(f"calculator: {what} too large")
+
+
+def _check_before(op: type, left, right) -> None:
+    """Refuse an operation whose integer result would pass MAX_INT_BITS, before computing it."""
+    if not (isinstance(left, int) and isinstance(right, int)):
+        return  # a float result: it overflows (an error) or not, at once
+    if op is ast.Mult and left.bit_length() + right.bit_length() > MAX_INT_BITS + 1:  # the product has that many bits, or one fewer
+        raise _too_large("product")
+    if op is ast.Pow and right > 0 and abs(left) > 1 and (abs(left).bit_length() - 1) * right > MAX_INT_BITS:
+        raise _too_large("power")
+
+
+def _check_call(name: str, args: list) -> None:
+    if name == "factorial" and (len(args) != 1 or not isinstance(args[0], int) or args[0] > MAX_FACTORIAL):
+        raise ToolError(f"calculator: factorial takes one integer up to {MAX_FACTORIAL}")
+    if name == "round" and len(args) == 2 and (not isinstance(args[1], int) or abs(args[1]) > MAX_ROUND_DIGITS):
+        raise ToolError(f"calculator: round takes a whole number of digits between -{MAX_ROUND_DIGITS} and {MAX_ROUND_DIGITS}")
+
+
+def _bounded(value):
+    if isinstance(value, complex):
+        raise ToolError("calculator: the result is not a real number")
+    if isinstance(value, int) and value.bit_length() > MAX_INT_BITS:
+        raise _too_large("result")
+    return value
 
 
 def calculate(expression: str) -> float | int:
@@ -180,104 +225,43 @@ def calculate(expression: str) -> float | int:
         if isinstance(node, ast.Expression):
             return ev(node.body)
         if isinstance(node, ast.Constant) and isinstance(node.value, (int, float)) and not isinstance(node.value, bool):
-            return node.value
+            return _bounded(node.value)
         if isinstance(node, ast.Name) and node.id in _CONSTANTS:
             return _CONSTANTS[node.id]
         if isinstance(node, ast.UnaryOp) and type(node.op) in _UNARY:
             return _UNARY[type(node.op)](ev(node.operand))
         if isinstance(node, ast.BinOp) and type(node.op) in _BINARY:
             left, right = ev(node.left), ev(node.right)
-            if isinstance(node.op, ast.Pow) and (abs(right) > 1000 or abs(left) > 1e100):
-                raise ToolError("calculator: power too large")
-            if isinstance(node.op, ast.Mult) and isinstance(left, int) and isinstance(right, int) and abs(left) > 1e300 / max(abs(right), 1):
-                raise ToolError("calculator: product too large")
-            return _BINARY[type(node.op)](left, right)
+            _check_before(type(node.op), left, right)
+            return _bounded(_BINARY[type(node.op)](left, right))
         if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id in _FUNCTIONS and not node.keywords:
             args = [ev(a) for a in node.args]
-            if node.func.id == "factorial" and (not args or args[0] > 500):
-                raise ToolError("calculator: factorial argument too large")
-            return _FUNCTIONS[node.func.id](*args)
+            _check_call(node.func.id, args)
+            return _bounded(_FUNCTIONS[node.func.id](*args))
         raise ToolError(f"calculator: unsupported syntax {type(node).__name__}")
 
     try:
-        value = ev(tree)
+        return ev(tree)
     except ToolError:
         raise
     except (ArithmeticError, ValueError, TypeError) as exc:
         raise ToolError(f"calculator: {exc}") from None
-    if isinstance(value, int) and value.bit_length() > 3000:
-        raise ToolError("calculator: result too large")
-    return value
+    except RecursionError:  # nesting deeper than the parser's own limit
+        raise ToolError("calculator: expression nested too deeply") from None
 
 
 async def calculator(expression: str) -> float | int:
-    return calculate(expression)
-
-
-# --- sandboxed python ----------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class SandboxLimits:
-    timeout_s: float = 5.0  # wall clock
-    cpu_s: int = 4  # RLIMIT_CPU
-    memory_mb: int = 256  # RLIMIT_AS
-    max_output_chars: int = MAX_OUTPUT_CHARS
-
-
-def _limit(limits: SandboxLimits) -> Callable[[], None]:
-    def apply() -> None:  # runs in the child between fork and exec
-        os.setsid()
-        memory = limits.memory_mb * 1024 * 1024
-        resource.setrlimit(resource.RLIMIT_AS, (memory, memory))
-        resource.setrlimit(resource.RLIMIT_CPU, (limits.cpu_s, limits.cpu_s + 1))
-        resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, 1 << 20))
-        resource.setrlimit(resource.RLIMIT_NOFILE, (32, 32))
-        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
-
-    return apply
-
-
-async def run_python(code: str, limits: SandboxLimits = SandboxLimits()) -> dict:
-    """Run `code` in a limited child interpreter; {"stdout", "exit"} or ToolError."""
-    with tempfile.TemporaryDirectory(prefix="interplay-sandbox-") as cwd:
-        proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-I", "-S", "-c", code,
-            stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-            cwd=cwd, env={"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"}, preexec_fn=_limit(limits),
-        )
-        try:
-            stdout, stderr = await asyncio.wait_for(proc.communicate(), limits.timeout_s)
-        except asyncio.TimeoutError:
-            _kill(proc)
-            await proc.wait()
-            raise ToolError(f"python: exceeded the {limits.timeout_s:g} s time limit") from None
-        except BaseException:  # cancelled: the child goes too
-            _kill(proc)
-            raise
-    out = stdout.decode("utf-8", "replace")[: limits.max_output_chars]
-    err = stderr.decode("utf-8", "replace")
-    code_ = proc.returncode
-    if code_ in (-signal.SIGXCPU, -signal.SIGKILL) or "MemoryError" in err:
-        what = "memory" if "MemoryError" in err else "CPU time"
-        raise ToolError(f"python: exceeded the {what} limit")
-    if code_ != 0:
-        last = err.strip().splitlines()[-1] if err.strip() else f"exit status {code_}"
-        raise ToolError(f"python: {last[:300]}")
-    return {"stdout": out, "exit": code_}
-
-
-def _kill(proc) -> None:
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass
+    # In a worker thread, so the shared event loop never waits on it (and the registry's time
+    # limit holds); the checks above keep every accepted expression quick, as a thread cannot be killed.
+    return await asyncio.to_thread(calculate, expression)
 
 
 # --- the built-in set ----------------------------------------------------------------------------
 
 
-def default_tools(limits: SandboxLimits = SandboxLimits(), timeout_s: float = 10.0) -> ToolRegistry:
+def default_tools(sandbox: SandboxLimits | None = None, timeout_s: float = 10.0) -> ToolRegistry:
+    """The built-in tools. `python` only with `sandbox` (its limits, actors/sandbox.py), once a probe
+    run showed that the sandbox isolates here; else `SandboxUnavailable` says why."""
     registry = ToolRegistry(timeout_s=timeout_s)
     registry.register(Tool("clock", "The current date and time.", {"type": "object", "properties": {}, "additionalProperties": False}, clock))
     registry.register(Tool(
@@ -291,13 +275,18 @@ def default_tools(limits: SandboxLimits = SandboxLimits(), timeout_s: float = 10
         {"type": "object", "properties": {"expression": {"type": "string", "minLength": 1, "maxLength": MAX_EXPRESSION}}, "required": ["expression"], "additionalProperties": False},
         calculator,
     ))
+    if sandbox is not None:
+        from .sandbox import Sandbox
 
-    async def python(code: str) -> dict:
-        return await run_python(code, limits)
+        box = Sandbox(sandbox)
+        box.check()  # never run unisolated
 
-    registry.register(Tool(
-        "python", "Run a short Python program in a sandbox; what it prints is the result.",
-        {"type": "object", "properties": {"code": {"type": "string", "minLength": 1, "maxLength": 4000}}, "required": ["code"], "additionalProperties": False},
-        python, timeout_s=limits.timeout_s + 5,
-    ))
+        async def python(code: str) -> dict:
+            return await box.run(code)
+
+        registry.register(Tool(
+            "python", "Run a short Python program (standard library only, no files, no network) in a sandbox; what it prints is the result.",
+            {"type": "object", "properties": {"code": {"type": "string", "minLength": 1, "maxLength": 4000}}, "required": ["code"], "additionalProperties": False},
+            python, timeout_s=sandbox.timeout_s + 5,
+        ))
     return registry

@@ -341,10 +341,18 @@ def background_options(config: AppConfig, log: ActorHandle, speech_handle: objec
     """The pool driver's arguments besides its LLM: the log, how it hears the user's speech
     (`speech_option`), the tools (built-ins with the configured sandbox, plus the configured
     `module:attribute` ones), limits per task."""
-    from actors.tools import SandboxLimits, default_tools, load_tools
+    from actors.sandbox import SandboxLimits, SandboxUnavailable
+    from actors.tools import default_tools, load_tools
 
     section, s = config.background, config.background.sandbox
-    tools = load_tools(default_tools(SandboxLimits(s.timeout_s, s.cpu_s, s.memory_mb), section.tool_timeout_s), section.tools)
+    limits = SandboxLimits(
+        timeout_s=s.timeout_s, cpu_s=s.cpu_s, memory_mb=s.memory_mb, output_bytes=s.output_kb * 1024,
+        max_processes=s.max_processes, max_running=s.max_running, python=s.python,
+    ) if s.enabled else None
+    try:
+        tools = load_tools(default_tools(limits, section.tool_timeout_s), section.tools)
+    except SandboxUnavailable as exc:  # the python tool is asked for but would not be isolated here
+        raise StartupError(str(exc)) from None
     return {
         "log": log, "speech": speech_option(config, speech_handle), "tools": tools,
         "timeout_s": section.timeout_s, "max_steps": section.max_steps, "max_tokens": section.max_tokens,

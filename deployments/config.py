@@ -145,9 +145,20 @@ class LimitsSection(_Section):
 
 
 class SandboxSection(_Section):
+    """The background pool's `python` tool: snippets run in a bubblewrap sandbox (actors/sandbox.py).
+    Off by default; when enabled, start-up is refused unless a probe run shows the isolation works
+    on this machine (bubblewrap installed, unprivileged user namespaces allowed)."""
+
+    enabled: bool = False
     timeout_s: float = Field(5.0, gt=0, le=300)  # wall-clock limit of one python tool run
     cpu_s: int = Field(4, ge=1, le=300)  # its CPU time limit (RLIMIT_CPU)
     memory_mb: int = Field(256, ge=32, le=16384)  # its address-space limit (RLIMIT_AS)
+    output_kb: int = Field(16, ge=1, le=1024)  # stdout, and stderr, read up to this; past it the run is stopped
+    max_processes: int = Field(16, ge=4, le=1024)  # processes and threads (RLIMIT_NPROC), the sandbox's own two included
+    max_running: int = Field(4, ge=1, le=64)  # runs at once per background actor; more are refused
+    # The interpreter inside the sandbox (None: the server's own, without its virtualenv). When the
+    # server runs as root, the sandbox runs as uid 65534, which must be able to read it.
+    python: str | None = None
 
 
 class SpeechSection(_Section):

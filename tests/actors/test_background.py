@@ -10,9 +10,10 @@ import pytest
 
 from actors.background import Background, step_format, update_events
 from actors.interaction import Interaction
-from actors.tools import SandboxLimits, Tool, default_tools
+from actors.tools import Tool, default_tools
 from protocols import BackgroundTask, InputChunk, ProtocolError
 from tests.fakes import MockEngine
+from tests.sandboxes import limits as sandbox_limits
 
 
 class ScriptedChat:
@@ -75,15 +76,21 @@ def test_tool_calls_are_constrained_by_json_schema():
     assert all("tool" in o["properties"] for o in required)
 
 
-def test_a_raising_tool_or_the_sandbox_over_its_limits_is_an_error_update():
-    tools = default_tools(SandboxLimits(timeout_s=3, cpu_s=1, memory_mb=128))
+def test_a_raising_tool_is_an_error_update():
+    tools = default_tools()
 
     async def broken():
         raise ConnectionError("search backend down")
 
     tools.register(Tool("search", "raises", {"type": "object", "properties": {}}, broken))
+    updates = asyncio.run(collect(Background(ScriptedChat({"tool": "search", "arguments": {}}), tools=tools), task()))
+    assert updates[-1].status == "error" and "search backend down" in updates[-1].text, updates[-1]
+    assert updates[-1].data["tool_result"]["error"]
+
+
+def test_the_sandbox_over_its_limits_is_an_error_update():
+    tools = default_tools(sandbox_limits(timeout_s=3, cpu_s=1, memory_mb=128))
     for call, match in (
-        ({"tool": "search", "arguments": {}}, "search backend down"),
         ({"tool": "python", "arguments": {"code": "x = bytearray(1 << 30)"}}, "memory limit"),
         ({"tool": "python", "arguments": {"code": "while True: pass"}}, "limit"),
     ):
