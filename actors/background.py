@@ -364,6 +364,11 @@ class Background:
                 raise LLMError("the model's reply is not a JSON object")
             if "tool" in reply:
                 name, arguments = reply["tool"], reply.get("arguments") or {}
+                if not isinstance(name, str) or name not in offered:  # a model not held to the schema: never run it
+                    shown = _short(repr(name), 80)
+                    emit(self._update(task, "error", f"the model called {shown}, a tool this task does not offer (offered: {', '.join(offered) or 'none'})",
+                                      {"reason": "tool_not_offered", "tool": shown}))
+                    return
                 call_id = new_id("call")
                 self.counts["tool_calls"] += 1
                 emit(self._update(task, "progress", "", {"tool_call": {"call_id": call_id, "name": name, "arguments": arguments}, "llm_ms": round(llm_ms, 2)}))

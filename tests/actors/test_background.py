@@ -99,6 +99,29 @@ def test_the_sandbox_over_its_limits_is_an_error_update():
         assert updates[-1].data["tool_result"]["error"]
 
 
+def test_a_call_to_a_tool_the_task_did_not_offer_is_refused_and_not_run():
+    ran = []
+
+    async def search(q=""):
+        ran.append(q)
+        return ["found"]
+
+    tools = default_tools()  # no sandbox: no python
+    tools.register(Tool("search", "searches", {"type": "object", "properties": {"q": {"type": "string"}}}, search))
+    offered = {"tools": [{"type": "function", "name": "clock"}, {"type": "function", "name": "python"}]}
+    for name in ("search", "python", "nope", 7):
+        chat = ScriptedChat({"tool": name, "arguments": {"q": "secrets"}})
+        updates = asyncio.run(collect(Background(chat, tools=tools), task(arguments=offered)))
+        assert updates[0].data["tools"] == ["clock"] and updates[0].data["unavailable"] == ["python"]
+        assert [u.status for u in updates] == ["progress", "error"], updates
+        assert "a tool this task does not offer (offered: clock)" in updates[-1].text and updates[-1].data["reason"] == "tool_not_offered"
+        assert not any("tool_call" in (u.data or {}) for u in updates)
+    assert ran == []
+    # Offered, the same call runs.
+    updates = asyncio.run(collect(Background(ScriptedChat({"tool": "search", "arguments": {"q": "x"}}), tools=tools), task(arguments={"tools": [{"type": "function", "name": "search"}]})))
+    assert ran == ["x"] and updates[-1].status == "final"
+
+
 def test_a_task_past_its_deadline_ends_with_an_error_update():
     chat = ScriptedChat(hold=True)
     updates = asyncio.run(collect(Background(chat, timeout_s=0.3), task()))
