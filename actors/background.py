@@ -1,13 +1,14 @@
 """`Background`: the background pool's work for one task, as the `BackgroundPool` port.
 
 `Background(llm, log=..., tools=...).run(task)` streams `BackgroundUpdate`s:
-1. "progress" (started), then the task's whole conversation is rendered from the session log by
-   `actors.context.render(task, log, speech=...)` (only the task's own session, up to
-   `task.context_upto`; the user's speech as Whisper transcripts by default, see `speech`), with
-   the task's instruction (typed text, or what the live model said it delegates) last.
+1. "progress" (started), then the task's recent conversation is rendered from the session log by
+   `actors.context.render(task, log, speech=..., context_s=...)` (only the task's own session, its
+   last `context_s` seconds up to `task.context_upto`; the user's speech as transcripts by
+   default, see `speech`), with the task's instruction (typed text, or what the live model said
+   it delegates) last.
 2. Up to `max_steps` model turns. Each turn asks the LLM (`ChatModel`: the Serve LLM deployment
    through `ServeChat`) for one JSON object under a `response_format` JSON schema, so the reply
-   always parses: either a tool call `{"tool": <name>, "arguments": <that tool's schema>}` or the
+   parses unless it is cut off at `max_tokens` (then the task ends with an error update): either a tool call `{"tool": <name>, "arguments": <that tool's schema>}` or the
    answer `{"answer": <text>, "contradicts": <bool>}`. A tool call is announced ("progress",
    data `tool_call`), run through the `ToolRegistry`, and its result streamed ("partial", data
    `tool_result`) and handed back to the model as a tool message; the answer ends the task
@@ -200,14 +201,15 @@ def _short(value: Any, limit: int = 300) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
-async def default_render(task: BackgroundTask, log_port: Any, speech: Any = None) -> list[dict]:
-    """The conversation from the session log (`actors.context.render`), the user's speech as
-    `speech` makes it (`Transcripts`, `AsAudio`, None); without a log, none."""
+async def default_render(task: BackgroundTask, log_port: Any, speech: Any = None, context_s: float | None = 300.0) -> list[dict]:
+    """The conversation from the session log (`actors.context.render`: its last `context_s`
+    seconds), the user's speech as `speech` makes it (`Transcripts`, `AsAudio`, None); without a
+    log, none."""
     if log_port is None:
         return []
     from actors.context import render
 
-    return await render(task, log_port, speech=speech)
+    return await render(task, log_port, speech=speech, context_s=context_s)
 
 
 def _without_audio(messages: list[dict]) -> list[dict]:
@@ -235,7 +237,7 @@ class Background:
     `speech` is how the user's speech enters the conversation (`actors.context`):
     `Transcripts(ServedTranscriber(...))` (the app's default: one per pool driver, so each run
     is transcribed once), `AsAudio()`, or None (only its length). `render(task, log)` replaces the
-    whole rendering (default: `default_render` with `speech`). The first prompt of each of the
+    whole rendering (default: `default_render` with `speech` and `context_s`). The first prompt of each of the
     last `keep_prompts` tasks is kept for `prompt(task_id)`: what the model was asked with."""
 
     def __init__(
@@ -250,13 +252,14 @@ class Background:
         max_steps: int = 4,
         max_tokens: int = 256,
         keep_prompts: int = 32,
+        context_s: float | None = 300.0,
         now: Callable[[], float] = time.time,
     ):
         self.llm = llm
         self.log = log
         self.tools = tools if tools is not None else default_tools()
         self.speech = speech
-        self.render = render if render is not None else functools.partial(default_render, speech=speech)
+        self.render = render if render is not None else functools.partial(default_render, speech=speech, context_s=context_s)
         self.keep_prompts = keep_prompts
         self.prompts: OrderedDict[str, list[dict]] = OrderedDict()
         self.timeout_s = timeout_s
