@@ -2,15 +2,15 @@
 tasks call the tools with hostile input (a CPU-burning snippet in the real sandbox, calculator
 expressions built to be huge), beside a session that talks and asks for one task. Real parts: the
 interaction logic, the session log on disk, the background pool's work and its tools; the LLM is
-scripted and the engine is the mock (neither is what is under test)."""
+scripted (`bench.flood.FloodChat`) and the engine is the mock (neither is what is under test)."""
 
 import asyncio
-import json
 
 from actors.background import Background
 from actors.interaction import Interaction
 from actors.session_log import SessionLog
 from actors.tools import default_tools
+from bench.flood import FloodChat
 from protocols import BackgroundTask, BackgroundUpdate, InputChunk, from_table
 from tests.fakes import LocalLog, MockEngine
 from tests.sandboxes import sandbox_python
@@ -18,28 +18,6 @@ from tests.sandboxes import sandbox_python
 from .test_interaction import FakeTime, chunk, exchange_then_step, until
 
 TICKS = 30
-HOSTILE = ["round(1, -10**3000000)", "9**9**9", "factorial(10**6)", "(10**300)*(10**300)*(10**300)", "2**4000*2**4000"]
-
-
-class FloodChat:
-    """The pool's LLM: a flooder's task (its instruction says "flood") calls a tool with hostile
-    input; any other task answers at once."""
-
-    def __init__(self, python: bool):
-        self.python = python
-        self.asked = 0
-
-    async def stream(self, messages, *, response_format, max_tokens):
-        instruction = messages[-1]["content"] if isinstance(messages[-1].get("content"), str) else ""
-        self.asked += 1
-        if "flood" in instruction and messages[-1]["role"] == "user":
-            if self.python and self.asked % 2:
-                reply = {"tool": "python", "arguments": {"code": "while True: pass"}}
-            else:
-                reply = {"tool": "calculator", "arguments": {"expression": HOSTILE[self.asked % len(HOSTILE)]}}
-        else:
-            reply = {"answer": "it is sunny", "contradicts": False}
-        yield json.dumps(reply)
 
 
 def test_a_session_flooding_tasks_and_tools_does_not_hold_up_another_sessions_ticks_log_or_task(tmp_path):
