@@ -6,6 +6,8 @@ import json
 
 import httpx
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 from websockets.exceptions import InvalidStatus
 
 from deployments.auth import origin_allowed
@@ -58,6 +60,13 @@ def refused_status(server, headers, **kwargs) -> int:
 ])
 def test_which_origins_may_call(origin, host, allowed, ok):
     assert origin_allowed(origin, host, allowed) is ok
+
+
+@given(origin=st.text(max_size=80), host=st.one_of(st.none(), st.text(max_size=40)), name=st.from_regex(r"[a-z0-9-]{1,20}\.(com|net|example)", fullmatch=True))
+def test_any_origin_text_gets_a_yes_or_no_and_no_other_site_passes(origin, host, name):
+    assert origin_allowed(origin, host, []) in (True, False)
+    same = host is not None and host.strip().lower() == name  # the page's own origin may
+    assert origin_allowed(f"https://{name}", host, []) is same
 
 
 def test_a_page_elsewhere_can_neither_open_a_websocket_nor_make_a_call(server, offer):
