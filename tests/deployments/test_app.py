@@ -1,7 +1,9 @@
 """End to end over loopback: real Ray, Serve, aiortc peers, the openai library, the session log.
 
 Audio checks look at content, not length: the caller's paced track pads with silence whenever no
-output comes, so what must hold is that the model's audio (as logged) reached the caller.
+output comes, so what must hold is that the model's audio (as logged) reached the caller. Counts
+are compared with what the same call logged, not with wall-clock time: the suite shares two cores
+with a Ray cluster, so a tick may be late, or shed by an actor that fell behind (and counted).
 """
 
 import asyncio
@@ -15,15 +17,30 @@ import numpy as np
 import pytest
 import ray
 
-from examples.call import RATE, call, read_wav, resample
+from examples.call import FRAME, RATE, read_wav, resample
+from examples.call import call as call_once
 from protocols import InputChunk, OutputChunk, from_table
 from tests.conftest import API_KEY
+from tests.waits import TIMEOUT_S, wait_for
 
 LOUD = 200  # RMS (int16) above which a 200 ms window holds sound, not padding
 
 
 def run(coro):
     return asyncio.run(coro)
+
+
+async def call(*args, **kwargs):
+    """`examples.call.call`, again while the app answers 503 "capacity" (an interaction actor on a
+    busy machine refuses new sessions while its steps run hot), as a client does after its Retry-After."""
+    give_up = time.monotonic() + TIMEOUT_S
+    while True:
+        try:
+            return await call_once(*args, **kwargs)
+        except RuntimeError as exc:
+            if "HTTP 503" not in str(exc) or time.monotonic() > give_up:
+                raise
+            await asyncio.sleep(1.0)
 
 
 def post(url, body=b"", headers=None):
@@ -55,6 +72,28 @@ def spoken_ticks(deltas) -> int:
     return sum(1 for d in deltas if isinstance(d, OutputChunk) and np.sqrt((d.audio.astype(np.float64) ** 2).mean()) > LOUD)
 
 
+def shed_ticks(app) -> int:
+    """Ticks the interaction actors have shed so far (not stepped for anyone: they fell behind)."""
+    return sum(ray.get(actor.stats.remote())["totals"]["shed_ticks"] for actor in app.interactions.values())
+
+
+def assert_stepped_every_tick(deltas, shed: int) -> list[int]:
+    """The session got an input and an output for every tick from its first to its last, in
+    order, but those its actor shed (at most `shed`); its output seqs."""
+    in_seqs = [d.seq for d in deltas if isinstance(d, InputChunk)]
+    out_seqs = [d.seq for d in deltas if isinstance(d, OutputChunk)]
+    assert in_seqs == out_seqs == sorted(set(out_seqs)) and out_seqs, (in_seqs, out_seqs)
+    assert out_seqs[-1] - out_seqs[0] + 1 - len(out_seqs) <= shed, (out_seqs, shed)
+    return out_seqs
+
+
+def assert_continuous(report):
+    """No hole in what the caller received: every 20 ms frame of the paced track came (RTP
+    timestamps one frame apart), silence where there was no output."""
+    stamps = [ts for _, ts in report.packets]
+    assert len(stamps) > 10 and all((b - a) & 0xFFFFFFFF == FRAME for a, b in zip(stamps, stamps[1:])), stamps[:50]
+
+
 def assert_the_model_was_heard(app, report):
     """The model spoke (its logged outputs) and the caller heard about as much of it: if output
     stopped reaching the caller, the padding would be silence and this fails."""
@@ -68,23 +107,23 @@ def assert_the_model_was_heard(app, report):
 def test_a_call_gets_continuous_audio_back_for_its_whole_input(app, app_url, speech_wav):
     samples, rate = read_wav(speech_wav)
     seconds = len(samples) / rate
+    shed = shed_ticks(app)
     report = run(call(app_url, samples, rate, api_key=API_KEY, tail_s=1.0, send_events=[{"type": "response.create"}]))
-    assert report.max_gap_ms < 250  # paced 20 ms frames, no holes
+    assert_continuous(report)  # paced 20 ms frames, no holes
     assert report.event_types().get("session.created") == 1 and report.event_types().get("response.created", 0) >= 1
-    steps = [t["step_ms"] for t in report.ticks]
-    assert len(steps) >= 10 * seconds / 2 and all(s > 0 for s in steps)
-    # the call ended: its slot is free and its log is whole
-    deadline = time.time() + 10  # the ingress lets it go, then the interaction actor (through the router)
-    while (stats(app.ingress)["sessions"] or stats(app.interaction)["sessions"]) and time.time() < deadline:
-        time.sleep(0.2)
-    assert stats(app.ingress)["sessions"] == 0 and stats(app.interaction)["sessions"] == 0
+    assert report.ticks and all(t["step_ms"] > 0 for t in report.ticks)
+    # the call ended: its slot is free (the ingress lets it go, then the interaction actor, through the router) and its log is whole
+    wait_for(lambda: not (stats(app.ingress)["sessions"] or stats(app.interaction)["sessions"]), interval=0.2)
     deltas = assert_the_model_was_heard(app, report)
-    inputs = [d for d in deltas if isinstance(d, InputChunk)]
-    out_seqs = [d.seq for d in deltas if isinstance(d, OutputChunk)]
-    assert len(inputs) == len(out_seqs) >= seconds / app.clock.tick_s
-    assert out_seqs == list(range(out_seqs[0], out_seqs[0] + len(out_seqs)))  # every tick, in order
-    speech = sum(1 for c in inputs if not c.missing and np.abs(c.audio).max() > 1000)
-    assert speech >= 2 * seconds  # the caller's speech reached the model, not silence
+    out_seqs = assert_stepped_every_tick(deltas, shed_ticks(app) - shed)  # every tick, in order
+    assert out_seqs[-1] - out_seqs[0] + 1 >= seconds / app.clock.tick_s  # for as long as the caller talked
+    assert len({t["tick"] for t in report.ticks}) >= len(out_seqs) / 2  # and the caller was sent them
+    # the caller's speech reached the model, not silence: most of the 200 ms windows that hold speech in the file
+    windows = resample(samples, rate, 16_000)
+    windows = windows[: len(windows) // 3200 * 3200].reshape(-1, 3200)
+    spoken = int((np.abs(windows).max(axis=1) > 1000).sum())
+    speech = sum(1 for d in deltas if isinstance(d, InputChunk) and not d.missing and np.abs(d.audio).max() > 1000)
+    assert speech >= spoken / 2, (speech, spoken)
     with pytest.raises(Exception, match="forbidden"):
         ray.get(app.log.read.remote(report.session_id, "not-the-token"))
 
@@ -106,9 +145,18 @@ def test_events_flow_both_ways_and_a_bad_event_does_not_end_the_call(app, app_ur
 
 
 def test_four_concurrent_calls_all_progress_and_a_quiet_client_stalls_nobody(app, app_url, speech_wav):
+    """Three callers talk through the file; the fourth goes quiet after 0.6 s and stays on the call.
+
+    Checked tick by tick from the four logs (every actor counts the same ticks, on one clock), not
+    as counts against wall-clock time. A tick is gathered at its deadline at the latest, with a
+    missing chunk flagged for a caller whose audio is not in; had the ingress held a tick for the
+    quiet caller, that tick's exchange would reach the actor after the step and every chunk in it
+    would be missing. On a loaded machine some exchanges are late too (and some chunks of the
+    talking callers, and the ticks around joining and leaving are the actor's own, flagged
+    missing without an exchange), but a held tick would be every tick of the quiet stretch."""
     samples, rate = read_wav(speech_wav)
-    seconds = len(samples) / rate
     missing_before = stats(app.ingress)["missing_chunks"]  # the ingress notices a caller gone quiet
+    shed = shed_ticks(app)
     respond = [{"type": "response.create"}]
 
     async def four():
@@ -120,16 +168,34 @@ def test_four_concurrent_calls_all_progress_and_a_quiet_client_stalls_nobody(app
         )
 
     reports = run(four())
+    shed = shed_ticks(app) - shed
     logs = []
-    for report in reports:
-        assert report.max_gap_ms < 300 and len(report.ticks) >= 4 * seconds
-        logs.append(assert_the_model_was_heard(app, report))
-    # The quiet one was stepped as missing from when it stopped, every tick, never waited for.
-    missing = [sum(1 for d in deltas if isinstance(d, InputChunk) and d.missing) for deltas in logs]
-    quiet_ticks = (seconds + 1.0 - 0.6) / app.clock.tick_s
-    assert missing[3] >= quiet_ticks - 6, missing  # a few ticks of slack for a loaded machine
-    assert max(missing[:3]) < missing[3] / 2, missing
-    assert stats(app.ingress)["missing_chunks"] - missing_before >= missing[3]
+    for report in reports:  # every call progressed: stepped every tick, sent its outputs, heard the model
+        assert_continuous(report)
+        deltas = assert_the_model_was_heard(app, report)
+        out_seqs = assert_stepped_every_tick(deltas, shed)
+        assert len({t["tick"] for t in report.ticks}) >= len(out_seqs) / 2, (len(report.ticks), len(out_seqs))
+        logs.append({d.seq: d for d in deltas if isinstance(d, InputChunk)})
+    *talking, quiet = logs
+    heard = lambda log: {k for k, c in log.items() if not c.missing}  # noqa: E731
+    spoke = lambda log: {k for k, c in log.items() if not c.missing and np.abs(c.audio).max() > 1000}  # noqa: E731
+
+    # The quiet caller went quiet while the others spoke on, and was stepped as missing every tick
+    # from then on to the end of its call: never waited for. (On a busy machine its 0.6 s may
+    # not have reached the model at all: then it was quiet throughout.)
+    went_quiet = max(heard(quiet), default=min(quiet) - 1)
+    assert any(any(k > went_quiet for k in spoke(log)) for log in talking), (went_quiet, [sorted(spoke(log)) for log in talking])
+    silent = [k for k in quiet if k > went_quiet]
+    assert silent and all(quiet[k].missing for k in silent)
+
+    # Nobody was held for it: while the others were still on, most of its silent ticks reached the
+    # actor with their audio in (a held tick would have none). Its chunks there were the ingress's
+    # missing ones, in the exchange it was sent its outputs from, and the ingress counted them.
+    still_on = [k for k in silent if k <= min(max(log) for log in talking)]
+    carried = [k for k in still_on if any(k in heard(log) for log in talking)]
+    assert len(carried) > len(still_on) / 2, (carried, still_on)
+    flagged = {t["tick"] for t in reports[-1].ticks} & set(carried)
+    assert stats(app.ingress)["missing_chunks"] - missing_before >= len(flagged)
 
 
 def test_the_openai_librarys_realtime_client_works_over_the_websocket(app_url, speech_wav):
@@ -147,8 +213,13 @@ def test_the_openai_librarys_realtime_client_works_over_the_websocket(app_url, s
                 await conn.input_audio_buffer.append(audio=base64.b64encode(pcm[i : i + 4800].tobytes()).decode())
             await conn.send({"type": "bogus.event"})
             await conn.response.create()
-            end = time.time() + len(pcm) / 24_000 + 1.5
-            while time.time() < end:
+
+            def answered():  # a second or more of sound, and every event the checks below look for
+                sound = loud_windows(np.concatenate(audio), 24_000) if audio else 0
+                return sound >= 5 and all(seen.get(kind) for kind in ("session.created", "session.updated", "error", "response.created"))
+
+            give_up = time.monotonic() + TIMEOUT_S
+            while not answered() and time.monotonic() < give_up:
                 try:
                     event = await asyncio.wait_for(conn.recv(), 1.0)
                 except asyncio.TimeoutError:
@@ -235,7 +306,7 @@ def test_a_second_build_on_the_same_cluster_refuses_while_the_first_runs(app):
         build(changed)
     assert stats(app.interaction)["tick"] >= 0  # the running one is untouched
     parts = status()
-    assert [parts[role] for role in ("session_log", "interaction", "ingress")] == ["alive"] * 3 and "RUNNING" in parts["http"]
+    assert [parts[role] for role in ("session_log", "interaction", "ingress")] == ["alive"] * 3 and "running" in parts["http"].lower()
 
 
 def test_a_drained_actor_takes_no_new_session_until_undrained(app):
