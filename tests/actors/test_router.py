@@ -272,7 +272,7 @@ def test_each_gatherer_runs_on_its_actors_clock_estimated_from_round_trips():
         skewed = Fake("a", capacity=2)
 
         async def clock_info():
-            await asyncio.sleep(0.001)
+            await asyncio.sleep(0.001)  # a round trip takes a moment
             return {"t0": 0.0, "tick_ms": 200, "tick_s": 0.2, "now": time.time() + 0.08}
 
         skewed.clock_info = clock_info

@@ -40,7 +40,7 @@ async def call(*args, **kwargs):
         except RuntimeError as exc:
             if "HTTP 503" not in str(exc) or time.monotonic() > give_up:
                 raise
-            await asyncio.sleep(1.0)
+            await asyncio.sleep(1.0)  # its Retry-After
 
 
 def post(url, body=b"", headers=None):
