@@ -13,9 +13,11 @@ import numpy as np
 import pytest
 import ray
 
+from protocols import OutputChunk, from_table
 from tests.conftest import API_KEY
 from tests.deployments.test_gateway import INTERNALS, _frame, _upgrade
 from tests.deployments.test_gateway_fuzz import PROPERTIES, Target
+from tests.waits import wait_for
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -34,13 +36,6 @@ def clean_error(response: httpx.Response, status: int) -> dict:
 
 def sessions(app) -> int:
     return ray.get(app.ingress.stats.remote())["sessions"] + ray.get(app.interaction.stats.remote())["sessions"]
-
-
-def eventually(predicate, timeout=30.0):
-    deadline = time.time() + timeout
-    while not predicate():
-        assert time.time() < deadline, "timed out waiting"
-        time.sleep(0.1)
 
 
 @pytest.fixture(scope="module")
@@ -68,7 +63,7 @@ def until_taken(attempt, timeout=90.0):
         status = getattr(result, "status_code", None)
         if status != 503 or time.time() > deadline:
             return result
-        time.sleep(1.0)
+        time.sleep(1.0)  # as its Retry-After says
 
 
 def mint(app_url, body=None) -> str:
@@ -167,7 +162,7 @@ def test_dropped_websocket_handshakes_leak_no_session(app, app_url):
         except OSError:
             pass
         sock.close()
-    eventually(lambda: ray.get(app.interaction.stats.remote())["sessions"] == before, timeout=60)
+    wait_for(lambda: ray.get(app.interaction.stats.remote())["sessions"] == before, interval=0.1)
     from websockets.exceptions import InvalidStatus
     from websockets.sync.client import connect
 
@@ -212,7 +207,7 @@ def test_fuzz_against_the_app(app, app_url, offer, speech_wav, prop):
     from examples.call import read_wav
 
     samples, rate = read_wav(speech_wav)
-    eventually(lambda: sessions(app) == 0)
+    wait_for(lambda: sessions(app) == 0, interval=0.1)
     good = GoodCall(app_url, np.tile(samples, 2), rate)
     good.start()
     prop(Target(app_url, API_KEY, lambda: sessions(app), offer))
@@ -220,6 +215,8 @@ def test_fuzz_against_the_app(app, app_url, offer, speech_wav, prop):
     assert good.error is None, good.error
     report = good.report
     assert report.event_types().get("session.created") == 1 and "error" not in report.event_types()
-    seconds = 2 * len(samples) / rate
-    assert len(report.ticks) >= 0.5 * seconds / 0.2 and len(report.received) > 0  # it went on while the fuzzer ran
-    eventually(lambda: sessions(app) == 0)
+    # it went on while the fuzzer ran: the caller was sent most ticks its session was stepped
+    token = next(e for e in report.events if e["type"] == "session.created")["session"]["interplay"]["log_token"]
+    stepped = sum(1 for d in from_table(ray.get(app.log.read.remote(report.session_id, token))) if isinstance(d, OutputChunk))
+    assert stepped > 0 and len(report.ticks) >= 0.5 * stepped and len(report.received) > 0, (len(report.ticks), stepped)
+    wait_for(lambda: sessions(app) == 0, interval=0.1)
