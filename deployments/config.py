@@ -164,28 +164,40 @@ class SandboxSection(_Section):
 class SpeechSection(_Section):
     """How the user's speech reaches the background model (actors/context.py, actors/transcribe.py).
 
-    transcript (default): each run of speech is transcribed by a Whisper model that vLLM serves
-    like the pool (its own Ray Serve LLM application, `deployments.pool.SPEECH_APP`), and a
-    text-only pool model reads the text; a run is transcribed once and cached. audio: each run
-    goes to the pool's model as an `input_audio` part; point `background.model` at an
-    audio-capable model vLLM serves (Qwen2-Audio, Ultravox, Qwen2.5-Omni). none: only the run's
-    length is noted."""
+    transcript (default): each run of speech is transcribed and a text-only pool model reads the
+    text; a run is transcribed once and cached. The transcriber is `engine`: pocketsphinx (the
+    default) decodes beside the pool's driver (in a child process of it) with the English model
+    its PyPI package ships, so nothing more is deployed; whisper serves a Whisper model with vLLM
+    like the pool (its own Ray Serve LLM application, `deployments.pool.SPEECH_APP`): point
+    `model` at real Whisper weights. audio: each run goes to the pool's model as an
+    `input_audio` part; point `background.model` at an audio-capable model vLLM serves
+    (Qwen2-Audio, Ultravox, Qwen2.5-Omni). none: only the run's length is noted."""
 
     mode: Literal["transcript", "audio", "none"] = "transcript"
-    # A Whisper model directory (Hugging Face layout) or URI; None: the generated tiny Whisper
-    # (actors/transcribe.py) with dummy weights, whose transcripts are noise.
+    engine: Literal["pocketsphinx", "whisper"] = "pocketsphinx"
+    # whisper: a Whisper model directory (Hugging Face layout) or URI; None: the generated tiny
+    # Whisper (actors/transcribe.py) with dummy weights, whose transcripts are noise.
     model: str | None = None
     model_id: str = "speech"
     load_format: str | None = None  # None: "dummy" for the generated model, vLLM's "auto" otherwise
     language: str = "en"
-    # Ray's CPUs of a replica, and again of its vLLM engine on CPU (small: a run of speech is short).
-    # On GPU the engine takes a GPU of its own, on the `background` node type like the pool's.
+    # whisper: Ray's CPUs of a replica, and again of its vLLM engine on CPU (small: a run of speech
+    # is short). On GPU the engine takes a GPU of its own, on the `background` node type like the pool's.
     num_cpus: float = Field(0.5, gt=0)
     gpu_memory_utilization: float = Field(0.2, gt=0, le=1)  # on GPU (Whisper needs little)
     min_replicas: int = Field(1, ge=0)
     max_replicas: int = Field(1, ge=1)
     max_ongoing_requests: int = Field(8, ge=1)
     engine_kwargs: dict = Field(default_factory=dict)  # more vLLM engine arguments, passed as they are
+
+    @model_validator(mode="after")
+    def _engine_fits(self) -> "SpeechSection":
+        if self.mode == "transcript" and self.engine == "pocketsphinx":
+            if self.model is not None:
+                raise ValueError("background.speech.model names a Whisper model: set background.speech.engine: whisper to use it")
+            if self.language.split("-")[0].lower() != "en":
+                raise ValueError(f"background.speech.language {self.language!r} needs engine: whisper (pocketsphinx ships an English model only)")
+        return self
 
 
 class BackgroundSection(_Section):

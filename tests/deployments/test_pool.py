@@ -53,14 +53,14 @@ def test_llm_config_autoscales_on_its_own_resource():
 def test_the_speech_model_is_served_like_the_pool():
     from deployments.pool import speech_config
 
-    section = BackgroundSection(speech={"max_replicas": 2, "max_ongoing_requests": 4})
+    section = BackgroundSection(speech={"engine": "whisper", "max_replicas": 2, "max_ongoing_requests": 4})
     cpu = speech_config(section, {"CPU": 8, "background": 2})
     assert cpu.accelerator_config.kind == "cpu" and cpu.engine_kwargs["load_format"] == "dummy" and cpu.engine_kwargs["max_model_len"] == 448
     assert cpu.model_loading_config.model_id == "speech" and cpu.model_loading_config.model_source.endswith("tiny-whisper")
     assert cpu.deployment_config["ray_actor_options"]["resources"] == {"background": 1} and cpu.deployment_config["max_ongoing_requests"] == 4
     assert cpu.deployment_config["autoscaling_config"]["max_replicas"] == 2
     assert cpu.placement_group_config == {"bundles": [{"CPU": 0.5}]} and cpu.deployment_config["ray_actor_options"]["num_cpus"] == 0.5
-    mine = speech_config(BackgroundSection(speech={"model": "/models/whisper"}), {"GPU": 1})
+    mine = speech_config(BackgroundSection(speech={"engine": "whisper", "model": "/models/whisper"}), {"GPU": 1})
     assert mine.accelerator_config.kind == "gpu" and mine.engine_kwargs["load_format"] == "auto" and mine.model_loading_config.model_source == "/models/whisper"
 
 
