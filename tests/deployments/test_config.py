@@ -86,7 +86,8 @@ def test_actors_ask_for_nothing_a_plain_cluster_lacks():
     from deployments.app import actor_options
 
     assert actor_options(AppConfig(), {"CPU": 8}) == {
-        "session_log": {}, "background": {}, "interaction": {"num_gpus": 0, "num_cpus": 0}, "router": {"num_cpus": 0}, "ingress": {},
+        "session_log": {"num_cpus": 0.1}, "background": {"num_cpus": 0.1}, "interaction": {"num_gpus": 0, "num_cpus": 0},
+        "router": {"num_cpus": 0}, "ingress": {"num_cpus": 0.25},
     }
     assert actor_options(AppConfig(), {"CPU": 8, "GPU": 1})["interaction"] == {"num_gpus": 1}
     cpu_only = AppConfig.model_validate({"model": {"device": "cpu"}})
@@ -150,3 +151,43 @@ def test_onset_margin_comes_from_the_checkpoint_unless_set(tmp_path):
     with pytest.raises(ValueError, match="onset_margin"):
         load_decision(calibrated)
     assert EngineSpec(checkpoint=None, device="cpu", max_sessions=1).build().onset_margin == 0.0
+
+
+def test_the_defaults_fit_a_two_cpu_machine_with_the_live_path_first():
+    """What every part of the default deployment asks of a plain 2-CPU cluster fits in it: the
+    live path (actors, one gateway replica) and the pool's first replica (its server and its vLLM
+    engine's placement group). Without a named CPU share an actor needs a whole free CPU to be
+    placed (and restarted), so every actor names one."""
+    from deployments.app import InteractionFleet, actor_options
+    from deployments.gateway import Gateway
+    from deployments.pool import POOL_APP, asks
+
+    config, cluster = AppConfig(), {"CPU": 2.0}
+    options = actor_options(config, cluster)
+    assert all("num_cpus" in o for o in options.values()), options
+    interactions = InteractionFleet(None, options["interaction"], {}, 1).units(cluster)
+    live = (options["session_log"]["num_cpus"] + options["background"]["num_cpus"] + options["router"]["num_cpus"]
+            + interactions * options["interaction"]["num_cpus"] + config.ingress.actors * options["ingress"]["num_cpus"]
+            + config.gateway.min_replicas * Gateway.ray_actor_options["num_cpus"])
+    pool = asks(config.background, cluster)
+    assert set(pool) == {POOL_APP}  # the default speech engine deploys nothing
+    assert live + pool[POOL_APP]["CPU"] <= cluster["CPU"], (live, pool)
+    assert pool[POOL_APP] == {"CPU": 1.25}
+    # A Whisper deployment beside it asks its own share; on GPU a replica's engine takes a GPU.
+    whisper = asks(AppConfig.model_validate({"background": {"speech": {"engine": "whisper"}}}).background, cluster)
+    assert whisper["interplay-speech"] == {"CPU": 1.0}
+    assert asks(config.background, {"CPU": 8, "GPU": 1})[POOL_APP] == {"CPU": 0.25, "GPU": 1}
+
+
+def test_speech_engine_defaults_to_pocketsphinx_and_refuses_what_it_cannot_do():
+    speech = AppConfig().background.speech
+    assert (speech.mode, speech.engine, speech.model) == ("transcript", "pocketsphinx", None)
+    whisper = AppConfig.model_validate({"background": {"speech": {"engine": "whisper", "model": "/models/whisper", "language": "de"}}})
+    assert whisper.background.speech.model == "/models/whisper"
+    with pytest.raises(ValidationError, match="set background.speech.engine: whisper"):
+        AppConfig.model_validate({"background": {"speech": {"model": "/models/whisper"}}})
+    with pytest.raises(ValidationError, match="English model only"):
+        AppConfig.model_validate({"background": {"speech": {"language": "de"}}})
+    with pytest.raises(ValidationError, match="engine"):
+        AppConfig.model_validate({"background": {"speech": {"engine": "vosk"}}})
+    assert AppConfig.model_validate({"background": {"speech": {"mode": "none", "language": "de"}}}).background.speech.language == "de"

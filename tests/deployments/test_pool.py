@@ -39,6 +39,8 @@ def test_llm_config_autoscales_on_its_own_resource():
     cpu = llm_config(section, {"CPU": 8})
     assert cpu.accelerator_config.kind == "cpu" and cpu.engine_kwargs["load_format"] == "dummy"
     assert cpu.engine_kwargs["dtype"] == "float32" and cpu.engine_kwargs["enforce_eager"] and cpu.engine_kwargs["gpu_memory_utilization"] == 0.2
+    # A replica's placement group: its server's share and its engine's (Serve LLM merges them).
+    assert cpu.placement_group_config == {"bundles": [{"CPU": 1.0}]} and cpu.deployment_config["ray_actor_options"]["num_cpus"] == 0.25
     auto = cpu.deployment_config["autoscaling_config"]
     assert (auto["min_replicas"], auto["max_replicas"], auto["target_ongoing_requests"], auto["upscale_delay_s"], auto["downscale_delay_s"]) == (1, 3, 2, 1, 5)
     assert cpu.deployment_config["max_ongoing_requests"] == 6
@@ -182,17 +184,18 @@ def _speech_messages(messages, typed):
             and not any(t in m["content"] for t in typed) and not m["content"].startswith(("[event", "Your task"))]
 
 
-def test_speech_reaches_the_pool_as_the_whisper_deployments_transcript_and_sessions_stay_apart(app, app_url, speech_wav):
+def test_speech_reaches_the_pool_as_its_transcript_and_sessions_stay_apart(app, app_url, speech_wav):
     """Two WebSocket sessions at once. A speaks (espeak-ng) and then types a question and asks for
     a response with a tool; B only types a secret and asks. What reached the LLM for each task is
-    its own conversation rendered from the log: A's holds the transcript the Whisper deployment
-    makes of A's speech (random weights: noise, but not the length-only placeholder) before its
-    typed question, and nothing of B; B's holds its secret as logged and nothing of A's speech."""
+    its own conversation rendered from the log: A's holds the transcript PocketSphinx (the default
+    engine, in the pool's driver) makes of A's speech (words, not the length-only placeholder)
+    before its typed question, and nothing of B; B's holds its secret as logged and nothing of A's
+    speech."""
     from actors.context import Transcripts, render
-    from actors.transcribe import ServedTranscriber
+    from actors.transcribe import PocketSphinxTranscriber
     from examples.call import read_wav, resample
 
-    assert app.speech is not None, "the app came up without its speech deployment"
+    assert app.speech is None, "the default speech engine deploys nothing"
     samples, rate = read_wav(speech_wav)
     pcm = resample(samples, rate, 24_000)
     said = {"a": "What time is it where I am?", "b": "my code is 9876"}
@@ -228,16 +231,24 @@ def test_speech_reaches_the_pool_as_the_whisper_deployments_transcript_and_sessi
     prompt_a, prompt_b = (ray.get(app.background.prompt.remote(t)) for t in (task_a, task_b))
     typed = list(said.values())
 
-    # A: its speech as the Whisper deployment's transcript, then its typed text (both from the log).
+    # A: its speech as PocketSphinx's transcript, then its typed text (both from the log).
     heard = _speech_messages(prompt_a, typed)
     assert heard and all(h.strip() and not h.startswith("[the user spoke") for h in heard), heard
     contents = [m["content"] if isinstance(m["content"], str) else "" for m in prompt_a]
     typed_at = next((i for i, c in enumerate(contents[:-1]) if c.startswith(said["a"])), None)  # its chunk's events follow it
     assert typed_at is not None and contents.index(heard[-1]) < typed_at, prompt_a
     upto = ray.get(app.log.read.remote(sa, token_a)).num_rows - 1
-    fresh = run(render(BackgroundTask(sa, 0.0, "delegate", "", context_upto=upto, log_token=token_a), app.log,
-                       speech=Transcripts(ServedTranscriber(app.speech, app.config.background.speech.model_id)), system=None))
-    assert _speech_messages(fresh, typed) == heard  # the deployment transcribes A's logged speech to just that
+
+    async def rendered():
+        transcriber = PocketSphinxTranscriber()
+        try:
+            return await render(BackgroundTask(sa, 0.0, "delegate", "", context_upto=upto, log_token=token_a), app.log,
+                                speech=Transcripts(transcriber), system=None)
+        finally:
+            await transcriber.aclose()
+
+    fresh = run(rendered())
+    assert _speech_messages(fresh, typed) == heard  # A's logged speech transcribes to just that
     assert "9876" not in json.dumps(prompt_a)
 
     # B: its typed text as logged (besides the task's own line), none of A's speech.
