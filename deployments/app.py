@@ -468,6 +468,7 @@ def background_options(config: AppConfig, log: ActorHandle, speech_handle: objec
     return {
         "log": log, "speech": speech_option(config, speech_handle), "tools": tools,
         "timeout_s": section.timeout_s, "max_steps": section.max_steps, "max_tokens": section.max_tokens,
+        "context_s": section.context_s,
     }
 
 

@@ -234,6 +234,10 @@ class BackgroundSection(_Section):
     max_steps: int = Field(4, ge=1, le=16)
     max_tokens: int = Field(512, ge=64)
     tool_timeout_s: float = Field(10.0, gt=0)
+    # How much of its conversation a task reads from the log: the last `context_s` seconds before
+    # what it saw (null: all of it; at most 20,000 rows either way), text, events and the user's
+    # input audio only (never video frames or the model's audio).
+    context_s: float | None = Field(300.0, gt=0)
     tools: list[str] = Field(default_factory=list)  # more tools, as `module:attribute` (see actors/tools.py)
     sandbox: SandboxSection = Field(default_factory=SandboxSection)
     speech: SpeechSection = Field(default_factory=SpeechSection)

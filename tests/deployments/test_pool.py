@@ -77,7 +77,8 @@ def test_a_typed_question_with_a_tool_reaches_the_pool_and_its_result_streams_ba
     tool runs, its result enters the interaction engine (the actor's update count) and the
     client's events (function call, its output, our background events) while audio never stops."""
     assert app.pool is not None, "the app came up without its pool"
-    before = ray.get(app.interaction.stats.remote())["totals"]["updates"]
+    totals = ray.get(app.interaction.stats.remote())["totals"]
+    before, shed_before = totals["updates"], totals["shed_ticks"]
 
     async def session():
         seen, audio_ticks, t_request, t_result = [], [], None, None
@@ -102,15 +103,18 @@ def test_a_typed_question_with_a_tool_reaches_the_pool_and_its_result_streams_ba
     types = [e["type"] for e in seen]
     assert "interplay.background.task" in types
     done = [e for e in seen if e["type"] == "response.function_call_arguments.done"]
-    assert done and done[0]["name"] == "clock" and json.loads(done[0]["arguments"]) == {}
+    said = [(e["status"], e["text"]) for e in seen if e["type"] == "interplay.background.update"]
+    assert done and done[0]["name"] == "clock" and json.loads(done[0]["arguments"]) == {}, said
     outputs = [e["item"] for e in seen if e["type"] == "conversation.item.done" and e["item"]["type"] == "function_call_output"]
     assert outputs and "utc" in json.loads(outputs[0]["output"])
     updates = [e for e in seen if e["type"] == "interplay.background.update"]
     assert [u["status"] for u in updates][:3] == ["progress", "progress", "partial"]
     assert updates[-1]["status"] in ("final", "error")
-    # Output never stopped: a tick event for every tick between the request and the last update.
-    assert ticks and ticks[-1] - ticks[0] + 1 - len(set(ticks)) <= 2
-    assert ray.get(app.interaction.stats.remote())["totals"]["updates"] >= before + 3
+    # Output never stopped for the task: a tick event for every tick between the request and the
+    # last update, but those an overloaded actor shed (for every session alike) and one at each end.
+    after = ray.get(app.interaction.stats.remote())["totals"]
+    assert ticks and ticks[-1] - ticks[0] + 1 - len(set(ticks)) <= 2 + after["shed_ticks"] - shed_before
+    assert after["updates"] >= before + 3
 
 
 def _task(sid="sess_pool", **kw):
