@@ -279,6 +279,7 @@ def test_each_gatherer_runs_on_its_actors_clock_estimated_from_round_trips():
         ingress = Ingress(router(skewed), TickClock(time.time()), max_sessions=2)
         await ingress.open_websocket()
         await until(lambda: abs(ingress.groups["a"].clock.offset_s + 0.08) <= 0.01, message=lambda: ingress.groups["a"].clock)
+        assert abs(ingress.groups["a"].clock.offset_s + 0.08) <= 0.01
         await ingress.shutdown()
 
     asyncio.run(main())

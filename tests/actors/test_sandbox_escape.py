@@ -398,6 +398,7 @@ def test_the_sandbox_dies_with_the_server():
         server.kill()
         server.wait()
         none_left()
+        assert not sandbox_pids()
     finally:
         server.kill()
         server.wait()
