@@ -186,7 +186,7 @@ async def scenario(args) -> dict:
     cluster = LocalCluster()
     report: dict = {"kills": [], "node_leave": None, "capacity": {}, "log": {}}
     say(f"starting a 2-node Ray cluster in {cluster.temp_dir} ...")
-    cluster.start_head(4, {"interaction": 1, "session_log": 1, "ingress": 4})  # as cluster.yaml: the log and ingress on the head
+    cluster.start_head(4, {"interaction": 1, "session_log": 1, "router": 1, "ingress": 4})  # as cluster.yaml: the log, router and ingress on the head
     node2 = cluster.add_node(2, {"interaction": 1})
     try:
         # This driver joins our own cluster only, whatever Ray settings it inherited (a test's

@@ -133,8 +133,9 @@ def engine_spec(config: AppConfig) -> EngineSpec:
 def actor_options(config: AppConfig, resources: dict[str, float]) -> dict[str, dict]:
     """What each actor asks of a cluster offering `resources` (its totals): the interaction actor a
     GPU when there is one (and the model may use it), and each actor its role's custom resource
-    (`session_log`, `interaction`, `ingress`) where the cluster defines it, which pins it to the
-    node type meant for it (see cluster.yaml). The pool's driver (`background`) asks for no node
+    (`session_log`, `router`, `interaction`, `ingress`) where the cluster defines it, which pins it
+    to the node type meant for it (see cluster.yaml): the router's map of placements, like the
+    log, lives on the head, never on a node that may leave with the calls it places. The pool's driver (`background`) asks for no node
     type: it is light (prompts, tools, the sandbox, speech recognition), and its LLM replicas ask
     for the `background` resource themselves (deployments/pool.py). Each asks a CPU share sized to
     its work (`CPU_SHARES`): an actor that names none would need a whole free CPU to be placed
@@ -149,10 +150,10 @@ def actor_options(config: AppConfig, resources: dict[str, float]) -> dict[str, d
         options["interaction"]["num_cpus"] = 0
     for role, share in CPU_SHARES.items():
         options[role]["num_cpus"] = share
-    for role in ("session_log", "interaction", "ingress"):
+    options["router"]["num_cpus"] = 0  # bookkeeping only
+    for role in ("session_log", "router", "interaction", "ingress"):
         if resources.get(role, 0) >= 1:
             options[role]["resources"] = {role: 1}
-    options["router"]["num_cpus"] = 0  # bookkeeping only: it must fit anywhere
     return options
 
 
@@ -188,23 +189,23 @@ class InteractionFleet:
 
     async def __call__(self, existing: list[str]) -> list[tuple]:
         """(name, port, capacity, handle) of each interaction actor the caller does not know yet:
-        those alive that it missed (a restarted router knows only the first ones), then one made
-        for each unit of capacity not yet used."""
+        those alive that it missed (a restarted router knows only the first ones), or else one
+        made for each unit of capacity not yet used. Found ones are answered at once, never held
+        up behind a new actor loading: a restarted router must first learn where its sessions
+        live, since that is what it is asked next."""
         known = set(existing)
         named = {a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
                  if a["namespace"] == self.namespace and a["name"].startswith("interaction-")}
-        found = []
-        for name in sorted(named - known, key=_index):
-            handle = ray.get_actor(name, namespace=self.namespace)
-            try:
-                await asyncio.wait_for(handle.clock_info.remote(), 5.0)
-            except Exception:
-                continue  # not placed right now (its node left): looked at again next time
-            found.append((name, Remote(handle), self.max_sessions, handle))
+        missed = sorted(named - known, key=_index)
+        handles = [ray.get_actor(name, namespace=self.namespace) for name in missed]
+        answers = await asyncio.gather(*(asyncio.wait_for(h.clock_info.remote(), 5.0) for h in handles), return_exceptions=True)
+        # One that does not answer is not placed right now (its node left): looked at next time.
+        found = [(name, Remote(h), self.max_sessions, h) for name, h, a in zip(missed, handles, answers) if not isinstance(a, BaseException)]
+        if found:
+            return found
         want = self.units(ray.cluster_resources())
-        names = known | named
-        i = max((_index(n) for n in names), default=-1) + 1
-        while len(known) + len(found) < want:
+        i = max((_index(n) for n in known | named), default=-1) + 1
+        while len(known) < want:
             name = f"interaction-{i}"
             handle = self.create(name)
             try:  # one that cannot be placed is asked for again next time
@@ -212,6 +213,7 @@ class InteractionFleet:
             except Exception:
                 break
             found.append((name, Remote(handle), self.max_sessions, handle))
+            known.add(name)
             i += 1
         return found
 

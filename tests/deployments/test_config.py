@@ -75,7 +75,7 @@ def test_cluster_launcher_file_is_valid_for_ray_and_offers_what_the_actors_ask_f
     hosts = {role: [name for name, res in offered.items() if all(res.get(k, 0) >= n for k, n in asks(role).items())] for role in options}
     assert hosts == {
         "session_log": ["head"], "interaction": ["interaction_gpu"], "ingress": ["head"],
-        "background": list(offered), "router": list(offered), "pool_replica": ["background_gpu"],
+        "background": list(offered), "router": ["head"], "pool_replica": ["background_gpu"],
     }
     # Every custom resource the file offers is one something asks for.
     custom = {k for res in offered.values() for k in res if k not in ("CPU", "GPU", "memory")}

@@ -35,11 +35,6 @@ def _env() -> dict:
     return env
 
 
-# Known gap, every check still asserted: calls on a node that leaves now resume only once Ray
-# restarts the lost actor (about 21 s here) instead of on the free actor; past the 10 s orphan
-# timeout a live call's log can be closed under it (2 of 3 full runs). Until that is found, the
-# scenario reports it rather than failing the suite.
-@pytest.mark.xfail(reason="node-leave resume waits for the lost actor's restart (~21 s), past the orphan timeout", strict=False)
 def test_calls_survive_a_killed_actor_and_a_node_leaving_and_the_log_replays_exactly(tmp_path):
     name = f"failover-test-{os.getpid()}"
     child = subprocess.run(

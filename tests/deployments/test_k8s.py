@@ -84,6 +84,6 @@ def test_groups_offer_what_the_actors_and_the_pool_ask_for():
     asks["pool_replica"] = {**replica["resources"], "GPU": 1}
     hosts = {role: [g for g, res in offers.items() if all(res.get(k, 0) >= n for k, n in want.items())] for role, want in asks.items()}
     assert hosts == {
-        "session_log": ["head"], "ingress": ["head"], "interaction": ["interaction-gpu"], "router": list(offers), "background": list(offers),
+        "session_log": ["head"], "ingress": ["head"], "interaction": ["interaction-gpu"], "router": ["head"], "background": list(offers),
         "pool_replica": ["background-gpu"],
     }
