@@ -155,6 +155,11 @@ class JoinedSession:
     updates: list[str] = field(default_factory=list)  # update texts for the next chunk
     shed: int = 0  # ticks shed since its last output
     heard: int = 0  # the newest tick an exchange brought a chunk of it for (its first tick at first)
+    dropped: InputChunk | None = None  # what its late chunks brought besides audio, for its next chunk
+
+    def drop(self, chunk: InputChunk) -> None:
+        """A chunk of it came too late to be stepped: its text, events and forced control go on."""
+        self.dropped = chunk.after(self.dropped)
 
 
 @dataclass
@@ -455,6 +460,8 @@ class Interaction:
                 session.heard = max(session.heard, tick)
             if stale:
                 self._late += 1
+                if session is not None:
+                    session.drop(chunk)
                 continue
             if chunk.session_id not in self.sessions:
                 continue
@@ -521,6 +528,7 @@ class Interaction:
                 if chunk is None:
                     chunk = InputChunk.silent(sid, tick, self.clock.start(tick), self.clock.samples())
                     missing += 1
+                chunk, session.dropped = chunk.after(session.dropped), None
                 room = MAX_UPDATES - len(chunk.updates)
                 if session.updates and room > 0:  # the texts enter with the chunk, and are logged with it
                     chunk = dataclasses.replace(chunk, updates=[*chunk.updates, *session.updates[:room]])
@@ -594,8 +602,11 @@ class Interaction:
         n = tick - self._next_tick
         if n <= 0:
             return 0
-        for k in [k for k in self._inbox if k < tick]:
-            self._late += len(self._inbox.pop(k))
+        for k in sorted(k for k in self._inbox if k < tick):
+            for chunk in self._inbox.pop(k).values():
+                self._late += 1
+                if chunk.session_id in self.sessions:
+                    self.sessions[chunk.session_id].drop(chunk)
         for k in [k for k in self._stepped if k < tick]:
             self._stepped[k].set()
         for k in [k for k in self._complete if k < tick]:

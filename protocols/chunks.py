@@ -142,6 +142,17 @@ class InputChunk:
     def silent(cls, session_id: str, seq: int, t_start: float, samples: int, missing: bool = True) -> "InputChunk":
         return cls(session_id, seq, t_start, silence(samples), missing=missing)
 
+    def after(self, dropped: "InputChunk | None") -> "InputChunk":
+        """This chunk carrying what `dropped` (an earlier chunk of the session that came too late
+        to be stepped) brought besides its audio: its text and client events come first, and its
+        forced control holds where this chunk forces none. So a late chunk loses only its sound,
+        never a request the client made."""
+        if dropped is None or not (dropped.text or dropped.events or dropped.forced):
+            return self
+        text = "\n".join(t for t in (dropped.text, self.text) if t)[-MAX_TEXT_CHARS:]
+        return InputChunk(self.session_id, self.seq, self.t_start, self.audio, self.frame, text, [*dropped.events, *self.events],
+                          self.missing, self.forced or dropped.forced, self.updates)
+
 
 @dataclass
 class OutputChunk:

@@ -91,6 +91,29 @@ def test_late_chunk_is_counted_and_still_gets_the_tick_output():
     asyncio.run(scenario())
 
 
+def test_a_late_chunk_loses_only_its_sound_its_text_events_and_forced_control_go_on():
+    """A `response.create` that rode a chunk which came after its tick was stepped (or was shed)
+    is not lost: the session's next stepped chunk carries it, after anything dropped before."""
+
+    async def scenario():
+        inter = make()
+        await inter.join("a")
+        await inter.step(0)  # nobody handed chunk 0 in: stepped as missing
+        asking = InputChunk("a", 0, 0.0, chunk("a", 0).audio, text="hello", events=[{"type": "response.create"}], forced="speak")
+        await inter.exchange(0, [asking], ["a"])  # late
+        shed = InputChunk("a", 1, 0.2, chunk("a", 1).audio, text="again", events=[{"type": "conversation.item.create"}])
+        inter._inbox[1] = {"a": shed}  # handed in for tick 1, which is shed: tick 2 is stepped first
+        await inter.step(2)
+        carried = next(c for c in inter.engine.steps[-1] if c.session_id == "a")
+        assert carried.text == "hello\nagain" and carried.forced == "speak"
+        assert [e["type"] for e in carried.events] == ["response.create", "conversation.item.create"]
+        await inter.step(3)  # carried once, not again
+        assert next(c for c in inter.engine.steps[-1] if c.session_id == "a").text == ""
+        assert (await inter.stats())["totals"]["late_chunks"] == 2
+
+    asyncio.run(scenario())
+
+
 def test_one_sessions_bad_input_is_an_error_event_and_the_other_goes_on():
     async def scenario():
         inter = make()
