@@ -28,7 +28,7 @@ NAMED = {"type": "function", "name": "clock"}
 
 
 def start_pool(ray, max_tokens: int = 128):
-    from actors.background import BackgroundActor, RemotePool, ServeChat
+    from actors.background.background import BackgroundActor, RemotePool, ServeChat
     from deployments.config import BackgroundSection
     from deployments.pool import deploy
 
@@ -52,7 +52,7 @@ class Recorded:
 
 
 def delegation_overhead(ray, pool, trials: int = 30) -> list[dict]:
-    from actors.interaction import Interaction
+    from actors.interaction.interaction import Interaction
     from protocols import InputChunk
     from tests.fakes import MockEngine
 

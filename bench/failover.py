@@ -375,7 +375,7 @@ def _fmt(times: list) -> str:
 
 async def check_logs(app, session_ids: list[str], lsb: int) -> dict:
     """Each session's log in order, and its outputs equal to a fresh engine's from its inputs."""
-    from actors.interaction import EngineSpec
+    from actors.interaction.interaction import EngineSpec
     from deployments.app import engine_spec
     from protocols import InputChunk, OutputChunk
     from protocols.background import SessionEvent

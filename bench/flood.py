@@ -30,11 +30,11 @@ import time
 
 import numpy as np
 
-from actors.background import Background
-from actors.interaction import EngineSpec, Interaction
-from actors.sandbox import SandboxLimits, available
-from actors.session_log import SessionLog
-from actors.tools import default_tools
+from actors.background.background import Background
+from actors.interaction.interaction import EngineSpec, Interaction
+from actors.background.sandbox import SandboxLimits, available
+from actors.log.session_log import SessionLog
+from actors.background.tools import default_tools
 from bench.common import percentiles, print_table, write_json
 from protocols import InputChunk
 

@@ -14,7 +14,7 @@ import time
 
 import numpy as np
 
-from actors.session_log import SessionLog, SessionLogActor
+from actors.log.session_log import SessionLog, SessionLogActor
 from bench.common import percentiles, print_table, write_json
 from protocols import InputChunk, OutputChunk, TickClock, to_batch
 

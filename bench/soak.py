@@ -105,7 +105,7 @@ async def soak_call(url: str, log: CallLog, samples: np.ndarray, until: float, r
     from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
     from aiortc.mediastreams import MediaStreamError
 
-    from actors.ice import use_ice_addresses
+    from actors.ingress.ice import use_ice_addresses
     from examples.call import _time_packets, post_offer
 
     use_ice_addresses(["127.0.0.1"])  # a local server: the media stays on loopback too

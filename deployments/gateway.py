@@ -199,7 +199,7 @@ def validation_message(exc: ValidationError, prefix: str = "") -> str:
 def session_config(raw: Any) -> dict:
     """A client's session config validated and in canonical form (what the ingress would make of
     it); HttpError 400 with a clean message otherwise."""
-    from actors.ingress import check_config
+    from actors.ingress.ingress import check_config
     from protocols.realtime import SessionConfig
 
     if not isinstance(raw, dict):
@@ -415,8 +415,8 @@ class Gateway:
     replica exchanges once per tick with each interaction actor its sessions are on."""
 
     def __init__(self, config: dict, signing_key: bytes, router: ActorHandle, ingresses: list[ActorHandle], clock: dict):
-        from actors.ingress import Ingress
-        from actors.router import Routed
+        from actors.ingress.ingress import Ingress
+        from actors.interaction.router import Routed
 
         from .fleet import Ingresses, Interactions
 

@@ -19,8 +19,8 @@ to it through `PoolChat`, which answers a clear error while the application is n
 
 The user's speech (`background.speech`): with `mode: transcript` and `engine: whisper` a Whisper
 model is served the same way, as the Serve application `SPEECH_APP` (`speech_config`; the
-generated tiny Whisper of `actors.transcribe` with dummy weights when no model is named), and the
-pool's driver transcribes each run of speech through it (`actors.transcribe.ServedTranscriber`);
+generated tiny Whisper of `actors.background.transcribe` with dummy weights when no model is named), and the
+pool's driver transcribes each run of speech through it (`actors.background.transcribe.ServedTranscriber`);
 `deploy` starts it beside the pool. The default engine, pocketsphinx, runs in the driver itself:
 nothing is deployed for it.
 """
@@ -138,7 +138,7 @@ def speech_source(section: "BackgroundSection") -> tuple[str, str]:
     if speech.model:
         path = speech.model if "://" in speech.model else str(Path(speech.model).expanduser().resolve())
         return path, speech.load_format or "auto"
-    from actors.transcribe import default_whisper_dir
+    from actors.background.transcribe import default_whisper_dir
 
     return str(default_whisper_dir()), speech.load_format or "dummy"
 
@@ -222,10 +222,10 @@ class PoolChat:
     """The pool's Serve application, found by name, as the driver's `ChatModel` (a `ServeChat`).
     Until the application runs, a task's model turn fails at once with an `LLMError` saying why
     (the task ends in an "error" update) instead of waiting on replicas that may never come.
-    `status(app_name)` reads the application's state (`actors.transcribe.app_status`)."""
+    `status(app_name)` reads the application's state (`actors.background.transcribe.app_status`)."""
 
     def __init__(self, model_id: str = "background", app_name: str = POOL_APP, status: Callable[[str], str | None] | None = None):
-        from actors.background import ServeChat
+        from actors.background.background import ServeChat
 
         self.chat = ServeChat(None, model_id, app_name=app_name)
         self.app_name = app_name
@@ -234,8 +234,8 @@ class PoolChat:
 
     async def stream(self, messages: list[dict], *, response_format: dict, max_tokens: int) -> AsyncIterator[str]:
         if not self.up:
-            from actors.background import LLMError
-            from actors.transcribe import app_status
+            from actors.background.background import LLMError
+            from actors.background.transcribe import app_status
 
             state = await asyncio.to_thread(self.status or app_status, self.app_name)
             if state != "RUNNING":

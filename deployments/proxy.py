@@ -10,7 +10,7 @@ socket with 1009 (message too big). It returns no middlewares.
 
 `interplay serve` sets the variable for the cluster it starts; a cluster started otherwise (`ray
 start`, KubeRay) needs it in the environment of its nodes (see deployments/k8s/rayservice.yaml).
-Events under the cap but over the per-event limit (`actors.transports.MAX_CHANNEL_EVENT_BYTES`)
+Events under the cap but over the per-event limit (`actors.ingress.transports.MAX_CHANNEL_EVENT_BYTES`)
 still get an `error` event and the session goes on.
 """
 

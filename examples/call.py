@@ -175,7 +175,7 @@ async def call(
     """
     report = CallReport()
     if urlparse(url).hostname in ("127.0.0.1", "localhost", "::1"):
-        from actors.ice import use_ice_addresses
+        from actors.ingress.ice import use_ice_addresses
 
         use_ice_addresses(["127.0.0.1"])  # a local server: keep the media on loopback too
     pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))

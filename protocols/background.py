@@ -2,8 +2,8 @@
 
 A `BackgroundTask` carries a reference into the SessionLog, not a stripped query: its session, the
 log index it saw (`context_upto`) and the session's read token (`log_token`), so the background
-model reads the whole conversation by reference (`actors.context.render`). The token is a
-capability: it never enters the log (`actors.log_checks` drops it) and never shows in a repr.
+model reads the whole conversation by reference (`actors.background.context.render`). The token is a
+capability: it never enters the log (`actors.log.log_checks` drops it) and never shows in a repr.
 `ToolCall` / `ToolResult` record tool use; `SessionEvent` records everything else that happens
 to a session (joined, config changed, client event, error, left).
 """

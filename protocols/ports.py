@@ -7,7 +7,7 @@ application binds Ray handles (through `actors.remote.Remote`) in one builder.
   and moving a session between interaction actors: `release` here, `resume` there).
 - `Log`: the session log's write side, and what a session's state is rebuilt from.
 - `BackgroundPool`: runs a delegated task and streams its updates back.
-- `Placement`: which interaction actor steps a session (actors/router.py: `Direct`, `Router`).
+- `Placement`: which interaction actor steps a session (actors/interaction/router.py: `Direct`, `Router`).
 """
 
 from __future__ import annotations
@@ -118,7 +118,7 @@ class Placement(Protocol):
     """Where sessions are stepped. `place` joins a new session somewhere with room; `locate` says
     where a session lives now, resuming it from the log when the actor named `lost_on` (where the
     ingress last found it) no longer has it (`gone`: that actor did not answer at all). Each
-    answers an `actors.router.Placed`."""
+    answers an `actors.interaction.router.Placed`."""
 
     async def place(self, session_id: str, tenant: str | None = None) -> Any: ...
 

@@ -31,7 +31,7 @@ def ray_cluster():
 
 def pytest_configure(config):
     """WebRTC media in tests stays on loopback: aioice would otherwise offer the machine's interfaces."""
-    from actors.ice import use_ice_addresses
+    from actors.ingress.ice import use_ice_addresses
 
     use_ice_addresses(["127.0.0.1"])
 

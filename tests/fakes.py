@@ -115,7 +115,7 @@ class MockEngine:
 
 
 class LocalLog:
-    """A `SessionLog` (`actors.session_log`) in process as the async `Log` port; each call waits
+    """A `SessionLog` (`actors.log.session_log`) in process as the async `Log` port; each call waits
     `delay_s` first, and while `held` is an unset `asyncio.Event`, until it is set."""
 
     def __init__(self, log, delay_s: float = 0.0):

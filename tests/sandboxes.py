@@ -3,7 +3,7 @@
 The server's own interpreter comes first. When the tests run as root, the sandbox runs as uid
 65534, which cannot read an interpreter under /root (pyenv's): then the system's /usr/bin/python3,
 as `background.sandbox.python` would name it. Where neither isolates, the test is skipped with
-`actors.sandbox.available()`'s reason (no bwrap, no user namespaces).
+`actors.background.sandbox.available()`'s reason (no bwrap, no user namespaces).
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import functools
 
 import pytest
 
-from actors.sandbox import SandboxLimits, available
+from actors.background.sandbox import SandboxLimits, available
 
 
 @functools.lru_cache(maxsize=1)

@@ -131,7 +131,7 @@ def test_onset_margin_comes_from_the_checkpoint_unless_set(tmp_path):
     import json
     import shutil
 
-    from actors.interaction import EngineSpec
+    from actors.interaction.interaction import EngineSpec
     from deployments.app import engine_spec
     from deployments.config import AppConfig
     from models.checkpoint import load_decision

@@ -16,8 +16,8 @@ import httpx
 import pytest
 import uvicorn
 
-from actors.ingress import Ingress
-from actors.router import Direct
+from actors.ingress.ingress import Ingress
+from actors.interaction.router import Direct
 from deployments.auth import Auth
 from deployments.config import AppConfig
 from deployments.gateway import Edge, make_api
@@ -259,7 +259,7 @@ def test_errors_from_the_ingress_carry_no_internals(server, offer, monkeypatch):
         raise leaky
 
     async def raises_other(*args, **kwargs):
-        raise RuntimeError("ray::IngressActor.offer() (pid=4242, ip=10.1.2.3)\n  File \"/work/main/actors/ingress.py\"")
+        raise RuntimeError("ray::IngressActor.offer() (pid=4242, ip=10.1.2.3)\n  File \"/work/main/actors/ingress/ingress.py\"")
 
     headers = {**bearer(KEY), "Content-Type": "application/sdp"}
     monkeypatch.setattr(server.calls, "offer", raises_protocol)
@@ -436,7 +436,7 @@ def test_a_failing_message_gets_an_error_event_and_the_session_goes_on(server, m
 
     def receive(session_id, message):
         if "boom" in str(message):
-            raise RuntimeError("a bug (pid=1) in /work/main/actors/realtime_session.py")
+            raise RuntimeError("a bug (pid=1) in /work/main/actors/ingress/realtime_session.py")
         return real(session_id, message)
 
     monkeypatch.setattr(server.websockets, "receive", receive)

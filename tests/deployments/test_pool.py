@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 import ray
 
-from actors.background import Background, RemotePool, ServeChat
-from actors.sandbox import SandboxLimits, run_python
-from actors.tools import Tool, default_tools
+from actors.background.background import Background, RemotePool, ServeChat
+from actors.background.sandbox import SandboxLimits, run_python
+from actors.background.tools import Tool, default_tools
 from deployments.config import AppConfig, BackgroundSection
 from protocols import BackgroundTask
 from tests.conftest import API_KEY
@@ -195,8 +195,8 @@ def test_speech_reaches_the_pool_as_its_transcript_and_sessions_stay_apart(app, 
     engine, in the pool's driver) makes of A's speech (words, not the length-only placeholder)
     before its typed question, and nothing of B; B's holds its secret as logged and nothing of A's
     speech."""
-    from actors.context import Transcripts, render
-    from actors.transcribe import PocketSphinxTranscriber
+    from actors.background.context import Transcripts, render
+    from actors.background.transcribe import PocketSphinxTranscriber
     from examples.call import read_wav, resample
 
     assert app.speech is None, "the default speech engine deploys nothing"

@@ -126,7 +126,7 @@ def heldout_pause(tmp_path_factory):
 
 
 def test_the_shipped_checkpoint_is_the_default_and_streams(heldout_pause):
-    from actors.interaction import EngineSpec
+    from actors.interaction.interaction import EngineSpec
     from deployments.config import AppConfig
 
     assert Path(AppConfig().model.checkpoint).resolve() == SHIPPED  # what `interplay serve` loads by default
@@ -144,7 +144,7 @@ def test_the_shipped_checkpoint_is_the_default_and_streams(heldout_pause):
 
 
 def test_the_shipped_checkpoint_speaks_after_the_question_not_in_the_pause(heldout_pause):
-    from actors.interaction import EngineSpec
+    from actors.interaction.interaction import EngineSpec
     from deployments.config import AppConfig
 
     assert Path(AppConfig().model.checkpoint).resolve() == SHIPPED  # what `interplay serve` loads by default
