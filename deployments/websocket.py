@@ -28,6 +28,7 @@ from protocols import ProtocolError
 from protocols.realtime import error_event
 
 from .auth import Auth, AuthError, Grant, origin_allowed
+from .errors import HTTP_STATUS, UNAVAILABLE, clean
 
 log = logging.getLogger("interplay.websocket")
 
@@ -60,8 +61,6 @@ async def _refuse(ws: WebSocket, status: int, message: str, code: str) -> None:
 
 
 async def serve_websocket(ws: WebSocket, auth: Auth, ingress, allowed_origins: list[str] = ()) -> None:
-    from .gateway import HTTP_STATUS, UNAVAILABLE, clean
-
     if not origin_allowed(ws.headers.get("origin"), ws.headers.get("host"), list(allowed_origins)):
         await _refuse(ws, 403, "this page's origin may not call this server (see auth.allowed_origins)", "forbidden_origin")
         return
@@ -167,8 +166,6 @@ async def _receive(ws: WebSocket, ingress, session_id: str, outbox: asyncio.Queu
 
 
 def _clean(exc: Exception) -> str:
-    from .gateway import clean
-
     return clean(str(exc))
 
 
