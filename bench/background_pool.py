@@ -12,8 +12,9 @@ Serve LLM with vLLM serving the generated tiny Llama (dummy weights), driven by 
   per second and task latency p50/p99, with the pool at one replica.
 
 They are registered in `bench.background` (one entry point for the background benchmarks):
-`python -m bench.background --only delegation_overhead pool_throughput`, which is also what
-`python -m bench.background_pool` runs; results go to bench/results/background.json.
+`python -m bench.background --only delegation_overhead pool_throughput`; results go to
+bench/results/background.json. This module is the measurements only, and imports nothing of
+`bench.background`.
 """
 
 from __future__ import annotations
@@ -139,12 +140,3 @@ def pool_throughput(ray, pool, concurrency=(1, 4, 16), rounds: int = 2) -> list[
     print_table(rows, ["concurrent", "tasks", "tasks/s", "p50 ms", "p99 ms", "final", "error"])
     return rows
 
-
-def main() -> dict:
-    from bench.background import main as run
-
-    return run(["--only", "delegation_overhead", "pool_throughput"])
-
-
-if __name__ == "__main__":
-    main()
