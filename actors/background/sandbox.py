@@ -47,7 +47,7 @@ import subprocess
 import sys
 from dataclasses import dataclass
 
-from actors.background.tools import ToolError
+from actors.background.errors import ToolError
 
 SANDBOX_UID = 65534  # nobody
 MAX_CODE_BYTES = 64 * 1024

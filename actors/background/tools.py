@@ -46,14 +46,12 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Awaitable, Callable
 
+from actors.background.errors import ToolError
+
 if TYPE_CHECKING:
     from actors.background.sandbox import SandboxLimits
 
 MAX_TIMER_S = 300.0
-
-
-class ToolError(Exception):
-    """A tool could not give a result; the message says why in one line."""
 
 
 @dataclass(frozen=True)
