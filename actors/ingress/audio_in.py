@@ -162,6 +162,8 @@ class AudioChunker:
     as soon as it is complete instead of waiting for the tick's end.
     """
 
+    tells_complete = True  # `on_chunk` is called as each chunk closes
+
     def __init__(
         self, clock: TickClock, jitter_ms: float = 40.0, stall_ms: float = 300.0, resync_ms: float = 1000.0, max_ready: int = 25,
         floor_ms: float = 3.0, percentile: float = 95.0, window_ms: float = 2000.0, history_ms: float = 300.0, quiet: float = 300.0,
@@ -407,6 +409,8 @@ class BufferedAudioInput:
     beyond that `push` raises `InputBufferFull` and keeps nothing of that block. Empty blocks are
     ignored.
     """
+
+    tells_complete = False  # a chunk is whole only when the client has sent enough: taken at the deadline
 
     def __init__(self, clock: TickClock, max_s: float = 60.0):
         self.clock = clock

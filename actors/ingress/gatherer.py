@@ -1,8 +1,8 @@
 """`Gatherer`: once per tick, one `InputChunk` per live session and one exchange for all of them.
 
-Tick k is gathered as soon as every live call's chunk k is complete (a call's audio input says
-so through `on_chunk`; one without it is complete only at the deadline), and at the latest at
-`clock.end(k) + grace_s` (origin time, see `protocols.clock.TickClock`): the caller's audio is
+Tick k is gathered as soon as every live call's chunk k is complete (a call's audio input that
+`tells_complete` says so through `on_chunk`; one without is complete only at the deadline), and at
+the latest at `clock.end(k) + grace_s` (`actors.interaction.pacer.TickPacer`) (origin time, see `protocols.clock.TickClock`): the caller's audio is
 placed so that a tick's last packet normally arrives before the tick ends, so waiting for the end
 itself would only add delay. Each live call's chunk k is built from its transport's audio
 (flagged `missing`, with silence, when none is in; audio of an earlier tick that comes now is
@@ -38,6 +38,7 @@ from protocols.realtime import error_from
 
 from actors.ingress.realtime_session import RealtimeSession
 from actors.ingress.transports import Transport
+from actors.interaction.pacer import TickPacer
 
 log = logging.getLogger(__name__)
 
@@ -97,7 +98,11 @@ class Gatherer:
         self._loop: asyncio.Task | None = None
         self._exchanges: set[asyncio.Task] = set()
         self._timing: dict[int, dict[str, float]] = {}  # tick -> wall times: ready, gathered, returned
-        self._news = asyncio.Event()  # a call's chunk was completed
+        deadline = lambda k: clock.end(k) + grace_s  # noqa: E731
+        due = lambda: clock.tick_at(clock.now() - grace_s) - 1  # noqa: E731
+        self.pacer = TickPacer(deadline, due, clock.now, slack_s=clock.tick_s)  # a loop a whole tick late skips ahead
+        for call in calls.values():
+            self._listen(call)
         self._misses: dict[str, int] = {}  # call id -> exchanges in a row without its output
         self._failures = 0  # exchanges in a row that failed or timed out
 
@@ -117,57 +122,46 @@ class Gatherer:
         clock = self.clock
         k = clock.current()
         while True:
-            await self._until_ready(k)
-            if clock.now() - (clock.end(k) + self.grace_s) > clock.tick_s:  # the loop stalled: skip to the newest tick that is due
-                newest = clock.tick_at(clock.now() - self.grace_s) - 1
-                self.counts["skipped_ticks"] += newest - k
-                k = newest
+            ready = await self.pacer.next(k, self._complete)
+            self.counts["skipped_ticks"] += ready - k  # the loop stalled: skipped to the newest tick that is due
+            k = ready
+            early = clock.start(k) - clock.now()
+            if early > 0:  # it was complete before it began
+                # Audio placed ahead of the clock (a client running fast) must not pull the
+                # exchanges ahead of the interaction actor's ticks: never gather before the tick starts.
+                self.counts["early_ticks"] += 1
+                await asyncio.sleep(early)
             try:
                 self.gather(k)
             except Exception:
                 log.exception("tick %d failed", k)
             k += 1
 
-    async def _until_ready(self, k: int) -> None:
-        """Return once every live call's chunk k is complete, or at tick k's deadline."""
-        loop = asyncio.get_running_loop()
-        deadline = self.clock.end(k) + self.grace_s
-        while True:
-            self._news.clear()
-            now = self.clock.now()
-            delay = deadline - now
-            if delay <= 0:
-                return
-            if self._complete(k):
-                if now >= self.clock.start(k):
-                    return
-                # Audio placed ahead of the clock (a client running fast) must not pull the
-                # exchanges ahead of the interaction actor's ticks: never gather before the tick starts.
-                self.counts["early_ticks"] += 1
-                await asyncio.sleep(self.clock.start(k) - now)
-                return
-            timer = loop.call_later(delay, self._news.set)
-            try:
-                await self._news.wait()
-            finally:
-                timer.cancel()
+    def add(self, call: Call) -> None:
+        """Exchange for `call` from now on; an audio input that tells when its chunks complete
+        tells this gatherer."""
+        self.calls[call.id] = call
+        self._listen(call)
+
+    def _listen(self, call: Call) -> None:
+        audio_in = call.transport.audio_in
+        if audio_in.tells_complete:
+            audio_in.on_chunk = self._chunk_done
 
     def _complete(self, k: int) -> bool:
         """Whether chunk k of every live call is in (or can no longer come: a later one is)."""
         live = self._live(k)
         for call in live:
             audio_in = call.transport.audio_in
-            if not hasattr(audio_in, "on_chunk"):
+            if not audio_in.tells_complete:
                 return False  # no word of complete chunks: wait for the deadline
-            if audio_in.on_chunk is None:
-                audio_in.on_chunk = self._chunk_done
             call.early.update(audio_in.pop_ready())
             if not any(seq >= k for seq in call.early):
                 return False
         return bool(live)
 
     def _chunk_done(self, seq: int) -> None:
-        self._news.set()
+        self.pacer.poke()
 
     def _live(self, k: int) -> list[Call]:
         return [c for c in self.calls.values() if c.session.first_tick is not None and k >= c.session.first_tick]

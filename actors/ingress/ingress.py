@@ -227,7 +227,7 @@ class Ingress:
 
     def _register(self, call: Call) -> None:
         self.sessions[call.id] = call
-        self.groups[call.actor].calls[call.id] = call
+        self.groups[call.actor].add(call)
         self._counts["calls"] += 1
         if self._reaper is None or self._reaper.done():
             self._reaper = asyncio.get_running_loop().create_task(self._reap())
@@ -329,7 +329,7 @@ class Ingress:
                 call.actor = placed.actor
                 group = self._group(placed)
                 if call.id in self.sessions:
-                    group.calls[call.id] = call
+                    group.add(call)
                 if placed.actor != lost_on:
                     self._counts["moved"] += 1
                 return

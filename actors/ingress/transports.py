@@ -74,6 +74,11 @@ def check_sdp(sdp) -> str:
 
 
 class AudioIn(Protocol):
+    """`tells_complete`: whether the input calls its `on_chunk(seq)` as each chunk completes
+    (the gatherer sets it, and takes a tick as soon as every chunk is in, else at its deadline)."""
+
+    tells_complete: bool
+
     def pop_ready(self, until: int | None = None) -> list[tuple[int, np.ndarray]]: ...
 
 

@@ -239,7 +239,7 @@ def test_response_create_with_tools_reaches_the_pool_and_results_reach_engine_an
         inter = Interaction(engine, background=pool, t0=time.time() - 10)
         await inter.join("sess_a")
         await inter.join("sess_b")
-        tick = inter._next_tick
+        tick = inter.core.next_tick
         seen = []
         for k in range(tick, tick + 15):
             a = InputChunk.silent("sess_a", k, inter.clock.start(k), inter.clock.samples())
@@ -247,7 +247,7 @@ def test_response_create_with_tools_reaches_the_pool_and_results_reach_engine_an
             if k == tick:
                 a = InputChunk("sess_a", k, a.t_start, a.audio, None, "what time is it?",
                                [{"type": "response.create", "response": {"tools": [clock_tool]}}])
-            inter._inbox[k] = {"sess_a": a, "sess_b": b}
+            inter.ticks.inbox[k] = {"sess_a": a, "sess_b": b}
             outs = await inter.step(k)
             assert set(outs) == {"sess_a", "sess_b"} and len(outs["sess_a"].audio) == engine.samples
             assert not outs["sess_b"].events

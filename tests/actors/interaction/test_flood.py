@@ -31,8 +31,8 @@ def test_a_session_flooding_tasks_and_tools_does_not_hold_up_another_sessions_ti
         session_log = SessionLog(tmp_path / "log", tick_ms=200)
         log = LocalLog(session_log)
         pool = Background(FloodChat(python=sandbox is not None), log=session_log, tools=tools, timeout_s=30)
-        inter = Interaction(MockEngine(max_sessions=4), log=log, background=pool, t0=0.0, now=FakeTime(), snapshot_s=None)
-        inter.task_starts_per_s, inter.task_burst = 0.5, 3
+        inter = Interaction(MockEngine(max_sessions=4), log=log, background=pool, t0=0.0, now=FakeTime(), snapshot_s=None,
+                            task_starts_per_s=0.5, task_burst=3)
         await inter.join("flood")
         await inter.join("calm")
         refused = 0
@@ -55,7 +55,7 @@ def test_a_session_flooding_tasks_and_tools_does_not_hold_up_another_sessions_ti
         # the calm session's task answered, and its answer reached its model
         await until(lambda: "it is sunny" in inter.engine.sessions["calm"]["updates"] + inter.sessions["calm"].updates, timeout=60)
         assert await inter.flush(timeout=60)
-        assert stats["missing_chunks"] == 0 and inter._totals["log_dropped"] == 0
+        assert stats["missing_chunks"] == 0 and inter.core.totals["log_dropped"] == 0
         # the calm session's log: every tick in order, its task and the task's final answer, nothing of the flooder's
         rows = from_table(session_log.read("calm", inter.sessions["calm"].log_token))
         inputs = [r.seq for r in rows if isinstance(r, InputChunk)]

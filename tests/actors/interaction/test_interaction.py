@@ -102,7 +102,7 @@ def test_a_late_chunk_loses_only_its_sound_its_text_events_and_forced_control_go
         asking = InputChunk("a", 0, 0.0, chunk("a", 0).audio, text="hello", events=[{"type": "response.create"}], forced="speak")
         await inter.exchange(0, [asking], ["a"])  # late
         shed = InputChunk("a", 1, 0.2, chunk("a", 1).audio, text="again", events=[{"type": "conversation.item.create"}])
-        inter._inbox[1] = {"a": shed}  # handed in for tick 1, which is shed: tick 2 is stepped first
+        inter.ticks.inbox[1] = {"a": shed}  # handed in for tick 1, which is shed: tick 2 is stepped first
         await inter.step(2)
         carried = next(c for c in inter.engine.steps[-1] if c.session_id == "a")
         assert carried.text == "hello\nagain" and carried.forced == "speak"
@@ -385,7 +385,7 @@ def test_a_loop_that_falls_behind_sheds_to_the_newest_due_tick_and_tells_the_ses
         assert stepped == [0, 2, 5, 7] and len(inter.engine.steps) == 4
         assert [c.seq for c in inter.engine.steps[2]] == [5, 5]  # a forward gap, as the engine is told
         assert await waiting == []  # an exchange of a shed tick gets no output and does not hang
-        assert not [k for k in inter._inbox if k < inter._next_tick]
+        assert not [k for k in inter.ticks.inbox if k < inter.core.next_tick]
         shed = {k: [e for o in await inter.exchange(k, [], ["a", "b"]) for e in o.events if e["type"] == "interplay.shed"] for k in stepped}
         assert [[e["ticks"] for e in shed[k]] for k in stepped] == [[], [1, 1], [2, 2], [1, 1]]
         assert shed[2][0]["reason"] == "overload" and shed[2][0]["event_id"]
@@ -425,7 +425,7 @@ def test_the_inbox_takes_only_ticks_near_the_clock():
         inter.now.t = 3.0  # tick 13 is due; ticks 0-12 will be shed, not stepped
         shed = [asyncio.create_task(inter.exchange(k, [chunk("a", k)], ["a"])) for k in (12, 2)]
         await asyncio.sleep(0)
-        assert inter._inbox == {} and inter._late == 2  # not kept: dropped as late
+        assert inter.ticks.inbox == {} and inter.ticks.late == 2  # not kept: dropped as late
         assert await inter.tick_once() == 13
         assert [await t for t in shed] == [[], []]
 
@@ -487,7 +487,7 @@ def test_the_log_backlog_is_bounded_and_drops_the_oldest(tmp_path):
         log.fail = 10**9  # down
         for k in range(8):
             await exchange_then_step(inter, k, [chunk("a", k)], ["a"])
-            assert len(inter._log_queue) <= 3
+            assert len(inter.logs.queue) <= 3
         assert not await inter.flush(timeout=0.2)
         log.fail = 0  # back
         assert await inter.flush(timeout=30)

@@ -68,7 +68,7 @@ def test_a_session_asking_for_a_task_every_tick_gets_its_burst_and_the_other_ses
     async def scenario():
         pool = FakePool(replies=("working", "done"))
         inter = make(background=pool)
-        inter.task_starts_per_s, inter.task_burst = 0.5, 2
+        inter.tasks.starts_per_s, inter.tasks.burst = 0.5, 2
         await inter.join("flood")
         await inter.join("calm")
         refusals = 0
