@@ -32,6 +32,7 @@ import numpy as np
 
 from actors.background.background import Background
 from actors.interaction.interaction import EngineSpec, Interaction
+from protocols.requests import requests_of
 from actors.background.sandbox import SandboxLimits, available
 from actors.log.session_log import SessionLog
 from actors.background.tools import default_tools
@@ -100,7 +101,7 @@ async def client(inter: Interaction, sid: str, ticks: range, flood: bool, ask_at
             events, text = [{"type": "response.create", "response": {"tools": TOOLS}}], "flood the tools"
         elif k == ask_at:
             events, text = [{"type": "response.create", "response": {"tools": TOOLS[:1]}}], "what is the weather?"
-        chunk = InputChunk(sid, k, inter.clock.start(k), rng.integers(-3000, 3000, samples, dtype=np.int16), text=text, events=events)
+        chunk = InputChunk(sid, k, inter.clock.start(k), rng.integers(-3000, 3000, samples, dtype=np.int16), text=text, events=events, requests=requests_of(events))
         t = time.perf_counter()
         await inter.exchange(k, [chunk], [sid])
         if not flood:

@@ -14,6 +14,9 @@ from typing import Any
 
 import numpy as np
 
+from .errors import ProtocolError
+from .requests import Request, check_requests
+
 SAMPLE_RATE = 16_000  # Hz, mono, inside the system
 HOP_SAMPLES = SAMPLE_RATE * 25 // 1000  # a chunk is whole 25 ms dMel hops
 MAX_CHUNK_SAMPLES = SAMPLE_RATE * 2  # the longest tick a model may use (2 s)
@@ -25,15 +28,6 @@ MAX_UPDATES = 8  # background update texts entering at one tick
 
 # What the model may emit each micro-turn instead of a harness deciding it.
 CONTROLS = ("speak", "silent", "yield", "backchannel", "delegate", "tool_call")
-
-
-class ProtocolError(ValueError):
-    """Input that breaks a contract. `code` is a stable machine-readable reason."""
-
-    def __init__(self, message: str, code: str = "invalid_value", param: str | None = None):
-        super().__init__(message)
-        self.code = code
-        self.param = param
 
 
 def check_session_id(session_id: Any) -> str:
@@ -112,6 +106,8 @@ class InputChunk:
     the model's own choice stands only where it is "yield". `updates` are background update texts
     that enter the model at this tick (queued before the chunk's own text): with them a session's
     logged input chunks are a complete record, and replaying them rebuilds its state exactly.
+    `events` are the client's Realtime events, a record for the log and the background context;
+    `requests` (`protocols.requests`) are what the interaction side acts on.
     """
 
     session_id: str
@@ -124,6 +120,7 @@ class InputChunk:
     missing: bool = False
     forced: str | None = None
     updates: list[str] = field(default_factory=list)
+    requests: list[Request] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         check_session_id(self.session_id)
@@ -134,6 +131,7 @@ class InputChunk:
         check_text(self.text)
         check_events(self.events)
         check_updates(self.updates)
+        check_requests(self.requests)
         self.missing = bool(self.missing)
         if self.forced is not None and self.forced not in CONTROLS:
             raise ProtocolError(f"forced must be one of {list(CONTROLS)} or null, got {self.forced!r}", "invalid_value", "forced")
@@ -147,11 +145,11 @@ class InputChunk:
         to be stepped) brought besides its audio: its text and client events come first, and its
         forced control holds where this chunk forces none. So a late chunk loses only its sound,
         never a request the client made."""
-        if dropped is None or not (dropped.text or dropped.events or dropped.forced):
+        if dropped is None or not (dropped.text or dropped.events or dropped.requests or dropped.forced):
             return self
         text = "\n".join(t for t in (dropped.text, self.text) if t)[-MAX_TEXT_CHARS:]
         return InputChunk(self.session_id, self.seq, self.t_start, self.audio, self.frame, text, [*dropped.events, *self.events],
-                          self.missing, self.forced or dropped.forced, self.updates)
+                          self.missing, self.forced or dropped.forced, self.updates, [*dropped.requests, *self.requests])
 
 
 @dataclass

@@ -18,6 +18,7 @@ import pyarrow.compute as pc
 
 from .background import BackgroundTask, BackgroundUpdate, SessionEvent, ToolCall, ToolResult
 from .chunks import InputChunk, OutputChunk, ProtocolError
+from .requests import request_from_dict, requests_of
 
 ContextDelta = Union[InputChunk, OutputChunk, BackgroundTask, BackgroundUpdate, ToolCall, ToolResult, SessionEvent]
 
@@ -63,6 +64,8 @@ def to_record(delta: ContextDelta, index: int = -1) -> dict:
     """One row of SCHEMA for `delta`."""
     kind = kind_of(delta)
     values = {f.name: getattr(delta, f.name) for f in fields(delta)}
+    if "requests" in values:
+        values["requests"] = [r.to_dict() for r in values["requests"]]
     audio = values.get("audio")
     frame = values.get("frame")
     return {
@@ -98,6 +101,10 @@ def from_record(row: dict) -> ContextDelta:
         values["seq"] = row["seq"]
         values["audio"] = np.frombuffer(row["audio"], dtype="<i2").astype(np.int16) if row["audio"] is not None else None
         values["text"] = row["text"] or ""
+        if cls is InputChunk and "requests" in values:
+            values["requests"] = [request_from_dict(r) for r in values["requests"]]
+        elif cls is InputChunk:  # logged before chunks carried typed requests: read off its events
+            values["requests"] = _old_requests(values.get("events") or [])
         if cls is InputChunk and row["frame"] is not None:
             values["frame"] = np.frombuffer(row["frame"], dtype=np.uint8).reshape(row["frame_h"], row["frame_w"], 3).copy()
     else:
@@ -108,6 +115,13 @@ def from_record(row: dict) -> ContextDelta:
         return cls(**values)
     except TypeError as exc:
         raise ProtocolError(f"malformed {row['kind']} row: {exc}", "invalid_delta") from None
+
+
+def _old_requests(events: list) -> list:
+    try:
+        return requests_of(events)
+    except ProtocolError:
+        return []
 
 
 def from_table(table: pa.Table | pa.RecordBatch) -> list[ContextDelta]:

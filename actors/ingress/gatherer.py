@@ -197,7 +197,7 @@ class Gatherer:
         try:
             return InputChunk(
                 call.id, k, t_start, np.zeros(samples, np.int16) if audio is None else audio, call.transport.video(),
-                extra.text, extra.events, missing=audio is None, forced=extra.forced,
+                extra.text, extra.events, missing=audio is None, forced=extra.forced, requests=extra.requests,
             )
         except ProtocolError as exc:
             log.warning("session %s: bad chunk %d: %s", call.id, k, exc)

@@ -3,7 +3,8 @@
 Client events come in (`receive` a raw message, or `handle` a parsed one) and the model's
 `OutputChunk`s come in (`deliver`); server events and model audio go out through the `Sink` the
 session is given (its transport), and `next_input(seq, t_start)` says what goes into the session's
-next `InputChunk`: typed user text, the client events to forward, and `forced`, the control the
+next `InputChunk`: typed user text, the client events to forward (and the typed requests they make
+of the interaction side, `protocols.requests`), and `forced`, the control the
 client's requests hold (`response.create`: "speak" from the next chunk on, until an output of
 those chunks shows "yield" or `force_s` of them have passed; `response.cancel`: "silent" for one
 chunk). Times are passed in; nothing here sleeps or schedules.
@@ -57,6 +58,7 @@ from pydantic import ValidationError
 
 from protocols import SAMPLE_RATE, OutputChunk, ProtocolError, new_id
 from protocols.chunks import MAX_TEXT_CHARS
+from protocols.requests import Request, requests_of
 from protocols.realtime import (
     DEFAULT_RATE, MAX_CONTROL_EVENT_BYTES, error_event, error_from, format_of, internal_error, is_error, parse_client_event,
     server_event, user_text,
@@ -149,6 +151,7 @@ class NextInput:
     text: str = ""
     events: list[dict] = field(default_factory=list)
     forced: str | None = None
+    requests: list[Request] = field(default_factory=list)  # what the events ask of the interaction side
 
 
 @dataclass
@@ -499,7 +502,7 @@ class RealtimeSession:
                 self._force = None
             else:
                 forced = self._force
-        return NextInput("\n".join(text), events, forced)
+        return NextInput("\n".join(text), events, forced, requests_of(events))
 
     # --- model output ---------------------------------------------------------------------------
 

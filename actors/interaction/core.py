@@ -14,6 +14,7 @@ from typing import Callable
 
 from protocols import BackgroundTask, InputChunk, TickClock
 from protocols.ports import Engine
+from protocols.requests import ToolChoice
 
 from actors.interaction.quotas import TokenBucket
 
@@ -34,7 +35,7 @@ class JoinedSession:
     task: BackgroundTask | None = None  # the running background task, if any
     runner: asyncio.Task | None = None
     tools: list | None = None  # the client's function tools (SessionSettings), offered to the pool
-    tool_choice: object = "auto"
+    tool_choice: ToolChoice = "auto"
     typed: list[str] = field(default_factory=list)  # text typed since the last task
     starts: TokenBucket | None = None  # how fast it may start background tasks
     events: list[dict] = field(default_factory=list)  # background events for the next output

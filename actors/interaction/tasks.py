@@ -1,8 +1,8 @@
 """`Tasks`: a session's background work, from asking to the update texts woven into its next chunk.
 
 A delegate or tool-call control becomes a `BackgroundTask` handed to the pool at once, and so does
-a client's `response.create` when the session has function tools (from the response or
-session.update) even without such a control: its instruction is the text typed since the last
+a client's `TaskRequest` (a Realtime response.create) when the session has function tools (from
+the request or its `SessionSettings`) even without such a control: its instruction is the text typed since the last
 task. The task's updates are reported to the client as events on its next outputs
 (`actors.background.background.update_events`) and their texts enter the model with the session's
 next chunk (`InputChunk.updates`). A session runs one task at a time (a new one supersedes it) and
@@ -19,6 +19,7 @@ import logging
 from protocols import BackgroundTask, BackgroundUpdate, InputChunk, OutputChunk
 from protocols.ports import BackgroundPool
 from protocols.realtime import error_event
+from protocols.requests import SessionSettings, TaskRequest
 
 from actors.interaction.core import Core, JoinedSession
 from actors.interaction.log_writer import LogWriter
@@ -70,35 +71,33 @@ class Tasks:
         return self._start(session, task)
 
     def follow(self, session: JoinedSession, chunk: InputChunk, out: OutputChunk | None, start: bool = True) -> list[BackgroundTask]:
-        """What a chunk tells this actor of its session: typed text, function tools (session.update)
-        and `response.create`, which asks for a task while function tools are set (on the
-        response, or the session) and tool_choice is not "none", unless the model delegated this
-        tick already. With `start` False (a resumed session's replay) no task starts: only the
+        """What a chunk tells this actor of its session: typed text, `SessionSettings` (function
+        tools, tool_choice) and `TaskRequest`s, each asking for a task while function tools are set
+        (on the request, or the session) and tool_choice is not "none", unless the model delegated
+        this tick already. With `start` False (a resumed session's replay) no task starts: only the
         tools and typed text come up to date, as when the chunk was first stepped."""
         tasks = []
         if chunk.text:
             session.typed = (session.typed + [chunk.text])[-8:]
-        for event in chunk.events:
-            kind = event.get("type") if isinstance(event, dict) else None
-            if kind == "session.update":
-                config = event.get("session") or {}
-                if "tools" in config:
-                    session.tools = config["tools"] or None
-                if "tool_choice" in config:
-                    session.tool_choice = config["tool_choice"]
-            elif kind == "response.create":
-                task = self._asked(session, chunk, event.get("response") or {}, out, start)
+        for request in chunk.requests:
+            if isinstance(request, SessionSettings):
+                if request.tools is not None:
+                    session.tools = request.tools or None
+                if request.tool_choice is not None:
+                    session.tool_choice = request.tool_choice
+            else:
+                task = self._asked(session, chunk, request, out, start)
                 if task is not None:
                     tasks.append(task)
         return tasks
 
-    def _asked(self, session: JoinedSession, chunk: InputChunk, response: dict, out: OutputChunk | None, start: bool) -> BackgroundTask | None:
-        tools = response.get("tools", session.tools)
-        choice = response.get("tool_choice", session.tool_choice)
+    def _asked(self, session: JoinedSession, chunk: InputChunk, asked: TaskRequest, out: OutputChunk | None, start: bool) -> BackgroundTask | None:
+        tools = session.tools if asked.tools is None else asked.tools
+        choice = session.tool_choice if asked.tool_choice is None else asked.tool_choice
         delegated = out is not None and any(c in DELEGATING for c in out.controls)
         if not tools or choice == "none" or delegated or (start and not self._may_start(session)):
             return None
-        instruction = "\n".join(session.typed) or response.get("instructions") or "Help with the conversation so far."
+        instruction = "\n".join(session.typed) or asked.instructions or "Help with the conversation so far."
         session.typed = []
         if not start:
             return None

@@ -1,4 +1,5 @@
 import io
+import json
 
 import numpy as np
 import pyarrow as pa
@@ -10,6 +11,7 @@ from protocols import (
     SessionEvent, ToolCall, ToolResult, from_table, to_batch,
 )
 from protocols.deltas import audio_of, from_record, to_record
+from protocols.requests import SessionSettings, TaskRequest
 
 rng = np.random.default_rng(0)
 SAMPLES = 3_200  # one 200 ms tick at 16 kHz
@@ -32,6 +34,7 @@ def every_kind():
         ToolResult("s", 0.8, "call_1", output=[{"title": "x"}]),
         ToolResult("s", 0.8, "call_2", error="timeout"),
         SessionEvent("s", 0.0, "session.created", {"model": "tiny"}),
+        InputChunk("s", 2, 0.4, pcm(), requests=[SessionSettings([{"type": "function", "name": "f"}], "required"), TaskRequest(instructions="go")]),
     ]
 
 
@@ -87,7 +90,7 @@ def test_every_kind_round_trips_through_the_log_actor_and_the_object_store(ray_c
 def test_audio_of_concatenates_without_objects():
     deltas = every_kind()
     got = audio_of(pa.Table.from_batches([to_batch(deltas)]))
-    assert np.array_equal(got, np.concatenate([deltas[0].audio, deltas[1].audio]))
+    assert np.array_equal(got, np.concatenate([d.audio for d in deltas if isinstance(d, InputChunk)]))
 
 
 def test_unknown_kind_and_malformed_rows_are_refused():
@@ -100,3 +103,20 @@ def test_unknown_kind_and_malformed_rows_are_refused():
         from_record(dict(row, payload='{"bogus_field": 1}'))
     with pytest.raises(ProtocolError, match="not a context delta"):
         to_batch([object()])
+
+
+def test_an_input_chunk_logged_before_typed_requests_reads_them_off_its_events():
+    events = [{"type": "session.update", "session": {"tools": [{"name": "f"}]}}, {"type": "response.create", "response": {"tools": None}},
+              {"type": "conversation.item.create", "item": {"type": "message"}}]
+    row = to_record(InputChunk("s", 0, 0.0, pcm(), events=events))
+    payload = json.loads(row["payload"])
+    del payload["requests"]  # as rows were written before
+    old = from_record({**row, "payload": json.dumps(payload)})
+    assert old.requests == [SessionSettings(tools=[{"name": "f"}]), TaskRequest(tools=[])]
+
+
+def test_a_malformed_request_is_refused():
+    with pytest.raises(ProtocolError):
+        TaskRequest(tool_choice="sometimes")
+    with pytest.raises(ProtocolError):
+        InputChunk("s", 0, 0.0, pcm(), requests=[{"type": "task_request"}])

@@ -11,6 +11,7 @@ import pytest
 from actors.background.background import Background, step_format, update_events
 from actors.interaction.interaction import Interaction
 from actors.background.tools import Tool, default_tools
+from protocols.requests import TaskRequest
 from protocols import BackgroundTask, InputChunk, ProtocolError
 from tests.fakes import MockEngine
 from tests.sandboxes import limits as sandbox_limits
@@ -246,7 +247,7 @@ def test_response_create_with_tools_reaches_the_pool_and_results_reach_engine_an
             b = InputChunk.silent("sess_b", k, inter.clock.start(k), inter.clock.samples())
             if k == tick:
                 a = InputChunk("sess_a", k, a.t_start, a.audio, None, "what time is it?",
-                               [{"type": "response.create", "response": {"tools": [clock_tool]}}])
+                               [{"type": "response.create", "response": {"tools": [clock_tool]}}], requests=[TaskRequest(tools=[clock_tool])])
             inter.ticks.inbox[k] = {"sess_a": a, "sess_b": b}
             outs = await inter.step(k)
             assert set(outs) == {"sess_a", "sess_b"} and len(outs["sess_a"].audio) == engine.samples

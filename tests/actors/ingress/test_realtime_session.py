@@ -11,6 +11,7 @@ from openai.types.realtime import RealtimeServerEvent
 from pydantic import TypeAdapter
 
 from actors.ingress.realtime_session import FORCE_S, RealtimeSession
+from protocols.requests import TaskRequest
 from protocols import OutputChunk, ProtocolError
 from protocols.realtime import encode_pcm16
 
@@ -197,6 +198,7 @@ def test_typed_text_and_events_reach_the_next_chunk():
     nxt = s.next_input(1, 0.2)
     assert nxt.text == "hello there" and nxt.forced == "speak"
     assert [e["type"] for e in nxt.events] == ["conversation.item.create", "response.create"]
+    assert nxt.requests == [TaskRequest()]  # what the interaction side acts on, typed
     assert s.next_input(2, 0.4).text == "" and s.next_input(3, 0.6).events == []
     added = sink.of_type("conversation.item.added")[0]["item"]
     assert added["id"].startswith("item") and added["content"][0]["text"] == "hello there"

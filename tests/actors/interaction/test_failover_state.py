@@ -15,6 +15,7 @@ import pytest
 from actors.interaction.interaction import Interaction
 from actors.log.session_log import SessionLog
 from models.engine import StreamingEngine
+from protocols.requests import SessionSettings, TaskRequest
 from protocols import BackgroundUpdate, InputChunk, OutputChunk, SessionEvent, from_table
 from tests.fakes import FakePool, LocalLog
 from tests.waits import until
@@ -46,8 +47,9 @@ def make_chunk(sid: str, k: int) -> InputChunk:
     t = np.arange(SAMPLES) / 16_000 + k * 0.2
     audio = (3000 * np.sin(2 * np.pi * (180 + 40 * ord(sid) % 7) * t) + rng.normal(0, 900, SAMPLES)).astype(np.int16)
     events = {3: [{"type": "session.update", "session": {"tools": TOOLS}}], 10: [{"type": "response.create"}]}.get(k, [])
+    requests = {3: [SessionSettings(tools=TOOLS)], 10: [TaskRequest()]}.get(k, [])
     return InputChunk(sid, k, k * 0.2, audio, text="and the weather?" if k % 13 == 5 else "",
-                      forced="speak" if k % 17 in (8, 9) else None, events=events)
+                      forced="speak" if k % 17 in (8, 9) else None, events=events, requests=requests)
 
 
 def update_for(sid: str, k: int) -> str | None:

@@ -15,6 +15,7 @@ from actors.interaction.interaction import EngineSpec, Interaction, InteractionA
 from actors.remote import Remote
 from actors.log.session_log import SessionLog, SessionLogActor
 from protocols import BackgroundTask, BackgroundUpdate, InputChunk, OutputChunk, ProtocolError, SessionEvent, from_table
+from protocols.requests import TaskRequest
 from tests.fakes import FakePool, LocalLog, MockEngine
 from tests.waits import TIMEOUT_S, until
 
@@ -99,7 +100,8 @@ def test_a_late_chunk_loses_only_its_sound_its_text_events_and_forced_control_go
         inter = make()
         await inter.join("a")
         await inter.step(0)  # nobody handed chunk 0 in: stepped as missing
-        asking = InputChunk("a", 0, 0.0, chunk("a", 0).audio, text="hello", events=[{"type": "response.create"}], forced="speak")
+        asking = InputChunk("a", 0, 0.0, chunk("a", 0).audio, text="hello", events=[{"type": "response.create"}],
+                            forced="speak", requests=[TaskRequest()])
         await inter.exchange(0, [asking], ["a"])  # late
         shed = InputChunk("a", 1, 0.2, chunk("a", 1).audio, text="again", events=[{"type": "conversation.item.create"}])
         inter.ticks.inbox[1] = {"a": shed}  # handed in for tick 1, which is shed: tick 2 is stepped first
@@ -107,6 +109,7 @@ def test_a_late_chunk_loses_only_its_sound_its_text_events_and_forced_control_go
         carried = next(c for c in inter.engine.steps[-1] if c.session_id == "a")
         assert carried.text == "hello\nagain" and carried.forced == "speak"
         assert [e["type"] for e in carried.events] == ["response.create", "conversation.item.create"]
+        assert carried.requests == [TaskRequest()]
         await inter.step(3)  # carried once, not again
         assert next(c for c in inter.engine.steps[-1] if c.session_id == "a").text == ""
         assert (await inter.stats())["totals"]["late_chunks"] == 2
