@@ -14,6 +14,18 @@ from ray.exceptions import RayTaskError
 from protocols import ProtocolError
 
 
+async def call_remote(method: Any, *args, **kwargs) -> Any:
+    """`await method.remote(*args, **kwargs)`, a ProtocolError raised in the actor coming out as
+    itself: the one place Ray's error wrapping is undone."""
+    try:
+        return await method.remote(*args, **kwargs)
+    except RayTaskError as exc:
+        cause = exc.cause
+        if isinstance(cause, ProtocolError):
+            raise ProtocolError(str(cause), cause.code, cause.param) from None
+        raise
+
+
 class Remote:
     def __init__(self, handle: Any):
         self.handle = handle
@@ -22,13 +34,7 @@ class Remote:
         method = getattr(self.handle, name)
 
         async def call(*args, **kwargs):
-            try:
-                return await method.remote(*args, **kwargs)
-            except RayTaskError as exc:
-                cause = getattr(exc, "cause", None)
-                if isinstance(cause, ProtocolError):
-                    raise ProtocolError(str(cause), cause.code, cause.param) from None
-                raise
+            return await call_remote(method, *args, **kwargs)
 
         call.__name__ = name
         return call

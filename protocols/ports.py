@@ -16,6 +16,7 @@ from typing import Any, AsyncIterator, Protocol, runtime_checkable
 
 from .background import BackgroundTask, BackgroundUpdate
 from .chunks import InputChunk, OutputChunk, ProtocolError
+from .seams import AppendResult, Recovery
 
 
 @runtime_checkable
@@ -45,10 +46,6 @@ class Engine(Protocol):
     def replay(self, session_id: str, state: dict | None = None, seed: int | None = None, chunks: Any = ()) -> tuple[dict, list[OutputChunk]]:
         """Step one session's `chunks` alone from `state` (or fresh), touching no live session
         (safe beside `step`): -> the state after them and their outputs."""
-        ...
-
-    def rebuild(self, session_id: str, state: dict | None = None, seed: int | None = None, chunks: Any = ()) -> list[OutputChunk]:
-        """`replay`, then the session joins this engine at the state it reached."""
         ...
 
 
@@ -91,18 +88,16 @@ class Log(Protocol):
 
     async def close(self, session_id: str, epoch: int | None = None) -> None: ...
 
-    async def append(self, deltas: list[Any], request_id: str | None = None, epochs: dict[str, int] | None = None) -> dict: ...
+    async def append(self, deltas: list[Any], request_id: str | None = None, epochs: dict[str, int] | None = None) -> AppendResult: ...
 
     async def put_snapshot(self, session_id: str, tick: int, state: dict, epoch: int | None = None) -> None:
         """Keep `state` (an `Engine.export_session` after tick `tick` was stepped) as the session's
         newest snapshot, durably: a restarted log still has it."""
         ...
 
-    async def recovery(self, session_id: str, take_over: bool = True) -> dict:
-        """What rebuilds the session: {"log_token", "epoch": the writer epoch the caller holds
-        now (with `take_over`, a new one: the previous writer is fenced off), "tick": the
-        snapshot's tick or None, "state": the snapshot or None, "inputs": the logged InputChunks
-        after that tick, "outputs": the logged OutputChunks of the same ticks, both in seq order}."""
+    async def recovery(self, session_id: str, take_over: bool = True) -> Recovery:
+        """What rebuilds the session (`protocols.seams.Recovery`); with `take_over` the caller
+        gets a new writer epoch and the previous writer is fenced off."""
         ...
 
 

@@ -3,7 +3,7 @@
 - `MockEngine`: an `Engine`. Deterministic: each output's audio is a constant at the input's mean
   level (silence in, silence out); a chunk with `forced == "speak"` speaks (level `SPEAK_LEVEL`);
   typed text containing `trigger` emits "delegate" with that text; a chunk's updates are kept in
-  its session's state. Seqs only move forward (gaps allowed); `replay` / `rebuild` step chunks
+  its session's state. Seqs only move forward (gaps allowed); `replay` steps chunks
   as `step` does and record what they were given in `rebuilt`. `step_s` makes a step slow.
 - `LocalLog`: a `SessionLog` in this process as the async `Log` port, optionally slow, or held
   (hanging) until a test releases it.
@@ -20,6 +20,7 @@ import numpy as np
 
 from protocols import FRAME_SIZE, BackgroundTask, BackgroundUpdate, InputChunk, OutputChunk, ProtocolError
 from protocols.chunks import SAMPLE_RATE, check_audio, check_frame
+from protocols.seams import AppendResult, Recovery
 
 SPEAK_LEVEL = 1000
 
@@ -56,13 +57,6 @@ class MockEngine:
 
     def import_session(self, session_id: str, state: dict) -> None:
         self.sessions[session_id] = dict(state, updates=list(state["updates"]))
-
-    def rebuild(self, session_id: str, state: dict | None = None, seed: int | None = None, chunks: list[InputChunk] = ()) -> list[OutputChunk]:
-        if session_id in self.sessions:
-            raise ProtocolError(f"session {session_id!r} already added", "session_exists", "session_id")
-        rebuilt, outs = self.replay(session_id, state, seed, chunks)
-        self.import_session(session_id, rebuilt)
-        return outs
 
     def replay(self, session_id: str, state: dict | None = None, seed: int | None = None,
                chunks: list[InputChunk] = ()) -> tuple[dict, list[OutputChunk]]:
@@ -137,7 +131,7 @@ class LocalLog:
         await self._wait()
         self.log.close(session_id, epoch)
 
-    async def append(self, deltas: list, request_id: str | None = None, epochs: dict | None = None) -> dict:
+    async def append(self, deltas: list, request_id: str | None = None, epochs: dict | None = None) -> AppendResult:
         await self._wait()
         self.appends += 1
         return self.log.append(deltas, request_id, epochs)
@@ -146,7 +140,7 @@ class LocalLog:
         await self._wait()
         await self.log.put_snapshot(session_id, tick, state, epoch)
 
-    async def recovery(self, session_id: str, take_over: bool = True) -> dict:
+    async def recovery(self, session_id: str, take_over: bool = True) -> Recovery:
         await self._wait()
         return await self.log.recovery(session_id, take_over)
 

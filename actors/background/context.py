@@ -116,15 +116,9 @@ async def _call(log_port: Any, method: str, *args, **kwargs):
     """A log method through whatever `log` is: a Ray actor handle, an async port, or the plain class."""
     fn = getattr(log_port, method)
     if hasattr(fn, "remote"):
-        from ray.exceptions import RayTaskError
+        from actors.remote import call_remote
 
-        try:
-            return await fn.remote(*args, **kwargs)
-        except RayTaskError as exc:
-            cause = getattr(exc, "cause", None)
-            if isinstance(cause, ProtocolError):
-                raise ProtocolError(str(cause), cause.code, cause.param) from None
-            raise
+        return await call_remote(fn, *args, **kwargs)
     result = fn(*args, **kwargs)
     return await result if inspect.isawaitable(result) else result
 

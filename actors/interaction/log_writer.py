@@ -21,6 +21,7 @@ from typing import Any, Awaitable, Callable, Iterable
 
 from protocols import ProtocolError
 from protocols.ports import Log
+from protocols.seams import AppendResult
 
 from actors.interaction.core import Core, JoinedSession
 
@@ -94,13 +95,13 @@ class LogWriter:
         self._phase = (self._phase + 1) % (self.snapshot_every or 1)
         return turn
 
-    def _appended(self, result: Any, epochs: dict[str, int]) -> None:
+    def _appended(self, result: AppendResult, epochs: dict[str, int]) -> None:
         sessions = self.core.sessions
-        for sid, span in (result or {}).items():
+        for sid, (_, last) in result.items():
             session = sessions.get(sid)
-            if session is not None and isinstance(span, (tuple, list)):
-                session.log_index = max(session.log_index, int(span[1]))
-        for sid in getattr(result, "moved", ()):
+            if session is not None:
+                session.log_index = max(session.log_index, int(last))
+        for sid in result.moved:
             session = sessions.get(sid)
             if session is not None and session.epoch == epochs.get(sid):  # not resumed here again since
                 self.on_moved(session)

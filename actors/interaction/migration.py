@@ -20,6 +20,7 @@ import numpy as np
 from protocols import OutputChunk, ProtocolError, SessionEvent
 from protocols.chunks import check_session_id
 from protocols.ports import Log
+from protocols.seams import Recovery
 
 from actors.interaction.admission import refuse_if_full
 from actors.interaction.core import Core, JoinedSession
@@ -49,11 +50,10 @@ class Migration:
         if self.log is None:
             raise ProtocolError("there is no session log to resume a session from", "unavailable")
         rec = await self.log.recovery(session_id)
-        inputs = list(rec.get("inputs") or [])
-        last = inputs[-1].seq if inputs else rec.get("tick")
+        inputs, last = rec.inputs, rec.last_tick
         # The replay runs beside the ticks (it touches no live session); only joining takes the lock.
-        rebuilt, replayed = await asyncio.get_running_loop().run_in_executor(None, core.engine.replay, session_id, rec.get("state"), None, inputs)
-        logged = {o.seq: o for o in rec.get("outputs") or []}
+        rebuilt, replayed = await asyncio.get_running_loop().run_in_executor(None, core.engine.replay, session_id, rec.state, None, inputs)
+        logged = {o.seq: o for o in rec.outputs}
         mismatches = sum(1 for o in replayed if o.seq in logged and _differs(o, logged[o.seq]))
         async with core.engine_lock:
             if session_id in core.sessions:
@@ -72,11 +72,11 @@ class Migration:
                                            {"first_tick": first, "from_tick": last, "replayed": len(inputs), "mismatches": mismatches})])
         return session, {"resumed_from": last, "replayed": len(inputs), "mismatches": mismatches}
 
-    def _rejoined(self, session_id: str, rec: dict, first: int, last: int | None, replayed: list[OutputChunk]) -> JoinedSession:
+    def _rejoined(self, session_id: str, rec: Recovery, first: int, last: int | None, replayed: list[OutputChunk]) -> JoinedSession:
         """The session as the log rebuilds it, joined here from tick `first`."""
-        inputs = list(rec.get("inputs") or [])
-        mine = dict((rec.get("state") or {}).get(INTERACTION_STATE) or {})
-        session = JoinedSession(session_id, first, rec.get("log_token"), epoch=int(rec.get("epoch") or 0), last_seq=last,
+        inputs = rec.inputs
+        mine = dict((rec.state or {}).get(INTERACTION_STATE) or {})
+        session = JoinedSession(session_id, first, rec.log_token, epoch=rec.epoch, last_seq=last,
                                 snapshot_due=first, snapshot_phase=self.logs.turn(), heard=first)
         session.tools, session.tool_choice = mine.get("tools"), mine.get("tool_choice", "auto")
         session.typed = list(mine.get("typed") or [])

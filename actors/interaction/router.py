@@ -44,7 +44,9 @@ _FREE = asyncio.Lock()  # stands for "no one is moving this session"
 
 @dataclass
 class Placed:
-    """Where a session lives: the actor's name, its port and what its join (or resume) answered."""
+    """Where a session lives: the actor's name, its port (an `Interaction`: in process, or a Ray
+    actor through `actors.remote.Remote`, which crosses processes as itself) and what its join (or
+    resume) answered."""
 
     actor: str
     port: Interaction
@@ -67,10 +69,9 @@ class Direct:
             raise
 
     async def locate(self, session_id: str, lost_on: str | None = None, gone: bool = False) -> Placed:
-        resume = getattr(self.port, "resume", None)
-        if lost_on is None or resume is None:
+        if lost_on is None:
             return Placed(self.name, self.port, {})
-        return Placed(self.name, self.port, await resume(session_id) or {})
+        return Placed(self.name, self.port, await self.port.resume(session_id) or {})
 
     async def leave(self, session_id: str) -> None:
         self.tenants.release(session_id)
@@ -82,7 +83,7 @@ class _Actor:
     name: str
     port: Interaction
     capacity: int
-    handle: Any = None  # the Ray handle, handed to ingresses
+    handle: Any = None  # the Ray handle (`handles`: the fleet's figures read every actor through it)
     sessions: set[str] = field(default_factory=set)
     draining: bool = False
 
@@ -416,32 +417,22 @@ class Router:
 
     @staticmethod
     def _placed(actor: _Actor, joined: dict) -> Placed:
-        return Placed(actor.name, actor.handle if actor.handle is not None else actor.port, joined or {})
+        return Placed(actor.name, actor.port, joined or {})
 
 
 class Routed:
-    """An ingress's placement through the `RouterActor`: the actor answers names and handles,
-    this turns them into ports (`actors.remote.Remote`)."""
+    """An ingress's placement through the `RouterActor` (or an in-process `Router`)."""
 
     def __init__(self, router: Any):
         from actors.remote import Remote
 
         self.router = Remote(router) if not isinstance(router, Router) else router
-        self._ports: dict[str, Any] = {}
-
-    def _port(self, placed: Placed) -> Placed:
-        from actors.remote import Remote
-
-        port = placed.port
-        if not hasattr(port, "exchange") or not asyncio.iscoroutinefunction(getattr(port, "exchange", None)):
-            port = self._ports.setdefault(placed.actor, Remote(port))
-        return Placed(placed.actor, port, placed.joined)
 
     async def place(self, session_id: str, tenant: str | None = None) -> Placed:
-        return self._port(await self.router.place(session_id, tenant))
+        return await self.router.place(session_id, tenant)
 
     async def locate(self, session_id: str, lost_on: str | None = None, gone: bool = False) -> Placed:
-        return self._port(await self.router.locate(session_id, lost_on, gone))
+        return await self.router.locate(session_id, lost_on, gone)
 
     async def leave(self, session_id: str) -> None:
         await self.router.leave(session_id)

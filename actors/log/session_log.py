@@ -62,6 +62,7 @@ import ray
 
 from protocols.chunks import ProtocolError, check_session_id
 from protocols.deltas import KINDS, SCHEMA, from_record
+from protocols.seams import AppendResult, Recovery
 
 from actors.log.log_checks import CHUNK_KINDS, as_batch, audio_bytes, check_row
 from actors.log.log_store import INDEX, T, Block, LogSession, LogStore, decode_state, dirname_of, encode_state, from_ipc, hash_token, to_ipc
@@ -72,20 +73,6 @@ _SMALL = [n for n in SCHEMA.names if n not in ("audio", "frame")]
 _REMEMBERED_REQUESTS = 4096
 _INDEX_T = ["index", "t"]
 _RECENT_CLOSED = 32  # closed sessions held in memory (the last closed or read), the rest read from disk
-
-
-class AppendResult(dict):
-    """{session_id: (first_index, last_index)} for the sessions whose deltas landed; `errors` maps each
-    rejected session to the reason (its deltas were all refused, other sessions' were not); `moved`
-    lists the sessions refused because the writer's epoch is stale (the session moved on)."""
-
-    def __init__(self, ranges: Iterable = (), errors: dict[str, str] | None = None, moved: Iterable[str] = ()):
-        super().__init__(ranges)
-        self.errors = dict(errors or {})
-        self.moved = list(moved)
-
-    def __repr__(self) -> str:
-        return f"AppendResult({dict(self)!r}, errors={self.errors!r}, moved={self.moved!r})"
 
 
 class SessionLog:
@@ -520,15 +507,13 @@ class SessionLog:
             s.snapshot_tick, s.snapshot = tick, encoded
         self.store.drop_snapshots(s, s.snapshot_tick)
 
-    async def recovery(self, session_id: str, take_over: bool = True) -> dict:
-        """What rebuilds an open session on another interaction actor:
-        {"log_token": its token (None if not kept: a session opened before tokens were kept),
-         "epoch": the writer epoch the caller now holds (with `take_over`, raised by one: whoever
-         wrote before is fenced off; without, the current one, for a caller that only reads),
-         "tick": the newest snapshot's tick or None, "state": that snapshot or None,
-         "inputs": [InputChunk with seq > tick], "outputs": [OutputChunk with seq > tick]},
-        both in seq order, one chunk per seq (the first logged), from memory and, where older,
-        Parquet. Without a snapshot they hold every chunk of the session.
+    async def recovery(self, session_id: str, take_over: bool = True) -> Recovery:
+        """What rebuilds an open session on another interaction actor (`protocols.seams.Recovery`):
+        its token (None if not kept: a session opened before tokens were kept), the writer epoch
+        the caller now holds (with `take_over`, raised by one: whoever wrote before is fenced off;
+        without, the current one, for a caller that only reads), the newest snapshot and its tick,
+        and the chunks logged after it (the first logged of each seq), from memory and, where
+        older, Parquet. Without a snapshot they are every chunk of the session.
 
         This hands out the token in clear, so it is for the trusted internal caller only (an
         actor-to-actor call; no client-facing route leads here). ProtocolError for an unknown or
@@ -572,7 +557,7 @@ class SessionLog:
         for row in table.filter(pc.fill_null(keep, False)).to_pylist():
             chunks[row["kind"]].setdefault(row["seq"], row)
         inputs, outputs = ([from_record(chunks[kind][q]) for q in sorted(chunks[kind])] for kind in CHUNK_KINDS)
-        return {"log_token": s.token, "epoch": epoch, "tick": tick, "state": state, "inputs": inputs, "outputs": outputs}
+        return Recovery(s.token, epoch, tick, state, inputs, outputs)
 
     # --- reads -------------------------------------------------------------------------------
 

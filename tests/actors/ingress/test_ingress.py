@@ -21,7 +21,6 @@ from actors.ingress.realtime_session import RealtimeSession
 from actors.remote import Remote
 from actors.ingress.transports import WebRTCTransport, check_sdp
 from protocols import OutputChunk, ProtocolError, TickClock
-from protocols.ports import Interaction
 from tests.waits import TIMEOUT_S, until
 
 pytestmark = pytest.mark.timeout(180)
@@ -156,10 +155,6 @@ class Echo:
 
 def now_clock(behind_s: float = 0.0) -> TickClock:
     return TickClock(time.time() - behind_s)
-
-
-def test_the_fakes_fit_the_port():
-    assert isinstance(Echo(), Interaction)
 
 
 def test_a_fresh_ingress_reports_every_counter():

@@ -81,15 +81,15 @@ def test_the_newest_snapshot_is_kept_losslessly_and_a_restarted_log_has_it(tmp_p
     run(log.put_snapshot("s", 6, engine_state(0.6)))  # older than the kept one: changes nothing
     assert files(tmp_path, "snapshot-*") == ["snapshot-000000000009.npz"]
     got = run(log.recovery("s"))
-    assert got["log_token"] == token and got["tick"] == 9
-    assert_same(got["state"], engine_state(0.9))
-    got["state"]["rows"]["kv"][:] = 0  # nor does the caller changing what recovery gave it
-    assert_same(run(log.recovery("s"))["state"], engine_state(0.9))
+    assert got.log_token == token and got.tick == 9
+    assert_same(got.state, engine_state(0.9))
+    got.state["rows"]["kv"][:] = 0  # nor does the caller changing what recovery gave it
+    assert_same(run(log.recovery("s")).state, engine_state(0.9))
     # A new log on the same root (a restart) reads it back from the file, no pickle involved.
     restored = run(SessionLog(str(tmp_path), tick_ms=200).recovery("s"))
-    assert restored["log_token"] == token and restored["tick"] == 9
-    assert_same(restored["state"], engine_state(0.9))
-    assert restored["state"]["rows"]["kv"].flags.writeable
+    assert restored.log_token == token and restored.tick == 9
+    assert_same(restored.state, engine_state(0.9))
+    assert restored.state["rows"]["kv"].flags.writeable
     with np.load(glob.glob(str(tmp_path / "sessions" / "*" / "snapshot-*"))[0], allow_pickle=False) as z:
         assert "__state__" in z.files
 
@@ -103,23 +103,23 @@ def test_recovery_returns_the_chunks_after_the_snapshot_in_seq_order(tmp_path):
         log.append(deltas[i : i + 7])
     assert log.stats()["parquet_files"] >= 3
     everything = run(log.recovery("s"))  # no snapshot yet: every chunk
-    assert everything["tick"] is None and everything["state"] is None
-    assert [to_record(c) for c in everything["inputs"]] == chunks(deltas, InputChunk)
-    assert [to_record(c) for c in everything["outputs"]] == chunks(deltas, OutputChunk)
+    assert everything.tick is None and everything.state is None
+    assert [to_record(c) for c in everything.inputs] == chunks(deltas, InputChunk)
+    assert [to_record(c) for c in everything.outputs] == chunks(deltas, OutputChunk)
     for after in (3, 52):  # the rows after the snapshot start in Parquet, then in memory
         run(log.put_snapshot("s", after, {"at": after}))
         got = run(log.recovery("s"))
-        assert got["tick"] == after and got["state"] == {"at": after}
-        assert [to_record(c) for c in got["inputs"]] == chunks(deltas, InputChunk, after)
-        assert [to_record(c) for c in got["outputs"]] == chunks(deltas, OutputChunk, after)
+        assert got.tick == after and got.state == {"at": after}
+        assert [to_record(c) for c in got.inputs] == chunks(deltas, InputChunk, after)
+        assert [to_record(c) for c in got.outputs] == chunks(deltas, OutputChunk, after)
     # Logged twice (a retry without a request_id), out of order: one chunk per seq, the first logged, in seq order.
     log.append(tick("s", 61) + tick("s", 60))
     again = tick("s", 60)
     again[0].text = "logged again"
     log.append(again)
     got = run(log.recovery("s"))
-    assert [c.seq for c in got["inputs"]] == list(range(53, 62)) == [c.seq for c in got["outputs"]]
-    assert got["inputs"][-2].text == tick("s", 60)[0].text
+    assert [c.seq for c in got.inputs] == list(range(53, 62)) == [c.seq for c in got.outputs]
+    assert got.inputs[-2].text == tick("s", 60)[0].text
 
 
 def test_snapshots_and_recovery_refuse_what_they_cannot_keep(tmp_path):
@@ -180,9 +180,9 @@ def test_a_crash_mid_stream_loses_nothing_acknowledged(tmp_path):
     assert log.append(tick("s", 20), request_id="tick-20")["s"] == (40, 41)
     assert_rows(log.read("s", token), ticks("s", 0, 21))
     got = run(log.recovery("s"))
-    assert got["log_token"] == token and got["tick"] == 11
-    assert_same(got["state"], engine_state())
-    assert [c.seq for c in got["inputs"]] == list(range(12, 21))
+    assert got.log_token == token and got.tick == 11
+    assert_same(got.state, engine_state())
+    assert [c.seq for c in got.inputs] == list(range(12, 21))
     assert files(tmp_path, "snapshot-*") == ["snapshot-000000000011.npz"]  # the half-written one is gone
 
 
@@ -191,9 +191,9 @@ def test_a_reopened_session_keeps_its_token_for_recovery(tmp_path):
     token = log.open("s", "t" * 20)
     os.remove(glob.glob(str(tmp_path / "sessions" / "*" / "token"))[0])  # as a log that kept no token left it
     restored = SessionLog(str(tmp_path))
-    assert run(restored.recovery("s"))["log_token"] is None
+    assert run(restored.recovery("s")).log_token is None
     assert restored.open("s", token) == token  # a retried open with the token: kept from then on
-    assert run(SessionLog(str(tmp_path)).recovery("s"))["log_token"] == token
+    assert run(SessionLog(str(tmp_path)).recovery("s")).log_token == token
 
 
 def test_a_takeover_fences_off_the_previous_writer_even_after_a_restart(tmp_path):
@@ -201,8 +201,8 @@ def test_a_takeover_fences_off_the_previous_writer_even_after_a_restart(tmp_path
     token = log.open("s")
     log.open("t")
     assert log.append(ticks("s", 0, 2), epochs={"s": 0}) == {"s": (0, 3)}
-    assert run(log.recovery("s", take_over=False))["epoch"] == 0  # a reader takes nothing over
-    assert run(log.recovery("s"))["epoch"] == 1
+    assert run(log.recovery("s", take_over=False)).epoch == 0  # a reader takes nothing over
+    assert run(log.recovery("s")).epoch == 1
 
     stale = log.append(ticks("s", 2, 1) + ticks("t", 0, 1), epochs={"s": 0, "t": 0})
     assert stale == {"t": (0, 1)} and stale.moved == ["s"] and not stale.errors
@@ -240,7 +240,7 @@ def test_a_chunks_updates_and_other_fields_round_trip_through_the_log(tmp_path):
     token = log.open("s")
     log.append([chunk])
     (back,) = from_table(log.read("s", token))
-    (replayed,) = run(log.recovery("s"))["inputs"]
+    (replayed,) = run(log.recovery("s")).inputs
     for got in (back, replayed):
         assert to_record(got) == to_record(chunk) and got.forced == "speak"
         assert getattr(got, "updates", None) == extra.get("updates")
@@ -274,7 +274,7 @@ def test_the_actor_killed_mid_stream_of_appends_loses_nothing_acknowledged(ray_c
         assert_rows(table.slice(first, 2), tick(sid, k), first=first)
     assert ray.get(log.append.remote(tick(sid, 5), request_id=f"{sid}-5"))[sid] == ranges[5]
     got = ray.get(log.recovery.remote(sid))
-    assert got["log_token"] == token and got["tick"] == 0
-    assert_same(got["state"], engine_state())
-    assert [c.seq for c in got["inputs"]] == list(range(1, n))
+    assert got.log_token == token and got.tick == 0
+    assert_same(got.state, engine_state())
+    assert [c.seq for c in got.inputs] == list(range(1, n))
     ray.kill(log, no_restart=True)

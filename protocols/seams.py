@@ -1,0 +1,44 @@
+"""What crosses the interaction actor's ports besides chunks, typed: the log's `AppendResult` and
+`Recovery`. Plain (picklable) classes, so they cross Ray actors as they are.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Iterable
+
+from .chunks import InputChunk, OutputChunk
+
+
+class AppendResult(dict):
+    """{session_id: (first_index, last_index)} for the sessions whose deltas landed; `errors` maps each
+    rejected session to the reason (its deltas were all refused, other sessions' were not); `moved`
+    lists the sessions refused because the writer's epoch is stale (the session moved on)."""
+
+    def __init__(self, ranges: Iterable = (), errors: dict[str, str] | None = None, moved: Iterable[str] = ()):
+        super().__init__(ranges)
+        self.errors = dict(errors or {})
+        self.moved = list(moved)
+
+    def __repr__(self) -> str:
+        return f"AppendResult({dict(self)!r}, errors={self.errors!r}, moved={self.moved!r})"
+
+
+@dataclass
+class Recovery:
+    """What rebuilds a session on another interaction actor (`Log.recovery`): its `log_token`
+    (None if not kept), the writer `epoch` the caller now holds, the newest snapshot's `tick` and
+    `state` (None, None without one), and the logged `inputs` and `outputs` after that tick, in
+    seq order, one chunk per seq."""
+
+    log_token: str | None
+    epoch: int
+    tick: int | None = None
+    state: dict[str, Any] | None = None
+    inputs: list[InputChunk] = field(default_factory=list)
+    outputs: list[OutputChunk] = field(default_factory=list)
+
+    @property
+    def last_tick(self) -> int | None:
+        """The last tick the session's model stepped, as far as the log knows."""
+        return self.inputs[-1].seq if self.inputs else self.tick
