@@ -53,7 +53,7 @@ import os
 import secrets
 import time
 from collections import OrderedDict
-from typing import Callable, Iterable
+from typing import Callable
 
 import numpy as np
 import pyarrow as pa
