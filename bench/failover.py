@@ -376,7 +376,7 @@ def _fmt(times: list) -> str:
 async def check_logs(app, session_ids: list[str], lsb: int) -> dict:
     """Each session's log in order, and its outputs equal to a fresh engine's from its inputs."""
     from actors.interaction.interaction import EngineSpec
-    from deployments.app import engine_spec
+    from deployments.plan import engine_spec
     from protocols import InputChunk, OutputChunk
     from protocols.background import SessionEvent
     from protocols.deltas import from_table

@@ -34,40 +34,40 @@ class ModelSection(_Section):
     device: str = "auto"  # auto: cuda when present, else cpu
     # How sure the model must be to start speaking from silence, in logits; null: the
     # checkpoint's calibrated value (its decision.json). Higher holds more pauses, answers later.
-    onset_margin: float | None = Field(None, ge=0, le=20)
+    onset_margin: float | None = Field(default=None, ge=0, le=20)
 
 
 class InteractionSection(_Section):
-    max_sessions: int = Field(16, ge=1)
+    max_sessions: int = Field(default=16, ge=1)
     # The tick length is the model's (from its preset or checkpoint). Set here, it must match
     # that, or start-up refuses: a model is trained at one tick length.
     tick_ms: int | None = None
-    grace_ms: int = Field(40, ge=0)  # how long past the tick a chunk may still arrive
+    grace_ms: int = Field(default=40, ge=0)  # how long past the tick a chunk may still arrive
     # A session with no input from its client for this long is ended; None: never.
-    idle_timeout_s: float | None = Field(600.0, gt=0)
+    idle_timeout_s: float | None = Field(default=600.0, gt=0)
     # No session lasts longer than this; None: no limit.
-    max_session_s: float | None = Field(3600.0, gt=0)
+    max_session_s: float | None = Field(default=3600.0, gt=0)
     # How often a session's model state is snapshotted to the log (what failover resumes from).
-    snapshot_s: float = Field(5.0, gt=0)
+    snapshot_s: float = Field(default=5.0, gt=0)
     # Interaction actors, each stepping its own batch; None: one per GPU, or per `interaction`
     # resource unit where the cluster defines it, else one.
-    actors: int | None = Field(None, ge=1)
+    actors: int | None = Field(default=None, ge=1)
 
 
 class LogSection(_Section):
     root: str = "./data/log"  # a directory or any pyarrow filesystem URI (s3://..., gs://...)
     # The in-memory window of an open session: older rows go to Parquet. Nothing is deleted for it.
-    retention_s: float = Field(120.0, gt=0)
+    retention_s: float = Field(default=120.0, gt=0)
     # The data-retention promise: a session closed this long ago is deleted from disk (Parquet, WAL,
     # snapshots, session.json, its folder). None keeps every call forever. A week by default: the
     # log holds callers' raw audio and video, which no one should keep by accident, and a week
     # leaves time to look into a call that went wrong; set None to keep calls (e.g. to train on).
-    keep_s: float | None = Field(7 * 24 * 3600.0, gt=0)
+    keep_s: float | None = Field(default=7 * 24 * 3600.0, gt=0)
 
 
 class HttpSection(_Section):
     host: str = "127.0.0.1"
-    port: int = Field(8000, ge=1, le=65535)
+    port: int = Field(default=8000, ge=1, le=65535)
 
 
 class IngressSection(_Section):
@@ -76,22 +76,22 @@ class IngressSection(_Section):
     ice_addresses: list[str] | None = None
     # Input audio is placed this long after it arrives: the margin for network jitter.
     # None: 10 ms when the server is bound to loopback (no network in between), else 40 ms.
-    jitter_ms: float | None = Field(None, ge=0, le=500)
+    jitter_ms: float | None = Field(default=None, ge=0, le=500)
     # At most this much silence is queued ahead of a response (sized per session from how
     # steadily outputs arrive). None: 20 ms on loopback, else 60 ms.
-    prebuffer_ms: float | None = Field(None, ge=0, le=1000)
+    prebuffer_ms: float | None = Field(default=None, ge=0, le=1000)
     # How many IngressActors take WebRTC calls (the least loaded takes a new one), and how many
     # calls each holds (their media costs its process CPU; each gateway replica's WebSocket
     # sessions count apart, against the same number).
-    actors: int = Field(1, ge=1)
-    max_sessions: int = Field(32, ge=1)
+    actors: int = Field(default=1, ge=1)
+    max_sessions: int = Field(default=32, ge=1)
 
 
 class AuthSection(_Section):
     # Empty means open (local development). Keys may also come from INTERPLAY_API_KEYS (comma-separated).
     api_keys: list[str] = Field(default_factory=list)
     # A client secret's lifetime when its request asks for none (at most limits.max_secret_ttl_s).
-    client_secret_ttl_s: int = Field(60, ge=5, le=3600)
+    client_secret_ttl_s: int = Field(default=60, ge=5, le=3600)
     # Open (no keys) is refused on any host but loopback unless this says it is meant.
     allow_open: bool = False
     # Browser pages (their Origin, "https://app.example.com") that may make calls, open WebSockets
@@ -108,9 +108,9 @@ class GatewaySection(_Section):
     """The HTTP/WebSocket gateway's Serve replicas (deployments/gateway.py), autoscaled on
     ongoing requests (a WebSocket holds one for as long as it is open)."""
 
-    min_replicas: int = Field(1, ge=1)
-    max_replicas: int = Field(4, ge=1)
-    target_ongoing_requests: float = Field(64.0, gt=0)
+    min_replicas: int = Field(default=1, ge=1)
+    max_replicas: int = Field(default=4, ge=1)
+    target_ongoing_requests: float = Field(default=64.0, gt=0)
 
     @model_validator(mode="after")
     def _ordered(self) -> "GatewaySection":
@@ -127,21 +127,21 @@ class LimitsSection(_Section):
     """What one HTTP request may cost the gateway: a body over its size is answered 413, one not
     in within `body_timeout_s` of the request 408 (a client trickling its body holds nothing long)."""
 
-    max_body_bytes: int = Field(64 * 1024, ge=1024, le=16 * 1024 * 1024)  # an offer: raw SDP or multipart
-    max_secret_body_bytes: int = Field(16 * 1024, ge=256, le=1024 * 1024)  # a client_secrets request
-    body_timeout_s: float = Field(10.0, gt=0, le=300)
+    max_body_bytes: int = Field(default=64 * 1024, ge=1024, le=16 * 1024 * 1024)  # an offer: raw SDP or multipart
+    max_secret_body_bytes: int = Field(default=16 * 1024, ge=256, le=1024 * 1024)  # a client_secrets request
+    body_timeout_s: float = Field(default=10.0, gt=0, le=300)
     # The longest lifetime a client_secrets request may ask for (longer asks are cut to it).
-    max_secret_ttl_s: int = Field(3600, ge=10, le=24 * 3600)
+    max_secret_ttl_s: int = Field(default=3600, ge=10, le=24 * 3600)
     # Per caller. Sessions (calls and WebSockets) open at once per API key (a key's client
     # secrets count against it; an open deployment is one caller); null: no limit. Over it a new
     # call is answered 429. A session runs one background task at a time (a new one supersedes
     # it), so a key's concurrent tasks are at most its sessions.
-    sessions_per_key: int | None = Field(8, ge=1)
+    sessions_per_key: int | None = Field(default=8, ge=1)
     # Background tasks a session may start (a client's response.create or the model's delegate
     # control): a burst of `task_burst`, refilled at `task_starts_per_minute`. A start over it is
     # refused with an `error` event (rate_limit_exceeded) and the conversation goes on.
-    task_starts_per_minute: float = Field(12.0, gt=0, le=6000)
-    task_burst: int = Field(3, ge=1, le=100)
+    task_starts_per_minute: float = Field(default=12.0, gt=0, le=6000)
+    task_burst: int = Field(default=3, ge=1, le=100)
 
 
 class SandboxSection(_Section):
@@ -150,12 +150,12 @@ class SandboxSection(_Section):
     on this machine (bubblewrap installed, unprivileged user namespaces allowed)."""
 
     enabled: bool = False
-    timeout_s: float = Field(5.0, gt=0, le=300)  # wall-clock limit of one python tool run
-    cpu_s: int = Field(4, ge=1, le=300)  # its CPU time limit (RLIMIT_CPU)
-    memory_mb: int = Field(256, ge=32, le=16384)  # its address-space limit (RLIMIT_AS)
-    output_kb: int = Field(16, ge=1, le=1024)  # stdout, and stderr, read up to this; past it the run is stopped
-    max_processes: int = Field(16, ge=4, le=1024)  # processes and threads (RLIMIT_NPROC), the sandbox's own two included
-    max_running: int = Field(4, ge=1, le=64)  # runs at once per background actor; more are refused
+    timeout_s: float = Field(default=5.0, gt=0, le=300)  # wall-clock limit of one python tool run
+    cpu_s: int = Field(default=4, ge=1, le=300)  # its CPU time limit (RLIMIT_CPU)
+    memory_mb: int = Field(default=256, ge=32, le=16384)  # its address-space limit (RLIMIT_AS)
+    output_kb: int = Field(default=16, ge=1, le=1024)  # stdout, and stderr, read up to this; past it the run is stopped
+    max_processes: int = Field(default=16, ge=4, le=1024)  # processes and threads (RLIMIT_NPROC), the sandbox's own two included
+    max_running: int = Field(default=4, ge=1, le=64)  # runs at once per background actor; more are refused
     # The interpreter inside the sandbox (None: the server's own, without its virtualenv). When the
     # server runs as root, the sandbox runs as uid 65534, which must be able to read it.
     python: str | None = None
@@ -183,11 +183,11 @@ class SpeechSection(_Section):
     language: str = "en"
     # whisper: Ray's CPUs of a replica, and again of its vLLM engine on CPU (small: a run of speech
     # is short). On GPU the engine takes a GPU of its own, on the `background` node type like the pool's.
-    num_cpus: float = Field(0.5, gt=0)
-    gpu_memory_utilization: float = Field(0.2, gt=0, le=1)  # on GPU (Whisper needs little)
-    min_replicas: int = Field(1, ge=0)
-    max_replicas: int = Field(1, ge=1)
-    max_ongoing_requests: int = Field(8, ge=1)
+    num_cpus: float = Field(default=0.5, gt=0)
+    gpu_memory_utilization: float = Field(default=0.2, gt=0, le=1)  # on GPU (Whisper needs little)
+    min_replicas: int = Field(default=1, ge=0)
+    max_replicas: int = Field(default=1, ge=1)
+    max_ongoing_requests: int = Field(default=8, ge=1)
     engine_kwargs: dict = Field(default_factory=dict)  # more vLLM engine arguments, passed as they are
 
     @model_validator(mode="after")
@@ -212,39 +212,39 @@ class BackgroundSection(_Section):
     model_id: str = "background"
     load_format: str | None = None  # None: "dummy" for the generated model, vLLM's "auto" otherwise
     device: str = "auto"  # auto: a GPU per replica when the cluster has them, else vLLM's CPU build
-    max_model_len: int = Field(4096, ge=256)
-    gpu_memory_utilization: float = Field(0.85, gt=0, le=1)
+    max_model_len: int = Field(default=4096, ge=256)
+    gpu_memory_utilization: float = Field(default=0.85, gt=0, le=1)
     enforce_eager: bool = False  # on GPU; always eager on CPU
     # Ray's CPUs of each replica's own process (Serve LLM's server: requests, tokenizer,
     # detokenizer), and of its vLLM engine on CPU (on GPU the engine takes a GPU instead). These
     # are shares for placement, not cores: the engine's threads use what the machine has.
-    num_cpus: float = Field(0.25, gt=0)
-    engine_cpus: float = Field(1.0, gt=0)
+    num_cpus: float = Field(default=0.25, gt=0)
+    engine_cpus: float = Field(default=1.0, gt=0)
     engine_kwargs: dict = Field(default_factory=dict)  # more vLLM engine arguments, passed as they are
     env: dict[str, str] = Field(default_factory=dict)  # environment of each replica (e.g. VLLM_CPU_KVCACHE_SPACE)
     # Serve autoscaling of the replicas, apart from the interaction actor.
-    min_replicas: int = Field(1, ge=0)
-    max_replicas: int = Field(2, ge=1)
-    target_ongoing_requests: float = Field(2.0, gt=0)
-    max_ongoing_requests: int = Field(8, ge=1)
-    upscale_delay_s: float = Field(5.0, ge=0)
-    downscale_delay_s: float = Field(60.0, ge=0)
+    min_replicas: int = Field(default=1, ge=0)
+    max_replicas: int = Field(default=2, ge=1)
+    target_ongoing_requests: float = Field(default=2.0, gt=0)
+    max_ongoing_requests: int = Field(default=8, ge=1)
+    upscale_delay_s: float = Field(default=5.0, ge=0)
+    downscale_delay_s: float = Field(default=60.0, ge=0)
     # Each task: its whole-task deadline, model turns (tool calls + the answer), tokens per turn.
-    timeout_s: float = Field(60.0, gt=0)
-    max_steps: int = Field(4, ge=1, le=16)
-    max_tokens: int = Field(512, ge=64)
-    tool_timeout_s: float = Field(10.0, gt=0)
+    timeout_s: float = Field(default=60.0, gt=0)
+    max_steps: int = Field(default=4, ge=1, le=16)
+    max_tokens: int = Field(default=512, ge=64)
+    tool_timeout_s: float = Field(default=10.0, gt=0)
     # How much of its conversation a task reads from the log: the last `context_s` seconds before
     # what it saw (null: all of it; at most 20,000 rows either way), text, events and the user's
     # input audio only (never video frames or the model's audio).
-    context_s: float | None = Field(300.0, gt=0)
+    context_s: float | None = Field(default=300.0, gt=0)
     tools: list[str] = Field(default_factory=list)  # more tools, as `module:attribute` (see actors/background/tools.py)
     sandbox: SandboxSection = Field(default_factory=SandboxSection)
     speech: SpeechSection = Field(default_factory=SpeechSection)
     # The pool (and a Whisper deployment) start after the live path is up. One whose replicas
     # cannot be placed within this is left off, with a line saying what it asked and what was
     # free; until it is up, a background task ends in an error update saying so.
-    place_timeout_s: float = Field(120.0, gt=0)
+    place_timeout_s: float = Field(default=120.0, gt=0)
 
     def active(self) -> bool:
         if self.enabled is not None:
@@ -305,6 +305,21 @@ class AppConfig(_Section):
         jitter = self.ingress.jitter_ms if self.ingress.jitter_ms is not None else (10.0 if self.loopback else 40.0)
         prebuffer = self.ingress.prebuffer_ms if self.ingress.prebuffer_ms is not None else (20.0 if self.loopback else 60.0)
         return jitter, prebuffer
+
+    def ingress_kwargs(self) -> dict:
+        """An ingress's arguments besides its interaction side and clock, the ingress actors' and
+        the gateway's in-process WebSocket one's alike: calls it holds (`ingress.max_sessions`:
+        their media and events cost its process CPU), its margins and the session limits."""
+        jitter_ms, prebuffer_ms = self.margins_ms()
+        return {
+            "max_sessions": self.ingress.max_sessions, "jitter_ms": jitter_ms, "prebuffer_ms": prebuffer_ms,
+            "idle_timeout_s": self.interaction.idle_timeout_s, "max_session_s": self.interaction.max_session_s,
+        }
+
+    def ice_addresses(self) -> list[str] | None:
+        """Where the ingress actors gather WebRTC candidates: the configured addresses, or loopback
+        alone for a server bound to loopback (its media stays there; aioice skips 127.0.0.1 otherwise)."""
+        return self.ingress.ice_addresses or (["127.0.0.1"] if self.loopback else None)
 
     @classmethod
     def load(cls, path: str | Path | None) -> "AppConfig":

@@ -34,6 +34,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from ray import serve
 from ray.actor import ActorHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.datastructures import UploadFile
 from starlette.requests import ClientDisconnect
 
 from actors.remote import Remote
@@ -178,6 +179,11 @@ class SecretRequest(BaseModel):
     expires_after: ExpiresAfter | None = None
 
 
+async def _field_text(value: str | UploadFile | None) -> str | None:
+    """A form field's text, whether it came as a field or as a file."""
+    return (await value.read()).decode("utf-8") if isinstance(value, UploadFile) else value
+
+
 async def _offer_parts(request: Request, body: bytes) -> tuple[str, Any]:
     """An offer's SDP and its `session` (None when it has none) from a raw application/sdp body
     or a multipart one with `sdp` and `session` fields."""
@@ -189,9 +195,7 @@ async def _offer_parts(request: Request, body: bytes) -> tuple[str, Any]:
         form = None
         try:  # the body as read (capped, on time), parsed again as a form; fields may come as files
             form = await Request(request.scope, replay).form(max_files=2, max_fields=8)
-            sdp, session = form.get("sdp"), form.get("session")
-            sdp = (await sdp.read()).decode("utf-8") if hasattr(sdp, "read") else sdp
-            session = (await session.read()).decode("utf-8") if hasattr(session, "read") else session
+            sdp, session = [await _field_text(form.get(name)) for name in ("sdp", "session")]
         except Exception:
             raise HttpError(400, "the multipart body could not be read", "invalid_request") from None
         finally:
@@ -373,16 +377,11 @@ class Gateway:
 
         from .fleet import Ingresses, Interactions
 
-        config = AppConfig.model_validate(config)
-        auth = Auth(config.auth.keys(), signing_key, config.auth.client_secret_ttl_s)
-        jitter_ms, prebuffer_ms = config.margins_ms()
-        websockets = Ingress(
-            Routed(router), TickClock.from_dict(clock), max_sessions=config.ingress.max_sessions,
-            jitter_ms=jitter_ms, prebuffer_ms=prebuffer_ms,
-            idle_timeout_s=config.interaction.idle_timeout_s, max_session_s=config.interaction.max_session_s,
-        )
+        settings = AppConfig.model_validate(config)
+        auth = Auth(settings.auth.keys(), signing_key, settings.auth.client_secret_ttl_s)
+        websockets = Ingress(Routed(router), TickClock.from_dict(clock), **settings.ingress_kwargs())
         interactions = Interactions(Remote(router))
-        self.edge = Edge(config, auth, interactions, Ingresses([Remote(h) for h in ingresses]), websockets)
+        self.edge = Edge(settings, auth, interactions, Ingresses([Remote(h) for h in ingresses]), websockets)
 
     def __serve_build_asgi_app__(self) -> FastAPI:
         return make_api(self.edge)

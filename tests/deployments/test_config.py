@@ -48,7 +48,7 @@ def test_console_script_is_installed():
 def test_cluster_launcher_file_is_valid_for_ray_and_offers_what_the_actors_ask_for():
     from ray.autoscaler._private.util import prepare_config, validate_config
 
-    from deployments.app import actor_options
+    from deployments.plan import actor_options
 
     config = prepare_config(yaml.safe_load((ROOT / "cluster.yaml").read_text()))
     validate_config(config)
@@ -83,7 +83,7 @@ def test_cluster_launcher_file_is_valid_for_ray_and_offers_what_the_actors_ask_f
 
 
 def test_actors_ask_for_nothing_a_plain_cluster_lacks():
-    from deployments.app import actor_options
+    from deployments.plan import actor_options
 
     assert actor_options(AppConfig(), {"CPU": 8}) == {
         "session_log": {"num_cpus": 0.1}, "background": {"num_cpus": 0.1}, "interaction": {"num_gpus": 0, "num_cpus": 0},
@@ -95,7 +95,7 @@ def test_actors_ask_for_nothing_a_plain_cluster_lacks():
 
 
 def test_the_tick_length_is_the_models_and_a_yaml_that_disagrees_is_refused_in_one_line(tmp_path):
-    from deployments.app import StartupError, model_tick_ms
+    from deployments.plan import StartupError, model_tick_ms
 
     assert model_tick_ms(AppConfig()) == 200  # the tiny preset's
     assert model_tick_ms(AppConfig.model_validate({"interaction": {"tick_ms": 200}})) == 200
@@ -110,7 +110,7 @@ def test_the_tick_length_is_the_models_and_a_yaml_that_disagrees_is_refused_in_o
 def test_a_checkpoint_brings_its_own_tick_length(tmp_path):
     import json
 
-    from deployments.app import model_tick_ms
+    from deployments.plan import model_tick_ms
     from models.checkpoint import CONFIG_FILE, FORMAT
     from models.config import InteractionConfig
 
@@ -132,7 +132,7 @@ def test_onset_margin_comes_from_the_checkpoint_unless_set(tmp_path):
     import shutil
 
     from actors.interaction.interaction import EngineSpec
-    from deployments.app import engine_spec
+    from deployments.plan import engine_spec
     from deployments.config import AppConfig
     from models.checkpoint import load_decision
 
@@ -158,14 +158,14 @@ def test_the_defaults_fit_a_two_cpu_machine_with_the_live_path_first():
     live path (actors, one gateway replica) and the pool's first replica (its server and its vLLM
     engine's placement group). Without a named CPU share an actor needs a whole free CPU to be
     placed (and restarted), so every actor names one."""
-    from deployments.app import InteractionFleet, actor_options
+    from deployments.plan import actor_options, interaction_units
     from deployments.gateway import Gateway
     from deployments.pool import POOL_APP, asks
 
     config, cluster = AppConfig(), {"CPU": 2.0}
     options = actor_options(config, cluster)
     assert all("num_cpus" in o for o in options.values()), options
-    interactions = InteractionFleet(None, options["interaction"], {}, 1).units(cluster)
+    interactions = interaction_units(config, cluster)
     live = (options["session_log"]["num_cpus"] + options["background"]["num_cpus"] + options["router"]["num_cpus"]
             + interactions * options["interaction"]["num_cpus"] + config.ingress.actors * options["ingress"]["num_cpus"]
             + config.gateway.min_replicas * Gateway.ray_actor_options["num_cpus"])

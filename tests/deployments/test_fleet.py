@@ -60,8 +60,6 @@ def test_interaction_figures_add_up_over_the_actors_that_answer():
             return {"interaction-0": "h0", "interaction-1": "h1"}
 
     async def main():
-        from actors import remote
-
         answers = {
             "h0": {"sessions": 2, "tick": 10, "step_ms_p50": 5.0, "step_ms_p99": 9.0, "late_chunks": 1, "missing_chunks": 0, "totals": {"ticks": 10}},
             "h1": {"sessions": 1, "tick": 11, "step_ms_p50": 7.0, "step_ms_p99": 8.0, "late_chunks": 0, "missing_chunks": 2, "totals": {"ticks": 11}},
@@ -74,11 +72,7 @@ def test_interaction_figures_add_up_over_the_actors_that_answer():
             async def stats(self):
                 return answers[self.handle]
 
-        real, remote.Remote = remote.Remote, FakeRemote
-        try:
-            stats = await Interactions(Router()).stats()
-        finally:
-            remote.Remote = real
+        stats = await Interactions(Router(), port=FakeRemote).stats()
         assert stats["sessions"] == 3 and stats["tick"] == 11 and stats["step_ms_p50"] == 7.0 and stats["missing_chunks"] == 2
         assert stats["totals"] == {"ticks": 21} and stats["actors"] == 2 and stats["actors_answering"] == 2
 

@@ -63,7 +63,7 @@ def _offers(group) -> dict:
 
 
 def test_groups_offer_what_the_actors_and_the_pool_ask_for():
-    from deployments.app import actor_options
+    from deployments.plan import actor_options
     from deployments.config import AppConfig, BackgroundSection
     from deployments.pool import deployment_options
 

@@ -6,7 +6,7 @@ import asyncio
 import pytest
 from pydantic import ValidationError
 
-from deployments.app import StartupError, background_options
+from deployments.plan import StartupError, background_options
 from deployments.config import AppConfig
 from tests.sandboxes import sandbox_python
 
