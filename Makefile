@@ -1,6 +1,6 @@
 # The two commands a newcomer runs (see README):
 #   make serve   set up, then start a local Ray cluster with the Serve app and the browser page
-#   make test    set up, then run the test suite
+#   make test    set up, then type-check (pyright, configured in pyproject.toml) and run the test suite
 # Everything installs into .venv from this repository's own files.
 
 VENV ?= .venv
@@ -53,6 +53,7 @@ system-deps:
 # The tests run in a network namespace of their own that has only loopback, so no test traffic
 # (WebRTC media included) can reach any other address; where that is not permitted, as they are.
 test: $(STAMP) system-deps $(VLLM_STAMP)
+	$(VENV)/bin/pyright
 	@if unshare -n true 2>/dev/null && command -v ip >/dev/null; then \
 		echo "== running the tests in a loopback-only network namespace"; \
 		unshare -n sh -c 'ip link set lo up && exec $(PY) -m pytest -q -ra'; \

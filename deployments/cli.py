@@ -15,6 +15,7 @@ loads by default (`training/train.py`).
 from __future__ import annotations
 
 import argparse
+import logging
 import signal
 import sys
 import time
@@ -32,7 +33,7 @@ def _init_ray(address: str | None) -> None:
     print(f"[interplay] starting Ray ({'joining ' + address if address else 'local cluster'}) ...", flush=True)
     t = time.monotonic()
     # No --address: a cluster of our own ("local"), never one some other program on this machine started.
-    ray.init(address=address or "local", namespace=NAMESPACE, include_dashboard=False, logging_level="ERROR")
+    ray.init(address=address or "local", namespace=NAMESPACE, include_dashboard=False, logging_level=logging.ERROR)
     res = ray.cluster_resources()
     print(f"[interplay] Ray up in {time.monotonic() - t:.1f} s: {res.get('CPU', 0):.0f} CPU, {res.get('GPU', 0):.0f} GPU", flush=True)
 
@@ -93,7 +94,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
     from .app import NAMESPACE, status
 
-    ray.init(address=args.address or "auto", namespace=NAMESPACE, logging_level="ERROR")
+    ray.init(address=args.address or "auto", namespace=NAMESPACE, logging_level=logging.ERROR)
     for name, state in status().items():
         print(f"{name:<12} {state}")
     return 0
@@ -104,7 +105,7 @@ def cmd_drain(args: argparse.Namespace) -> int:
 
     from .app import NAMESPACE, drain
 
-    ray.init(address=args.address or "auto", namespace=NAMESPACE, logging_level="ERROR")
+    ray.init(address=args.address or "auto", namespace=NAMESPACE, logging_level=logging.ERROR)
     result = drain(args.actor, undo=args.undo)
     if args.undo:
         print(f"{args.actor}: taking sessions again")

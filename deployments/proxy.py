@@ -35,12 +35,12 @@ def configure() -> list:
     if not getattr(init, "interplay_capped", False):
         cap = ws_max_bytes()
 
-        @functools.wraps(init)
         def capped(self, *args, **kwargs):
             kwargs.setdefault("ws_max_size", cap)
             init(self, *args, **kwargs)
 
-        capped.interplay_capped = True
+        functools.update_wrapper(capped, init)
+        setattr(capped, "interplay_capped", True)
         uvicorn.config.Config.__init__ = capped
     return []
 

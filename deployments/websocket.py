@@ -20,6 +20,7 @@ import asyncio
 import contextvars
 import json
 import logging
+from typing import Sequence
 
 from fastapi import WebSocket
 from fastapi.responses import JSONResponse
@@ -60,7 +61,7 @@ async def _refuse(ws: WebSocket, status: int, message: str, code: str) -> None:
             pass  # the client is gone already
 
 
-async def serve_websocket(ws: WebSocket, auth: Auth, ingress, allowed_origins: list[str] = ()) -> None:
+async def serve_websocket(ws: WebSocket, auth: Auth, ingress, allowed_origins: Sequence[str] = ()) -> None:
     if not origin_allowed(ws.headers.get("origin"), ws.headers.get("host"), list(allowed_origins)):
         await _refuse(ws, 403, "this page's origin may not call this server (see auth.allowed_origins)", "forbidden_origin")
         return

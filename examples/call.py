@@ -18,6 +18,7 @@ import fractions
 import json
 import sys
 import time
+import urllib.error
 import urllib.request
 import wave
 from urllib.parse import urlparse

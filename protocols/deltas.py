@@ -133,7 +133,7 @@ from_batch = from_table
 
 def audio_of(table: pa.Table, kind: str = "input_chunk") -> np.ndarray:
     """All audio of one kind in a log table, concatenated, without building delta objects."""
-    rows = table.filter(pc.equal(table["kind"], kind))
+    rows = table.filter(pc.field("kind") == kind)
     parts = [np.frombuffer(b, dtype="<i2") for b in rows["audio"].to_pylist() if b is not None]
     return np.concatenate(parts).astype(np.int16) if parts else np.zeros(0, np.int16)
 

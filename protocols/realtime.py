@@ -110,7 +110,8 @@ class SessionConfig(RealtimeSessionCreateRequest):
 
     model_config = ConfigDict(extra="allow")
     type: Literal["realtime"] = "realtime"
-    audio: AudioConfig | None = None
+    # Wider than the API's own audio config on purpose (our formats and rates): pydantic takes the override.
+    audio: AudioConfig | None = None  # pyright: ignore[reportIncompatibleVariableOverride]
     interplay: InterplaySession | None = None
 
 
@@ -193,7 +194,7 @@ _CLIENT_MODELS = (
 )
 CLIENT_EVENT_TYPES = tuple(typing.get_args(m.model_fields["type"].annotation)[0] for m in _CLIENT_MODELS)
 ClientEvent = Annotated[Union[_CLIENT_MODELS], Field(discriminator="type")]
-_client_adapter: TypeAdapter = TypeAdapter(ClientEvent)
+_client_adapter: TypeAdapter[Any] = TypeAdapter(typing.cast(Any, ClientEvent))  # a union built at import time
 
 
 # --- server events ------------------------------------------------------------------------------
@@ -262,10 +263,10 @@ def _param(loc: tuple) -> str | None:
     """A validation error's location as a dotted param, without the union tags pydantic puts in
     it: the event's type first, an item's tag right after "item", and union members
     ("str", "literal[...]", a model's class name) anywhere."""
-    loc = list(loc[1:])
-    if len(loc) > 1 and loc[0] == "item" and loc[1] in _ITEM_TAGS:
-        del loc[1]
-    return _dotted(loc) or None
+    rest = list(loc[1:])
+    if len(rest) > 1 and rest[0] == "item" and rest[1] in _ITEM_TAGS:
+        del rest[1]
+    return _dotted(rest) or None
 
 
 def _dotted(loc) -> str:
