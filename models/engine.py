@@ -18,9 +18,9 @@ positions, so a tick's cost and the engine's memory are bounded however long a s
 session's outputs depend only on its own inputs and seed, never on who else is in the batch.
 
 So a session can leave one engine and come back in another exactly: `export_session` /
-`import_session` move its state, and `rebuild` brings it back from an exported state (a snapshot)
-plus the input chunks stepped since, replayed alone on a one-row engine sharing the weights
-(`replay`, which may run beside a step, then `import_session`). Since
+`import_session` move its state, and `replay` brings it back from an exported state (a snapshot)
+plus the input chunks stepped since, replayed alone on a one-row engine sharing the weights (it
+may run beside a step), whose result `import_session` takes in. Since
 a chunk carries everything that entered at its tick (audio, frame, text, background updates,
 forced control), the rebuilt session is the one that was left, to the float tolerance batching
 already has: text and controls exactly; rarely a dMel code on a quantisation step's edge, and the
@@ -404,14 +404,6 @@ class StreamingEngine:
             self.remove_session(session_id)
             raise
         self._sessions[session_id] = Session.restore(session_id, row, state["session"])
-
-    def rebuild(self, session_id: str, state: dict | None = None, seed: int | None = None, chunks: list[InputChunk] = ()) -> list[OutputChunk]:
-        """Add `session_id` at its state after the last of `chunks`: `replay`, then
-        `import_session`. Returns the replay's outputs; nothing changes here if it fails."""
-        self._can_add(session_id)
-        rebuilt, outs = self.replay(session_id, state, seed, chunks)
-        self.import_session(session_id, rebuilt)
-        return outs
 
     def replay(self, session_id: str, state: dict | None = None, seed: int | None = None,
                chunks: list[InputChunk] = ()) -> tuple[dict, list[OutputChunk]]:

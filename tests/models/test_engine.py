@@ -359,13 +359,13 @@ def test_a_session_rebuilt_from_a_snapshot_and_its_chunks_goes_on_exactly():
     for eng in (from_snapshot, from_start):
         step_ok(eng, _chunks(["d"], 0))
     d_before = {name: t.clone() for name, t in from_snapshot.rows.of(0).items()}
-    replayed = from_snapshot.rebuild("a", snapshot, chunks=logged[13:])
+    replayed = _rebuild(from_snapshot, "a", snapshot, chunks=logged[13:])
     assert from_snapshot.sessions == ["d", "a"]
     assert all(torch.equal(d_before[name], t) for name, t in from_snapshot.rows.of(0).items())
     assert [o.seq for o in replayed] == list(range(13, 30))
     for o in replayed:
         _same(o, outs_a[o.seq], lsb=FLOAT_LSB)
-    replayed = from_start.rebuild("a", None, chunks=logged)
+    replayed = _rebuild(from_start, "a", None, chunks=logged)
     assert [o.seq for o in replayed] == list(range(30))
     for o in replayed:
         _same(o, outs_a[o.seq], lsb=FLOAT_LSB)
@@ -379,6 +379,14 @@ def test_a_session_rebuilt_from_a_snapshot_and_its_chunks_goes_on_exactly():
     assert src.export_session("a")["session"] == from_start.export_session("a")["session"]
 
 
+def _rebuild(engine, session_id, state, chunks=()):
+    """What a resuming interaction actor does (`actors.interaction.migration`): replay the logged
+    chunks from the snapshot, then import the state they reach."""
+    rebuilt, outs = engine.replay(session_id, state, None, chunks)
+    engine.import_session(session_id, rebuilt)
+    return outs
+
+
 def _scripted_inputs_a(n):
     return [chunks[0] for _, chunks in _scripted_inputs(["a"], range(n))]
 
@@ -390,15 +398,15 @@ def test_rebuild_refuses_what_does_not_follow_and_changes_nothing():
     state = eng.export_session("a")
     dst = _engine(sessions=())
     with pytest.raises(ProtocolError, match="not after 2"):
-        dst.rebuild("a", state, chunks=_chunks(["a"], 2))
+        _rebuild(dst, "a", state, chunks=_chunks(["a"], 2))
     with pytest.raises(ProtocolError, match="its own"):
-        dst.rebuild("a", state, chunks=_chunks(["b"], 3))
+        _rebuild(dst, "a", state, chunks=_chunks(["b"], 3))
     with pytest.raises(ProtocolError, match="not after 4"):
-        dst.rebuild("a", None, chunks=[*_chunks(["a"], 4), *_chunks(["a"], 4)])
+        _rebuild(dst, "a", None, chunks=[*_chunks(["a"], 4), *_chunks(["a"], 4)])
     assert dst.sessions == []
-    dst.rebuild("a", state, chunks=_chunks(["a"], 3))
+    _rebuild(dst, "a", state, chunks=_chunks(["a"], 3))
     with pytest.raises(ProtocolError, match="already exists"):
-        dst.rebuild("a", state)
+        _rebuild(dst, "a", state)
     assert dst.export_session("a")["session"]["last_seq"] == 3
 
 
