@@ -391,7 +391,7 @@ async def check_logs(app, session_ids: list[str], lsb: int) -> dict:
             continue
         try:
             recovery = await app.log.recovery.remote(sid, take_over=False)
-            table = await app.log.read.remote(sid, recovery["log_token"])
+            table = await app.log.read.remote(sid, recovery.log_token)
         except Exception as exc:  # closed under a live call (it should not be), or unreadable
             out.setdefault("unreadable", []).append(f"{sid}: {str(exc).splitlines()[-1][:120]}")
             continue
