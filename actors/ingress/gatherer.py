@@ -98,8 +98,8 @@ class Gatherer:
         self._loop: asyncio.Task | None = None
         self._exchanges: set[asyncio.Task] = set()
         self._timing: dict[int, dict[str, float]] = {}  # tick -> wall times: ready, gathered, returned
-        deadline = lambda k: clock.end(k) + grace_s  # noqa: E731
-        due = lambda: clock.tick_at(clock.now() - grace_s) - 1  # noqa: E731
+        deadline = lambda k: clock.end(k) + grace_s
+        due = lambda: clock.tick_at(clock.now() - grace_s) - 1
         self.pacer = TickPacer(deadline, due, clock.now, slack_s=clock.tick_s)  # a loop a whole tick late skips ahead
         for call in calls.values():
             self._listen(call)
