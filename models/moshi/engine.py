@@ -286,14 +286,19 @@ class MoshiEngine:
     def identity(self) -> dict:
         return self.models.checkpoint.identity()
 
+    def _stateful(self) -> dict:
+        """The streaming modules whose state is per row: LMGen (its token delay cache), the LM
+        (detached from LMGen's streaming: its KV caches), Mimi."""
+        return {"gen": self.lm_gen, "lm": self.lm_gen.lm_model, "mimi": self.mimi}
+
     def export_session(self, session_id: str) -> dict:
         """The session's rows of every streaming state, as numpy, plus its host-side values."""
         sess = self._get(session_id)
         with torch.no_grad():
-            rows = {**{"lm:" + k: v for k, v in export_row(self.lm_gen, sess.row).items()},
-                    **{"mimi:" + k: v for k, v in export_row(self.mimi, sess.row).items()},
-                    "resample:in": self.res_in[sess.row].cpu().numpy().copy(),
-                    "resample:out": self.res_out[sess.row].cpu().numpy().copy()}
+            rows = {f"{part}:{k}": v for part, module in self._stateful().items() for k, v in export_row(module, sess.row).items()}
+            rows.update({
+                "resample:in": self.res_in[sess.row].cpu().numpy().copy(),
+                "resample:out": self.res_out[sess.row].cpu().numpy().copy()})
         return {"version": STATE_VERSION, "identity": self.identity(), "session": sess.export(), "rows": rows}
 
     def import_session(self, session_id: str, state: dict) -> None:
@@ -306,8 +311,8 @@ class MoshiEngine:
         rows = state["rows"]
         try:
             with torch.no_grad():
-                load_row(self.lm_gen, row, {k[3:]: v for k, v in rows.items() if k.startswith("lm:")})
-                load_row(self.mimi, row, {k[5:]: v for k, v in rows.items() if k.startswith("mimi:")})
+                for part, module in self._stateful().items():
+                    load_row(module, row, {k[len(part) + 1:]: v for k, v in rows.items() if k.startswith(part + ":")})
                 self.res_in[row] = torch.as_tensor(rows["resample:in"], device=self.device)
                 self.res_out[row] = torch.as_tensor(rows["resample:out"], device=self.device)
         except (ValueError, KeyError, RuntimeError) as e:
@@ -357,7 +362,7 @@ class MoshiEngine:
         """Bytes held in the per-row streaming state (constant for the engine's lifetime)."""
         from models.moshi.rows import row_tensors
 
-        tensors = list(row_tensors(self.lm_gen).values()) + list(row_tensors(self.mimi).values())
+        tensors = [t for m in self._stateful().values() for t in row_tensors(m).values()]
         return sum(t.numel() * t.element_size() for t, _ in tensors) + (self.res_in.numel() + self.res_out.numel()) * 4
 
 
