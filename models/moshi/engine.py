@@ -8,11 +8,17 @@ cost of a tick is therefore that of `max_sessions` rows, however many are live.
 
 `step(chunks)` reads top to bottom: validate (as `StreamingEngine`: a bad or absent chunk is
 reported under its session and stepped as silence), then for the whole batch: 16 kHz -> 24 kHz
-(`Resampler`, per-row state), Mimi encode, one `LMGen.step` per 80 ms frame (greedy), Mimi decode
+(`Resampler`, per-row state), Mimi encode, one `LMGen.step` per 80 ms frame, Mimi decode
 of the frames every row has generated (a session's first frame has no audio yet: Moshi's
 acoustic delay), 24 kHz -> 16 kHz, and the outputs: the text stream as the chunk's text, the
 audio, and a control, "speak" where the tick has text or audible audio, else "silent" (a chunk's
 `forced` control replaces it; a forced "silent" also mutes the audio).
+
+Tokens are sampled per session (sampling.py: `SeededLMGen`): a row's draw for a frame depends
+only on the session's seed and the frame's index in the session, so a session's outputs are the
+same whoever shares the batch, and replaying its logged chunks from its seed gives them again.
+The defaults are Kyutai's (text: temperature 0.7, top 25; audio: 0.8, top 250); temperature 0
+is greedy.
 
 A tick is `frames_per_tick` Mimi frames of 80 ms. Past the LM's trained `context` a session goes
 on: the package's `RingKVCache` holds the last `context` positions and attention sees no further
@@ -57,13 +63,16 @@ class MoshiEngine:
 
     def __init__(self, checkpoint: str | Path | MoshiModels, max_sessions: int = 8, frames_per_tick: int = DEFAULT_FRAMES_PER_TICK,
                  device: str | torch.device = "cpu", dtype: torch.dtype | None = None, activity_rms: float = 1e-3,
-                 max_queued_tokens: int = 4096, _spare: bool = True):
+                 max_queued_tokens: int = 4096, temperature: float = 0.8, top_k: int = 250,
+                 temperature_text: float = 0.7, top_k_text: int = 25, _spare: bool = True):
         """`checkpoint`: a directory (models/moshi/checkpoint.py) or loaded models. `activity_rms`:
-        the output level (full scale 1) above which a tick without text still counts as speech."""
+        the output level (full scale 1) above which a tick without text still counts as speech.
+        `temperature` / `top_k` sample the audio codebooks, `*_text` the text stream (top_k 0: the
+        whole vocabulary; temperature 0: greedy)."""
         models = checkpoint if isinstance(checkpoint, MoshiModels) else load(checkpoint, device, dtype)
         if not 1 <= frames_per_tick <= 25 or max_sessions < 1:
             raise ValueError(f"frames_per_tick must be 1..25 and max_sessions >= 1, got {frames_per_tick}, {max_sessions}")
-        from moshi.models import LMGen
+        from models.moshi.sampling import SeededLMGen
 
         self.models, self.tokenizer = models, models.tokenizer
         self.max_sessions, self.frames_per_tick = max_sessions, frames_per_tick
@@ -73,7 +82,8 @@ class MoshiEngine:
         self._spare = _share(models) if _spare else None
         self._scratch_engine: MoshiEngine | None = None
         self._scratch_lock = threading.Lock()
-        self.lm_gen = LMGen(models.lm, use_sampling=False, support_out_of_sync=True, on_text_hook=self._force_text)
+        self.sampling = {"temperature": temperature, "top_k": top_k, "temperature_text": temperature_text, "top_k_text": top_k_text}
+        self.lm_gen = SeededLMGen(models.lm, **self.sampling, on_text_hook=self._force_text)
         self.mimi = models.mimi
         self.frame_24k = self.mimi.frame_size  # 1920 samples at 24 kHz
         self.up, self.down = Resampler(3, 2, device=self.device), Resampler(2, 3, device=self.device)
@@ -109,7 +119,8 @@ class MoshiEngine:
 
     # ---- sessions ----
     def add_session(self, session_id: str, seed: int | None = None) -> None:
-        """Take the lowest free row and reset it. `seed` is kept with the state (sampling is greedy)."""
+        """Take the lowest free row and reset it. `seed` (default: from the id) keys the session's
+        sampling and is kept with its state."""
         self._can_add(session_id)
         row = self._free.pop(0)
         seed = zlib.crc32(session_id.encode()) if seed is None else int(seed)
@@ -185,6 +196,7 @@ class MoshiEngine:
         toks = []
         for f in range(F):
             self._forced_now = self._take_forced(live)
+            self.lm_gen.draw([(s.row, s.seed, s.frames + f) for s in live])
             toks.append(self.lm_gen.step(codes[:, :, f:f + 1])[:, :, 0])  # (B, 1 + dep_q)
         self._forced_now = None
         toks = torch.stack(toks, -1)  # (B, 1 + dep_q, F)
@@ -355,7 +367,7 @@ class MoshiEngine:
             if self._spare is None:
                 raise RuntimeError("a replay engine has no replay engine of its own")
             self._scratch_engine = MoshiEngine(self._spare, 1, self.frames_per_tick, activity_rms=self.activity_rms,
-                                               max_queued_tokens=self.max_queued_tokens, _spare=False)
+                                               max_queued_tokens=self.max_queued_tokens, **self.sampling, _spare=False)
         return self._scratch_engine
 
     def state_bytes(self) -> int:

@@ -1,9 +1,9 @@
 """`MoshiSession`: the host-side part of one session's state in a `MoshiEngine`.
 
 The tensors live in the engine's batch row `row`; here are the values that are not tensors: the
-seed, the last seq stepped, the 80 ms frames stepped, and the text tokens queued to enter the
-model's own text stream (background updates; see `MoshiEngine.push_update`). `export` /
-`restore` carry them as plain values.
+seed and the 80 ms frames stepped (together they key the session's sampling), the last seq
+stepped, and the text tokens queued to enter the model's own text stream (background updates;
+see `MoshiEngine.push_update`). `export` / `restore` carry them as plain values.
 """
 
 from __future__ import annotations

@@ -18,7 +18,7 @@ from .conftest import chunk, voice
 
 @pytest.fixture(scope="module")
 def engine(moshi_dir):
-    return MoshiEngine(moshi_dir, max_sessions=3)
+    return MoshiEngine(moshi_dir, max_sessions=3, temperature=0.0, temperature_text=0.0)  # greedy, as the reference
 
 
 def reference(moshi_dir, audio: np.ndarray) -> tuple[list, np.ndarray]:

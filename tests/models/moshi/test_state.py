@@ -12,7 +12,7 @@ from .conftest import chunk
 
 @pytest.fixture(scope="module")
 def shared(moshi_dir):
-    return MoshiEngine(moshi_dir, max_sessions=2)
+    return MoshiEngine(moshi_dir, max_sessions=2)  # sampling on (the defaults)
 
 
 @pytest.fixture
