@@ -9,7 +9,8 @@ PersonaPlex fine-tunes ship the same files, Hibiki says `model_type: hibiki`).
 `read_checkpoint` checks everything before any weight is loaded: each file is there, the tokenizer
 reads and fits the LM's text vocabulary, every tensor in each safetensors file is one the model
 built from the config has, at the same shape. A problem raises `CheckpointError` naming the
-file (and the tensor). `load` then builds the models with the `moshi` package's own loaders.
+file (and the tensor) and saying where a servable directory comes from (`WHERE`). `load` then
+builds the models with the `moshi` package's own loaders.
 """
 
 from __future__ import annotations
@@ -25,15 +26,20 @@ import torch
 LM_NAME = "model.safetensors"
 MIMI_NAME = "tokenizer-e351c8d8-checkpoint125.safetensors"
 TOKENIZER_NAME = "tokenizer_spm_32k_3.model"
+DEFAULT_REPO = "kyutai/moshiko-pytorch-bf16"
+WHERE = (f"A Moshi-family checkpoint is a local directory in Kyutai's layout: a copy of {DEFAULT_REPO} "
+         f"({LM_NAME}, {MIMI_NAME}, {TOKENIZER_NAME}), a PersonaPlex or Hibiki one (its config.json names "
+         "its files), or random weights made by `python -m models.moshi.random_checkpoint DIR`.")
 FILE_KEYS = ("moshi_name", "mimi_name", "tokenizer_name", "mimi_config_name", "lora_name", "model_type",
              "lm_gen_config", "tts_config", "stt_config", "model_id")
 
 
 class CheckpointError(ValueError):
-    """A checkpoint directory that cannot be served; `path` is the file at fault."""
+    """A checkpoint directory that cannot be served; `path` is the file at fault. The message
+    ends with `WHERE`: what a servable directory holds and where one comes from."""
 
     def __init__(self, message: str, path: Path | str | None = None):
-        super().__init__(f"{path}: {message}" if path is not None else message)
+        super().__init__(f"{path}: {message}. {WHERE}" if path is not None else f"{message}. {WHERE}")
         self.path = None if path is None else Path(path)
 
 
@@ -84,9 +90,9 @@ def read_checkpoint(path: str | Path) -> MoshiCheckpoint:
     if cfg_file.exists():
         raw = _read_json(cfg_file)
     lm_config = {k: v for k, v in raw.items() if k not in FILE_KEYS} if raw else None
-    lm_file = _file(root, raw.get("moshi_name", LM_NAME), "the LM weights")
-    mimi_file = _file(root, raw.get("mimi_name", MIMI_NAME), "the Mimi weights")
-    tok_file = _file(root, raw.get("tokenizer_name", TOKENIZER_NAME), "the text tokenizer")
+    lm_file = _file(root, raw.get("moshi_name", LM_NAME), "the LM weights", "moshi_name" not in raw)
+    mimi_file = _file(root, raw.get("mimi_name", MIMI_NAME), "the Mimi weights", "mimi_name" not in raw)
+    tok_file = _file(root, raw.get("tokenizer_name", TOKENIZER_NAME), "the text tokenizer", "tokenizer_name" not in raw)
     mimi_config = _read_json(_file(root, raw["mimi_config_name"], "the Mimi config")) if raw.get("mimi_config_name") else None
     lora = _file(root, raw["lora_name"], "the LoRA weights") if raw.get("lora_name") else None
     ckpt = MoshiCheckpoint(root, lm_file, mimi_file, tok_file, lm_config, mimi_config, raw.get("model_type", "moshi"), lora, raw)
@@ -118,12 +124,14 @@ def load(path: str | Path | MoshiCheckpoint, device: str | torch.device = "cpu",
     return MoshiModels(lm, mimi, info.get_text_tokenizer(), ckpt)
 
 
-def _file(root: Path, name: Any, what: str) -> Path:
+def _file(root: Path, name: Any, what: str, default: bool = False) -> Path:
+    """`root / name`, which must be a file; `default`: no config.json named it."""
     if not isinstance(name, str) or not name:
         raise CheckpointError(f"config.json names {what} as {name!r}", root / "config.json")
     path = root / name
     if not path.is_file():
-        raise CheckpointError(f"missing: {what} ({name}) is not in the checkpoint directory", path)
+        why = " (Kyutai's default name; a config.json may name another)" if default else ""
+        raise CheckpointError(f"missing: {what}, {name}, is not in the checkpoint directory{why}", path)
     return path
 
 

@@ -74,3 +74,16 @@ def test_a_tokenizer_that_does_not_fit_the_lm_is_refused(ckpt):
 def test_not_a_directory(tmp_path):
     with pytest.raises(CheckpointError, match="not a checkpoint directory"):
         read_checkpoint(tmp_path / "nowhere")
+
+
+def test_building_an_engine_on_another_directory_says_what_is_missing_and_where_checkpoints_come_from(tmp_path):
+    from models.moshi.engine import MoshiEngine
+
+    (tmp_path / "weights.pt").write_bytes(b"some other model")
+    with pytest.raises(CheckpointError) as e:
+        MoshiEngine(tmp_path)
+    message = str(e.value)
+    assert e.value.path == tmp_path / "model.safetensors" and "missing: the LM weights, model.safetensors," in message
+    assert "default name" in message and "kyutai/moshiko-pytorch-bf16" in message
+    assert all(name in message for name in ("tokenizer-e351c8d8-checkpoint125.safetensors", "tokenizer_spm_32k_3.model"))
+    assert "python -m models.moshi.random_checkpoint DIR" in message
