@@ -2,6 +2,8 @@
 tokens and audio are the same alone and beside sessions joining and leaving, replaying its logged
 chunks from its seed gives them again, and its seed (not its row or id) decides them."""
 
+from importlib.metadata import version
+
 import numpy as np
 import pytest
 import torch
@@ -24,6 +26,10 @@ def engine(shared):
     for sid in shared.sessions:
         shared.remove_session(sid)
     return shared
+
+
+def test_the_package_is_the_version_sampling_was_written_against():
+    assert version("moshi") == "0.2.13", "models/moshi/sampling.py relies on LMGen's internals in 0.2.13: recheck them"
 
 
 def test_a_draw_follows_the_top_k_softmax():
