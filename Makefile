@@ -36,6 +36,12 @@ $(STAMP): pyproject.toml
 	# torch first and exactly pinned, so nothing resolves a newer CUDA build.
 	$(PIP) install -q torch==2.13.0
 	$(PIP) install -q -e '.[test]'
+	# Moshi-family checkpoints (models/moshi/) run on the `moshi` package's modules. moshi 0.2.13
+	# declares torch<2.10 (and numpy<2.3, safetensors<0.8, ...), but imports and runs on the torch
+	# pinned above (tests/models/moshi check it against the package's own LMGen); --no-deps so it
+	# moves nothing. What it imports (sentencepiece, einops, huggingface-hub) is in pyproject.toml;
+	# sphn, bitsandbytes, sounddevice and aiohttp are only for its own server/TTS/quantisation.
+	$(PIP) install -q --no-deps moshi==0.2.13
 	touch $(STAMP)
 
 setup: $(STAMP)

@@ -12,6 +12,8 @@
 Configurations are stepped in turn, one tick each, so load from elsewhere on a shared machine
 spreads over all of them alike; one copy of the weights serves every engine.
 
+A Moshi-family checkpoint: `python -m bench.engine --moshi DIR --sessions 1,8` (bench/engine_moshi.py).
+
 On a GPU: `python -m bench.engine --preset gpu12b --device cuda --sessions 8,16,32,48,64` runs the
 ~12B-active shape with random bf16 weights and reports how many sessions fit the tick's budget at
 p99 (each session count gets its own pre-sized cache, so keep the sum of the list's KV caches
@@ -190,6 +192,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--skip-context", action="store_true")
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: leave as is)")
     ap.add_argument("--out", default="engine", help="results name under bench/results/")
+    ap.add_argument("--moshi", default=None, metavar="DIR", help="bench a Moshi-family checkpoint directory instead (bench/engine_moshi.py)")
+    ap.add_argument("--frames", default="1,2,5", help="with --moshi: tick lengths to compare, in 80 ms Mimi frames")
     args = ap.parse_args(argv)
 
     device = torch.device(args.device)
@@ -198,6 +202,11 @@ def main(argv: list[str] | None = None) -> dict:
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.moshi:
+        from bench.engine_moshi import run
+
+        return run(args.moshi, args.device, dtype, [int(s) for s in args.sessions.split(",")],
+                   [int(f) for f in args.frames.split(",")], args.ticks, args.warmup, args.out if args.out != "engine" else "engine_moshi")
     cfg = InteractionConfig.preset(args.preset, **({"tick_ms": args.tick_ms} if args.tick_ms else {}))
     sessions = [int(s) for s in args.sessions.split(",")]
     work = Workload(cfg, args.video_every)

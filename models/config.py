@@ -15,7 +15,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-from protocols.chunks import CONTROLS, SAMPLE_RATE
+from protocols.chunks import CONTROLS, SAMPLE_RATE, ProtocolError
 from protocols.clock import HOP_MS, check_tick_ms
 
 
@@ -67,6 +67,8 @@ class InteractionConfig:
 
     def __post_init__(self) -> None:
         check_tick_ms(self.tick_ms)
+        if self.tick_ms % HOP_MS:
+            raise ProtocolError(f"tick_ms must be a whole multiple of the {HOP_MS} ms dMel hop, got {self.tick_ms}", "invalid_value", "tick_ms")
         if self.n_heads % self.n_kv_heads:
             raise ValueError(f"n_heads={self.n_heads} must be a multiple of n_kv_heads={self.n_kv_heads}")
         if self.head_dim % 2:

@@ -3,8 +3,9 @@
 An `InputChunk` is one session's input for tick `seq`; an `OutputChunk` is the model's answer for
 the same tick. Both validate on construction, so a malformed chunk never exists: bad input raises
 `ProtocolError` with a message fit to show the client. The tick length is the model's (see
-`protocols.clock.TickClock`): a chunk holds a whole number of 25 ms hops of 16 kHz audio, and the
-engine checks that it holds exactly one tick's worth.
+`protocols.clock.TickClock`): a chunk holds 1-D int16 16 kHz audio of at most `MAX_CHUNK_SAMPLES`,
+and the engine checks that it holds exactly one tick's worth (its own granularity: whole 25 ms
+dMel hops for the built-in model, whole 80 ms Mimi frames for Moshi-family models).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from .errors import ProtocolError
 from .requests import Request, check_requests
 
 SAMPLE_RATE = 16_000  # Hz, mono, inside the system
-HOP_SAMPLES = SAMPLE_RATE * 25 // 1000  # a chunk is whole 25 ms dMel hops
+HOP_SAMPLES = SAMPLE_RATE * 25 // 1000  # the built-in model's 25 ms dMel hop (its engine's check)
 MAX_CHUNK_SAMPLES = SAMPLE_RATE * 2  # the longest tick a model may use (2 s)
 PATCH = 40  # video patches are PATCH x PATCH pixels
 FRAME_SIZE = 160  # default frame edge: 160 x 160 -> 16 patches
@@ -37,15 +38,16 @@ def check_session_id(session_id: Any) -> str:
 
 
 def check_audio(audio: Any, param: str = "audio", samples: int | None = None) -> np.ndarray:
-    """A chunk's audio: 1-D int16 at 16 kHz, whole 25 ms hops; exactly `samples` when given."""
+    """A chunk's audio: 1-D int16 at 16 kHz, 1 to MAX_CHUNK_SAMPLES samples; exactly `samples`
+    when given (an engine passes its tick's length)."""
     if not isinstance(audio, np.ndarray):
         raise ProtocolError(f"{param} must be a numpy int16 array, got {type(audio).__name__}", "invalid_audio", param)
     if audio.dtype != np.int16:
         raise ProtocolError(f"{param} must be int16 PCM at {SAMPLE_RATE} Hz, got dtype {audio.dtype}", "invalid_audio", param)
     if samples is not None and audio.shape != (samples,):
         raise ProtocolError(f"{param} must hold {samples} samples (one tick at {SAMPLE_RATE} Hz mono), got shape {audio.shape}", "invalid_audio", param)
-    if audio.ndim != 1 or not 0 < audio.shape[0] <= MAX_CHUNK_SAMPLES or audio.shape[0] % HOP_SAMPLES:
-        raise ProtocolError(f"{param} must be 1-D with a whole number of {HOP_SAMPLES}-sample hops (at most {MAX_CHUNK_SAMPLES}), got shape {audio.shape}", "invalid_audio", param)
+    if audio.ndim != 1 or not 0 < audio.shape[0] <= MAX_CHUNK_SAMPLES:
+        raise ProtocolError(f"{param} must be 1-D with 1 to {MAX_CHUNK_SAMPLES} samples, got shape {audio.shape}", "invalid_audio", param)
     return audio
 
 

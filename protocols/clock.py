@@ -18,15 +18,16 @@ from dataclasses import dataclass, replace
 
 from .chunks import SAMPLE_RATE, ProtocolError
 
-HOP_MS = 25  # the dMel hop: a tick is a whole number of feature frames
+HOP_MS = 25  # the built-in model's dMel hop (`frames`); its config checks its tick is whole hops
 MIN_TICK_MS, MAX_TICK_MS = 50, 2_000
 
 
 def check_tick_ms(tick_ms: int) -> int:
-    """A tick length a model can be trained at: whole dMel hops, between 50 ms and 2 s."""
-    if isinstance(tick_ms, bool) or not isinstance(tick_ms, int) or not MIN_TICK_MS <= tick_ms <= MAX_TICK_MS or tick_ms % HOP_MS:
+    """A tick length a model can be trained at: whole milliseconds between 50 ms and 2 s (the
+    model's own granularity, dMel hops or Mimi frames, is its config's or engine's to check)."""
+    if isinstance(tick_ms, bool) or not isinstance(tick_ms, int) or not MIN_TICK_MS <= tick_ms <= MAX_TICK_MS:
         raise ProtocolError(
-            f"tick_ms must be a whole multiple of {HOP_MS} ms between {MIN_TICK_MS} and {MAX_TICK_MS}, got {tick_ms!r}",
+            f"tick_ms must be a whole number of ms between {MIN_TICK_MS} and {MAX_TICK_MS}, got {tick_ms!r}",
             "invalid_value", "tick_ms",
         )
     return tick_ms

@@ -2,8 +2,9 @@
 
 `as_batch` turns an append's argument (deltas, a RecordBatch or a Table) into one RecordBatch of
 `protocols.deltas.SCHEMA`; `check_row` checks one row. A chunk's audio follows
-`protocols.chunks.check_audio`: whole 25 ms hops of 16 kHz int16, at most the longest tick; a
-log made with `tick_ms` also wants exactly one tick of it.
+`protocols.chunks.check_audio`: 1 to `MAX_CHUNK_SAMPLES` whole int16 samples at 16 kHz (a tick's
+granularity, 25 ms dMel hops or 80 ms Mimi frames, is its model's to check); a log made with
+`tick_ms` also wants exactly one tick of it.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import math
 
 import pyarrow as pa
 
-from protocols.chunks import HOP_SAMPLES, MAX_CHUNK_SAMPLES, MAX_FRAME_EDGE, PATCH, ProtocolError
+from protocols.chunks import MAX_CHUNK_SAMPLES, MAX_FRAME_EDGE, PATCH, ProtocolError
 from protocols.clock import TickClock
 from protocols.deltas import KINDS, SCHEMA, from_record, kind_of, to_record
 
@@ -21,7 +22,7 @@ CHUNK_KINDS = ("input_chunk", "output_chunk")
 
 
 def audio_bytes(tick_ms: int | None) -> int | None:
-    """The exact audio bytes of one chunk at `tick_ms` (int16, 16 kHz), or None: any whole hops."""
+    """The exact audio bytes of one chunk at `tick_ms` (int16, 16 kHz), or None: any length."""
     return None if tick_ms is None else TickClock(0.0, tick_ms).samples() * 2
 
 
@@ -95,8 +96,8 @@ def check_row(row: dict, audio_len: int | None, frame_len: int | None, rebuild: 
         got = "none" if audio_len is None else f"{audio_len:,} bytes"
         if tick_bytes is not None and audio_len != tick_bytes:
             raise ProtocolError(f"audio must be {tick_bytes:,} bytes ({tick_bytes // 2:,} int16 samples: one tick at 16 kHz mono), got {got}", "invalid_audio", "audio")
-        if audio_len is None or not 0 < audio_len <= MAX_CHUNK_SAMPLES * 2 or audio_len % (HOP_SAMPLES * 2):
-            raise ProtocolError(f"audio must be whole {HOP_SAMPLES * 2}-byte hops ({HOP_SAMPLES} int16 samples at 16 kHz mono), at most {MAX_CHUNK_SAMPLES * 2:,} bytes, got {got}", "invalid_audio", "audio")
+        if audio_len is None or not 0 < audio_len <= MAX_CHUNK_SAMPLES * 2 or audio_len % 2:
+            raise ProtocolError(f"audio must be 1 to {MAX_CHUNK_SAMPLES:,} whole int16 samples at 16 kHz mono (2 to {MAX_CHUNK_SAMPLES * 2:,} bytes), got {got}", "invalid_audio", "audio")
     elif audio_len is not None or row["seq"] is not None:
         raise ProtocolError(f"a {kind} carries no audio and no seq", "invalid_delta")
     h, w = row["frame_h"], row["frame_w"]

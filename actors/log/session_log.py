@@ -79,7 +79,8 @@ class SessionLog:
     """The log's logic, usable without Ray; `SessionLogActor` below is the Ray actor.
 
     One instance owns a root: two logs on the same root would write over each other's files.
-    With `tick_ms`, a chunk's audio must be exactly one tick of it; without, any whole 25 ms hops.
+    With `tick_ms`, a chunk's audio must be exactly one tick of it; without, any whole samples up to
+    the longest tick (`protocols.chunks.check_audio`).
     `retention_s` is the in-memory window of an open session (older rows go to Parquet, nothing is
     deleted for it); `keep_s` how long a closed session is kept on disk before it is deleted
     (None: forever); `clock` the wall clock a session's closing time is taken from.

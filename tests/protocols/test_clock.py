@@ -20,13 +20,17 @@ def test_lengths_follow_the_tick(tick_ms, samples, frames):
     assert clock.samples(48_000) == samples * 3
 
 
-@pytest.mark.parametrize("bad", [0, 10, 210, 2_025, 5_000, 200.0, True, "200", None])
+@pytest.mark.parametrize("bad", [0, 10, 49, 2_025, 5_000, 200.0, True, "200", None])
 def test_a_tick_a_model_cannot_be_trained_at_is_refused(bad):
     with pytest.raises(ProtocolError) as info:
         TickClock(0.0, bad)
     assert info.value.param == "tick_ms"
     with pytest.raises(ProtocolError):
         check_tick_ms(bad)
+
+
+def test_a_tick_needs_no_25_ms_hops_since_the_model_decides_its_granularity():
+    assert TickClock(0.0, 80).samples() == 1_280 and check_tick_ms(160) == 160
 
 
 def test_a_clock_travels_as_a_dict_and_keeps_its_tick():

@@ -356,17 +356,29 @@ def test_wait_on_the_plain_class(tmp_path):
     asyncio.run(scenario())
 
 
-def test_without_a_tick_length_chunks_need_whole_hops_not_3200_samples(tmp_path):
+def test_without_a_tick_length_chunks_need_whole_samples_up_to_the_longest_tick(tmp_path):
     log = SessionLog(str(tmp_path))
     token = log.open("s")
     short = [InputChunk("s", 0, 0.0, np.ones(1_600, np.int16)), OutputChunk("s", 0, 0.0, np.ones(1_600, np.int16))]  # a 100 ms tick
     assert log.append(short)["s"] == (0, 1)
     batch = to_batch([InputChunk("s", 1, 0.1, np.ones(1_600, np.int16))])
-    torn = _set(batch, "audio", 0, bytes(3_202))
-    with pytest.raises(ProtocolError, match="whole 800-byte hops"):
-        log.append(torn)
+    for bad in (bytes(3_201), bytes(2 * 32_000 + 2), b""):  # a torn sample, past the longest tick (2 s), none
+        with pytest.raises(ProtocolError, match="whole int16 samples"):
+            log.append(_set(batch, "audio", 0, bad))
     assert_rows(log.read("s", token), short)
     strict = SessionLog(str(tmp_path / "strict"), tick_ms=100)
     strict.open("s")
     with pytest.raises(ProtocolError, match="audio must be 3,200 bytes"):
         strict.append(tick("s", 0))  # 200 ms chunks in a 100 ms log
+
+
+@pytest.mark.parametrize("tick_ms", [None, 80])
+def test_an_80_ms_chunk_is_logged_and_read_back(tmp_path, tick_ms):
+    """A Moshi-family engine ticks in 80 ms Mimi frames: 1,280 samples, not whole 25 ms hops."""
+    log = SessionLog(str(tmp_path), tick_ms=tick_ms)
+    token = log.open("s")
+    rng = np.random.default_rng(0)
+    frames = [d for k in range(3) for d in (InputChunk("s", k, k * 0.08, rng.integers(-32768, 32767, 1_280, dtype=np.int16)),
+                                            OutputChunk("s", k, k * 0.08, rng.integers(-32768, 32767, 1_280, dtype=np.int16), text="hi"))]
+    assert log.append(frames)["s"] == (0, 5)
+    assert_rows(log.read("s", token), frames)
