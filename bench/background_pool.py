@@ -55,6 +55,7 @@ class Recorded:
 def delegation_overhead(ray, pool, trials: int = 30) -> list[dict]:
     from actors.interaction.interaction import Interaction
     from protocols import InputChunk
+    from protocols.requests import requests_of
     from tests.fakes import MockEngine
 
     class Timed(MockEngine):
@@ -78,13 +79,15 @@ def delegation_overhead(ray, pool, trials: int = 30) -> list[dict]:
         overhead, total, llm = [], [], []
         for _ in range(trials):
             before = len(engine.pushed)
-            k = inter._next_tick  # the next tick stepped: its chunk is on time
+            k = inter.core.next_tick  # the next tick stepped: its chunk is on time
             chunk = InputChunk.silent("sess_bench", k, inter.clock.start(k), inter.clock.samples())
-            chunk = InputChunk("sess_bench", k, chunk.t_start, chunk.audio, None, "what time is it?",
-                               [{"type": "response.create", "response": {"tools": [CLOCK], "tool_choice": NAMED}}])
+            events = [{"type": "response.create", "response": {"tools": [CLOCK], "tool_choice": NAMED}}]
+            chunk = InputChunk("sess_bench", k, chunk.t_start, chunk.audio, None, "what time is it?", events, requests=requests_of(events))
             await inter.exchange(k, [chunk], ["sess_bench"])
             task = inter.sessions["sess_bench"].task
             runner = inter.sessions["sess_bench"].runner
+            if task is None or runner is None:
+                raise RuntimeError("the response.create with a named tool started no background task")
             deadline = time.time() + 120
             while len(engine.pushed) == before and time.time() < deadline:
                 await asyncio.sleep(0.001)

@@ -181,16 +181,12 @@ def start_app(args, folder: str):
         "log": {"root": f"{folder}/log"}, "http": {"port": PORT}, "auth": {"api_keys": [args.api_key]}, "ingress": margins,
         **({} if args.background else {"background": {"enabled": False}}),
     })
-    if hasattr(deployment, "build"):
-        running = deployment.build(config)
-        parts, stop = running.parts, lambda: deployment.stop(running)
-    else:
-        parts, stop = deployment.start(config), deployment.stop
-    for name, status in parts.items():
+    running = deployment.build(config)
+    for name, status in running.parts.items():
         print(f"[e2e] {name:<12} {status}", flush=True)
 
     def stop_all() -> None:
-        stop()
+        deployment.stop(running)
         ray.shutdown()
 
     return f"http://127.0.0.1:{PORT}", stop_all
