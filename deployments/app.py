@@ -135,7 +135,7 @@ def _wait_role(role: str, group: list[ActorSpec], made: dict[str, Any], config: 
         clock = TickClock.from_dict(ray.get([h.ready.remote() for h in handles])[0])
         made["clock"] = clock.to_dict()
         engine, where = group[0].args[0], "GPU" if group[0].options.get("num_gpus") else "CPU"
-        return (f"{len(handles)} up ({engine.checkpoint or engine.preset} on {where}, {clock.tick_ms} ms ticks, "
+        return (f"{len(handles)} up ({engine.describe()} on {where}, {clock.tick_ms} ms ticks, "
                 f"t0={clock.t0:.3f}, {config.interaction.max_sessions} sessions each)")
     if role == "router":
         ray.get(handles[0].start.remote())

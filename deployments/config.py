@@ -27,6 +27,12 @@ SHIPPED_CHECKPOINT = str(Path(__file__).resolve().parent.parent / "checkpoints" 
 
 
 class ModelSection(_Section):
+    # "interplay": the built-in model (`preset` / `checkpoint` below). "moshi": a Moshi-family
+    # checkpoint (Kyutai's Moshi, PersonaPlex, Hibiki) in the local directory `path`, in Kyutai's
+    # file layout; nothing is downloaded.
+    family: Literal["interplay", "moshi"] = "interplay"
+    path: str | None = None
+    frames_per_tick: int = Field(default=1, ge=1, le=25)  # moshi: 80 ms Mimi frames a tick
     preset: str = "tiny"
     # A safetensors directory with its config.json; when set, it (not `preset`) is the model.
     # null: `preset` with random weights.
@@ -35,6 +41,13 @@ class ModelSection(_Section):
     # How sure the model must be to start speaking from silence, in logits; null: the
     # checkpoint's calibrated value (its decision.json). Higher holds more pauses, answers later.
     onset_margin: float | None = Field(default=None, ge=0, le=20)
+
+    @model_validator(mode="after")
+    def _moshi_needs_a_path(self) -> "ModelSection":
+        if self.family == "moshi" and not self.path:
+            raise ValueError("model.family moshi needs model.path: a local Moshi-family checkpoint directory "
+                             "(make a random one with `python -m models.moshi.random_checkpoint DIR`)")
+        return self
 
 
 class InteractionSection(_Section):

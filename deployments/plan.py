@@ -87,9 +87,10 @@ def interaction_fleet(config: AppConfig, options: dict, background: bool) -> Int
 def model_tick_ms(config: AppConfig) -> int:
     """The tick length of the configured model; StartupError if `interaction.tick_ms` says otherwise."""
     spec = engine_spec(config)
-    source = f"checkpoint {spec.checkpoint}" if spec.checkpoint else f"preset {spec.preset!r}"
+    source = (f"Moshi-family checkpoint {spec.path}" if spec.family == "moshi"
+              else f"checkpoint {spec.checkpoint}" if spec.checkpoint else f"preset {spec.preset!r}")
     try:
-        tick_ms = spec.model_config().tick_ms
+        tick_ms = spec.tick_ms()
     except (OSError, KeyError, ValueError) as exc:
         raise StartupError(f"cannot read the model's config ({source}): {exc}") from None
     wanted = config.interaction.tick_ms
@@ -103,8 +104,8 @@ def model_tick_ms(config: AppConfig) -> int:
 
 def engine_spec(config: AppConfig) -> EngineSpec:
     m = config.model
-    return EngineSpec(preset=m.preset, checkpoint=m.checkpoint, device=m.device, max_sessions=config.interaction.max_sessions,
-                      onset_margin=m.onset_margin)
+    return EngineSpec(family=m.family, path=m.path, frames_per_tick=m.frames_per_tick, preset=m.preset, checkpoint=m.checkpoint,
+                      device=m.device, max_sessions=config.interaction.max_sessions, onset_margin=m.onset_margin)
 
 
 def actor_options(config: AppConfig, resources: Mapping[str, float]) -> dict[str, dict]:

@@ -1,7 +1,10 @@
 """`EngineSpec`: which engine an interaction actor builds, and where.
 
-Built by `actors.interaction.interaction.Interaction` in its own process, so an actor's engine
-lands on the actor's GPU; `model_config` reads the model's shapes and tick without building it.
+`family` "interplay" is the built-in model (models/engine.py: a preset or a checkpoint directory);
+"moshi" a Moshi-family checkpoint directory in Kyutai's layout at `path` (models/moshi/: Moshi,
+PersonaPlex, Hibiki), ticking in `frames_per_tick` Mimi frames of 80 ms. Built by
+`actors.interaction.interaction.Interaction` in its own process, so an actor's engine lands on the
+actor's GPU; `tick_ms` reads the model's tick without loading its weights.
 """
 
 from __future__ import annotations
@@ -23,6 +26,25 @@ class EngineSpec:
     device: str = "auto"
     max_sessions: int = 16
     onset_margin: float | None = None  # None: the checkpoint's calibrated one (0 for random weights)
+    family: str = "interplay"
+    path: str | None = None  # family "moshi": the checkpoint directory
+    frames_per_tick: int = 1  # family "moshi": Mimi frames (80 ms) a tick
+
+    def describe(self) -> str:
+        if self.family == "moshi":
+            return f"Moshi-family {self.path}"
+        return self.checkpoint or self.preset
+
+    def tick_ms(self) -> int:
+        """The model's tick length, read without loading its weights (a Moshi-family directory
+        is checked file by file first: `CheckpointError` says what is wrong)."""
+        if self.family == "moshi":
+            from models.moshi.checkpoint import read_checkpoint
+            from models.moshi.engine import FRAME_MS
+
+            read_checkpoint(self.path or "")
+            return FRAME_MS * self.frames_per_tick
+        return self.model_config().tick_ms
 
     def model_config(self) -> "InteractionConfig":
         """The model's `InteractionConfig` (its tick length, shapes), read without building it."""
@@ -43,6 +65,10 @@ class EngineSpec:
         device = self.device
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
+        if self.family == "moshi":
+            from models.moshi.engine import MoshiEngine
+
+            return MoshiEngine(self.path or "", max_sessions=self.max_sessions, frames_per_tick=self.frames_per_tick, device=device)
         source = load_checkpoint(self.checkpoint, device=device) if self.checkpoint else self.preset
         return StreamingEngine(source, max_sessions=self.max_sessions, device=device,
                                onset_margin=onset_margin(self.checkpoint, self.onset_margin))

@@ -119,6 +119,29 @@ def test_a_checkpoint_brings_its_own_tick_length(tmp_path):
     assert model_tick_ms(AppConfig.model_validate({"model": {"checkpoint": str(tmp_path)}})) == 400
 
 
+def test_a_moshi_family_checkpoint_brings_its_tick_and_a_broken_one_is_refused_at_start(tmp_path):
+    """`model: {family: moshi, path: DIR}`: the tick is whole 80 ms Mimi frames; a directory with a
+    file missing is refused before anything starts, naming the file and how to make a servable one."""
+    pytest.importorskip("moshi")
+    from pydantic import ValidationError
+
+    from deployments.plan import StartupError, engine_spec, model_tick_ms
+    from models.moshi.random_checkpoint import write_checkpoint
+
+    ckpt = write_checkpoint(tmp_path / "small", "small", seed=0)
+    moshi = {"model": {"family": "moshi", "path": str(ckpt)}}
+    assert model_tick_ms(AppConfig.model_validate(moshi)) == 80
+    assert model_tick_ms(AppConfig.model_validate({"model": {**moshi["model"], "frames_per_tick": 2}})) == 160
+    spec = engine_spec(AppConfig.model_validate(moshi))
+    assert (spec.family, spec.path) == ("moshi", str(ckpt)) and spec.describe() == f"Moshi-family {ckpt}"
+    with pytest.raises(ValidationError, match="needs model.path"):
+        AppConfig.model_validate({"model": {"family": "moshi"}})
+    (ckpt / "mimi.safetensors").unlink()
+    with pytest.raises(StartupError) as info:
+        model_tick_ms(AppConfig.model_validate(moshi))
+    assert "mimi.safetensors" in str(info.value) and "random_checkpoint" in str(info.value)
+
+
 def test_margins_suit_where_the_server_listens():
     assert AppConfig().margins_ms() == (10.0, 20.0)  # loopback: no network jitter to absorb
     public = AppConfig.model_validate({"http": {"host": "0.0.0.0"}})

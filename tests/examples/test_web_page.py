@@ -1,5 +1,6 @@
 """The browser page completes a call: headless Chromium, its fake microphone fed from a WAV."""
 
+import contextlib
 import os
 import shutil
 import signal
@@ -134,18 +135,25 @@ def test_the_page_measures_mouth_to_ear(app_url, browser):
 def served(tmp_path):
     """`interplay serve` as a user starts it, on the embedded defaults (so the shipped model), with
     a key; its own local Ray cluster. The background pool has its own tests and stays off here."""
+    with serve(tmp_path, 8125) as url:
+        yield url
+
+
+@contextlib.contextmanager
+def serve(tmp_path, port: int, model: str = ""):
+    """`interplay serve --config` on a config of the defaults plus a key, a log under `tmp_path`,
+    the pool off and `model` (a YAML flow mapping for the `model` section, if any); -> its URL."""
     exe = Path(sys.executable).parent / "interplay"
     if not exe.exists():
         pytest.skip("package not installed in this environment")
-    port = 8125
     config = tmp_path / "serve.yaml"
     config.write_text(f"log: {{root: {tmp_path / 'log'}}}\nhttp: {{port: {port}}}\nauth: {{api_keys: [{API_KEY}]}}\n"
-                      "background: {enabled: false}\n")
+                      "background: {enabled: false}\n" + (f"model: {model}\ninteraction: {{max_sessions: 2}}\n" if model else ""))
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     proc = subprocess.Popen([str(exe), "serve", "--config", str(config)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, env=env, start_new_session=True)
     lines: list[str] = []
-    threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True).start()
+    threading.Thread(target=lambda: lines.extend(proc.stdout or ()), daemon=True).start()
     deadline = time.time() + 240
     while not any("running" in line for line in lines) and proc.poll() is None and time.time() < deadline:
         time.sleep(0.5)
@@ -159,6 +167,33 @@ def served(tmp_path):
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(10)
+
+
+def test_the_page_calls_a_moshi_family_model(tmp_path, speech_wav):
+    """`model: {family: moshi, path: DIR}` on a random-weight directory in Kyutai's layout made by
+    the documented command: the page's call runs end to end on the Moshi engine's 80 ms ticks."""
+    pytest.importorskip("moshi")
+    ckpt = tmp_path / "moshi-random"
+    subprocess.run([sys.executable, "-m", "models.moshi.random_checkpoint", str(ckpt)], check=True, capture_output=True)
+    from selenium.webdriver.common.by import By
+
+    with serve(tmp_path, 8126, f"{{family: moshi, path: {ckpt}}}") as url:
+        browser = start_browser(tmp_path, speech_wav)
+        try:
+            browser.get(url + "/")
+            browser.find_element(By.ID, "key").send_keys(API_KEY)
+            click_call(browser)
+            log = lambda: browser.find_element(By.ID, "log").text  # noqa: E731
+            wait_for(lambda: "session.updated" in log(), interval=0.2, message=log)
+            # 2.4 s of the call: 30 ticks (80 ms each) came back, and they heard the WAV
+            wait_for(lambda: browser.execute_script("return ticks.length >= 30 && ticks.some((t) => t.in_level > 0.001)"),
+                     interval=0.2, message=log)
+            assert browser.find_element(By.ID, "state").text == "connected", log()
+            assert "error" not in log()
+            browser.find_element(By.ID, "call").click()  # hang up
+            assert browser.find_element(By.ID, "state").text == "idle"
+        finally:
+            browser.quit()
 
 
 @pytest.mark.skipif(not shutil.which("espeak-ng"), reason="needs espeak-ng for the spoken question")
