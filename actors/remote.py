@@ -7,11 +7,23 @@ code written against a port (`protocols.ports`) runs unchanged in process or acr
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, TypeVar
 
+import ray
+from ray.actor import ActorClass
 from ray.exceptions import RayTaskError
 
 from protocols import ProtocolError
+
+
+T = TypeVar("T")
+
+
+def actor_class(cls: type[T], **options: Any) -> ActorClass[T]:
+    """`ray.remote(**options)(cls)`: the typed overload of `ray.remote` lists task options only
+    (no `max_concurrency`), so the options go through untyped here, once."""
+    remote: Any = ray.remote
+    return remote(**options)(cls)
 
 
 async def call_remote(method: Any, *args, **kwargs) -> Any:

@@ -23,8 +23,16 @@ from .seams import AppendResult, Recovery
 class Engine(Protocol):
     """Steps every session in one batch per tick. `tick_ms` is the tick length it was trained at."""
 
-    tick_ms: int
-    max_sessions: int
+    @property
+    def tick_ms(self) -> int: ...
+
+    @property
+    def max_sessions(self) -> int: ...
+
+    @property
+    def sessions(self) -> list[str]:
+        """Ids of the sessions it holds now."""
+        ...
 
     def add_session(self, session_id: str, seed: int | None = None) -> None: ...
 
@@ -75,6 +83,10 @@ class Interaction(Protocol):
 
     async def drop(self, session_id: str) -> None:
         """Let a session go that lives elsewhere now: nothing snapshotted or logged, its log open."""
+        ...
+
+    async def stats(self, last: int = 50) -> dict:
+        """Recent figures (the last `last` ticks) and totals since the actor started."""
         ...
 
 

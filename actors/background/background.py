@@ -44,6 +44,7 @@ import ray
 from protocols import BackgroundTask, BackgroundUpdate, ProtocolError, new_id
 
 from actors.background.tools import ToolError, ToolRegistry, default_tools
+from actors.remote import actor_class
 
 log = logging.getLogger("interplay.background")
 
@@ -437,7 +438,7 @@ def update_events(update: BackgroundUpdate) -> list[dict]:
 
 # --- Ray ---------------------------------------------------------------------------------------
 
-BackgroundActor = ray.remote(max_concurrency=1000)(Background)
+BackgroundActor = actor_class(Background, max_concurrency=1000)
 
 
 class RemotePool:

@@ -25,8 +25,6 @@ import asyncio
 import logging
 import time
 
-import ray
-
 from protocols import ProtocolError
 from protocols.chunks import MAX_FRAME_EDGE, PATCH
 from protocols.clock import TickClock
@@ -38,6 +36,7 @@ from actors.ingress.ice import use_ice_addresses
 from actors.ingress.realtime_session import RealtimeSession
 from actors.interaction.router import Direct, Placed, Router, Routed
 from actors.ingress.transports import MAX_CHANNEL_EVENT_BYTES, WebRTCTransport, WebSocketTransport, check_sdp
+from actors.remote import actor_class
 
 log = logging.getLogger(__name__)
 
@@ -364,4 +363,4 @@ class Ingress:
 
 
 # Ray's async actor: every method runs on the actor's event loop, next to aiortc's tasks.
-IngressActor = ray.remote(max_concurrency=1000)(Ingress)
+IngressActor = actor_class(Ingress, max_concurrency=1000)

@@ -38,6 +38,7 @@ from actors.interaction.metrics import Figures, TickMetrics, TickStats
 from actors.interaction.migration import Migration
 from actors.interaction.tasks import Tasks
 from actors.interaction.ticks import Ticks
+from actors.remote import actor_class
 
 __all__ = ["EngineSpec", "Interaction", "InteractionActor", "JoinedSession", "TickStats"]
 
@@ -221,4 +222,4 @@ def _in_ray_actor() -> bool:
 
 
 # Async actor: exchanges from every ingress, joins and the tick loop interleave on one event loop.
-InteractionActor = ray.remote(max_concurrency=1000)(Interaction)
+InteractionActor = actor_class(Interaction, max_concurrency=1000)

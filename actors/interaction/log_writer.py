@@ -59,7 +59,8 @@ class LogWriter:
         """Queue an append behind the calls before it (so the log keeps their order), with the
         writer epoch of each session in it: of `sessions` (those the deltas were made for, which
         may have left since), else of the session here."""
-        if self.log is None or not deltas:
+        port = self.log
+        if port is None or not deltas:
             return
         self._requests += 1
         request_id = f"{self._request_prefix}:{self._requests}"  # the same on every retry: appended once
@@ -67,19 +68,23 @@ class LogWriter:
         for sid in {d.session_id for d in deltas} - set(epochs):
             if sid in self.core.sessions:
                 epochs[sid] = self.core.sessions[sid].epoch
-        self._queue(_LogCall(lambda: self.log.append(deltas, request_id, epochs), f"append {request_id}",
+        self._queue(_LogCall(lambda: port.append(deltas, request_id, epochs), f"append {request_id}",
                              lambda result: self._appended(result, epochs)))
 
     def close(self, session: JoinedSession) -> None:
-        if self.log is None:
+        port = self.log
+        if port is None:
             return
         sid, epoch = session.session_id, session.epoch
-        self._queue(_LogCall(lambda: self.log.close(sid, epoch), f"close {sid!r}"))
+        self._queue(_LogCall(lambda: port.close(sid, epoch), f"close {sid!r}"))
 
     def snapshot(self, session: JoinedSession, tick: int, state: dict) -> None:
         """Queue `state` (the engine's, after `tick`) as the session's snapshot, with what this
         actor knows of it: tools, typed text and the update texts still waiting for a chunk (on
         resume, those that entered with the chunks replayed are not waiting any more)."""
+        port = self.log
+        if port is None:
+            return
         mine = {"tools": session.tools, "tool_choice": session.tool_choice, "typed": list(session.typed),
                 "pending": list(session.updates)}
         state = {**state, INTERACTION_STATE: mine}
@@ -87,7 +92,7 @@ class LogWriter:
         session.snapshot_due = tick + 1 + (session.snapshot_phase - tick - 1) % every
         self.core.totals["snapshots"] += 1
         sid, epoch = session.session_id, session.epoch
-        self._queue(_LogCall(lambda: self.log.put_snapshot(sid, tick, state, epoch), f"snapshot {sid!r} at tick {tick}"))
+        self._queue(_LogCall(lambda: port.put_snapshot(sid, tick, state, epoch), f"snapshot {sid!r} at tick {tick}"))
 
     def turn(self) -> int:
         """The next session's snapshot turn: sessions get them in rotation, so one tick does not export them all."""

@@ -29,12 +29,11 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable
 
-import ray
-
 from protocols import ProtocolError
 from protocols.ports import Interaction
 
 from actors.interaction.quotas import Tenants
+from actors.remote import actor_class
 
 log = logging.getLogger("interplay.router")
 
@@ -356,7 +355,7 @@ class Router:
         # Where it was comes last even when it did not answer: with no room elsewhere it is the
         # only hope, and a busy actor that still holds the session answers a resume as it is.
         late = prefer is not None and not home and not prefer.draining and prefer.name != avoid and prefer.name in self.actors
-        order = ([prefer] if home else []) + others + ([prefer] if late else [])
+        order = others if prefer is None else ([prefer] if home else []) + others + ([prefer] if late else [])
         for actor in order:
             attempt = asyncio.ensure_future(actor.port.resume(session_id))
             try:
@@ -439,4 +438,4 @@ class Routed:
 
 
 # One event loop: placements are serialised by the router's lock, pings and joins interleave.
-RouterActor = ray.remote(max_concurrency=1000)(Router)
+RouterActor = actor_class(Router, max_concurrency=1000)

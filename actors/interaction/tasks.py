@@ -65,7 +65,7 @@ class Tasks:
             return None
         task = BackgroundTask(
             out.session_id, self.core.now(), kinds[0], out.text, context_upto=session.log_index, log_token=session.log_token,
-            supersedes=session.task.task_id if session.busy else None,
+            supersedes=session.task.task_id if session.task and session.busy else None,
             arguments={"tools": session.tools} if session.tools else {},
         )
         return self._start(session, task)
@@ -103,7 +103,7 @@ class Tasks:
             return None
         task = BackgroundTask(
             chunk.session_id, self.core.now(), "tool", instruction[:4000], context_upto=session.log_index,
-            log_token=session.log_token, supersedes=session.task.task_id if session.busy else None,
+            log_token=session.log_token, supersedes=session.task.task_id if session.task and session.busy else None,
             arguments={"tools": tools, "tool_choice": choice},
         )
         return self._start(session, task)
@@ -128,29 +128,30 @@ class Tasks:
         from actors.background.background import task_events
 
         self.core.totals["tasks"] += 1
-        if session.busy:
-            session.runner.cancel()
+        if session.runner is not None:
+            session.runner.cancel()  # no-op once it is done
         session.task, session.runner = task, None
         if self.pool is not None:
             session.events.extend(task_events(task))
-            session.runner = asyncio.get_running_loop().create_task(self._consume(session, task))
+            session.runner = asyncio.get_running_loop().create_task(self._consume(self.pool, session, task))
         return task
 
     def cancel(self, session: JoinedSession, reason: str) -> list:
         """Cancel the session's running task; -> the update that records it."""
-        if not session.busy:
+        runner, task = session.runner, session.task
+        if runner is None or task is None or runner.done():
             return []
-        session.runner.cancel()
-        return [BackgroundUpdate(session.session_id, self.core.now(), session.task.task_id, "cancelled", reason)]
+        runner.cancel()
+        return [BackgroundUpdate(session.session_id, self.core.now(), task.task_id, "cancelled", reason)]
 
-    async def _consume(self, session: JoinedSession, task: BackgroundTask) -> None:
+    async def _consume(self, pool: BackgroundPool, session: JoinedSession, task: BackgroundTask) -> None:
         """Stream a task's updates to the session (its next chunks, its next outputs' events) and
         the log until it ends, is superseded or its session leaves (then this is cancelled, which
         cancels the pool's stream)."""
         from actors.background.background import update_events
 
         sid, sessions = task.session_id, self.core.sessions
-        updates = self.pool.run(task)
+        updates = pool.run(task)
         try:
             async for update in updates:
                 if sessions.get(sid) is not session:

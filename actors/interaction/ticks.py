@@ -183,8 +183,10 @@ class Ticks:
     def _count(self, stats: TickStats) -> None:
         self.figures.record(stats)
         totals = self.core.totals
-        for key, n in (("ticks", 1), ("late_chunks", stats.late), ("missing_chunks", stats.missing), ("shed_ticks", stats.shed)):
-            totals[key] += n
+        totals["ticks"] += 1
+        totals["late_chunks"] += stats.late
+        totals["missing_chunks"] += stats.missing
+        totals["shed_ticks"] += stats.shed
         self.late = 0
 
     def _tell(self, outputs: dict[str, OutputChunk]) -> None:
