@@ -23,6 +23,8 @@ class DMelEmbedding(nn.Module):
     (one embedding_bag), then projected to d_model. codes: n_streams x (N, n_mels) -> (N, d).
     """
 
+    offsets: torch.Tensor  # (S*M,) buffer: each (stream, bin)'s first row in `table`
+
     def __init__(self, n_mels: int, levels: int, dim: int, d_model: int, n_streams: int = 2):
         super().__init__()
         self.n_mels, self.levels, self.n_streams = n_mels, levels, n_streams

@@ -35,6 +35,7 @@ import threading
 import time
 import zlib
 from dataclasses import dataclass
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -406,7 +407,7 @@ class StreamingEngine:
         self._sessions[session_id] = Session.restore(session_id, row, state["session"])
 
     def replay(self, session_id: str, state: dict | None = None, seed: int | None = None,
-               chunks: list[InputChunk] = ()) -> tuple[dict, list[OutputChunk]]:
+               chunks: Sequence[InputChunk] = ()) -> tuple[dict, list[OutputChunk]]:
         """Step one session's logged `chunks` (seq after the state's, in order) again, alone, from
         `state` (an `export_session`, e.g. a snapshot) or a fresh session with `seed`.
         -> its state after the last chunk (for `import_session`) and the outputs of the replay

@@ -74,6 +74,9 @@ class DMel(torch.nn.Module):
     The state holds the last win - hop samples, the left context of the next chunk's first frame.
     """
 
+    window: torch.Tensor  # (win,) buffer
+    fb: torch.Tensor  # (M, K) buffer
+
     def __init__(self, cfg: FeatureConfig = FeatureConfig()):
         super().__init__()
         self.cfg = cfg

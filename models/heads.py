@@ -50,6 +50,8 @@ class FlowBlock(nn.Module):
 class FlowHead(nn.Module):
     """Velocity field v(x_t, t | h) over a micro-turn's (frames, n_mels) normalised log-mel."""
 
+    t_freqs: torch.Tensor  # (16,) buffer
+
     def __init__(self, cfg: InteractionConfig):
         super().__init__()
         dim = cfg.flow_dim

@@ -108,10 +108,11 @@ class InputBuilder:
         audio = torch.from_numpy(np.stack([c.audio for c in chunks])).to(dev)  # (B, S) int16
         logmel, dmel_state = self.dmel(audio, state["dmel_state"])
         codes = self.dmel.quantize(logmel)  # (B, F, M)
-        video_rows = [i for i, c in enumerate(chunks) if c.frame is not None]
+        video = [(i, c.frame) for i, c in enumerate(chunks) if c.frame is not None]
+        video_rows = [i for i, _ in video]
         patches = None
-        if video_rows:
-            frames = torch.from_numpy(np.stack([chunks[i].frame for i in video_rows])).to(dev)
+        if video:
+            frames = torch.from_numpy(np.stack([frame for _, frame in video])).to(dev)
             patches = patchify(frames, cfg.patch)  # (Bv, P, 3, p, p)
         inputs = TickInputs(codes, state["prev_codes"], state["prev_ctrl"], state["prev_text"], state["tick"],
                             patches, video_rows, [list(t) for t, _ in tokens], [list(b) for _, b in tokens])

@@ -42,6 +42,8 @@ class TickInputs:
     bg_ids: list[list[int]] = field(default_factory=list)  # per row, background update this tick
 
     def __post_init__(self) -> None:
+        if self.video_rows and (self.patches is None or len(self.patches) != len(self.video_rows)):
+            raise ValueError(f"{len(self.video_rows)} video rows need as many patch sets, not {None if self.patches is None else len(self.patches)}")
         b = self.mel_codes.shape[0]
         self.text_ids = self.text_ids or [[] for _ in range(b)]
         self.bg_ids = self.bg_ids or [[] for _ in range(b)]
@@ -58,10 +60,11 @@ class TickInputs:
     def row(self, i: int) -> "TickInputs":
         """Row i alone (B = 1), copied to the CPU (the engine's state tensors change next tick)."""
         vi = self.video_rows.index(i) if i in self.video_rows else None
+        patches = None if vi is None or self.patches is None else self.patches[vi : vi + 1].cpu().clone()
         cp = lambda t: t[i : i + 1].cpu().clone()  # noqa: E731
         return TickInputs(
             cp(self.mel_codes), cp(self.self_codes), cp(self.prev_ctrl), cp(self.prev_text), cp(self.tick),
-            None if vi is None else self.patches[vi : vi + 1].cpu().clone(), [] if vi is None else [0],
+            patches, [] if patches is None else [0],
             [list(self.text_ids[i])], [list(self.bg_ids[i])],
         )
 
@@ -81,9 +84,9 @@ class TickInputs:
         )
 
     def to(self, device) -> "TickInputs":
-        mv = lambda t: None if t is None else t.to(device)  # noqa: E731
+        mv = lambda t: t.to(device)  # noqa: E731
         return TickInputs(mv(self.mel_codes), mv(self.self_codes), mv(self.prev_ctrl), mv(self.prev_text), mv(self.tick),
-                          mv(self.patches), list(self.video_rows), self.text_ids, self.bg_ids)
+                          None if self.patches is None else mv(self.patches), list(self.video_rows), self.text_ids, self.bg_ids)
 
 
 def flow_noise(seed: int, tick: int, frames: int, n_mels: int) -> torch.Tensor:
@@ -126,8 +129,9 @@ class InteractionModel(nn.Module):
                     nn.init.zeros_(m.bias)
             elif isinstance(m, (nn.LayerNorm, RMSNorm)):
                 nn.init.ones_(m.weight)
-                if getattr(m, "bias", None) is not None:
-                    nn.init.zeros_(m.bias)
+                bias = getattr(m, "bias", None)  # RMSNorm has none
+                if isinstance(bias, torch.Tensor):
+                    nn.init.zeros_(bias)
             elif isinstance(m, MoE):
                 m.reset_parameters(std, out_std)
         self.embed_in.reset_parameters(std)
@@ -168,7 +172,7 @@ class InteractionModel(nn.Module):
         x[:, 0] = E.tok.weight[tk.time_id] + E.clock(seconds) + E.ctrl(inp.prev_ctrl) + fed_back
         audio = E.mel(inp.mel_codes.reshape(b * f, -1), inp.self_codes.reshape(b * f, -1))  # (B*F, d)
         x[:, 1 : 1 + f] = audio.view(b, f, -1) + E.frame_pos
-        if inp.video_rows:
+        if inp.video_rows and inp.patches is not None:  # TickInputs checks they come together
             pt = inp.patches.to(self.dtype)
             vid = E.stem(pt.reshape(-1, *pt.shape[2:])).view(len(inp.video_rows), p, -1) + E.patch_pos
             x[torch.tensor(inp.video_rows, device=dev), 1 + f : 1 + f + p] = vid

@@ -12,6 +12,9 @@ q - p < window).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import cast
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -228,11 +231,16 @@ class Transformer(nn.Module):
         self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
 
+    @property
+    def blocks(self) -> Sequence[Block]:
+        """`layers` as the Blocks they are (ModuleList iterates as plain Modules to a type checker)."""
+        return cast(Sequence[Block], self.layers)
+
     def forward_step(self, x, positions, valid, caches, write_idx, mask):
         """x (B, T, d) this tick's tokens (padded), positions (B, T), valid (B, T) bool,
         caches [(k, v)] per layer, mask (B, 1, G*T, S) -> hidden (B, T, d)."""
         cos, sin = self.rope(positions, x.dtype)
-        for layer, (ck, cv) in zip(self.layers, caches):
+        for layer, (ck, cv) in zip(self.blocks, caches):
             x = x + layer.attn.forward_step(layer.attn_norm(x), cos, sin, ck, cv, write_idx, valid, mask)
             x, _ = layer.ffn(x)
         return self.norm(x)
@@ -241,7 +249,7 @@ class Transformer(nn.Module):
         """x (B, N, d), positions (N,) -> hidden (B, N, d), summed load-balancing loss (training)."""
         cos, sin = self.rope(positions[None], x.dtype)
         aux_total = None
-        for layer in self.layers:
+        for layer in self.blocks:
             x = x + layer.attn.forward_full(layer.attn_norm(x), cos, sin, positions, self.cfg.n_sink, self.cfg.window, block)
             x, aux = layer.ffn(x)
             if aux is not None:

@@ -32,6 +32,10 @@ class Vocoder(torch.nn.Module):
     remainder. Both have batch as dim 0 so sessions can be gathered and scattered.
     """
 
+    inv_fb: torch.Tensor  # (K, M) buffer
+    bins: torch.Tensor  # (K,) buffer
+    synth_window: torch.Tensor  # (win,) buffer
+
     def __init__(self, cfg: FeatureConfig = FeatureConfig()):
         super().__init__()
         if cfg.win % cfg.hop:
