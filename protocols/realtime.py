@@ -284,7 +284,7 @@ def _code(error_type: str) -> str:
     return "invalid_value"
 
 
-def parse_client_event(raw: str | bytes | dict, max_bytes: int = MAX_EVENT_BYTES) -> Any:
+def parse_client_event(raw: str | bytes | bytearray | dict, max_bytes: int = MAX_EVENT_BYTES) -> Any:
     """A typed client event, or an error event dict (never raises for bad input)."""
     try:
         return _parse(raw, max_bytes)

@@ -185,11 +185,12 @@ class AudioChunker:
         self._window_len = 0.0
         self._shift = 0.0  # sum of placement moves since the anchor
         self._ready: deque[tuple[int, np.ndarray]] = deque()
-        self._resampler: av.AudioResampler | None = None
+        self._resampler = av.AudioResampler(format="s16", layout="mono", rate=SAMPLE_RATE)  # a new one at each anchor
         self._rate: int | None = None
         self._fresh = False  # the resampler has not output anything yet: its delay is unknown
         self._delay_s = 0.0  # how much of its input the resampler holds back (s)
-        self._pos: int | None = None  # 16 kHz sample index (since t0) of the next resampled sample
+        self._anchored = False  # placed in the clock yet (at the first block)
+        self._pos = 0  # 16 kHz sample index (since t0) of the next resampled sample, once anchored
         self._in_end = 0.0  # clock time (s since t0) where the input so far ends
         self._next_pts: int | None = None  # the sender's index of the sample expected next
         self._src = 0  # the sender's index after the last sample placed
@@ -229,7 +230,7 @@ class AudioChunker:
             t_arrival = time.time()
         arrived = self._since_t0(t_arrival)  # clock s
         gap = 0
-        if self._pos is None:
+        if not self._anchored:
             self._anchor(self._aligned(arrived + self.margin_s, len(x) / rate) - len(x) / rate, rate)
         else:
             if rate != self._rate:
@@ -343,7 +344,8 @@ class AudioChunker:
         self._window_len = 0.0
         self._shift = 0.0
         pos = round(start * SAMPLE_RATE)
-        self._pos = pos if self._pos is None else max(pos, self._pos)
+        self._pos = max(pos, self._pos) if self._anchored else pos
+        self._anchored = True
         self._new_resampler(rate)
 
     def _new_resampler(self, rate: int) -> None:
@@ -430,10 +432,11 @@ class BufferedAudioInput:
             return
         if len(self._fifo) + len(x) * SAMPLE_RATE // rate > self.max_samples:  # before resampling: nothing is kept of it
             raise InputBufferFull(f"more than {self.max_samples / SAMPLE_RATE:.0f} s of input audio buffered")
-        if rate != self._rate:
-            self._resampler = av.AudioResampler(format="s16", layout="mono", rate=SAMPLE_RATE)
+        resampler = self._resampler
+        if rate != self._rate or resampler is None:
+            resampler = self._resampler = av.AudioResampler(format="s16", layout="mono", rate=SAMPLE_RATE)
             self._rate = rate
-        y = x if rate == SAMPLE_RATE else resample_all(self._resampler, to_av_frame(x, rate))
+        y = x if rate == SAMPLE_RATE else resample_all(resampler, to_av_frame(x, rate))
         self._fifo = np.concatenate([self._fifo, y])
         self._last_push = time.time() if t_arrival is None else t_arrival
 

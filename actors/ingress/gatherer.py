@@ -37,7 +37,7 @@ from protocols.ports import Interaction
 from protocols.realtime import error_from
 
 from actors.ingress.realtime_session import RealtimeSession
-from actors.ingress.transports import Transport
+from actors.ingress.transports import TellsComplete, Transport
 from actors.interaction.pacer import TickPacer
 
 log = logging.getLogger(__name__)
@@ -61,6 +61,8 @@ async def estimate_offset(interaction: Interaction, samples: int = 5) -> tuple[f
         sample = ((t1 + t2) / 2 - float(info["now"]), t2 - t1)
         if best is None or sample[1] < best[1]:
             best = sample
+    if best is None:
+        raise ValueError(f"samples must be at least 1, got {samples}")
     return best
 
 
@@ -70,7 +72,7 @@ class Call:
 
     session: RealtimeSession
     transport: Transport
-    actor: str | None = None  # the interaction actor stepping it (its gatherer's name)
+    actor: str = ""  # the interaction actor stepping it (its gatherer's name; "" until placed)
     owner: str | None = None  # who may hang it up besides an API key holder (a hash of the secret that made it)
     tenant: str | None = None  # whose session quota it counts against (deployments.auth)
     early: dict[int, np.ndarray] = field(default_factory=dict)  # chunks that came before their tick was gathered
@@ -145,7 +147,7 @@ class Gatherer:
 
     def _listen(self, call: Call) -> None:
         audio_in = call.transport.audio_in
-        if audio_in.tells_complete:
+        if audio_in.tells_complete and isinstance(audio_in, TellsComplete):
             audio_in.on_chunk = self._chunk_done
 
     def _complete(self, k: int) -> bool:
@@ -236,8 +238,8 @@ class Gatherer:
         if missed:
             self._lose(missed)
         for out in outs or []:
-            call = self.calls.get(getattr(out, "session_id", None))
-            if call is not None and isinstance(out, OutputChunk):
+            call = self.calls.get(out.session_id) if isinstance(out, OutputChunk) else None
+            if call is not None:
                 try:
                     self.deliver(call, out)
                 except Exception:

@@ -9,19 +9,22 @@
 
 from __future__ import annotations
 
+from typing import Callable
+
 _pinned: list[str] | None = None
+_all_host_addresses: Callable[[bool, bool], list[str]] | None = None  # aioice's own, before any pinning
 
 
 def use_ice_addresses(addresses: list[str] | None) -> None:
     """Gather ICE host candidates on `addresses` only (process-wide), or on every interface (None)."""
     import aioice.ice
 
-    global _pinned
-    if not hasattr(aioice.ice, "_all_host_addresses"):
-        aioice.ice._all_host_addresses = aioice.ice.get_host_addresses
+    global _pinned, _all_host_addresses
+    if _all_host_addresses is None:
+        _all_host_addresses = aioice.ice.get_host_addresses
     _pinned = None if addresses is None else list(addresses)
     if _pinned is None:
-        aioice.ice.get_host_addresses = aioice.ice._all_host_addresses
+        aioice.ice.get_host_addresses = _all_host_addresses
     else:
         fixed = _pinned
         aioice.ice.get_host_addresses = lambda use_ipv4=True, use_ipv6=True: [a for a in fixed if (":" in a and use_ipv6) or (":" not in a and use_ipv4)]

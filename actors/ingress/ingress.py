@@ -69,7 +69,7 @@ class Ingress:
 
     def __init__(
         self,
-        interaction: Interaction | Placement,
+        interaction: Interaction | Direct | Router | Routed,
         clock: TickClock | dict,
         *,
         max_sessions: int = 32,

@@ -51,7 +51,7 @@ import logging
 import math
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 from pydantic import ValidationError
@@ -268,7 +268,7 @@ class RealtimeSession:
         self.id = session_id or new_id("sess")
         self.sink = sink
         self.ceiling = ceiling  # the config bound to the client secret that opened it, if any
-        self._formats: tuple[dict, dict] | None = None  # the audio formats the sink applies
+        self._formats: tuple[tuple[dict, dict], tuple[dict, dict]] | None = None  # (asked, what the sink applies)
         self.config = self._apply_formats(config)
         self.prebuffer_ms = prebuffer_ms
         self.force_s = force_s
@@ -309,9 +309,13 @@ class RealtimeSession:
         if apply is None:
             return config
         audio = config.get("audio") or {}
-        asked = tuple(((audio.get(d) or {}).get("format") or {"type": "audio/pcm", "rate": DEFAULT_RATE}) for d in ("input", "output"))
+        def asked_of(direction: str) -> dict:
+            return (audio.get(direction) or {}).get("format") or {"type": "audio/pcm", "rate": DEFAULT_RATE}
+
+        asked = (asked_of("input"), asked_of("output"))
         if self._formats is None or asked != self._formats[0]:
-            self._formats = (asked, tuple(apply(*asked)))
+            applied_in, applied_out = apply(*asked)
+            self._formats = (asked, (applied_in, applied_out))
         applied = self._formats[1]
         return {**config, "audio": {**audio, **{d: {**(audio.get(d) or {}), "format": f} for d, f in zip(("input", "output"), applied)}}}
 
@@ -358,8 +362,8 @@ class RealtimeSession:
             log.exception("session %s: handling a client event failed", self.id)
             self._reply(internal_error(event_id))
 
-    def _read(self, message):
-        """The typed event of a raw message, or an error event to send back."""
+    def _read(self, message: object) -> Any:
+        """The typed event of a raw message, or an error event (a dict) to send back."""
         if not isinstance(message, (str, bytes, bytearray)):
             return error_event("an event must be a JSON text or binary message", "invalid_json")
         size = len(message) if isinstance(message, (bytes, bytearray)) else len(message.encode("utf-8", "surrogatepass"))
@@ -471,7 +475,7 @@ class RealtimeSession:
             item.end = min(item.end, max(item.start, position))
         if self.run:
             response_id = self.run.response_id
-            self._end_run("cancelled")
+            self._end_run(self.run, "cancelled")
             self.muted = True
         else:
             response_id = self.last_response_id
@@ -544,11 +548,10 @@ class RealtimeSession:
             self.muted = False
         if not speaking:
             if self.run:
-                self._end_run("completed")
+                self._end_run(self.run, "completed")
             return None
-        if self.run is None:
-            self._start_run(now)
-        run, audio = self.run, self.sink.audio_out
+        run = self.run if self.run is not None else self._start_run(now)
+        audio = self.sink.audio_out
         sample = audio.next_play_sample
         audio.write(out.audio)
         self.items[run.item_id].end = audio.written
@@ -586,11 +589,11 @@ class RealtimeSession:
         if audio.time_of(start) is None:  # the client plays it: the margin as queued audio
             return round(max(0.0, margin_ms - audio.queued_ms) * SAMPLE_RATE / 1000)
         target = -(-start // OUT_FRAME) * OUT_FRAME
-        while audio.time_of(target) < now + margin_ms / 1000:
+        while (due := audio.time_of(target)) is not None and due < now + margin_ms / 1000:
             target += OUT_FRAME
         return math.ceil((target - start) * SAMPLE_RATE / OUT_RATE)
 
-    def _start_run(self, now: float) -> None:
+    def _start_run(self, now: float) -> _Run:
         audio = self.sink.audio_out
         lead_in = self._lead_in(self.prebuffer(), now)
         if lead_in:
@@ -605,9 +608,10 @@ class RealtimeSession:
         send(server_event("response.output_item.added", response_id=run.response_id, output_index=0, item=item))
         send(server_event("conversation.item.added", item=item))
         self.sink.playout_started(run.response_id)
+        return run
 
-    def _end_run(self, status: str) -> None:
-        run, self.run = self.run, None
+    def _end_run(self, run: _Run, status: str) -> None:
+        self.run = None
         self.last_response_id = run.response_id
         transcript = "".join(run.transcript)[:MAX_TRANSCRIPT_CHARS]
         ids = dict(response_id=run.response_id, item_id=run.item_id, output_index=0, content_index=0)

@@ -29,11 +29,11 @@ import json
 import logging
 import time
 from fractions import Fraction
-from typing import Awaitable, Callable, Protocol
+from typing import Awaitable, Callable, Protocol, runtime_checkable
 
 import numpy as np
 
-from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
+from aiortc import RTCConfiguration, RTCDataChannel, RTCPeerConnection, RTCSessionDescription
 from aiortc.mediastreams import MediaStreamError
 
 from protocols import ProtocolError
@@ -82,6 +82,13 @@ class AudioIn(Protocol):
     def pop_ready(self, until: int | None = None) -> list[tuple[int, np.ndarray]]: ...
 
 
+@runtime_checkable
+class TellsComplete(Protocol):
+    """An audio input that calls `on_chunk(seq)` (the gatherer sets it) as each chunk completes."""
+
+    on_chunk: Callable[[int], None] | None
+
+
 class Transport(Sink, Protocol):
     """A session's transport: its Sink, plus what the gatherer reads each tick, and the end."""
 
@@ -114,14 +121,14 @@ class WebRTCTransport:
         self.audio_out = PacedAudioTrack(max_queue_s=max_playout_s)
         self.max_event_bytes = max_event_bytes
         self.last_arrival: float | None = None
-        self.channel = None
+        self.channel: RTCDataChannel | None = None
         self._early: list[str] = []  # events sent before the channel opened, in order
         self._closed = False
         self.tasks: list[asyncio.Task] = []
         self.on_message: Callable[[str | bytes], None] = lambda message: None
         self.on_open: Callable[[], None] = lambda: None
         self.on_connected: Callable[[], None] = lambda: None
-        self.on_closed: Callable[[], Awaitable[None]] = _nothing
+        self.on_closed: Callable[[], Awaitable[object]] = _nothing  # its result is not used
         self._stopping: tuple[asyncio.TimerHandle, str] | None = None
         self._wire()
 
@@ -163,7 +170,7 @@ class WebRTCTransport:
             self.on_open()  # aiortc emits the channel open; session.created goes first
             early, self._early = self._early, []
             for text in early:
-                self._send_text(text)
+                self._send_text(channel, text)
 
         @pc.on("connectionstatechange")
         async def on_state():
@@ -212,12 +219,13 @@ class WebRTCTransport:
             if len(self._early) < MAX_EARLY_EVENTS:
                 self._early.append(text)
             return
-        self._send_text(text)
+        self._send_text(self.channel, text)
 
-    def _send_text(self, text: str) -> None:
-        if self.channel.readyState == "open":
+    @staticmethod
+    def _send_text(channel: RTCDataChannel, text: str) -> None:
+        if channel.readyState == "open":
             try:
-                self.channel.send(text)
+                channel.send(text)
             except Exception as exc:  # a closing channel must not break the tick
                 log.debug("send failed: %s", exc)
 
