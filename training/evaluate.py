@@ -494,10 +494,10 @@ def plot_timeline(timeline: dict, path: str | Path) -> str:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     try:
-        import matplotlib
+        import matplotlib  # pyright: ignore[reportMissingImports]  (optional: a plain raster without it)
 
         matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        import matplotlib.pyplot as plt  # pyright: ignore[reportMissingImports]
     except ImportError:
         write_png(path, raster_timeline(timeline))
         return "raster"

@@ -102,7 +102,7 @@ def generate_set(out: str | Path, n_train: int, n_heldout: int, *, seed0: int = 
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m training.generate", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m training.generate", description=(__doc__ or "").partition("\n")[0])
     p.add_argument("--out", default="data/synth", help="output folder (default data/synth)")
     p.add_argument("--train", type=int, default=1200, help="training dialogues (default 1200)")
     p.add_argument("--heldout", type=int, default=120, help="held-out dialogues (default 120)")

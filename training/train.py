@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import logging
 import math
 import os
 import shutil
@@ -36,6 +37,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -46,6 +48,9 @@ from models.config import CONTROLS, InteractionConfig
 from models.inputs import InputBuilder
 from models.model import InteractionModel, TickInputs, build_model
 from models.tokenizer import ByteTokenizer
+
+if TYPE_CHECKING:
+    from training import data
 
 STATE_FILE = "train_state.pt"
 RECIPE_FILE = "recipe.json"
@@ -88,7 +93,7 @@ class Recipe:
 # ---- data ----
 @dataclass
 class Dialogue:
-    session: object  # training.data.Session
+    session: data.Session
     targets: dict[str, torch.Tensor]
 
 
@@ -109,7 +114,7 @@ def load_dialogues(paths: list[Path], cfg: InteractionConfig) -> list[Dialogue]:
 def crop_inputs(inp: TickInputs, a: int, b: int) -> TickInputs:
     """Rows [a, b) of a session's `TickInputs`."""
     rows = [r for r in inp.video_rows if a <= r < b]
-    patches = inp.patches[[inp.video_rows.index(r) for r in rows]] if rows else None
+    patches = inp.patches[[inp.video_rows.index(r) for r in rows]] if rows and inp.patches is not None else None
     return TickInputs(inp.mel_codes[a:b], inp.self_codes[a:b], inp.prev_ctrl[a:b], inp.prev_text[a:b], inp.tick[a:b],
                       patches, [r - a for r in rows], inp.text_ids[a:b], inp.bg_ids[a:b])
 
@@ -238,7 +243,8 @@ def train_loop(config: dict) -> None:
     """Ray Train's per-worker function (also runs without Ray, as one worker)."""
     import torch.distributed as dist
 
-    recipe = Recipe(**{k: tuple(v) if isinstance(v, list) else v for k, v in config["recipe"].items()})
+    fields: dict[str, Any] = {k: tuple(v) if isinstance(v, list) else v for k, v in config["recipe"].items()}
+    recipe = Recipe(**fields)
     threads = config.get("threads") or 0
     if threads:
         torch.set_num_threads(threads)
@@ -437,7 +443,7 @@ def run(recipe: Recipe, out: str | Path, state: str | Path, *, workers: int = 2,
 
     started = not ray.is_initialized()
     if started:
-        ray.init(address=ray_address, include_dashboard=False, logging_level="ERROR",
+        ray.init(address=ray_address, include_dashboard=False, logging_level=logging.ERROR,
                  num_cpus=None if ray_address else max(os.cpu_count() or 1, workers),
                  runtime_env=None if ray_address else {"worker_process_setup_hook": _quiet_cleaner_warnings})
     try:
@@ -499,7 +505,7 @@ def main_args(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None, prog: str = "python -m training.train") -> int:
-    p = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog=prog, description=(__doc__ or "").partition("\n")[0])
     add_arguments(p)
     return main_args(p.parse_args(argv))
 
