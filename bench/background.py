@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -26,7 +27,7 @@ import time
 
 import numpy as np
 
-from bench.common import RESULTS, percentiles, print_table, write_json
+from bench.common import RESULTS, actor, percentiles, print_table, write_json
 
 NAME = "background"
 TICK_S = 0.2
@@ -67,7 +68,7 @@ def context_read(ray, minutes=(1.0, 10.0), reads: int = 100, retention_s: float 
     root = tempfile.mkdtemp(prefix="bench-background-")
     rows = []
     try:
-        log = SessionLogActor.remote(root, tick_ms=200, retention_s=retention_s)
+        log = actor(SessionLogActor.remote(root, tick_ms=200, retention_s=retention_s))
         for m in minutes:
             sid = f"conv-{m:g}min"
             token = ray.get(log.open.remote(sid))
@@ -142,7 +143,7 @@ MEASUREMENTS = {"context_read": context_read, "delegation_overhead": delegation_
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=(__doc__ or "").partition("\n")[0])
     parser.add_argument("--only", nargs="+", choices=list(MEASUREMENTS), default=list(MEASUREMENTS))
     parser.add_argument("--reads", type=int, default=100, help="context_read: reads per path and length")
     parser.add_argument("--trials", type=int, default=30, help="delegation_overhead: tasks delegated")
@@ -152,7 +153,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     global _pool
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level=logging.ERROR)
     path = os.path.join(RESULTS, f"{NAME}.json")
     try:
         with open(path) as f:

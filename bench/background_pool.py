@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from typing import cast
 
 from bench.common import percentiles, print_table
 
@@ -55,6 +56,7 @@ class Recorded:
 def delegation_overhead(ray, pool, trials: int = 30) -> list[dict]:
     from actors.interaction.interaction import Interaction
     from protocols import InputChunk
+    from protocols.ports import Engine
     from protocols.requests import requests_of
     from tests.fakes import MockEngine
 
@@ -73,7 +75,8 @@ def delegation_overhead(ray, pool, trials: int = 30) -> list[dict]:
     async def run() -> tuple[list[float], list[float], list[float]]:
         engine = Timed()
         recorded = Recorded(pool)
-        inter = Interaction(engine, background=recorded)
+        # The mock keeps its sessions as a dict by id, which serves where the port's id list is read.
+        inter = Interaction(cast(Engine, engine), background=recorded)
         await inter.ready()
         await inter.join("sess_bench")
         overhead, total, llm = [], [], []

@@ -11,6 +11,12 @@ import numpy as np
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
 
+def actor(handle: object) -> Any:
+    """A Ray actor handle, typed for calling its methods: Ray's annotations give `Cls.remote()` as
+    the handle or the class (whose methods have no `.remote`), and an `ActorHandle`'s methods as Never."""
+    return handle
+
+
 def percentiles(samples: Iterable[float]) -> dict:
     """p50, p99, mean and count of `samples` (NaN figures for none)."""
     x = np.asarray(list(samples), dtype=float)

@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import logging
 import shutil
 import subprocess
 import tempfile
@@ -175,7 +176,7 @@ def start_app(args, folder: str):
     from deployments.config import AppConfig
 
     print("[e2e] starting Ray and the app (tiny preset on CPU) ...", flush=True)
-    ray.init(namespace="interplay", include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+    ray.init(namespace="interplay", include_dashboard=False, logging_level=logging.ERROR, log_to_driver=False)
     margins = {k: v for k, v in (("jitter_ms", args.jitter_ms), ("prebuffer_ms", args.prebuffer_ms)) if v is not None}
     config = AppConfig.model_validate({
         "log": {"root": f"{folder}/log"}, "http": {"port": PORT}, "auth": {"api_keys": [args.api_key]}, "ingress": margins,
@@ -193,7 +194,7 @@ def start_app(args, folder: str):
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=(__doc__ or "").partition("\n")[0])
     parser.add_argument("--calls", default="1,4,8", help="concurrent calls per configuration")
     parser.add_argument("--seconds", type=float, default=8.0, help="length of each call's input")
     parser.add_argument("--url", default=None, help="a running Interplay (with --api-key); default: start one here")

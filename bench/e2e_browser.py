@@ -29,7 +29,7 @@ def browser(folder: str, wav: str):
     from selenium.webdriver.chrome.service import Service
 
     opts = webdriver.ChromeOptions()
-    opts.binary_location = shutil.which("chromium")
+    opts.binary_location = shutil.which("chromium") or "chromium"
     for flag in [
         "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
         "--disable-background-networking", "--disable-component-update", "--disable-sync",
@@ -43,7 +43,7 @@ def browser(folder: str, wav: str):
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=(__doc__ or "").partition("\n")[0])
     parser.add_argument("--seconds", type=float, default=10.0, help="how long the call lasts")
     parser.add_argument("--respond-after", type=float, default=2.0, help="response.create this long into the call")
     parser.add_argument("--url", default=None, help="a running Interplay (with --api-key); default: start one here")

@@ -87,6 +87,10 @@ class Runner:
         self.cpu: list[float] = []  # process CPU ms per tick (all threads): what the tick itself cost
         self.tokens: list[float] = []
 
+    def free(self) -> None:
+        """Drop the engine, and its caches, once this runner's ticks are timed."""
+        del self.engine
+
     def tick(self, record: bool = True) -> None:
         chunks = self.work.tick(self.sids, self.k)
         pos = self.engine.rows["pos"][: self.n]
@@ -126,7 +130,7 @@ def latency_vs_sessions(model, device, sessions: list[int], ticks: int, warmup: 
         for n in sessions:
             r = Runner(model, n, device, work)
             round_robin([r], ticks, warmup, f"{n} sessions")
-            r.engine = None  # drop the cache before the next, larger one
+            r.free()  # drop the cache before the next, larger one
             if device.type == "cuda":
                 torch.cuda.empty_cache()
             runners.append(r)
@@ -161,20 +165,21 @@ def baseline_tick_ms(engine: StreamingEngine, context_ticks: int, reps: int, wor
         ).to(dev)
 
     noise = torch.randn(1, f, m, generator=torch.Generator().manual_seed(0)).to(dev)
-    times = []
+    times, tokens = [], 0
     with torch.inference_mode():
         for _ in range(reps):
             sync(dev)
             t0 = time.perf_counter()
             x = torch.cat([model.sequence(tick_slice(k, min(k + slice_ticks, context_ticks)))[0] for k in range(0, context_ticks, slice_ticks)], dim=1)
-            h, _ = model.transformer.forward_full(x, torch.arange(x.shape[1], device=dev), block=512)
+            tokens = int(x.shape[1])
+            h, _ = model.transformer.forward_full(x, torch.arange(tokens, device=dev), block=512)
             h_out = h[0, -1:]  # the last micro-turn's OUT token ends the sequence
             model.predict(h_out)
             mel = model.sample_mel(h_out, noise)
             engine.vocoder(mel.float(), engine.vocoder.init_state(1, dev))
             sync(dev)
             times.append((time.perf_counter() - t0) * 1000)
-    return {"p50_ms": float(np.median(times)), "context_tokens": int(x.shape[1]), "reps": reps}
+    return {"p50_ms": float(np.median(times)), "context_tokens": tokens, "reps": reps}
 
 
 def main(argv: list[str] | None = None) -> dict:

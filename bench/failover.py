@@ -32,7 +32,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
+import logging
 import os
 import signal
 import socket
@@ -41,10 +43,11 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any, cast
 
 import numpy as np
 
-from bench.common import percentiles, print_table, write_json
+from bench.common import actor, percentiles, print_table, write_json
 from bench.soak import KEY, CallLog, soak_call
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -193,7 +196,7 @@ async def scenario(args) -> dict:
         # cluster address or auth token).
         os.environ.pop("RAY_ADDRESS", None)
         os.environ.update({k: v for k, v in cluster.env.items() if k.startswith("RAY_")})
-        ray.init(address=cluster.address, namespace=deployment.NAMESPACE, logging_level="ERROR", log_to_driver=False, _node_ip_address="127.0.0.1")
+        ray.init(address=cluster.address, namespace=deployment.NAMESPACE, logging_level=logging.ERROR, log_to_driver=False, _node_ip_address="127.0.0.1")
         folder = tempfile.mkdtemp(prefix="interplay-failover-")
         config = AppConfig.model_validate({
             "model": {"preset": "tiny", "checkpoint": None}, "log": {"root": f"{folder}/log"}, "http": {"port": args.port},
@@ -204,7 +207,9 @@ async def scenario(args) -> dict:
         for name, status in app.parts.items():
             say(f"{name:<12} {status}")
         url, clock = f"http://127.0.0.1:{args.port}", app.clock
-        router = app.router
+        if app.router is None:
+            raise RuntimeError("the app started no router")
+        router = actor(app.router)
 
         samples16, rate = speech(8.0, folder)
         samples = resample(samples16, rate)
@@ -341,13 +346,13 @@ def _hangup(url: str, location: str | None) -> None:
 def _placed(router) -> int:
     import ray
 
-    return ray.get(router.stats.remote())["sessions"]
+    return cast(dict, ray.get(router.stats.remote()))["sessions"]
 
 
 def _actors(router) -> int:
     import ray
 
-    return len(ray.get(router.stats.remote())["actors"])
+    return len(cast(dict, ray.get(router.stats.remote()))["actors"])
 
 
 def _node_port(actor_name: str) -> int | None:
@@ -357,7 +362,7 @@ def _node_port(actor_name: str) -> int | None:
     from deployments.app import NAMESPACE
 
     try:
-        node_id = ray.get(ray.get_actor(actor_name, namespace=NAMESPACE).stats.remote(), timeout=5)["node_id"]
+        node_id = cast(dict, ray.get(ray.get_actor(actor_name, namespace=NAMESPACE).stats.remote(), timeout=5))["node_id"]
     except Exception:
         return None
     for node in ray.nodes():
@@ -373,7 +378,7 @@ def _fmt(times: list) -> str:
     return text + (f" ({lost} not resumed)" if lost else "")
 
 
-async def check_logs(app, session_ids: list[str], lsb: int) -> dict:
+async def check_logs(app, session_ids: list[str | None], lsb: int) -> dict:
     """Each session's log in order, and its outputs equal to a fresh engine's from its inputs."""
     from actors.interaction.interaction import EngineSpec
     from deployments.plan import engine_spec
@@ -382,7 +387,7 @@ async def check_logs(app, session_ids: list[str], lsb: int) -> dict:
     from protocols.deltas import from_table
 
     spec: EngineSpec = engine_spec(app.config)
-    out = {
+    out: dict[str, Any] = {
         "sessions": 0, "ordered": 0, "gaps": 0, "ticks_compared": 0, "control_or_text_mismatches": 0, "level_mismatches": 0,
         "audio_exact_ticks": 0, "audio_max_diff": 0,
     }
@@ -407,7 +412,7 @@ async def check_logs(app, session_ids: list[str], lsb: int) -> dict:
         if back:  # where it went wrong: the steps back, and who joined, resumed or released the call when
             events = [(i, d.type, d.data) for i, d in zip(indices, deltas) if isinstance(d, SessionEvent)]
             out.setdefault("disorder", {})[sid] = {"steps_back": back[:8], "events": events[:12]}
-        engine = EngineSpec(spec.preset, spec.checkpoint, "cpu", max_sessions=1).build()
+        engine = dataclasses.replace(spec, device="cpu", max_sessions=1).build()
         engine.add_session(sid)
         for chunk in inputs:
             outs, _ = engine.step([chunk])
@@ -442,7 +447,7 @@ def summarise(report: dict) -> list[dict]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(description=(__doc__ or "").partition("\n")[0])
     parser.add_argument("--calls", type=int, default=4)
     parser.add_argument("--kills", type=int, default=3)
     parser.add_argument("--snapshot-s", type=float, default=1.0)

@@ -38,6 +38,7 @@ from actors.log.session_log import SessionLog
 from actors.background.tools import default_tools
 from bench.common import percentiles, print_table, write_json
 from protocols import InputChunk
+from protocols.seams import AppendResult, Recovery
 
 HOSTILE = ["round(1, -10**3000000)", "9**9**9", "factorial(10**6)", "(10**300)*(10**300)*(10**300)", "2**4000*2**4000"]
 TOOLS = [{"type": "function", "name": n} for n in ("calculator", "python")]
@@ -76,12 +77,18 @@ class TimedLog:
     async def close(self, session_id: str, epoch: int | None = None) -> None:
         self.log.close(session_id, epoch)
 
-    async def append(self, deltas, request_id=None, epochs=None):
+    async def append(self, deltas: list, request_id: str | None = None, epochs: dict[str, int] | None = None) -> AppendResult:
         t = time.perf_counter()
         try:
             return self.log.append(deltas, request_id, epochs)
         finally:
             self.append_ms.append((time.perf_counter() - t) * 1000)
+
+    async def put_snapshot(self, session_id: str, tick: int, state: dict, epoch: int | None = None) -> None:
+        await self.log.put_snapshot(session_id, tick, state, epoch)
+
+    async def recovery(self, session_id: str, take_over: bool = True) -> Recovery:
+        return await self.log.recovery(session_id, take_over)
 
 
 def sandbox_limits() -> SandboxLimits | None:
@@ -138,6 +145,8 @@ async def phase(name: str, seconds: float, tools, python: bool, root: str) -> di
     await beat
     calm = inter.sessions["calm"]
     task_ms = None
+    if calm.log_token is None:
+        raise RuntimeError("the calm session joined without a log token")
     rows = log.log.read("calm", calm.log_token)
     kinds, texts, ts = rows.column("kind").to_pylist(), rows.column("text").to_pylist(), rows.column("t").to_pylist()
     started = [t for k, t in zip(kinds, ts) if k == "background_task"]
@@ -165,7 +174,7 @@ async def main_async(seconds: float) -> list[dict]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(description=(__doc__ or "").partition("\n\n")[0])
     parser.add_argument("--seconds", type=float, default=20.0, help="length of each phase")
     args = parser.parse_args()
     logging.getLogger("interplay.context").setLevel(logging.ERROR)  # no speech option here: said once, not per task

@@ -31,6 +31,7 @@ import argparse
 import asyncio
 import fractions
 import json
+import logging
 import os
 import re
 import tempfile
@@ -208,8 +209,9 @@ async def counters() -> dict:
     import ray
 
     from deployments.app import NAMESPACE
+    from deployments.spec import named_actors
 
-    names = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True) if a.get("namespace") == NAMESPACE]
+    names = [a["name"] for a in named_actors() if a.get("namespace") == NAMESPACE]
     out = {"interaction": {}, "ingress": {}}
     calls = []
     for name in names:
@@ -218,7 +220,7 @@ async def counters() -> dict:
             calls.append((role, ray.get_actor(name, namespace=NAMESPACE).stats.remote()))
     for role, ref in calls:
         try:
-            stats = await asyncio.wait_for(asyncio.wrap_future(ref.future()), 10)
+            stats: dict = await asyncio.wait_for(asyncio.wrap_future(ref.future()), 10)
         except Exception:
             continue
         figures = stats.get("totals", stats) if role == "interaction" else stats
@@ -348,10 +350,10 @@ def plot_rss(samples: list[dict], roles: dict[int, str], t_start: float, path: s
     if not series:
         return "none"
     try:
-        import matplotlib
+        import matplotlib  # pyright: ignore[reportMissingImports]  (optional: a plain raster without it)
 
         matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        import matplotlib.pyplot as plt  # pyright: ignore[reportMissingImports]
     except ImportError:
         from training.evaluate import write_png
 
@@ -434,7 +436,7 @@ def start_app(folder: str, port: int):
     from deployments.config import AppConfig
 
     print("[soak] starting Ray and the app (default config, background pool off) ...", flush=True)
-    ray.init(address="local", namespace=deployment.NAMESPACE, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+    ray.init(address="local", namespace=deployment.NAMESPACE, include_dashboard=False, logging_level=logging.ERROR, log_to_driver=False)
     config = AppConfig.model_validate({
         "log": {"root": f"{folder}/log"}, "http": {"port": port}, "auth": {"api_keys": [KEY]}, "background": {"enabled": False},
     })
@@ -527,7 +529,7 @@ async def soak(url: str, n_calls: int, minutes: float, tick_ms: float, respond_e
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=(__doc__ or "").partition("\n")[0])
     parser.add_argument("--calls", type=int, default=8, help="concurrent calls (default 8)")
     parser.add_argument("--minutes", type=float, default=10.0, help="length of the run (default 10)")
     parser.add_argument("--respond-every", type=float, default=20.0, help="seconds between each call's response.create")
