@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+from typing import Sequence
 
 import pyarrow as pa
 
@@ -26,7 +27,7 @@ def audio_bytes(tick_ms: int | None) -> int | None:
     return None if tick_ms is None else TickClock(0.0, tick_ms).samples() * 2
 
 
-def as_batch(deltas) -> tuple[pa.RecordBatch, list[int], dict[str, str], bool]:
+def as_batch(deltas) -> tuple[pa.RecordBatch, Sequence[int], dict[str, str], bool]:
     """`deltas` (a list of deltas, a RecordBatch or a Table) as one RecordBatch of SCHEMA, each
     row's position in the call, per-session errors found on the way, and whether the rows were
     already checked (deltas check themselves on construction)."""

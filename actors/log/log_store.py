@@ -104,6 +104,20 @@ class Segment:
     def rows(self) -> int:
         return self.last - self.first + 1
 
+    @property
+    def memory(self) -> list[Block]:
+        """Its blocks, of a segment still in memory (asking a persisted one is a bug)."""
+        if self.blocks is None:
+            raise RuntimeError(f"segment {self.first}..{self.last} is persisted: it has no blocks in memory")
+        return self.blocks
+
+    @property
+    def wal(self) -> str:
+        """Its WAL file's path, of a segment that has one (asking one without is a bug)."""
+        if self.wal_path is None:
+            raise RuntimeError(f"segment {self.first}..{self.last} has no WAL file")
+        return self.wal_path
+
 
 @dataclass
 class LogSession:
@@ -121,7 +135,7 @@ class LogSession:
     changed: asyncio.Event | None = None
     token: str | None = field(default=None, repr=False)  # in clear, while open (None: not kept)
     snapshot_tick: int | None = None  # the newest snapshot's tick
-    snapshot: tuple | None = field(default=None, repr=False)  # and its `encode_state`, once read (None: on disk only)
+    snapshot: tuple[bytes, dict[str, np.ndarray]] | None = field(default=None, repr=False)  # and its `encode_state`, once read (None: on disk only)
 
     @property
     def current(self) -> Segment | None:
@@ -263,18 +277,19 @@ class LogStore:
             self.rotate(seg, truncate=True)
             if seg.rows == 0:
                 s.segments.remove(seg)
-                os.remove(seg.wal_path)
+                os.remove(seg.wal)
             raise ProtocolError(f"could not write session {s.session_id!r} to its log: {exc}", "log_unavailable") from None
         seg.wal_size = seg.file.tell()
 
     def seal(self, seg: Segment) -> None:
         """Compact the per-append slices into one block: they pin the whole multi-session batch they came in."""
-        tail = seg.blocks[seg.sealed :]
+        blocks = seg.memory
+        tail = blocks[seg.sealed :]
         if len(tail) > 1:
-            seg.blocks[seg.sealed :] = [block_of(concat([b.batch for b in tail]), tail[0].first)]
-        for b in seg.blocks[seg.sealed :]:
+            blocks[seg.sealed :] = [block_of(concat([b.batch for b in tail]), tail[0].first)]
+        for b in blocks[seg.sealed :]:
             self.share(b)
-        seg.sealed = len(seg.blocks)
+        seg.sealed = len(blocks)
         seg.tail_rows = 0
 
     def share(self, block: Block) -> None:
@@ -288,19 +303,20 @@ class LogStore:
         """Finish the segment's WAL file (its blocks become one sealed object); the session's next
         append starts a new one."""
         self.seal(seg)
-        if self.shared and len(seg.blocks) > 1:  # a few large objects read faster than many small ones
-            seg.blocks = [block_of(concat([b.batch for b in seg.blocks]), seg.blocks[0].first)]
+        blocks = seg.memory
+        if self.shared and len(blocks) > 1:  # a few large objects read faster than many small ones
+            seg.blocks = [block_of(concat([b.batch for b in blocks]), blocks[0].first)]
             seg.sealed = 1
             self.share(seg.blocks[0])
         if truncate:
             try:
                 seg.file.close()  # unflushed bytes of the torn batch die with the buffer
             finally:
-                os.truncate(seg.wal_path, seg.wal_size)
+                os.truncate(seg.wal, seg.wal_size)
         else:
             seg.writer.close()
             seg.sink.close()
-            seg.wal_size = os.path.getsize(seg.wal_path)
+            seg.wal_size = os.path.getsize(seg.wal)
         seg.writer = seg.sink = seg.file = None
 
     def persist(self, s: LogSession, seg: Segment) -> None:
@@ -308,7 +324,7 @@ class LogStore:
         if seg.writer is not None:
             self.rotate(seg)
         path = f"{self.base}/{s.dirname}/seg-{seg.first:012d}-{seg.last:012d}.parquet"
-        table = pa.Table.from_batches([b.batch for b in seg.blocks], schema=SCHEMA)
+        table = pa.Table.from_batches([b.batch for b in seg.memory], schema=SCHEMA)
         # Dictionaries only where values repeat: audio and frames never do.
         options = {"filesystem": self.fs, "row_group_size": 256, "use_dictionary": ["session_id", "kind", "text", "payload"]}
         if self.local:  # rename, so a crash never leaves half a segment under the final name
@@ -318,7 +334,7 @@ class LogStore:
             pq.write_table(table, path, **options)
         seg.parquet_bytes = self.fs.get_file_info(path).size
         seg.parquet_path = path
-        seq_max = pc.max(table.column("seq")).as_py()
+        seq_max = pc.max(table.column("seq")).as_py()  # pyright: ignore[reportAttributeAccessIssue] (pyarrow makes pc.max at import time; pyright cannot see it)
         seg.seq_max = -1 if seq_max is None else seq_max
         seg.blocks = None
         seg.sealed = 0

@@ -60,7 +60,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import ray
 
-from protocols.chunks import ProtocolError, check_session_id
+from protocols.chunks import InputChunk, OutputChunk, ProtocolError, check_session_id
 from protocols.deltas import KINDS, SCHEMA, from_record
 from protocols.seams import AppendResult, Recovery
 
@@ -73,6 +73,14 @@ _SMALL = [n for n in SCHEMA.names if n not in ("audio", "frame")]
 _REMEMBERED_REQUESTS = 4096
 _INDEX_T = ["index", "t"]
 _RECENT_CLOSED = 32  # closed sessions held in memory (the last closed or read), the rest read from disk
+
+
+class AppendRejected(ProtocolError):
+    """An append whose every session was refused; `errors` says why, per session id."""
+
+    def __init__(self, message: str, errors: dict[str, str] | None = None):
+        super().__init__(message, "invalid_delta")
+        self.errors = errors or {}
 
 
 class SessionLog:
@@ -135,8 +143,9 @@ class SessionLog:
         if self.keep_s is not None:
             now = self._clock()
             for s in closed:
-                self._closed[s.session_id] = (s.closed_at, s.dirname)
-                if s.closed_at + self.keep_s <= now:  # expired while the log was down
+                closed_at = now if s.closed_at is None else s.closed_at  # a closed one read back has its time
+                self._closed[s.session_id] = (closed_at, s.dirname)
+                if closed_at + self.keep_s <= now:  # expired while the log was down
                     self._delete(s.session_id)
         self._start_sweeper()
         if _in_ray_actor():
@@ -383,8 +392,8 @@ class SessionLog:
         ranges: dict[str, tuple[int, int]] = {}
         todo: list[tuple[LogSession, list[int]]] = []
         small = batch.select(_SMALL).to_pylist() if groups else []
-        audio_len = pc.binary_length(batch.column("audio")).to_pylist() if groups else []
-        frame_len = pc.binary_length(batch.column("frame")).to_pylist() if groups else []
+        audio_len = pc.binary_length(batch.column("audio")).to_pylist() if groups else []  # pyright: ignore[reportAttributeAccessIssue] (pyarrow makes its compute functions at import time)
+        frame_len = pc.binary_length(batch.column("frame")).to_pylist() if groups else []  # pyright: ignore[reportAttributeAccessIssue] (pyarrow makes its compute functions at import time)
         for sid, rows in groups.items():
             done = self._requests.get(request_id, {}).get(sid) if request_id is not None else None
             if sid in errors or done is not None:
@@ -420,9 +429,7 @@ class SessionLog:
                     errors[s.session_id] = str(exc)
         if errors and not ranges:
             detail = "; ".join(f"session {sid!r}: {msg}" for sid, msg in errors.items())
-            exc = ProtocolError(f"append rejected: {detail}", "invalid_delta")
-            exc.errors = errors
-            raise exc
+            raise AppendRejected(f"append rejected: {detail}", errors)
         return AppendResult(ranges, errors, moved)
 
     def _writable(self, session_id: str) -> LogSession:
@@ -442,7 +449,7 @@ class SessionLog:
         self.store.write(s, seg, part, request_id)
         # Only now, with the rows on disk, does the log change.
         block = Block(part, first, min(ts), max(ts), all(a <= b for a, b in zip(ts, ts[1:])))
-        seg.blocks.append(block)
+        seg.memory.append(block)
         seg.tail_rows += n
         seg.last = block.last
         seg.t_min, seg.t_max = min(seg.t_min, block.t_min), max(seg.t_max, block.t_max)
@@ -538,7 +545,7 @@ class SessionLog:
             else:
                 if s.snapshot_tick == tick:
                     s.snapshot = encoded
-        if tick is not None:
+        if tick is not None and encoded is not None:
             try:
                 state = decode_state(*encoded)  # a fresh copy each time: the caller may change it
             except (ValueError, KeyError) as exc:
@@ -553,11 +560,13 @@ class SessionLog:
             else:
                 plan += [("rows", b.batch) for b in seg.blocks]
         table = self._table(await self._resolve_async(plan, None, session_id), None)
-        keep = pc.and_(pc.is_in(table.column("kind"), pa.array(CHUNK_KINDS)), pc.greater(table.column("seq"), after))
-        chunks: dict[str, dict[int, object]] = {kind: {} for kind in CHUNK_KINDS}
+        keep = pc.and_(pc.is_in(table.column("kind"), pa.array(CHUNK_KINDS)), pc.greater(table.column("seq"), after))  # pyright: ignore[reportAttributeAccessIssue] (pyarrow makes its compute functions at import time)
+        chunks: dict[str, dict[int, dict]] = {kind: {} for kind in CHUNK_KINDS}
         for row in table.filter(pc.fill_null(keep, False)).to_pylist():
             chunks[row["kind"]].setdefault(row["seq"], row)
-        inputs, outputs = ([from_record(chunks[kind][q]) for q in sorted(chunks[kind])] for kind in CHUNK_KINDS)
+        rows_in, rows_out = ([from_record(chunks[kind][q]) for q in sorted(chunks[kind])] for kind in CHUNK_KINDS)
+        inputs = [d for d in rows_in if isinstance(d, InputChunk)]  # every one: rows of kind input_chunk
+        outputs = [d for d in rows_out if isinstance(d, OutputChunk)]
         return Recovery(s.token, epoch, tick, state, inputs, outputs)
 
     # --- reads -------------------------------------------------------------------------------
@@ -635,7 +644,7 @@ class SessionLog:
                     i = int(np.searchsorted(b.batch.column(T).to_numpy(), cutoff, side="left"))
                     plan.append(("rows", b.batch.slice(i)))
                 else:
-                    plan.append(("rows", b.batch.filter(pc.greater_equal(b.batch.column(T), cutoff))))
+                    plan.append(("rows", b.batch.filter(pc.greater_equal(b.batch.column(T), cutoff))))  # pyright: ignore[reportAttributeAccessIssue] (pyarrow makes its compute functions at import time)
         return plan
 
     async def wait(self, session_id: str, token: str, after_index: int = -1, timeout_s: float = 30.0) -> pa.Table:
@@ -666,7 +675,8 @@ class SessionLog:
     async def _authorize_async(self, session_id: str, token: str) -> LogSession:
         return _check_token(await self._find_async(session_id), session_id, token)
 
-    async def _window(self, s: LogSession, session_id: str, start, end, columns, kinds, last_s) -> tuple:
+    async def _window(self, s: LogSession, session_id: str, start, end, columns, kinds, last_s
+                      ) -> tuple[int, int, list[str] | None, list[str] | None, float | None]:
         """A read's arguments checked, as `_plan` takes them: (start, end, columns, kinds, since_t);
         the t of the range's last row is read in a thread if it is in Parquet."""
         columns, kinds, last_s = _options(columns, kinds, last_s)
@@ -691,7 +701,7 @@ class SessionLog:
             if seg.last < start or seg.first >= end or (since_t is not None and seg.t_max < since_t):
                 continue
             if seg.blocks is None:
-                filters = [("index", ">=", start), ("index", "<", end)]
+                filters: list[tuple] = [("index", ">=", start), ("index", "<", end)]
                 if kinds is not None:
                     filters.append(("kind", "in", list(kinds)))
                 if since_t is not None:
@@ -707,10 +717,10 @@ class SessionLog:
                 lo = max(start, b.first) - b.first
                 batch = b.batch.slice(lo, min(end, b.last + 1) - b.first - lo)
                 if kinds is not None or (since_t is not None and b.t_min < since_t):
-                    keep = pc.is_in(batch.column("kind"), pa.array(kinds)) if kinds is not None else None
+                    keep = pc.is_in(batch.column("kind"), pa.array(kinds)) if kinds is not None else None  # pyright: ignore[reportAttributeAccessIssue] (pyarrow makes its compute functions at import time)
                     if since_t is not None:
-                        late = pc.greater_equal(batch.column(T), since_t)
-                        keep = late if keep is None else pc.and_(keep, late)
+                        late = pc.greater_equal(batch.column(T), since_t)  # pyright: ignore[reportAttributeAccessIssue] (pyarrow makes its compute functions at import time)
+                        keep = late if keep is None else pc.and_(keep, late)  # pyright: ignore[reportAttributeAccessIssue] (pyarrow makes its compute functions at import time)
                     batch = batch.filter(keep)
                 plan.append(("rows", batch if columns is None else batch.select(columns)))
         return plan
@@ -744,7 +754,7 @@ class SessionLog:
 
 
 def _is_epoch(value) -> bool:
-    return isinstance(value, (int, np.integer)) and not isinstance(value, bool) and value >= 0
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool) and bool(value >= 0)
 
 
 def _fence(s: LogSession, epoch) -> None:
@@ -803,6 +813,17 @@ def _since(items: list[tuple], last_s: float) -> float | None:
     return ts[-1][-1].as_py() - last_s if ts else None
 
 
+def _as_table(part: object) -> pa.Table:
+    """A part of `refs` as a table: a sealed block's IPC stream (from the object store), a batch or a table."""
+    if isinstance(part, pa.Buffer):
+        return from_ipc(part)
+    if isinstance(part, pa.RecordBatch):
+        return pa.Table.from_batches([part])
+    if isinstance(part, pa.Table):
+        return part
+    raise TypeError(f"not a part of a session log: {type(part).__name__}")
+
+
 def _schema(columns: list[str] | None) -> pa.Schema:
     return SCHEMA if columns is None else pa.schema([SCHEMA.field(n) for n in columns])
 
@@ -817,13 +838,8 @@ async def fetch(parts: list[tuple[int, int, object]], start: int = 0, end: int |
     refs = [p for _, _, p in parts if isinstance(p, ray.ObjectRef)]
     got = iter(await asyncio.gather(*refs)) if refs else iter(())
     tables = []
-    for first, last, part in parts:
-        if isinstance(part, ray.ObjectRef):
-            part = next(got)
-        if isinstance(part, pa.Buffer):
-            part = from_ipc(part)
-        elif isinstance(part, pa.RecordBatch):
-            part = pa.Table.from_batches([part])
+    for first, last, ref_or_part in parts:
+        part = _as_table(next(got) if isinstance(ref_or_part, ray.ObjectRef) else ref_or_part)
         if first + part.num_rows - 1 == last:  # contiguous rows: cut by position
             lo = max(start - first, 0)
             hi = part.num_rows if end is None else min(end - first, part.num_rows)
