@@ -197,7 +197,7 @@ def test_bad_input_is_reported_under_its_session_and_stepped_as_missing():
         for o in outs:
             _same(o, expect[o.session_id])
     with pytest.raises(ProtocolError):  # the contract also holds at construction
-        InputChunk("a", 0, 0.0, np.zeros(100, np.int16))
+        InputChunk("a", 0, 0.0, np.zeros((2, 1600), np.int16))  # not mono
     with pytest.raises(ProtocolError, match="unknown session"):
         eng.push_update("nobody", "x")
 
