@@ -41,6 +41,7 @@ import threading
 import time
 import zlib
 from pathlib import Path
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -197,7 +198,9 @@ class MoshiEngine:
         for f in range(F):
             self._forced_now = self._take_forced(live)
             self.lm_gen.draw([(s.row, s.seed, s.frames + f) for s in live])
-            toks.append(self.lm_gen.step(codes[:, :, f:f + 1])[:, :, 0])  # (B, 1 + dep_q)
+            step = self.lm_gen.step(codes[:, :, f:f + 1])  # (B, 1 + dep_q, 1)
+            assert step is not None  # out-of-sync LMGen answers every frame (rows in their delay are masked)
+            toks.append(step[:, :, 0])
         self._forced_now = None
         toks = torch.stack(toks, -1)  # (B, 1 + dep_q, F)
         made = (toks[:, 1:] != UNGENERATED).all(1) & live_mask[:, None]  # (B, F)
@@ -333,7 +336,7 @@ class MoshiEngine:
         self._sessions[session_id] = MoshiSession.restore(session_id, row, state["session"])
 
     def replay(self, session_id: str, state: dict | None = None, seed: int | None = None,
-               chunks: list[InputChunk] = ()) -> tuple[dict, list[OutputChunk]]:
+               chunks: Sequence[InputChunk] = ()) -> tuple[dict, list[OutputChunk]]:
         """Step one session's `chunks` alone on a one-row engine sharing these weights, from
         `state` or fresh: -> its state after them and their outputs."""
         check_session_id(session_id)
@@ -356,7 +359,7 @@ class MoshiEngine:
             finally:
                 scratch.remove_session(session_id)
 
-    def rebuild(self, session_id: str, state: dict | None = None, seed: int | None = None, chunks: list[InputChunk] = ()) -> list[OutputChunk]:
+    def rebuild(self, session_id: str, state: dict | None = None, seed: int | None = None, chunks: Sequence[InputChunk] = ()) -> list[OutputChunk]:
         self._can_add(session_id)
         rebuilt, outs = self.replay(session_id, state, seed, chunks)
         self.import_session(session_id, rebuilt)

@@ -127,7 +127,7 @@ def write_checkpoint(out: str | Path, preset: str = "small", seed: int = 0) -> P
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=(__doc__ or "").split("\n")[0])
     ap.add_argument("dir")
     ap.add_argument("--preset", choices=sorted(PRESETS), default="small")
     ap.add_argument("--seed", type=int, default=0)

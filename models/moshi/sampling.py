@@ -24,13 +24,13 @@ from collections.abc import Callable
 
 import numpy as np
 import torch
-from moshi.models import LMGen
+from moshi.models.lm import LMGen
 
 
 def sample(logits: torch.Tensor, temperature: float, gumbel: torch.Tensor | None) -> torch.Tensor:
     """logits (B, card) float, gumbel (B, k) -> tokens (B,): a draw from the top k at
     `temperature` (the i-th largest logit takes the i-th noise), or argmax at temperature 0."""
-    if temperature <= 0:
+    if temperature <= 0 or gumbel is None:
         return logits.argmax(-1)
     vals, idx = logits.topk(gumbel.shape[-1], -1)  # (B, k), largest first
     return idx.gather(-1, (vals / temperature + gumbel).argmax(-1, keepdim=True))[:, 0]
@@ -59,8 +59,10 @@ class SeededLMGen(LMGen):
 
     def draw(self, rows: list[tuple[int, int, int]]) -> None:
         """This frame's noise for each (row, seed, frame): text first, then codebook by codebook."""
-        B, dep_q = self._streaming_state.batch_size, self.lm_model.dep_q
-        if self._text_noise is None:
+        state = self._streaming_state
+        assert state is not None, "draw() is for a streaming LMGen"
+        B, dep_q = state.batch_size, self.lm_model.dep_q
+        if self._text_noise is None or self._audio_noise is None:
             self._text_noise = torch.zeros(B, self.k_text, device=self.lm_model.device)
             self._audio_noise = torch.zeros(B, dep_q, self.k_audio, device=self.lm_model.device)
         if self.temp_text <= 0 and self.temp <= 0:
@@ -78,6 +80,7 @@ class SeededLMGen(LMGen):
         self._text_token = sample(text_logits[:, 0, 0].float(), self.temp_text, self._text_noise)  # (B,)
 
     def _use_text(self, text_token: torch.Tensor) -> None:
+        assert self._text_token is not None  # drawn by _sample_text, which the package calls first
         text_token.copy_(self._text_token)
         if self.then_text_hook is not None:
             self.then_text_hook(text_token)
@@ -86,10 +89,12 @@ class SeededLMGen(LMGen):
         """The package's depformer loop, each codebook drawn with `sample`. -> (B, dep_q)."""
         assert self.cfg_coef == 1.0, "classifier-free guidance is not supported"
         lm = self.lm_model
+        assert lm.depformer is not None, "a Moshi-family LM has a depformer"
         prev, tokens = text_token, []
+        noise = self._audio_noise if self.temp > 0 else None
         with lm.depformer.streaming(text_token.shape[0]):
             for cb in range(lm.dep_q):
                 logits = lm.forward_depformer(cb, prev[:, None, None], transformer_out)  # (B, 1, 1, card)
-                prev = sample(logits[:, 0, 0].float(), self.temp, self._audio_noise[:, cb] if self.temp > 0 else None)  # (B,)
+                prev = sample(logits[:, 0, 0].float(), self.temp, None if noise is None else noise[:, cb])  # (B,)
                 tokens.append(prev)
         return torch.stack(tokens, 1)
