@@ -77,7 +77,7 @@ class ServeChat:
     cancels the request."""
 
     def __init__(self, handle: Any, model_id: str = "background", temperature: float = 0.7, app_name: str | None = None):
-        self.handle = handle  # None: the Serve application `app_name`'s, looked up at first use
+        self.handle: Any = handle  # a Serve handle (its streaming `.remote` is untyped); None: `app_name`'s, looked up at first use
         self.model_id = model_id
         self.temperature = temperature
         self.app_name = app_name
@@ -92,6 +92,8 @@ class ServeChat:
         if self.handle is None:  # deployed from a Serve config: the pool is another application
             from ray import serve
 
+            if self.app_name is None:
+                raise LLMError("no pool handle, and no app_name to look one up by")
             self.handle = serve.get_app_handle(self.app_name)
         response = self.handle.options(stream=True).chat.remote(request)
         finished = False
@@ -161,10 +163,10 @@ def call_schema(name: str, parameters: dict) -> dict:
 def step_format(tools: ToolRegistry, offered: list[str], choice: Any, max_tokens: int = 4 * MAX_ANSWER_CHARS) -> dict:
     """The `response_format` of one turn: the tool calls `choice` allows, and/or the answer."""
     answer_schema_ = answer_schema(max_tokens)
-    calls = [call_schema(n, tools.get(n).parameters) for n in offered]
+    calls = [call_schema(n, tools.tools[n].parameters) for n in offered]
     if isinstance(choice, dict):  # a named function
         name = choice.get("name") or (choice.get("function") or {}).get("name")
-        calls = [call_schema(name, tools.get(name).parameters)] if name in offered else []
+        calls = [call_schema(name, tools.tools[name].parameters)] if name in offered else []
         options = calls or [answer_schema_]
     elif choice == "none" or not calls:
         options = [answer_schema_]

@@ -142,15 +142,17 @@ async def read(task: BackgroundTask, log_port: Any, *, context_s: float | None =
 async def _fetch(task: BackgroundTask, log_port: Any, start: int, end: int, **options) -> pa.Table:
     from ray.exceptions import ObjectLostError, OwnerDiedError
 
-    for attempt in range(3):
+    attempt = 0
+    while True:
         parts = await _call(log_port, "refs", task.session_id, task.log_token, start, end, **options)
         try:
             table = await fetch(parts, start, end, options["columns"])
             break
         except (OwnerDiedError, ObjectLostError):  # the log restarted between refs and fetch: ask again
-            if attempt == 2:
+            attempt += 1
+            if attempt == 3:
                 raise
-    if table.num_rows and pc.any(pc.not_equal(table["session_id"], task.session_id)).as_py():
+    if table.num_rows and pc.any(pc.not_equal(table["session_id"], task.session_id)).as_py():  # pyright: ignore[reportAttributeAccessIssue] (pyarrow makes its compute functions at import time)
         raise ProtocolError("the log returned rows of another session", "forbidden", "session_id")
     return table
 
@@ -191,7 +193,9 @@ def _cost(message: dict) -> int:
 
 def _runs(loud: list[bool], ts: list[float], gap_s: float) -> list[tuple[int, int]]:
     """(first, last) positions of runs of True, a run ending after more than gap_s without one."""
-    runs, start, last = [], None, None
+    runs: list[tuple[int, int]] = []
+    start: int | None = None
+    last = 0  # read only once a run started
     for i, on in enumerate(loud):
         if not on:
             continue

@@ -237,6 +237,8 @@ class Sandbox:
             )
         except OSError as exc:
             raise ToolError(f"python: the sandbox could not start: {exc}") from None
+        stdin, stdout, stderr = proc.stdin, proc.stdout, proc.stderr
+        assert stdin is not None and stdout is not None and stderr is not None  # all three were asked for as pipes
         stopped = []  # why we stopped it, if we did
 
         def stop(why: str) -> None:
@@ -247,9 +249,9 @@ class Sandbox:
 
         async def feed() -> None:
             try:
-                proc.stdin.write(source)
-                await proc.stdin.drain()
-                proc.stdin.close()
+                stdin.write(source)
+                await stdin.drain()
+                stdin.close()
             except (BrokenPipeError, ConnectionResetError):  # it ended before reading it all
                 pass
 
@@ -265,7 +267,7 @@ class Sandbox:
             return b"".join(chunks), False
 
         async def communicate() -> tuple:
-            (out, out_cut), (err, err_cut), _ = await asyncio.gather(read(proc.stdout, "stdout"), read(proc.stderr, "stderr"), feed())
+            (out, out_cut), (err, err_cut), _ = await asyncio.gather(read(stdout, "stdout"), read(stderr, "stderr"), feed())
             return out, out_cut, err, err_cut, await proc.wait()  # it may close its output and go on
 
         try:

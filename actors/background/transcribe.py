@@ -82,19 +82,24 @@ class PocketSphinxTranscriber:
         audio = _check(audio)
         if audio.size == 0:
             return ""
-        if self._loop is not asyncio.get_running_loop():  # a child and a lock belong to one event loop
+        lock = self._lock
+        if self._loop is not asyncio.get_running_loop() or lock is None:  # a child and a lock belong to one event loop
             self.close()
-            self._loop, self._lock = asyncio.get_running_loop(), asyncio.Lock()
-        async with self._lock:
-            if self._proc is None or self._proc.returncode is not None:
-                self._proc = await asyncio.create_subprocess_exec(
+            self._loop, lock = asyncio.get_running_loop(), asyncio.Lock()
+            self._lock = lock
+        async with lock:
+            proc = self._proc
+            if proc is None or proc.returncode is not None:
+                proc = self._proc = await asyncio.create_subprocess_exec(
                     sys.executable, "-c", SPHINX_WORKER, json.dumps(self.config), stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
                 )
+            stdin, stdout = proc.stdin, proc.stdout
+            assert stdin is not None and stdout is not None  # both were asked for as pipes
             raw = audio.astype("<i2", copy=False).tobytes()
             try:
-                self._proc.stdin.write(len(raw).to_bytes(8, "little") + raw)
-                await self._proc.stdin.drain()
-                reply = json.loads(await self._proc.stdout.readline() or b"null")
+                stdin.write(len(raw).to_bytes(8, "little") + raw)
+                await stdin.drain()
+                reply = json.loads(await stdout.readline() or b"null")
             except ConnectionError:
                 reply = None
             except BaseException:  # cancelled mid-request: its reply must not answer the next one
@@ -120,7 +125,8 @@ class PocketSphinxTranscriber:
         """End the child process and wait for it, in the event loop it was started from."""
         proc, self._proc = self._proc, None
         if proc is not None and proc.returncode is None:
-            proc.stdin.close()  # it ends at the end of its input
+            if proc.stdin is not None:
+                proc.stdin.close()  # it ends at the end of its input
             await proc.wait()
 
 
@@ -153,7 +159,7 @@ class ServedTranscriber:
     `handle=None`: the Serve application `app_name`'s, looked up at first use."""
 
     def __init__(self, handle: Any, model: str | None = None, *, language: str = "en", app_name: str | None = None):
-        self.handle = handle
+        self.handle: Any = handle  # a Serve handle (its streaming `.remote` is untyped) or a test double
         self.model = model
         self.language = language
         self.app_name = app_name
@@ -172,6 +178,8 @@ class ServedTranscriber:
         if self.handle is None:  # deployed apart: answer clearly until it runs
             from ray import serve
 
+            if self.app_name is None:
+                raise RuntimeError("no speech handle, and no app_name to look one up by")
             state = await asyncio.to_thread(app_status, self.app_name)
             if state != "RUNNING":
                 raise RuntimeError(f"the speech deployment ({self.app_name}) is not up: {(state or 'not deployed').lower()}")
