@@ -26,6 +26,17 @@ class _Section(BaseModel):
 SHIPPED_CHECKPOINT = str(Path(__file__).resolve().parent.parent / "checkpoints" / "tiny")
 
 
+class MoshiSamplingSection(_Section):
+    # How a Moshi-family model draws its tokens (Kyutai's defaults): the audio codebooks at
+    # `temperature` from the `top_k` most likely, the text stream at `temperature_text` from
+    # `top_k_text`. Temperature 0 is greedy; top_k 0 the whole vocabulary. Part of the engine's
+    # identity: a session's state moves only between engines that sample alike.
+    temperature: float = Field(default=0.8, ge=0, le=5)
+    top_k: int = Field(default=250, ge=0)
+    temperature_text: float = Field(default=0.7, ge=0, le=5)
+    top_k_text: int = Field(default=25, ge=0)
+
+
 class ModelSection(_Section):
     # "interplay": the built-in model (`preset` / `checkpoint` below). "moshi": a Moshi-family
     # checkpoint (Kyutai's Moshi, PersonaPlex, Hibiki) in the local directory `path`, in Kyutai's
@@ -33,6 +44,7 @@ class ModelSection(_Section):
     family: Literal["interplay", "moshi"] = "interplay"
     path: str | None = None
     frames_per_tick: int = Field(default=1, ge=1, le=25)  # moshi: 80 ms Mimi frames a tick
+    sampling: MoshiSamplingSection | None = None  # moshi only; null: Kyutai's defaults
     preset: str = "tiny"
     # A safetensors directory with its config.json; when set, it (not `preset`) is the model.
     # null: `preset` with random weights.
@@ -47,6 +59,9 @@ class ModelSection(_Section):
         if self.family == "moshi" and not self.path:
             raise ValueError("model.family moshi needs model.path: a local Moshi-family checkpoint directory "
                              "(make a random one with `python -m models.moshi.random_checkpoint DIR`)")
+        if self.family != "moshi" and self.sampling is not None:
+            raise ValueError("model.sampling applies to model.family moshi only (the built-in model decides by its "
+                             "decision head; see model.onset_margin)")
         return self
 
 

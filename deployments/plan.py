@@ -105,7 +105,8 @@ def model_tick_ms(config: AppConfig) -> int:
 def engine_spec(config: AppConfig) -> EngineSpec:
     m = config.model
     return EngineSpec(family=m.family, path=m.path, frames_per_tick=m.frames_per_tick, preset=m.preset, checkpoint=m.checkpoint,
-                      device=m.device, max_sessions=config.interaction.max_sessions, onset_margin=m.onset_margin)
+                      device=m.device, max_sessions=config.interaction.max_sessions, onset_margin=m.onset_margin,
+                      sampling=m.sampling.model_dump() if m.sampling else None)
 
 
 def actor_options(config: AppConfig, resources: Mapping[str, float]) -> dict[str, dict]:

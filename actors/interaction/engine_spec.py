@@ -9,8 +9,8 @@ actor's GPU; `tick_ms` reads the model's tick without loading its weights.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from models.config import InteractionConfig
@@ -29,10 +29,13 @@ class EngineSpec:
     family: str = "interplay"
     path: str | None = None  # family "moshi": the checkpoint directory
     frames_per_tick: int = 1  # family "moshi": Mimi frames (80 ms) a tick
+    # family "moshi": temperature / top_k / temperature_text / top_k_text; None: the engine's defaults
+    sampling: dict[str, Any] | None = field(default=None, hash=False)
 
     def describe(self) -> str:
         if self.family == "moshi":
-            return f"Moshi-family {self.path}"
+            drawn = "".join(f", {k} {v}" for k, v in (self.sampling or {}).items())
+            return f"Moshi-family {self.path}{drawn}"
         return self.checkpoint or self.preset
 
     def tick_ms(self) -> int:
@@ -68,7 +71,8 @@ class EngineSpec:
         if self.family == "moshi":
             from models.moshi.engine import MoshiEngine
 
-            return MoshiEngine(self.path or "", max_sessions=self.max_sessions, frames_per_tick=self.frames_per_tick, device=device)
+            return MoshiEngine(self.path or "", max_sessions=self.max_sessions, frames_per_tick=self.frames_per_tick, device=device,
+                               **(self.sampling or {}))
         source = load_checkpoint(self.checkpoint, device=device) if self.checkpoint else self.preset
         return StreamingEngine(source, max_sessions=self.max_sessions, device=device,
                                onset_margin=onset_margin(self.checkpoint, self.onset_margin))

@@ -299,7 +299,9 @@ class MoshiEngine:
 
     # ---- state transfer ----
     def identity(self) -> dict:
-        return self.models.checkpoint.identity()
+        """What a session's state depends on: the checkpoint's configs and how tokens are drawn
+        (a state made under other sampling would not replay to the same tokens)."""
+        return {**self.models.checkpoint.identity(), "sampling": self.sampling}
 
     def _stateful(self) -> dict:
         """The streaming modules whose state is per row: LMGen (its token delay cache), the LM

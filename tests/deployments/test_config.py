@@ -136,6 +136,11 @@ def test_a_moshi_family_checkpoint_brings_its_tick_and_a_broken_one_is_refused_a
     assert (spec.family, spec.path) == ("moshi", str(ckpt)) and spec.describe() == f"Moshi-family {ckpt}"
     with pytest.raises(ValidationError, match="needs model.path"):
         AppConfig.model_validate({"model": {"family": "moshi"}})
+    greedy = engine_spec(AppConfig.model_validate({"model": {**moshi["model"], "sampling": {"temperature": 0, "temperature_text": 0}}}))
+    assert greedy.sampling == {"temperature": 0, "top_k": 250, "temperature_text": 0, "top_k_text": 25}
+    assert "temperature 0" in greedy.describe() and spec.sampling is None
+    with pytest.raises(ValidationError, match="family moshi only"):
+        AppConfig.model_validate({"model": {"sampling": {"temperature": 0}}})
     (ckpt / "mimi.safetensors").unlink()
     with pytest.raises(StartupError) as info:
         model_tick_ms(AppConfig.model_validate(moshi))

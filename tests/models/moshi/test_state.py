@@ -80,6 +80,9 @@ def test_a_state_that_does_not_fit_is_refused_and_changes_nothing(engine):
     assert e.value.code == "invalid_state" and engine.sessions == []
     with pytest.raises(ProtocolError):
         engine.import_session("s", {**snap, "identity": {"lm_config": {}}})
+    hotter = {**snap["identity"], "sampling": {**engine.sampling, "temperature": 1.2}}
+    with pytest.raises(ProtocolError, match="different model"):  # drawn otherwise: would not replay alike
+        engine.import_session("s", {**snap, "identity": hotter})
     with pytest.raises(ProtocolError):
         engine.replay("s", snap, chunks=[chunk("other", 1, 3)])
 
