@@ -41,10 +41,13 @@ from protocols.clock import TickClock
 from protocols.realtime import MAX_EVENT_BYTES as REALTIME_MAX_EVENT_BYTES
 from protocols.realtime import audio_format, decode_audio, internal_error, server_event
 
-from actors.ingress.audio_in import AudioChunker, BufferedAudioInput, InputBufferFull, frame_to_samples, release_on_arrival
+from actors.ingress.audio_chunker import AudioChunker
+from actors.ingress.audio_frames import frame_to_samples
+from actors.ingress.buffered_audio import BufferedAudioInput, InputBufferFull
 from actors.ingress.ice import allowed_candidates, pinned_ice_addresses
 from actors.ingress.playout import EventAudioSink, PacedAudioTrack
 from actors.ingress.realtime_session import Sink
+from actors.ingress.receive_buffer import release_on_arrival
 from actors.ingress.video_in import FrameSampler
 
 log = logging.getLogger(__name__)

@@ -14,7 +14,7 @@ import ray
 from aiortc import RTCPeerConnection, RTCSessionDescription
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack, VideoStreamTrack
 
-from actors.ingress import audio_in
+from actors.ingress import receive_buffer
 from actors.ingress.gatherer import COUNTS
 from actors.ingress.ingress import Ingress, IngressActor
 from actors.ingress.realtime_session import RealtimeSession
@@ -266,7 +266,7 @@ def test_call_audio_and_events():
         created = await client.wait_for("session.created")
         assert created["session"]["id"] == sid and created["session"]["interplay"]["log_token"] == f"token-{sid}"
         receivers = ingress.sessions[sid].transport.pc.getReceivers()  # audio goes to the chunker as it arrives
-        assert [type(getattr(r, audio_in._BUFFER)) for r in receivers if r.track.kind == "audio"] == [audio_in.ArrivalBuffer]
+        assert [type(getattr(r, receive_buffer._BUFFER)) for r in receivers if r.track.kind == "audio"] == [receive_buffer.ArrivalBuffer]
         await client.wait_for("output_audio_buffer.started")
         await until(lambda: client.loud_frames() > 30 and sum(not c.missing for c in echo.chunks) >= 8 and sum(c.frame is not None for c in echo.chunks) >= 3)
         # audio came back: the echoed tone, continuous after the first ticks

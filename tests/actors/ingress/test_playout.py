@@ -100,7 +100,7 @@ def onset(stream: np.ndarray, audio: np.ndarray, after: int = 0) -> int:
     best matches it resampled by a fresh resampler (which starts its output on its first sample)."""
     import av
 
-    from actors.ingress.audio_in import resample_all, to_av_frame
+    from actors.ingress.audio_frames import resample_all, to_av_frame
 
     ref = resample_all(av.AudioResampler(format="s16", layout="mono", rate=48000), to_av_frame(audio, 16000))[200:2000].astype(np.int64)
     first = after + int(np.flatnonzero(np.abs(stream[after:]) > 1000)[0])
