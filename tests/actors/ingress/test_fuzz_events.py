@@ -28,7 +28,7 @@ from actors.ingress.realtime_session import RealtimeSession
 from actors.ingress.transports import WebSocketTransport
 from protocols import TickClock
 from protocols.realtime import CLIENT_EVENT_TYPES, INTERPLAY_EVENT_TYPES, SessionConfig, encode_audio
-from tests.actors.ingress.test_ingress import Client, Echo
+from tests.actors.ingress.peers import Client, Echo
 from tests.waits import TIMEOUT_S, until
 
 FUZZ = settings(max_examples=50, deadline=None, suppress_health_check=list(HealthCheck))
