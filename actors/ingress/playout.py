@@ -20,7 +20,7 @@ from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 from protocols.chunks import SAMPLE_RATE
 from protocols.realtime import encode_audio
 
-from actors.ingress.audio_in import resample_all, to_av_frame
+from actors.ingress.audio_frames import resample_all, to_av_frame
 
 OUT_RATE = 48_000
 PTIME = 0.020

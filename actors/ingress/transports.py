@@ -1,6 +1,6 @@
 """Transports: how one Realtime session's media and events travel. Two kinds, one small interface.
 
-Each transport is a `realtime_session.Sink` (events out, model audio out, and the behaviours
+Each transport is a `sink.Sink` (events out, model audio out, and the behaviours
 that differ) plus what the gatherer reads every tick: `audio_in.pop_ready(until=k)` and
 `video()`. What differs lives here, not in flags tested elsewhere:
 
@@ -41,10 +41,13 @@ from protocols.clock import TickClock
 from protocols.realtime import MAX_EVENT_BYTES as REALTIME_MAX_EVENT_BYTES
 from protocols.realtime import audio_format, decode_audio, internal_error, server_event
 
-from actors.ingress.audio_in import AudioChunker, BufferedAudioInput, InputBufferFull, frame_to_samples, release_on_arrival
+from actors.ingress.audio_chunker import AudioChunker
+from actors.ingress.audio_frames import frame_to_samples
+from actors.ingress.buffered_audio import BufferedAudioInput, InputBufferFull
 from actors.ingress.ice import allowed_candidates, pinned_ice_addresses
 from actors.ingress.playout import EventAudioSink, PacedAudioTrack
-from actors.ingress.realtime_session import Sink
+from actors.ingress.receive_buffer import release_on_arrival
+from actors.ingress.sink import Sink
 from actors.ingress.video_in import FrameSampler
 
 log = logging.getLogger(__name__)

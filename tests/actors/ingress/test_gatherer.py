@@ -14,7 +14,8 @@ import time
 import numpy as np
 import pytest
 
-from actors.ingress.audio_in import AudioChunker, BufferedAudioInput
+from actors.ingress.audio_chunker import AudioChunker
+from actors.ingress.buffered_audio import BufferedAudioInput
 from actors.ingress.gatherer import Call, Gatherer
 from actors.ingress.playout import EventAudioSink
 from actors.ingress.realtime_session import RealtimeSession

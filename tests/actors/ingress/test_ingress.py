@@ -3,158 +3,24 @@ implements the `protocols.ports.Interaction` port in process (the real Interacti
 through the same port, wrapped in `Remote`); the Ray test binds a fake actor that way."""
 
 import asyncio
-import fractions
 import json
 import time
 
-import av
 import numpy as np
 import pytest
 import ray
-from aiortc import RTCPeerConnection, RTCSessionDescription
-from aiortc.mediastreams import MediaStreamError, MediaStreamTrack, VideoStreamTrack
+from aiortc import RTCPeerConnection
 
-from actors.ingress import audio_in
+from actors.ingress import receive_buffer
 from actors.ingress.gatherer import COUNTS
 from actors.ingress.ingress import Ingress, IngressActor
-from actors.ingress.realtime_session import RealtimeSession
 from actors.remote import Remote
-from actors.ingress.transports import WebRTCTransport, check_sdp
-from protocols import OutputChunk, ProtocolError, TickClock
+from actors.ingress.transports import check_sdp
+from protocols import OutputChunk, ProtocolError
+from tests.actors.ingress.peers import Client, Echo, call, now_clock
 from tests.waits import TIMEOUT_S, until
 
 pytestmark = pytest.mark.timeout(180)
-
-
-class Sine(MediaStreamTrack):
-    """A microphone stand-in: 440 Hz, 48 kHz stereo, 20 ms frames in real time."""
-
-    kind = "audio"
-
-    def __init__(self):
-        super().__init__()
-        self.n = 0
-        self.start = None
-
-    async def recv(self):
-        if self.readyState != "live":
-            raise MediaStreamError
-        if self.start is None:
-            self.start = time.time()
-        await asyncio.sleep(max(0.0, self.start + self.n * 0.02 - time.time()))
-        t = (self.n * 960 + np.arange(960)) / 48000
-        x = (8000 * np.sin(2 * np.pi * 440 * t)).astype(np.int16)
-        frame = av.AudioFrame.from_ndarray(np.repeat(x, 2).reshape(1, -1), format="s16", layout="stereo")
-        frame.sample_rate, frame.pts, frame.time_base = 48000, self.n * 960, fractions.Fraction(1, 48000)
-        self.n += 1
-        return frame
-
-
-class Camera(VideoStreamTrack):
-    """A small, slow camera (5 fps, 320x240) so that VP8 costs little CPU."""
-
-    def __init__(self):
-        super().__init__()
-        self.n = 0
-
-    async def recv(self):
-        await asyncio.sleep(0.2)
-        frame = av.VideoFrame.from_ndarray(np.full((240, 320, 3), 180, np.uint8), format="rgb24").reformat(format="yuv420p")
-        frame.pts, frame.time_base = self.n * 18000, fractions.Fraction(1, 90000)
-        self.n += 1
-        return frame
-
-
-class Client:
-    """An aiortc peer that talks to the ingress like a browser would."""
-
-    def __init__(self, video: bool = False):
-        self.pc = RTCPeerConnection()
-        self.pc.addTrack(Sine())
-        if video:
-            self.pc.addTrack(Camera())
-        self.channel = self.pc.createDataChannel("oai-events")
-        self.events: list[dict] = []
-        self.channel.on("message", lambda m: self.events.append(json.loads(m)))
-        self.audio: list[np.ndarray] = []
-        self.pc.on("track", lambda track: asyncio.ensure_future(self._read(track)))
-
-    async def _read(self, track):
-        try:
-            while True:
-                frame = await track.recv()
-                self.audio.append(frame.to_ndarray().reshape(-1))
-        except MediaStreamError:
-            pass
-
-    async def connect(self, ingress) -> str:
-        await self.pc.setLocalDescription(await self.pc.createOffer())
-        answer = await ingress.offer(self.pc.localDescription.sdp)
-        await self.pc.setRemoteDescription(RTCSessionDescription(answer["sdp"], "answer"))
-        self.session_id = answer["session_id"]
-        return self.session_id
-
-    def send(self, event):
-        self.channel.send(event if isinstance(event, str) else json.dumps(event))
-
-    def of_type(self, kind: str) -> list[dict]:
-        return [e for e in self.events if e["type"] == kind]
-
-    async def wait_for(self, kind: str, timeout: float = TIMEOUT_S) -> dict:
-        await until(lambda: self.of_type(kind), timeout, message=lambda: f"no {kind} event; got {[e['type'] for e in self.events]}")
-        return self.of_type(kind)[-1]
-
-    def loud_frames(self) -> int:
-        return sum(int(np.abs(a).max() > 2000) for a in self.audio)
-
-
-class Echo:
-    """The fake interaction side (the Interaction port): every session speaks its own input back,
-    with a word of text. `max_sessions` bounds join; `members` are the sessions joined."""
-
-    def __init__(self, max_sessions: int = 100):
-        self.calls: list[tuple[int, list[str]]] = []
-        self.chunks = []
-        self.max_sessions = max_sessions
-        self.members: list[str] = []
-        self.left: list[str] = []
-
-    async def clock_info(self):
-        return {"t0": 0.0, "tick_ms": 200, "tick_s": 0.2, "grace_s": 0.04}
-
-    async def join(self, session_id, seed=None):
-        if len(self.members) >= self.max_sessions:
-            raise ProtocolError("the interaction side is full", "capacity")
-        self.members.append(session_id)
-        return {"session_id": session_id, "first_tick": 0, "log_token": f"token-{session_id}"}
-
-    async def leave(self, session_id):
-        self.members.remove(session_id)
-        self.left.append(session_id)
-
-    async def resume(self, session_id):
-        if session_id not in self.members:
-            self.members.append(session_id)
-        return {"session_id": session_id, "first_tick": 0, "log_token": f"token-{session_id}"}
-
-    async def release(self, session_id):
-        self.members.remove(session_id)
-
-    async def drop(self, session_id):
-        if session_id in self.members:
-            self.members.remove(session_id)
-
-    async def exchange(self, tick, chunks, session_ids):
-        self.calls.append((tick, list(session_ids)))
-        self.chunks.extend(chunks)
-        return self.outputs(chunks)
-
-    def outputs(self, chunks):
-        return [OutputChunk(c.session_id, c.seq, c.t_start, c.audio, text="la ", controls=["speak"]) for c in chunks]
-
-
-def now_clock(behind_s: float = 0.0) -> TickClock:
-    return TickClock(time.time() - behind_s)
 
 
 def test_a_fresh_ingress_reports_every_counter():
@@ -195,49 +61,6 @@ def test_bad_sdp_is_refused():
     asyncio.run(main())
 
 
-class FakeChannel:
-    readyState = "open"
-
-    def __init__(self):
-        self.sent = []
-        self.sent_at = []  # time.monotonic() of each
-
-    def send(self, message):
-        self.sent.append(json.loads(message))
-        self.sent_at.append(time.monotonic())
-
-
-def test_speaking_runs_become_realtime_responses_on_a_played_track():
-    """The event sequence of a response over WebRTC, without a network: speak, speak, yield, drain."""
-
-    async def main():
-        transport = WebRTCTransport(TickClock(0.0))
-        transport.channel = FakeChannel()
-        s = RealtimeSession(transport, {"type": "realtime"})
-        tone = (8000 * np.sin(np.arange(3200) / 5)).astype(np.int16)
-        delivered = time.monotonic()
-        for seq, controls, text in [(0, ["speak"], "hel"), (1, [], "lo"), (2, ["yield"], ""), (3, [], "")]:
-            s.deliver(OutputChunk(s.id, seq, seq * 0.2, tone if seq < 2 else np.zeros(3200, np.int16), text=text, controls=controls), time.time())
-        s.deliver(OutputChunk(s.id, 1, 0.2, tone, controls=["speak"]), time.time())  # stale: ignored
-        assert transport.audio_out.queued_ms == pytest.approx(460, abs=2)  # 60 ms margin + two chunks
-        sent = transport.channel.sent
-        types = [e["type"] for e in sent]
-        assert types == [
-            "response.created", "response.output_item.added", "conversation.item.added", "output_audio_buffer.started",
-            "response.output_audio_transcript.delta", "response.output_audio_transcript.delta",
-            "response.output_audio_transcript.done", "response.output_audio.done", "response.output_item.done", "response.done",
-        ]
-        done = sent[-1]["response"]
-        assert done["status"] == "completed" and done["output"][0]["content"][0]["transcript"] == "hello"
-        await until(lambda: sent[-1]["type"] == "output_audio_buffer.stopped")
-        assert sent[-1]["response_id"] == done["id"] and len(sent) == len(types) + 1
-        # not before the queued audio would have played out (1 ms for the clock's rounding)
-        assert transport.channel.sent_at[-1] - delivered >= transport.audio_out.queued_ms / 1000 - 0.001
-        await transport.close()
-
-    asyncio.run(main())
-
-
 def test_a_call_that_never_connects_is_closed():
     async def main():
         ingress = Ingress(Echo(), now_clock(), max_sessions=1, connect_timeout_s=0.3)
@@ -254,82 +77,154 @@ def test_a_call_that_never_connects_is_closed():
 
     asyncio.run(main())
 
-
-def test_call_audio_and_events():
-    """One call for ~3 s: echoed audio comes back, Realtime events flow, bad events get errors."""
-
+def test_a_call_is_announced_with_its_session_and_log_token():
     async def main():
-        echo = Echo()
-        ingress = Ingress(echo, now_clock(0.13), max_event_bytes=4096)
-        client = Client(video=True)
-        sid = await client.connect(ingress)
-        created = await client.wait_for("session.created")
-        assert created["session"]["id"] == sid and created["session"]["interplay"]["log_token"] == f"token-{sid}"
-        receivers = ingress.sessions[sid].transport.pc.getReceivers()  # audio goes to the chunker as it arrives
-        assert [type(getattr(r, audio_in._BUFFER)) for r in receivers if r.track.kind == "audio"] == [audio_in.ArrivalBuffer]
-        await client.wait_for("output_audio_buffer.started")
-        await until(lambda: client.loud_frames() > 30 and sum(not c.missing for c in echo.chunks) >= 8 and sum(c.frame is not None for c in echo.chunks) >= 3)
-        # audio came back: the echoed tone, continuous after the first ticks
-        loud = [np.abs(a).max() > 2000 for a in client.audio]
-        assert np.mean(loud[loud.index(True) :]) > 0.8  # loose: a loaded machine may miss a tick
-        # chunks the interaction side saw: consecutive ticks (but those the ingress skipped, and
-        # counted, when its loop stalled), 3,200 samples, the tone inside
-        seqs = [c.seq for c in echo.chunks]
-        assert seqs == sorted(set(seqs)) and seqs[-1] - seqs[0] + 1 - len(seqs) <= (await ingress.stats())["skipped_ticks"]
-        heard = [c for c in echo.chunks if not c.missing]
-        assert all(c.audio.shape == (3200,) for c in echo.chunks) and np.abs(heard[-1].audio).max() > 6000
-        frames = [c.frame for c in echo.chunks if c.frame is not None]
-        assert len(frames) >= 3 and frames[-1].shape == (160, 160, 3) and abs(int(frames[-1].mean()) - 180) < 10
-        response = await client.wait_for("response.created")
-        assert client.of_type("response.output_audio_transcript.delta")[0]["delta"] == "la "
-        assert client.of_type("response.output_item.added")[0]["response_id"] == response["response"]["id"]
+        async with call() as (_, client, _, sid):
+            created = await client.wait_for("session.created")
+            assert created["session"]["id"] == sid and created["session"]["interplay"]["log_token"] == f"token-{sid}"
 
-        # bad events: an error each, and the call goes on
-        client.send("not json")
-        client.send({"type": "no.such.event"})
-        client.send({"type": "session.update", "session": {"audio": {"output": {"speed": 9}}}})
-        client.send({"type": "x", "pad": "y" * 5000})  # oversized for this ingress
-        await until(lambda: len(client.of_type("error")) >= 4)
-        codes = [e["error"]["code"] for e in client.of_type("error")]
-        assert codes == ["invalid_json", "unknown_event", "invalid_value", "message_too_large"]
+    asyncio.run(main())
 
-        # good events: session.update, typed text reaches the next chunk
-        client.send({"type": "session.update", "session": {"instructions": "be brief", "interplay": {"tick_events": True}}})
-        client.send({"type": "conversation.item.create", "item": {"type": "message", "role": "user", "content": [{"type": "input_text", "text": "hello there"}]}})
-        updated = await client.wait_for("session.updated")
-        assert updated["session"]["instructions"] == "be brief"
-        await client.wait_for("conversation.item.added")
-        await until(lambda: any(c.text == "hello there" for c in echo.chunks))
-        await until(lambda: any(e["type"] == "session.update" for c in echo.chunks for e in c.events))
-        tick = await client.wait_for("interplay.tick")  # our extension: where each tick's audio came from and went
-        assert tick["in"]["arrived"] <= tick["at"]["gathered"] <= tick["at"]["returned"] <= tick["at"]["written"]
-        assert tick["in_level"] > 0.1 and tick["out_sample"] > 0
 
-        # truncation: beyond what was played is an error; within it interrupts the response
-        item_id = client.of_type("response.output_item.added")[0]["item"]["id"]
-        client.send({"type": "conversation.item.truncate", "item_id": item_id, "content_index": 0, "audio_end_ms": 600_000})
-        await until(lambda: len(client.of_type("error")) == 5)
-        assert client.of_type("error")[-1]["error"]["param"] == "audio_end_ms"
-        client.send({"type": "conversation.item.truncate", "item_id": item_id, "content_index": 0, "audio_end_ms": 500})
-        truncated = await client.wait_for("conversation.item.truncated")
-        assert truncated["audio_end_ms"] == 500
-        await client.wait_for("output_audio_buffer.cleared")
-        done = await client.wait_for("response.done")
-        assert done["response"]["status"] == "cancelled"
-        n_before = len(client.audio)
-        await until(lambda: len(client.audio) - n_before > 30)  # the track keeps sending ...
-        # ... but muted: the model still "speaks", the client hears silence (past the frames in flight)
-        assert all(np.abs(a).max() < 500 for a in client.audio[n_before + 10 :])
-        client.send({"type": "response.cancel", "event_id": "ev1"})
-        client.send({"type": "output_audio_buffer.clear"})
-        await until(lambda: len(client.of_type("output_audio_buffer.cleared")) == 2 and len(client.of_type("error")) == 6)
-        assert client.of_type("error")[-1]["error"] == {"type": "invalid_request_error", "code": "response_cancel_not_active", "message": "there is no active response to cancel", "event_id": "ev1"}
-        assert len(client.of_type("output_audio_buffer.cleared")) == 2
+def test_a_calls_audio_goes_to_the_chunker_as_it_arrives():
+    async def main():
+        async with call() as (ingress, _, _, sid):
+            receivers = ingress.sessions[sid].transport.pc.getReceivers()
+            assert [type(getattr(r, receive_buffer._BUFFER)) for r in receivers if r.track.kind == "audio"] == [receive_buffer.ArrivalBuffer]
 
-        stats = await ingress.stats()
-        assert stats["sessions"] == 1 and stats["failed_exchanges"] == 0 and stats["exchanges"] >= 10
-        await client.pc.close()
-        await ingress.shutdown()
+    asyncio.run(main())
+
+
+def test_a_caller_hears_its_echo_continuously():
+    async def main():
+        async with call() as (_, client, _, _):
+            loud = [np.abs(a).max() > 2000 for a in client.audio]
+            assert np.mean(loud[loud.index(True) :]) > 0.8  # loose: a loaded machine may miss a tick
+
+    asyncio.run(main())
+
+
+def test_the_echo_comes_back_as_a_realtime_response():
+    async def main():
+        async with call() as (_, client, _, _):
+            response = await client.wait_for("response.created")
+            assert client.of_type("response.output_audio_transcript.delta")[0]["delta"] == "la "
+            assert client.of_type("response.output_item.added")[0]["response_id"] == response["response"]["id"]
+
+    asyncio.run(main())
+
+
+def test_the_interaction_side_gets_each_tick_once_with_the_callers_audio_and_video():
+    async def main():
+        async with call(video=True) as (ingress, _, echo, _):
+
+            async def exchanged():
+                stats = await ingress.stats()
+                return stats["exchanges"] >= 10 and stats
+
+            stats = await until(exchanged)
+            assert stats["sessions"] == 1 and stats["failed_exchanges"] == 0
+            # consecutive ticks (but those the ingress skipped, and counted, when its loop stalled)
+            seqs = [c.seq for c in echo.chunks]
+            assert seqs == sorted(set(seqs)) and seqs[-1] - seqs[0] + 1 - len(seqs) <= (await ingress.stats())["skipped_ticks"]
+            heard = [c for c in echo.chunks if not c.missing]
+            assert all(c.audio.shape == (3200,) for c in echo.chunks) and np.abs(heard[-1].audio).max() > 6000
+            frames = [c.frame for c in echo.chunks if c.frame is not None]
+            assert len(frames) >= 3 and frames[-1].shape == (160, 160, 3) and abs(int(frames[-1].mean()) - 180) < 10
+
+    asyncio.run(main())
+
+
+def test_bad_events_on_a_call_get_errors_and_the_call_goes_on():
+    async def main():
+        async with call(max_event_bytes=4096) as (_, client, _, _):
+            client.send("not json")
+            client.send({"type": "no.such.event"})
+            client.send({"type": "session.update", "session": {"audio": {"output": {"speed": 9}}}})
+            client.send({"type": "x", "pad": "y" * 5000})  # oversized for this ingress
+            client.send({"type": "session.update", "session": {"instructions": "be brief"}})
+            updated = await client.wait_for("session.updated")
+            assert updated["session"]["instructions"] == "be brief"
+            assert [e["error"]["code"] for e in client.of_type("error")] == ["invalid_json", "unknown_event", "invalid_value", "message_too_large"]
+
+    asyncio.run(main())
+
+
+def test_typed_text_and_session_updates_reach_the_interaction_side():
+    async def main():
+        async with call() as (_, client, echo, _):
+            client.send({"type": "session.update", "session": {"instructions": "be brief"}})
+            client.send({"type": "conversation.item.create", "item": {"type": "message", "role": "user", "content": [{"type": "input_text", "text": "hello there"}]}})
+            await client.wait_for("session.updated")
+            await client.wait_for("conversation.item.added")
+            await until(lambda: any(c.text == "hello there" for c in echo.chunks))
+            await until(lambda: any(e["type"] == "session.update" for c in echo.chunks for e in c.events))
+
+    asyncio.run(main())
+
+
+def test_tick_events_trace_where_each_ticks_audio_came_from_and_went():
+    async def main():
+        async with call() as (_, client, _, _):
+            client.send({"type": "session.update", "session": {"interplay": {"tick_events": True}}})
+            tick = await client.wait_for("interplay.tick")
+            assert tick["in"]["arrived"] <= tick["at"]["gathered"] <= tick["at"]["returned"] <= tick["at"]["written"]
+            assert tick["in_level"] > 0.1 and tick["out_sample"] > 0
+
+    asyncio.run(main())
+
+
+def truncate(client, audio_end_ms: int) -> None:
+    """Truncate the first response's item, which is still playing."""
+    item_id = client.of_type("response.output_item.added")[0]["item"]["id"]
+    client.send({"type": "conversation.item.truncate", "item_id": item_id, "content_index": 0, "audio_end_ms": audio_end_ms})
+
+
+def test_truncating_beyond_what_was_played_is_an_error():
+    async def main():
+        async with call() as (_, client, _, _):
+            truncate(client, 600_000)
+            error = await client.wait_for("error")
+            assert error["error"]["param"] == "audio_end_ms" and not client.of_type("conversation.item.truncated")
+
+    asyncio.run(main())
+
+
+def test_truncating_within_what_was_played_cancels_the_response():
+    async def main():
+        async with call() as (_, client, _, _):
+            truncate(client, 500)
+            truncated = await client.wait_for("conversation.item.truncated")
+            assert truncated["audio_end_ms"] == 500
+            await client.wait_for("output_audio_buffer.cleared")
+            done = await client.wait_for("response.done")
+            assert done["response"]["status"] == "cancelled"
+
+    asyncio.run(main())
+
+
+def test_after_an_interruption_the_caller_hears_silence():
+    async def main():
+        async with call() as (_, client, _, _):
+            truncate(client, 500)
+            await client.wait_for("response.done")
+            n_before = len(client.audio)
+            await until(lambda: len(client.audio) - n_before > 30)  # the track keeps sending ...
+            # ... but muted: the model still "speaks", the client hears silence (past the frames in flight)
+            assert all(np.abs(a).max() < 500 for a in client.audio[n_before + 10 :])
+
+    asyncio.run(main())
+
+
+def test_while_muted_cancel_has_no_response_and_clear_is_still_answered():
+    async def main():
+        async with call() as (_, client, _, _):
+            truncate(client, 500)
+            await client.wait_for("response.done")
+            client.send({"type": "response.cancel", "event_id": "ev1"})
+            client.send({"type": "output_audio_buffer.clear"})
+            await until(lambda: len(client.of_type("output_audio_buffer.cleared")) == 2 and client.of_type("error"))
+            assert client.of_type("error")[-1]["error"] == {"type": "invalid_request_error", "code": "response_cancel_not_active", "message": "there is no active response to cancel", "event_id": "ev1"}
 
     asyncio.run(main())
 

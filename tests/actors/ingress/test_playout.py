@@ -100,7 +100,7 @@ def onset(stream: np.ndarray, audio: np.ndarray, after: int = 0) -> int:
     best matches it resampled by a fresh resampler (which starts its output on its first sample)."""
     import av
 
-    from actors.ingress.audio_in import resample_all, to_av_frame
+    from actors.ingress.audio_frames import resample_all, to_av_frame
 
     ref = resample_all(av.AudioResampler(format="s16", layout="mono", rate=48000), to_av_frame(audio, 16000))[200:2000].astype(np.int64)
     first = after + int(np.flatnonzero(np.abs(stream[after:]) > 1000)[0])
@@ -130,7 +130,7 @@ def test_a_response_starts_on_the_first_frame_due_at_least_the_margin_from_now(m
         start = track.next_play_sample
         now = track.time_of(start) + now_after_due_ms / 1000
         session = RealtimeSession(TrackSink(track), {"type": "realtime"}, prebuffer_ms=margin_ms)
-        assert session.prebuffer() == margin_ms
+        assert session.responses.prebuffer() == margin_ms
         session.deliver(OutputChunk(session.id, 0, 0.0, speech, controls=["speak"]), now)
         expected = -(-start // OUT_SAMPLES) * OUT_SAMPLES  # the first frame boundary at or after start ...
         while track.time_of(expected) < now + margin_ms / 1000:  # ... due at least the margin from now

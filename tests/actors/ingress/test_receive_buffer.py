@@ -11,7 +11,7 @@ from aiortc import RTCPeerConnection, RTCSessionDescription
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 from aiortc.rtp import RtpPacket
 
-from actors.ingress.audio_in import ArrivalBuffer, release_on_arrival
+from actors.ingress.receive_buffer import ArrivalBuffer, release_on_arrival
 from actors.ingress.ice import use_ice_addresses
 from tests.waits import TIMEOUT_S
 

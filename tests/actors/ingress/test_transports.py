@@ -13,7 +13,7 @@ from actors.ingress.realtime_session import RealtimeSession
 from actors.ingress.transports import TRACK_FORMAT, WebRTCTransport, WebSocketTransport
 from protocols import OutputChunk, TickClock
 from protocols.realtime import encode_pcm16
-from tests.actors.ingress.test_ingress import Client, Echo, FakeChannel
+from tests.actors.ingress.peers import Client, Echo, FakeChannel
 from tests.waits import until
 
 pytestmark = pytest.mark.timeout(120)
@@ -89,6 +89,36 @@ def test_websocket_and_webrtc_drive_the_same_session_code():
         assert len(deltas) == 4 and all(len(base64.b64decode(d["delta"])) > 0 for d in deltas)
         await rtc.close()
         await ws.close()
+
+    asyncio.run(main())
+
+
+def test_speaking_runs_become_realtime_responses_on_a_played_track():
+    """The event sequence of a response over WebRTC, without a network: speak, speak, yield, drain."""
+
+    async def main():
+        transport = WebRTCTransport(TickClock(0.0))
+        transport.channel = FakeChannel()
+        s = RealtimeSession(transport, {"type": "realtime"})
+        delivered = time.monotonic()
+        for seq, controls, text in [(0, ["speak"], "hel"), (1, [], "lo"), (2, ["yield"], ""), (3, [], "")]:
+            s.deliver(OutputChunk(s.id, seq, seq * 0.2, TONE if seq < 2 else SILENCE, text=text, controls=controls), time.time())
+        s.deliver(OutputChunk(s.id, 1, 0.2, TONE, controls=["speak"]), time.time())  # stale: ignored
+        assert transport.audio_out.queued_ms == pytest.approx(460, abs=2)  # 60 ms margin + two chunks
+        sent = transport.channel.sent
+        types = [e["type"] for e in sent]
+        assert types == [
+            "response.created", "response.output_item.added", "conversation.item.added", "output_audio_buffer.started",
+            "response.output_audio_transcript.delta", "response.output_audio_transcript.delta",
+            "response.output_audio_transcript.done", "response.output_audio.done", "response.output_item.done", "response.done",
+        ]
+        done = sent[-1]["response"]
+        assert done["status"] == "completed" and done["output"][0]["content"][0]["transcript"] == "hello"
+        await until(lambda: sent[-1]["type"] == "output_audio_buffer.stopped")
+        assert sent[-1]["response_id"] == done["id"] and len(sent) == len(types) + 1
+        # not before the queued audio would have played out (1 ms for the clock's rounding)
+        assert transport.channel.sent_at[-1] - delivered >= transport.audio_out.queued_ms / 1000 - 0.001
+        await transport.close()
 
     asyncio.run(main())
 

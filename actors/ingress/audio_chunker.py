@@ -1,13 +1,8 @@
-"""Audio in: caller audio to clock-aligned 16 kHz chunks; plain classes, no Ray, no network.
+"""The audio chunker: caller audio to clock-aligned 16 kHz chunks; a plain class, no Ray, no network.
 
-- `AudioChunker`: audio at any rate and channel count in, 16 kHz mono `(seq, int16[n])` chunks
-  out (n = `clock.samples()`), each chunk covering tick `seq` of the interaction clock.
-- `BufferedAudioInput`: the same for WebSocket sessions, whose audio rides base64 events and may
-  arrive faster than real time.
-- `frame_to_samples`: a decoded PyAV frame -> int16 samples and rate.
-- `release_on_arrival(pc_or_receiver)`: aiortc's receiver hands each audio packet on to the
-  decoder as it arrives instead of holding four (about 80 ms) in its jitter buffer: the
-  AudioChunker's own margin is the only receive-side buffer.
+`AudioChunker` takes audio at any rate and channel count, as it arrives from a WebRTC track, and
+gives 16 kHz mono `(seq, int16[n])` chunks (n = `clock.samples()`), each covering tick `seq` of
+the interaction clock, placed by arrival time with an adaptive margin for network jitter.
 """
 
 from __future__ import annotations
@@ -16,110 +11,13 @@ import time
 from collections import deque
 from typing import Callable
 
-import logging
-
 import av
 import numpy as np
-from aiortc.jitterbuffer import JitterBuffer, JitterFrame
-from aiortc.utils import uint16_add
 
 from protocols.chunks import SAMPLE_RATE
 from protocols.clock import TickClock
 
-log = logging.getLogger(__name__)
-
-
-def to_av_frame(samples: np.ndarray, rate: int) -> av.AudioFrame:
-    frame = av.AudioFrame.from_ndarray(np.ascontiguousarray(samples, dtype=np.int16).reshape(1, -1), format="s16", layout="mono")
-    frame.sample_rate = rate
-    return frame
-
-
-def resample_all(resampler: av.AudioResampler, frame: av.AudioFrame | None) -> np.ndarray:
-    out = [f.to_ndarray().reshape(-1) for f in resampler.resample(frame)]
-    return np.concatenate(out) if out else np.zeros(0, np.int16)
-
-
-def frame_to_samples(frame: av.AudioFrame) -> tuple[np.ndarray, int]:
-    """A decoded PyAV audio frame -> (int16 (n, channels), rate)."""
-    arr = frame.to_ndarray()
-    channels = len(frame.layout.channels)
-    arr = arr if frame.format.is_planar else arr.reshape(-1, channels).T  # -> (channels, n)
-    if arr.dtype.kind == "f":
-        arr = np.clip(arr * 32767.0, -32768, 32767)
-    return arr.T.astype(np.int16), frame.sample_rate
-
-
-class ArrivalBuffer:
-    """Stands in for aiortc's audio JitterBuffer: each RTP packet is one frame, released at once.
-
-    aiortc's own buffer (capacity 16, prefetch 4) holds an audio packet until four later ones
-    came, about 80 ms on 20 ms packets, and even with prefetch 0 until the next one came. An
-    audio packet is a whole frame, so here it goes to the decoder on arrival, in order: a packet
-    older than the newest one released (reordered, duplicated) is dropped, as a late packet is
-    by any playout buffer; one more than `MAX_MISORDER` behind starts a new stream.
-    """
-
-    MAX_MISORDER = 100
-    capacity = 16
-
-    def __init__(self) -> None:
-        self._last: int | None = None
-        self.released = 0
-        self.dropped = 0
-
-    def add(self, packet) -> tuple[bool, JitterFrame | None]:
-        seq = packet.sequence_number
-        if self._last is not None:
-            behind = uint16_add(self._last, -seq)  # 0: a duplicate
-            if behind <= self.MAX_MISORDER:
-                self.dropped += 1
-                return False, None
-        self._last = seq
-        data = getattr(packet, "_data", b"")
-        if not data:
-            return False, None
-        self.released += 1
-        return False, JitterFrame(data=data, timestamp=packet.timestamp)
-
-
-_BUFFER = "_RTCRtpReceiver__jitter_buffer"
-
-
-def release_on_arrival(target) -> int:
-    """Make aiortc audio receivers release packets as they arrive (see `ArrivalBuffer`).
-
-    `target`: an `RTCPeerConnection` (every audio receiver it has now, and any a later
-    negotiation adds, via its "track" event) or one `RTCRtpReceiver`. Call it right after
-    `setRemoteDescription` (or `addTrack`), before media flows. Returns how many receivers were
-    switched now; raises RuntimeError if this aiortc keeps its audio buffer elsewhere.
-    """
-    receivers = target.getReceivers() if hasattr(target, "getReceivers") else [target]
-    switched = sum(_switch(r) for r in receivers)
-    if hasattr(target, "getReceivers") and not getattr(target, "_released_on_arrival", False):
-        target._released_on_arrival = True
-
-        @target.on("track")
-        def _later(track) -> None:
-            for r in target.getReceivers():
-                if r.track is track:
-                    _switch(r)
-
-    return switched
-
-
-def _switch(receiver) -> bool:
-    track = getattr(receiver, "track", None)
-    kind = getattr(receiver, "_RTCRtpReceiver__kind", None) or getattr(track, "kind", None)
-    if kind != "audio":
-        return False
-    current = getattr(receiver, _BUFFER, None)
-    if isinstance(current, ArrivalBuffer):
-        return False
-    if not isinstance(current, JitterBuffer):
-        raise RuntimeError("this aiortc keeps no audio JitterBuffer where release_on_arrival expects it")
-    setattr(receiver, _BUFFER, ArrivalBuffer())
-    return True
+from actors.ingress.audio_frames import resample_all, to_av_frame
 
 
 class AudioChunker:
@@ -395,65 +293,3 @@ class AudioChunker:
         self._filled = 0
         if self.on_chunk is not None:
             self.on_chunk(self._next_seq - 1)
-
-
-class InputBufferFull(ValueError):
-    """More audio than a `BufferedAudioInput` holds: the client sends faster than it is heard."""
-
-
-class BufferedAudioInput:
-    """Audio from a client that may send faster than real time (a WebSocket `input_audio_buffer.append`).
-
-    Samples are resampled to 16 kHz into a FIFO and handed out one chunk per tick, in order,
-    never dropped for being early (so a file streamed at once is heard in full, in real time).
-    `pop_ready(until=k)` gives chunk k when a whole chunk is buffered, or the padded remainder once
-    the client has sent nothing for a tick (the end of what it said). At most `max_s` buffered:
-    beyond that `push` raises `InputBufferFull` and keeps nothing of that block. Empty blocks are
-    ignored.
-    """
-
-    tells_complete = False  # a chunk is whole only when the client has sent enough: taken at the deadline
-
-    def __init__(self, clock: TickClock, max_s: float = 60.0):
-        self.clock = clock
-        self.max_samples = int(max_s * SAMPLE_RATE)
-        self._fifo = np.zeros(0, np.int16)
-        self._resampler: av.AudioResampler | None = None
-        self._rate: int | None = None
-        self._last_push = 0.0
-
-    def push(self, samples: np.ndarray, rate: int, t_arrival: float | None = None, pts: int | None = None) -> None:
-        x = np.asarray(samples)
-        if x.dtype != np.int16 or x.ndim != 1:
-            raise ValueError("samples must be mono int16 PCM")
-        if not 8_000 <= int(rate) <= 192_000:
-            raise ValueError(f"unsupported sample rate {rate}")
-        if len(x) == 0:
-            return
-        if len(self._fifo) + len(x) * SAMPLE_RATE // rate > self.max_samples:  # before resampling: nothing is kept of it
-            raise InputBufferFull(f"more than {self.max_samples / SAMPLE_RATE:.0f} s of input audio buffered")
-        resampler = self._resampler
-        if rate != self._rate or resampler is None:
-            resampler = self._resampler = av.AudioResampler(format="s16", layout="mono", rate=SAMPLE_RATE)
-            self._rate = rate
-        y = x if rate == SAMPLE_RATE else resample_all(resampler, to_av_frame(x, rate))
-        self._fifo = np.concatenate([self._fifo, y])
-        self._last_push = time.time() if t_arrival is None else t_arrival
-
-    def clear(self) -> None:
-        self._fifo = np.zeros(0, np.int16)
-
-    @property
-    def buffered_s(self) -> float:
-        return len(self._fifo) / SAMPLE_RATE
-
-    def pop_ready(self, until: int | None = None) -> list[tuple[int, np.ndarray]]:
-        n = len(self._fifo)
-        size = self.clock.samples()
-        if until is None or n == 0 or (n < size and time.time() - self._last_push < self.clock.tick_s):
-            return []
-        chunk = np.zeros(size, np.int16)
-        take = min(n, size)
-        chunk[:take] = self._fifo[:take]
-        self._fifo = self._fifo[take:]
-        return [(until, chunk)]

@@ -1,9 +1,9 @@
-"""AudioChunker and BufferedAudioInput, without any network."""
+"""AudioChunker, without any network."""
 
 import av
 import numpy as np
 
-from actors.ingress.audio_in import AudioChunker, BufferedAudioInput
+from actors.ingress.audio_chunker import AudioChunker
 from protocols.clock import TickClock
 
 T0 = 1000.0  # the interaction clock's t0 in these tests
@@ -120,26 +120,6 @@ def test_chunker_follows_the_clocks_tick_length():
     chunks = chunker.pop_ready()
     assert [seq for seq, _ in chunks] == [0, 1, 2, 3, 4]
     assert all(len(a) == clock.samples() == 1600 for _, a in chunks)
-
-
-def test_buffered_input_hands_out_one_tick_at_a_time():
-    clock = TickClock(T0, 200)
-    audio = BufferedAudioInput(clock, max_s=2)
-    audio.push(tone(16000, 0.5), 16000)  # faster than real time: kept, not dropped
-    assert audio.pop_ready() == []
-    got = [audio.pop_ready(until=k) for k in (3, 4)]
-    assert [[seq for seq, _ in g] for g in got] == [[3], [4]]
-    assert all(len(g[0][1]) == 3200 for g in got)
-    assert audio.pop_ready(until=5) == []  # 100 ms left: waits for more until the client is quiet a tick
-    audio._last_push -= clock.tick_s
-    (seq, last), = audio.pop_ready(until=5)
-    assert seq == 5 and last[:1500].any() and not last[1700:].any()
-    try:
-        audio.push(tone(16000, 2.5), 16000)
-    except ValueError:
-        pass
-    else:
-        raise AssertionError("more than max_s buffered must be refused")
 
 
 def speak(chunker: AudioChunker, pattern: list[tuple[str, float]], jitter_ms: float = 0.0, seed: int = 0, start: float = T0):
