@@ -25,7 +25,6 @@ refs: Ray frees each object once no reader holds a ref to it either.
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import hashlib
 import json
@@ -67,7 +66,6 @@ class Block:
     first: int
     t_min: float
     t_max: float
-    sorted_t: bool
     ref: Any = None  # its ObjectRef once sealed into the object store (`batch` then reads from it)
 
     @property
@@ -77,7 +75,7 @@ class Block:
 
 def block_of(batch: pa.RecordBatch, first: int) -> Block:
     t = batch.column(T).to_numpy()
-    return Block(batch, first, float(t.min()), float(t.max()), bool(np.all(t[1:] >= t[:-1])))
+    return Block(batch, first, float(t.min()), float(t.max()))
 
 
 @dataclass
@@ -121,7 +119,7 @@ class Segment:
 
 @dataclass
 class LogSession:
-    """One session's log: its token (hashed), its segments, and who waits for its next rows."""
+    """One session's log: its token (hashed), its segments, and what failover needs while it is open."""
 
     session_id: str
     dirname: str
@@ -132,7 +130,6 @@ class LogSession:
     next_index: int = 0
     newest_t: float = -math.inf
     segments: list[Segment] = field(default_factory=list)
-    changed: asyncio.Event | None = None
     token: str | None = field(default=None, repr=False)  # in clear, while open (None: not kept)
     snapshot_tick: int | None = None  # the newest snapshot's tick
     snapshot: tuple[bytes, dict[str, np.ndarray]] | None = field(default=None, repr=False)  # and its `encode_state`, once read (None: on disk only)

@@ -23,8 +23,8 @@ session's token is checked first; an ObjectRef, once handed out, is itself the c
 rows, so only a token holder ever gets one. Both can read less: `columns` (a projection: the big
 `audio` and `frame` bytes stay where they are unless asked for), `kinds` and `last_s` (rows of
 those kinds, in the last `last_s` seconds before the range's last row). Rows that left memory are
-read from Parquet in a thread where the read is a coroutine (`refs`, `wait`, `recovery`, and the
-actor's `read` and `read_last`), so a long read never holds up another session's appends.
+read from Parquet in a thread where the read is a coroutine (`refs`, `recovery`, and the actor's
+`read`), so a long read never holds up another session's appends.
 
 Failover: `put_snapshot` keeps each open session's newest engine state (durably, in a
 pickle-free file), and `recovery` hands back what rebuilds the session elsewhere: that state, the
@@ -203,7 +203,6 @@ class SessionLog:
         if self.keep_s is not None:
             self._closed[session_id] = (s.closed_at, s.dirname)
         self._start_sweeper()
-        self._notify(s)
 
     # --- keeping and deleting ----------------------------------------------------------------
 
@@ -323,17 +322,6 @@ class SessionLog:
         self._hold_closed(s)
         return s
 
-    def info(self, session_id: str, token: str) -> dict:
-        s = self._authorize(session_id, token)
-        return {
-            "session_id": s.session_id,
-            "next_index": s.next_index,
-            "newest_t": s.newest_t if s.next_index else None,
-            "closed": s.closed,
-            "memory_rows": sum(seg.rows for seg in s.segments if seg.blocks is not None),
-            "parquet_rows": sum(seg.rows for seg in s.segments if seg.blocks is None),
-        }
-
     def stats(self) -> dict:
         """Figures for the whole log (not per session, so no token): memory, disk, process."""
         mem_rows = mem_bytes = pq_bytes = pq_files = wal_bytes = shared_objects = shared_bytes = 0
@@ -448,7 +436,7 @@ class SessionLog:
             raise ProtocolError(f"could not open the log of session {s.session_id!r}: {exc}", "log_unavailable") from None
         self.store.write(s, seg, part, request_id)
         # Only now, with the rows on disk, does the log change.
-        block = Block(part, first, min(ts), max(ts), all(a <= b for a, b in zip(ts, ts[1:])))
+        block = Block(part, first, min(ts), max(ts))
         seg.memory.append(block)
         seg.tail_rows += n
         seg.last = block.last
@@ -468,7 +456,6 @@ class SessionLog:
             self._evict(s)
         except Exception:  # the rows are safe in the WAL; persisting is retried on the next append
             log.exception("session %r: could not persist old rows to Parquet", s.session_id)
-        self._notify(s)
         return first, block.last
 
     def _evict(self, s: LogSession) -> None:
@@ -477,11 +464,6 @@ class SessionLog:
         for seg in list(s.segments):
             if seg.blocks is not None and seg.writer is None and seg.t_max < cutoff:
                 self.store.persist(s, seg)
-
-    def _notify(self, s: LogSession) -> None:
-        if s.changed is not None:
-            s.changed.set()
-            s.changed = None
 
     # --- failover ----------------------------------------------------------------------------
 
@@ -617,57 +599,6 @@ class SessionLog:
                 rows.append(item[1])
         flush()
         return parts
-
-    def read_last(self, session_id: str, token: str, seconds: float) -> pa.Table:
-        """Rows whose t is within `seconds` of the session's newest t, in index order. Reads Parquet
-        inline; the actor's `read_last` is a coroutine that reads it in a thread."""
-        s = self._authorize(session_id, token)
-        return self._table(self._resolve(self._last_plan(s, seconds), None, session_id), None)
-
-    def _last_plan(self, s: LogSession, seconds) -> list[tuple]:
-        if isinstance(seconds, bool) or not isinstance(seconds, (int, float, np.number)) or not math.isfinite(seconds) or seconds < 0:
-            raise ProtocolError(f"seconds must be a non-negative number, got {seconds!r}", "invalid_value", "seconds")
-        cutoff = s.newest_t - float(seconds)
-        plan: list[tuple] = []
-        for seg in s.segments:
-            if seg.t_max < cutoff:
-                continue
-            if seg.blocks is None:
-                plan.append(("parquet", seg.parquet_path, [("t", ">=", cutoff)]))
-                continue
-            for b in seg.blocks:
-                if b.t_max < cutoff:
-                    continue
-                if b.t_min >= cutoff:
-                    plan.append(("rows", b.batch))
-                elif b.sorted_t:  # a zero-copy slice where t is in order (chunks always are)
-                    i = int(np.searchsorted(b.batch.column(T).to_numpy(), cutoff, side="left"))
-                    plan.append(("rows", b.batch.slice(i)))
-                else:
-                    plan.append(("rows", b.batch.filter(pc.greater_equal(b.batch.column(T), cutoff))))  # pyright: ignore[reportAttributeAccessIssue] (pyarrow makes its compute functions at import time)
-        return plan
-
-    async def wait(self, session_id: str, token: str, after_index: int = -1, timeout_s: float = 30.0) -> pa.Table:
-        """Rows with index > after_index as soon as there are any; an empty table at the timeout or once closed."""
-        s = await self._authorize_async(session_id, token)
-        if isinstance(after_index, bool) or not isinstance(after_index, (int, np.integer)) or after_index < -1:
-            raise ProtocolError(f"after_index must be an index >= -1, got {after_index!r}", "invalid_value", "after_index")
-        if isinstance(timeout_s, bool) or not isinstance(timeout_s, (int, float)) or not timeout_s >= 0:
-            raise ProtocolError(f"timeout_s must be a non-negative number, got {timeout_s!r}", "invalid_value", "timeout_s")
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout_s
-        while s.next_index <= after_index + 1 and not s.closed:
-            remaining = deadline - loop.time()
-            if remaining <= 0:
-                break
-            if s.changed is None:
-                s.changed = asyncio.Event()
-            try:
-                await asyncio.wait_for(s.changed.wait(), remaining)
-            except asyncio.TimeoutError:
-                break
-        plan = self._plan(s, int(after_index) + 1, s.next_index)
-        return self._table(await self._resolve_async(plan, None, session_id), None)
 
     def _authorize(self, session_id: str, token: str) -> LogSession:
         return _check_token(self._find(session_id), session_id, token)
@@ -886,8 +817,8 @@ def _table_from_ipc(buf: pa.Buffer) -> pa.Table:
 
 
 class ServedSessionLog(SessionLog):
-    """The log as its actor serves it: `read` and `read_last` are coroutines whose Parquet part is
-    read in a thread (the plain class reads inline, for callers without an event loop)."""
+    """The log as its actor serves it: `read` is a coroutine whose Parquet part is read in a
+    thread (the plain class reads inline, for callers without an event loop)."""
 
     async def read(self, session_id: str, token: str, start: int = 0, end: int | None = None, *,
                    columns: list[str] | None = None, kinds: list[str] | None = None, last_s: float | None = None) -> pa.Table:
@@ -896,9 +827,6 @@ class ServedSessionLog(SessionLog):
         plan = self._plan(s, start, end, columns, kinds, since_t)
         return self._table(await self._resolve_async(plan, columns, session_id), columns)
 
-    async def read_last(self, session_id: str, token: str, seconds: float) -> pa.Table:
-        s = await self._authorize_async(session_id, token)
-        return self._table(await self._resolve_async(self._last_plan(s, seconds), None, session_id), None)
 
 
 # An async actor (all methods run on its one event loop, so no locks: what runs in a thread only

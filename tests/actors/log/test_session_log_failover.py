@@ -228,7 +228,8 @@ def test_a_takeover_fences_off_the_previous_writer_even_after_a_restart(tmp_path
     with pytest.raises(ProtocolError):
         restarted.close("s", epoch=2.5)
     restarted.close("s", epoch=1)
-    assert restarted.info("s", token)["closed"]
+    with pytest.raises(ProtocolError, match="is closed"):
+        restarted.open("s", token)
 
 
 def test_a_chunks_updates_and_other_fields_round_trip_through_the_log(tmp_path):

@@ -21,7 +21,7 @@ def long_log(tmp_path, cls=SessionLog, **options):
     deltas = ticks("s", 0, 100) + others("s", 10.0)
     for i in range(0, len(deltas), 10):
         log.append(deltas[i : i + 10])
-    assert log.info("s", token)["parquet_rows"] > 150
+    assert log.stats()["memory_rows"] < len(deltas) - 150
     return log, token, deltas
 
 
@@ -97,7 +97,7 @@ class Gate:
         return self.load(*args, **kwargs)
 
 
-@pytest.mark.parametrize("how", ["refs", "wait", "served read", "served read_last"])
+@pytest.mark.parametrize("how", ["refs", "served read"])
 def test_a_slow_parquet_read_does_not_hold_up_appends(tmp_path, how):
     async def scenario():
         log, token, deltas = long_log(tmp_path, cls=ServedSessionLog if how.startswith("served") else SessionLog)
@@ -105,9 +105,7 @@ def test_a_slow_parquet_read_does_not_hold_up_appends(tmp_path, how):
         gate = Gate(log.store)
         reads = {
             "refs": lambda: log.refs("s", token, 0, 40),
-            "wait": lambda: log.wait("s", token, -1, 0),
             "served read": lambda: log.read("s", token, 0, 40),
-            "served read_last": lambda: log.read_last("s", token, 100),
         }
         reader = asyncio.create_task(reads[how]())
         assert await asyncio.to_thread(gate.entered.wait, 30), "the read never reached Parquet"
@@ -117,8 +115,7 @@ def test_a_slow_parquet_read_does_not_hold_up_appends(tmp_path, how):
         gate.release.set()
         got = await reader
         table = await fetch(got) if how == "refs" else got
-        want = deltas[:40] if how in ("refs", "served read") else deltas
-        assert_rows(table, want)
+        assert_rows(table, deltas[:40])
         assert_rows(await fetch(await log.refs("other", other)), ticks("other", 0, 3))
 
     asyncio.run(scenario())
