@@ -65,7 +65,9 @@ from protocols.deltas import KINDS, SCHEMA, from_record
 from protocols.seams import AppendResult, Recovery
 
 from actors.log.log_checks import CHUNK_KINDS, as_batch, audio_bytes, check_row
-from actors.log.log_store import INDEX, T, Block, LogSession, LogStore, decode_state, dirname_of, encode_state, from_ipc, hash_token, to_ipc
+from actors.log.log_restore import find, restore
+from actors.log.log_store import INDEX, T, Block, LogSession, LogStore, dirname_of, from_ipc, hash_token, to_ipc
+from actors.log.snapshot_codec import decode_state, encode_state
 
 log = logging.getLogger("interplay.session_log")
 
@@ -134,7 +136,7 @@ class SessionLog:
         self._deleting: set[str] = set()
         self._sweeper: asyncio.Task | None = None
         self._requests: OrderedDict[str, dict[str, tuple[int, int]]] = OrderedDict()
-        opened, closed, requests = self.store.restore()
+        opened, closed, requests = restore(self.store)
         for rid, sid, span in requests:
             self._requests.setdefault(rid, {})[sid] = span
         for s in opened:
@@ -308,7 +310,7 @@ class SessionLog:
 
     def _from_store(self, session_id: str) -> LogSession | None:
         try:
-            return self.store.find(session_id)
+            return find(self.store, session_id)
         except OSError as exc:
             raise ProtocolError(f"could not read session {session_id!r} from storage: {exc.strerror or exc}", "log_unavailable") from None
 
