@@ -17,7 +17,8 @@ import time
 import numpy as np
 
 from actors.background.context import read as context_read
-from actors.log.session_log import SessionLog, SessionLogActor
+from actors.log.log_actor import SessionLogActor
+from actors.log.session_log import SessionLog
 from actors.remote import call_remote
 from bench.common import actor, percentiles, print_table, write_json
 from protocols import BackgroundTask, InputChunk, OutputChunk, TickClock, to_batch

@@ -12,7 +12,8 @@ import pyarrow.compute as pc
 import pytest
 
 from actors.background.context import AsAudio, Transcripts, render
-from actors.log.session_log import SessionLog, SessionLogActor
+from actors.log.log_actor import SessionLogActor
+from actors.log.session_log import SessionLog
 from protocols import BackgroundTask, BackgroundUpdate, InputChunk, OutputChunk, ProtocolError, SessionEvent, ToolCall, ToolResult
 
 SAMPLES = 3_200  # 200 ms ticks

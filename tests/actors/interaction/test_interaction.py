@@ -13,7 +13,8 @@ import pytest
 
 from actors.interaction.interaction import EngineSpec, Interaction, InteractionActor
 from actors.remote import Remote
-from actors.log.session_log import SessionLog, SessionLogActor
+from actors.log.log_actor import SessionLogActor
+from actors.log.session_log import SessionLog
 from protocols import BackgroundTask, BackgroundUpdate, InputChunk, OutputChunk, ProtocolError, SessionEvent, from_table
 from protocols.requests import TaskRequest
 from tests.fakes import FakePool, LocalLog, MockEngine

@@ -9,7 +9,8 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from actors.log.session_log import SessionLog, SessionLogActor
+from actors.log.log_actor import SessionLogActor
+from actors.log.session_log import SessionLog
 from protocols import (
     SCHEMA,
     BackgroundTask,

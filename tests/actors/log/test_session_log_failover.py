@@ -15,7 +15,8 @@ import uuid
 import numpy as np
 import pytest
 
-from actors.log.session_log import SessionLog, SessionLogActor
+from actors.log.log_actor import SessionLogActor
+from actors.log.session_log import SessionLog
 from protocols import InputChunk, OutputChunk, ProtocolError, from_table, to_batch
 from protocols.deltas import to_record
 

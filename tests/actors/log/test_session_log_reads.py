@@ -8,7 +8,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pytest
 
-from actors.log.session_log import ServedSessionLog, SessionLog, fetch
+from actors.log.log_actor import ServedSessionLog
+from actors.log.log_reads import fetch
+from actors.log.session_log import SessionLog
 from protocols import SCHEMA, ProtocolError
 
 from .test_session_log import assert_rows, new_log, opened, others, tick, ticks

@@ -6,7 +6,8 @@ import pyarrow as pa
 import pytest
 from ray._private.internal_api import memory_summary
 
-from actors.log.session_log import SessionLog, fetch
+from actors.log.log_reads import fetch
+from actors.log.session_log import SessionLog
 from protocols import SCHEMA, ProtocolError
 from tests.actors.log.test_session_log import assert_rows, kill_and_restart, new_log, opened, others, tick, ticks
 
