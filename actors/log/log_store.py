@@ -343,7 +343,7 @@ class LogStore:
     def delete(self, dirname: str) -> None:
         """Remove a session from storage: its Parquet files and local folder (WAL, token,
         snapshots) first and session.json last, so an interrupted delete leaves a folder that
-        `restore` still lists as closed and deletes again. Reads no shared state: it may run in a thread."""
+        `log_restore.restore` still lists as closed and deletes again. Reads no shared state: it may run in a thread."""
         folder = f"{self.base}/{dirname}"
         infos = self.fs.get_file_info(pafs.FileSelector(folder, allow_not_found=True))
         for info in infos:
