@@ -62,7 +62,8 @@ def _minutes_of_conversation(ray, log, sid: str, minutes: float) -> int:
 
 def context_read(ray, minutes=(1.0, 10.0), reads: int = 100, retention_s: float = 900.0) -> list[dict]:
     from actors.background.context import Transcripts, render
-    from actors.log.session_log import SessionLogActor, fetch
+    from actors.log.log_actor import SessionLogActor
+    from actors.log.log_reads import fetch
     from protocols import BackgroundTask
 
     root = tempfile.mkdtemp(prefix="bench-background-")

@@ -1,4 +1,4 @@
-"""SessionLog benchmark: appends per second with real 200 ms audio, read_last(60) latency, memory after an hour.
+"""SessionLog benchmark: appends per second with real 200 ms audio, a background task's context read latency, memory after an hour.
 
 `python -m bench.session_log` prints a table and writes bench/results/session_log.json. Every chunk
 carries 3,200 int16 samples of noise (6,400 bytes), as the InteractionActor's per-tick calls do.
@@ -7,6 +7,7 @@ carries 3,200 int16 samples of noise (6,400 bytes), as the InteractionActor's pe
 from __future__ import annotations
 
 import argparse
+import asyncio
 import logging
 import os
 import shutil
@@ -15,9 +16,12 @@ import time
 
 import numpy as np
 
-from actors.log.session_log import SessionLog, SessionLogActor
+from actors.background.context import read as context_read
+from actors.log.log_actor import SessionLogActor
+from actors.log.session_log import SessionLog
+from actors.remote import call_remote
 from bench.common import actor, percentiles, print_table, write_json
-from protocols import InputChunk, OutputChunk, TickClock, to_batch
+from protocols import BackgroundTask, InputChunk, OutputChunk, TickClock, to_batch
 
 CLOCK = TickClock(0.0)  # the default 200 ms tick
 SAMPLES, TICK_S = CLOCK.samples(), CLOCK.tick_s
@@ -107,40 +111,44 @@ def bench_actor_appends(ray, root: str, sessions: int, calls: int, pool) -> list
 
 
 def bench_reads(ray, root: str, reads: int, pool) -> list[dict]:
+    """The read a background task makes for its context (`actors.background.context.read`: the
+    rows up to the task's index by reference, then the user's audio), through the actor as the
+    pool calls it and on the plain class; and a plain `read` of the last 20 rows."""
     handle = actor(SessionLogActor.remote(os.path.join(root, "actor-reads")))
     sid = "reader"
     token = ray.get(handle.open.remote(sid))
     for k in range(0, 450, 50):  # 90 s of history
         ray.get(handle.append.remote([d for kk in range(k, k + 50) for d in tick_deltas([sid], kk, pool)]))
-    rows = []
-    for what, call in (
-        ("read_last(60)", lambda: handle.read_last.remote(sid, token, 60)),
-        ("read(last 20 rows)", lambda: handle.read.remote(sid, token, 880)),
-    ):
-        table = ray.get(call())
-        for _ in range(4):  # warm: five reads in all
-            ray.get(call())
-        progress = Progress(what, reads)
-        lat = []
-        for i in range(reads):
-            t = time.perf_counter()
-            table = ray.get(call())
-            lat.append((time.perf_counter() - t) * 1000)
-            progress(i + 1)
-        pc = percentiles(lat)
-        rows.append({"read": f"Ray actor, {what}", "rows": table.num_rows, "MB": table.nbytes / 1e6, "p50 ms": pc["p50"], "p99 ms": pc["p99"], "mean ms": pc["mean"], "n": pc["n"]})
+    task = BackgroundTask(sid, 450 * TICK_S, "delegate", "bench", context_upto=899, log_token=token, task_id="bench")
+    rows = [
+        timed_reads("Ray actor, context read(300 s)", reads, lambda: context_read(task, handle)),
+        timed_reads("Ray actor, read(last 20 rows)", reads, lambda: call_remote(handle.read, sid, token, 880)),
+    ]
     ray.kill(handle, no_restart=True)
     # The same read on the plain class: what the actor adds is Ray's transport.
     log = SessionLog(os.path.join(root, "actor-reads"))
-    table = log.read_last(sid, token, 60)  # warm
-    lat = []
-    for _ in range(reads):
-        t = time.perf_counter()
-        table = log.read_last(sid, token, 60)
-        lat.append((time.perf_counter() - t) * 1000)
-    pc = percentiles(lat)
-    rows.append({"read": "plain class, read_last(60)", "rows": table.num_rows, "MB": table.nbytes / 1e6, "p50 ms": pc["p50"], "p99 ms": pc["p99"], "mean ms": pc["mean"], "n": pc["n"]})
+    rows.append(timed_reads("plain class, context read(300 s)", reads, lambda: context_read(task, log)))
     return rows
+
+
+def timed_reads(what: str, reads: int, read) -> dict:
+    """Latency of `await read()` (a table, or a tuple of tables) on one event loop, after five warm-up reads."""
+
+    async def run() -> tuple[list[float], list]:
+        for _ in range(5):
+            await read()
+        progress = Progress(what, reads)
+        lat, got = [], []
+        for i in range(reads):
+            t = time.perf_counter()
+            got = await read()
+            lat.append((time.perf_counter() - t) * 1000)
+            progress(i + 1)
+        return lat, list(got) if isinstance(got, tuple) else [got]
+
+    lat, tables = asyncio.run(run())
+    pc = percentiles(lat)
+    return {"read": what, "rows": sum(t.num_rows for t in tables), "MB": sum(t.nbytes for t in tables) / 1e6, "p50 ms": pc["p50"], "p99 ms": pc["p99"], "mean ms": pc["mean"], "n": pc["n"]}
 
 
 def dir_bytes(path: str, suffix: str) -> int:

@@ -21,7 +21,7 @@ from typing import Any, Mapping
 from actors.background.background import BackgroundActor, RemotePool
 from actors.interaction.interaction import EngineSpec, InteractionActor
 from actors.interaction.router import RouterActor, Routed
-from actors.log.session_log import SessionLogActor
+from actors.log.log_actor import SessionLogActor
 from actors.remote import Remote
 
 from .config import AppConfig

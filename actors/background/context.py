@@ -56,7 +56,7 @@ import pyarrow.compute as pc
 from protocols import BackgroundTask, ProtocolError
 from protocols.chunks import SAMPLE_RATE
 
-from actors.log.session_log import fetch
+from actors.log.log_reads import fetch
 from actors.background.transcribe import Transcriber, wav_bytes
 
 log = logging.getLogger("interplay.context")

@@ -4,16 +4,15 @@ Layout under `root` (a directory or any pyarrow filesystem URI), one folder per 
 sessions/<dir>/session.json (id, hashed token, closed and when, writer epoch), sessions/<dir>/seg-<first>-<last>.parquet
 (persisted rows) and wal-<first>.arrows (rows not yet in Parquet, one Arrow IPC stream per
 in-memory segment; kept on local disk under `wal_dir` when `root` is remote). A row is
-acknowledged only once its batch is whole in the WAL file, so `LogStore.restore` rebuilds every
-open session from these files alone: a torn last batch was never acknowledged and is dropped.
-A closed session is only listed at restore (its session.json read); `find` reads its rows' places
-when it is asked for, and `delete` removes its folder whole.
+acknowledged only once its batch is whole in the WAL file, so `actors.log.log_restore` rebuilds
+every open session from these files alone. `delete` removes a session's folder whole.
 
 What a session needs to fail over lives beside its WAL files while it is open, and goes when it
 closes: `token` (the session's token in clear, mode 0600: the interaction side that takes a
 session over hands it to the session's clients again; session.json keeps only its hash) and
-snapshot-<tick>.npz (the newest `Engine.export_session` state: arrays as .npy members, the rest as
-JSON in the "__state__" member, so reading one never unpickles anything). Both are written to a
+snapshot-<tick>.npz (the newest `Engine.export_session` state as `actors.log.snapshot_codec`
+encodes it: arrays as .npy members, the rest as JSON in the "__state__" member, so reading one
+never unpickles anything). Both are written to a
 temporary name and renamed, so a crash leaves the old file or the new one, never half of one.
 
 With `shared` (a Ray process), every sealed block is `ray.put` into the object store as one Arrow
@@ -25,11 +24,8 @@ refs: Ray frees each object once no reader holds a ref to it either.
 
 from __future__ import annotations
 
-import asyncio
-import base64
 import hashlib
 import json
-import logging
 import math
 import os
 import re
@@ -49,14 +45,9 @@ import pyarrow.parquet as pq
 from protocols.chunks import ProtocolError
 from protocols.deltas import SCHEMA
 
-log = logging.getLogger("interplay.session_log")
-
 INDEX = SCHEMA.get_field_index("index")
 T = SCHEMA.get_field_index("t")
-_SEG_RE = re.compile(r"seg-(\d+)-(\d+)\.parquet")
-_WAL_RE = re.compile(r"wal-(\d+)\.arrows")
-_SNAPSHOT_RE = re.compile(r"snapshot-(\d+)\.npz")
-_TAGS = ("__array__", "__bytes__", "__tuple__", "__dict__")
+SNAPSHOT_RE = re.compile(r"snapshot-(\d+)\.npz")
 
 
 @dataclass
@@ -67,7 +58,6 @@ class Block:
     first: int
     t_min: float
     t_max: float
-    sorted_t: bool
     ref: Any = None  # its ObjectRef once sealed into the object store (`batch` then reads from it)
 
     @property
@@ -77,7 +67,7 @@ class Block:
 
 def block_of(batch: pa.RecordBatch, first: int) -> Block:
     t = batch.column(T).to_numpy()
-    return Block(batch, first, float(t.min()), float(t.max()), bool(np.all(t[1:] >= t[:-1])))
+    return Block(batch, first, float(t.min()), float(t.max()))
 
 
 @dataclass
@@ -121,7 +111,7 @@ class Segment:
 
 @dataclass
 class LogSession:
-    """One session's log: its token (hashed), its segments, and who waits for its next rows."""
+    """One session's log: its token (hashed), its segments, and what failover needs while it is open."""
 
     session_id: str
     dirname: str
@@ -132,7 +122,6 @@ class LogSession:
     next_index: int = 0
     newest_t: float = -math.inf
     segments: list[Segment] = field(default_factory=list)
-    changed: asyncio.Event | None = None
     token: str | None = field(default=None, repr=False)  # in clear, while open (None: not kept)
     snapshot_tick: int | None = None  # the newest snapshot's tick
     snapshot: tuple[bytes, dict[str, np.ndarray]] | None = field(default=None, repr=False)  # and its `encode_state`, once read (None: on disk only)
@@ -236,15 +225,15 @@ class LogStore:
         half-written ones."""
         folder = self.folder(s)
         for name in os.listdir(folder) if os.path.isdir(folder) else []:
-            m = _SNAPSHOT_RE.fullmatch(name)
+            m = SNAPSHOT_RE.fullmatch(name)
             stale = m is not None and (below is None or int(m[1]) < below)
             if stale or (name.startswith("snapshot-") and ".tmp" in name and below is None):
-                _remove(os.path.join(folder, name))
+                remove_file(os.path.join(folder, name))
 
     def forget(self, s: LogSession) -> None:
         """Drop what only failover needs (token, snapshots): the session is closed."""
         self.drop_snapshots(s)
-        _remove(os.path.join(self.folder(s), "token"))
+        remove_file(os.path.join(self.folder(s), "token"))
         s.token = s.snapshot = s.snapshot_tick = None
         if self.folder(s) != f"{self.base}/{s.dirname}":  # a local folder apart from the root's: empty now
             try:
@@ -342,7 +331,7 @@ class LogStore:
             os.remove(seg.wal_path)
         seg.wal_path, seg.wal_size = None, 0
 
-    # --- reading -----------------------------------------------------------------------------
+    # --- reading and deleting ----------------------------------------------------------------
 
     def load(self, path: str, filters: list, columns: list[str] | None = None) -> list[pa.RecordBatch]:
         """The rows of one Parquet segment that pass `filters`, only `columns` (None: all), in
@@ -351,47 +340,10 @@ class LogStore:
         table = pq.read_table(path, filesystem=self.fs, filters=filters, columns=names)
         return table.select(names).cast(pa.schema([SCHEMA.field(n) for n in names])).to_batches()
 
-    def restore(self) -> tuple[list[LogSession], list[LogSession], list[tuple[str, str, tuple[int, int]]]]:
-        """The open sessions in storage (tokens and state from session.json, rows from Parquet and
-        WAL), the closed ones (session.json only: no rows read), and the (request_id, session_id,
-        index range) of each append still in a WAL file."""
-        opened, closed, requests = [], [], []
-        for info in self.fs.get_file_info(pafs.FileSelector(self.base, allow_not_found=True)):
-            if info.type != pafs.FileType.Directory:
-                continue
-            s = self._read_meta(info.path, info.base_name)
-            if s is None:
-                if not self.fs.get_file_info(pafs.FileSelector(info.path)):
-                    self.fs.delete_dir(info.path)  # what a delete interrupted after session.json leaves
-                continue
-            if not s.closed:
-                requests += self._restore_session(s, info.path)
-                opened.append(s)
-                continue
-            wal = self.folder(s)
-            if any(_WAL_RE.fullmatch(n) for n in (os.listdir(wal) if os.path.isdir(wal) else ())):
-                self._restore_session(s, info.path)  # closed with rows never persisted: persist them now
-                for seg in [seg for seg in s.segments if seg.blocks is not None]:
-                    self.persist(s, seg)
-                s.segments = []
-            else:
-                self.forget(s)  # the crash came between closing and dropping these
-            closed.append(s)
-        return opened, closed, requests
-
-    def find(self, session_id: str) -> LogSession | None:
-        """A session that is not in memory (a closed one), with where its rows are; None if none."""
-        folder = f"{self.base}/{dirname_of(session_id)}"
-        s = self._read_meta(folder, dirname_of(session_id), quiet=True)
-        if s is None or s.session_id != session_id or not s.closed:  # an open session is in memory, always
-            return None
-        self._restore_session(s, folder)
-        return s
-
     def delete(self, dirname: str) -> None:
         """Remove a session from storage: its Parquet files and local folder (WAL, token,
         snapshots) first and session.json last, so an interrupted delete leaves a folder that
-        `restore` still lists as closed and deletes again. Reads no shared state: it may run in a thread."""
+        `log_restore.restore` still lists as closed and deletes again. Reads no shared state: it may run in a thread."""
         folder = f"{self.base}/{dirname}"
         infos = self.fs.get_file_info(pafs.FileSelector(folder, allow_not_found=True))
         for info in infos:
@@ -411,173 +363,6 @@ class LogStore:
                 pass
             self.fs.delete_dir(folder)
 
-    def _read_meta(self, folder: str, dirname: str, quiet: bool = False) -> LogSession | None:
-        try:
-            with self.fs.open_input_stream(f"{folder}/session.json") as f:
-                meta = json.loads(f.read())
-            s = LogSession(meta["session_id"], dirname, meta["token_sha256"], bool(meta.get("closed")), epoch=int(meta.get("epoch", 0)))
-            if s.closed:
-                closed_at = meta.get("closed_at")
-                if closed_at is None:  # closed before the time was kept: the file's own time is when
-                    closed_at = self.fs.get_file_info(f"{folder}/session.json").mtime.timestamp()
-                s.closed_at = float(closed_at)
-            return s
-        except FileNotFoundError:
-            if not quiet and self.fs.get_file_info(pafs.FileSelector(folder)):
-                log.warning("skipping %s: it has no session.json", folder)
-        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
-            log.warning("skipping %s: no readable session.json (%s)", folder, exc)
-        return None
-
-    def _restore_session(self, s: LogSession, folder: str) -> list[tuple[str, str, tuple[int, int]]]:
-        segments, broken, requests = [], [], []
-        for info in self.fs.get_file_info(pafs.FileSelector(folder)):
-            m = _SEG_RE.fullmatch(info.base_name)
-            if not m:
-                continue
-            first, last = int(m[1]), int(m[2])
-            try:
-                md = pq.read_metadata(info.path, filesystem=self.fs)
-                if md.num_rows != last - first + 1:
-                    raise ValueError(f"{md.num_rows} rows, expected {last - first + 1}")
-                t_min, t_max = _range(md, "t")
-                seq_max = _range(md, "seq")[1]
-                seq_max = None if seq_max == math.inf else int(seq_max)
-                segments.append(Segment(first, last, t_min, t_max, blocks=None, parquet_path=info.path, parquet_bytes=info.size, seq_max=seq_max))
-            except Exception as exc:
-                broken.append((first, last, info.path, exc))
-        wal_folder = self.folder(s)
-        names = sorted(os.listdir(wal_folder)) if os.path.isdir(wal_folder) else []
-        if s.closed:
-            self.forget(s)  # the crash came between closing and dropping these
-        else:
-            if "token" in names:
-                with open(os.path.join(wal_folder, "token"), "rb") as f:
-                    token = f.read().decode()
-                s.token = token if hash_token(token) == s.token_hash else None
-            ticks = [int(m[1]) for m in map(_SNAPSHOT_RE.fullmatch, names) if m]
-            s.snapshot_tick = max(ticks, default=None)
-            self.drop_snapshots(s, s.snapshot_tick)
-            for name in names:
-                if name.startswith("snapshot-") and ".tmp" in name:
-                    _remove(os.path.join(wal_folder, name))
-        for name in names:
-            if not _WAL_RE.fullmatch(name):
-                continue
-            path = os.path.join(wal_folder, name)
-            batches, size = _read_wal(path)
-            if not batches:
-                os.remove(path)
-                continue
-            first = batches[0][0].column(INDEX)[0].as_py()
-            last = batches[-1][0].column(INDEX)[-1].as_py()
-            if any(p.blocks is None and p.first <= first and last <= p.last for p in segments):
-                os.remove(path)  # persisted already; the crash came before the WAL file was dropped
-                continue
-            block = block_of(concat([b for b, _ in batches]), first)
-            self.share(block)
-            segments.append(Segment(first, last, block.t_min, block.t_max, blocks=[block], sealed=1, wal_path=path, wal_size=size))
-            for b, meta in batches:
-                rid = meta.get(b"request_id") if meta is not None else None
-                if rid is not None:
-                    requests.append((rid.decode(), s.session_id, (b.column(INDEX)[0].as_py(), b.column(INDEX)[-1].as_py())))
-        for first, last, path, exc in broken:
-            if any(p.first <= first and last <= p.last for p in segments):
-                self.fs.delete_file(path)  # a half-written segment whose rows the WAL still holds
-            else:
-                log.error("session %r: rows %d..%d are lost: %s is unreadable (%s)", s.session_id, first, last, path, exc)
-        segments.sort(key=lambda p: p.first)
-        for a, b in zip(segments, segments[1:]):
-            if b.first != a.last + 1:
-                log.error("session %r: rows %d..%d are missing from storage", s.session_id, a.last + 1, b.first - 1)
-        s.segments = segments
-        s.next_index = segments[-1].last + 1 if segments else 0
-        s.newest_t = max((p.t_max for p in segments), default=-math.inf)
-        return requests
-
-
-def _range(md: pq.FileMetaData, name: str) -> tuple[float, float]:
-    """A column's (min, max) from a Parquet file's statistics; (-inf, inf) where unknown, so
-    every read looks at the file."""
-    col = md.schema.to_arrow_schema().get_field_index(name)
-    lo, hi = math.inf, -math.inf
-    for i in range(md.num_row_groups):
-        c = md.row_group(i).column(col)
-        st = c.statistics
-        if st is not None and st.null_count == c.num_values:
-            continue  # all null: no chunks in this row group
-        if st is None or not st.has_min_max:
-            return -math.inf, math.inf
-        lo, hi = min(lo, st.min), max(hi, st.max)
-    return (lo, hi) if lo <= hi else (-math.inf, -1)
-
-
-# --- snapshots -----------------------------------------------------------------------------------
-
-
-def encode_state(state: Any) -> tuple[bytes, dict[str, np.ndarray]]:
-    """An `Engine.export_session` dict as (JSON, arrays), losslessly and without pickle.
-
-    Arrays and numpy scalars become members "a0", "a1", ... (copies, referenced from the JSON),
-    bytes base64, tuples stay tuples; dicts need string keys. Anything else (objects, object
-    arrays) is refused: ProtocolError("invalid_state").
-    """
-    if not isinstance(state, dict):
-        raise ProtocolError(f"state must be a dict (an exported session), got {type(state).__name__}", "invalid_state", "state")
-    arrays: dict[str, np.ndarray] = {}
-
-    def enc(v: Any, where: str) -> Any:
-        if v is None or isinstance(v, (bool, int, float, str)):
-            return v
-        if isinstance(v, (np.ndarray, np.generic)):
-            a = np.asarray(v)
-            if a.dtype.hasobject:
-                raise ProtocolError(f"state{where}: arrays of Python objects are not kept", "invalid_state", "state")
-            key = f"a{len(arrays)}"
-            arrays[key] = a.copy()  # the caller's arrays may change (or pin a Ray object) after the call
-            return {"__array__" if isinstance(v, np.ndarray) else "__scalar__": key}
-        if isinstance(v, (bytes, bytearray, memoryview)):
-            return {"__bytes__": base64.b64encode(bytes(v)).decode()}
-        if isinstance(v, tuple):
-            return {"__tuple__": [enc(x, f"{where}[{i}]") for i, x in enumerate(v)]}
-        if isinstance(v, list):
-            return [enc(x, f"{where}[{i}]") for i, x in enumerate(v)]
-        if isinstance(v, dict):
-            bad = [k for k in v if not isinstance(k, str)]
-            if bad:
-                raise ProtocolError(f"state{where}: keys must be strings, got {bad[0]!r}", "invalid_state", "state")
-            out = {k: enc(x, f"{where}[{k!r}]") for k, x in v.items()}
-            return {"__dict__": out} if any(k in _TAGS for k in out) else out
-        raise ProtocolError(f"state{where} is a {type(v).__name__}: a snapshot keeps dicts, lists, tuples, strings, numbers, bytes and numpy arrays", "invalid_state", "state")
-
-    meta = json.dumps(enc(state, ""), ensure_ascii=False).encode()
-    return meta, arrays
-
-
-def decode_state(meta: bytes, arrays) -> dict:
-    """`encode_state`'s inverse; `arrays` maps member names to arrays (an open npz will do)."""
-
-    def dec(v: Any) -> Any:
-        if isinstance(v, list):
-            return [dec(x) for x in v]
-        if not isinstance(v, dict):
-            return v
-        if len(v) == 1:
-            (tag, x), = v.items()
-            if tag == "__array__":
-                return np.array(arrays[x])
-            if tag == "__scalar__":
-                return np.asarray(arrays[x])[()]
-            if tag == "__bytes__":
-                return base64.b64decode(x)
-            if tag == "__tuple__":
-                return tuple(dec(y) for y in x)
-            if tag == "__dict__":
-                return {k: dec(y) for k, y in x.items()}
-        return {k: dec(x) for k, x in v.items()}
-
-    return dec(json.loads(meta))
-
 
 def _write_atomic(path: str, write, fsync: bool, mode: int = 0o644) -> None:
     """`write(file)` into a temporary file beside `path`, then rename it over `path`."""
@@ -590,30 +375,12 @@ def _write_atomic(path: str, write, fsync: bool, mode: int = 0o644) -> None:
                 os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
-        _remove(tmp)
+        remove_file(tmp)
         raise
 
 
-def _remove(path: str) -> None:
+def remove_file(path: str) -> None:
     try:
         os.remove(path)
     except FileNotFoundError:
         pass
-
-
-def _read_wal(path: str) -> tuple[list[tuple[pa.RecordBatch, Any]], int]:
-    """The whole batches of a WAL file and their byte length. A torn last batch is dropped: its append was never acknowledged."""
-    out, size = [], 0
-    try:
-        with pa.OSFile(path, "rb") as f:
-            reader = ipc.open_stream(f)
-            size = f.tell()
-            while True:
-                try:
-                    out.append(reader.read_next_batch_with_custom_metadata())
-                except StopIteration:
-                    break
-                size = f.tell()
-    except (pa.ArrowInvalid, OSError) as exc:
-        log.warning("%s: stopped at a torn batch after %d whole ones (%s)", path, len(out), exc)
-    return out, size

@@ -68,7 +68,7 @@ def test_every_kind_round_trips_through_parquet():
 
 def test_every_kind_round_trips_through_the_log_actor_and_the_object_store(ray_cluster, tmp_path):
     """Appended to the SessionLog actor and read back across the object store: the real path."""
-    from actors.log.session_log import SessionLogActor
+    from actors.log.log_actor import SessionLogActor
 
     log = SessionLogActor.remote(str(tmp_path / "log"), tick_ms=200)
     try:

@@ -16,7 +16,7 @@ from actors.interaction.interaction import Interaction
 from actors.log.session_log import SessionLog
 from models.engine import StreamingEngine
 from protocols.requests import SessionSettings, TaskRequest
-from protocols import BackgroundUpdate, InputChunk, OutputChunk, SessionEvent, from_table
+from protocols import BackgroundUpdate, InputChunk, OutputChunk, ProtocolError, SessionEvent, from_table
 from tests.fakes import FakePool, LocalLog
 from tests.waits import until
 
@@ -273,7 +273,8 @@ def test_an_actor_too_slow_to_answer_is_fenced_off_when_its_session_resumes_else
     assert [c.seq for c in deltas if isinstance(c, InputChunk)] == list(range(20))
     assert [c.seq for c in deltas if isinstance(c, OutputChunk)] == list(range(20))
     assert [e.type for e in deltas if isinstance(e, SessionEvent)] == ["session.joined", "session.resumed", "session.left"]
-    assert session_log.info("a", token)["closed"]  # closed by Y, its writer, at the end
+    with pytest.raises(ProtocolError, match="is closed"):  # closed by Y, its writer, at the end
+        session_log.open("a", token)
 
 
 def test_resume_without_a_log_is_refused():

@@ -15,7 +15,8 @@ import uuid
 import numpy as np
 import pytest
 
-from actors.log.session_log import SessionLog, SessionLogActor
+from actors.log.log_actor import SessionLogActor
+from actors.log.session_log import SessionLog
 from protocols import InputChunk, OutputChunk, ProtocolError, from_table, to_batch
 from protocols.deltas import to_record
 
@@ -228,7 +229,8 @@ def test_a_takeover_fences_off_the_previous_writer_even_after_a_restart(tmp_path
     with pytest.raises(ProtocolError):
         restarted.close("s", epoch=2.5)
     restarted.close("s", epoch=1)
-    assert restarted.info("s", token)["closed"]
+    with pytest.raises(ProtocolError, match="is closed"):
+        restarted.open("s", token)
 
 
 def test_a_chunks_updates_and_other_fields_round_trip_through_the_log(tmp_path):
