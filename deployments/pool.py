@@ -225,7 +225,7 @@ class PoolChat:
     `status(app_name)` reads the application's state (`actors.background.transcribe.app_status`)."""
 
     def __init__(self, model_id: str = "background", app_name: str = POOL_APP, status: Callable[[str], str | None] | None = None):
-        from actors.background.background import ServeChat
+        from actors.background.chat import ServeChat
 
         self.chat = ServeChat(None, model_id, app_name=app_name)
         self.app_name = app_name
@@ -234,7 +234,7 @@ class PoolChat:
 
     async def stream(self, messages: list[dict], *, response_format: dict, max_tokens: int) -> AsyncIterator[str]:
         if not self.up:
-            from actors.background.background import LLMError
+            from actors.background.chat import LLMError
             from actors.background.transcribe import app_status
 
             state = await asyncio.to_thread(self.status or app_status, self.app_name)

@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 import ray
 
-from actors.background.background import Background, RemotePool, ServeChat
+from actors.background.background import Background, RemotePool
+from actors.background.chat import ServeChat
 from actors.background.sandbox import SandboxLimits, run_python
 from actors.background.tools import Tool, default_tools
 from deployments.config import AppConfig, BackgroundSection
