@@ -33,11 +33,11 @@ def run(coro):
     return asyncio.run(coro)
 
 
-def test_llm_config_autoscales_on_its_own_resource():
-    from deployments.pool import llm_config
+def test_the_pool_model_autoscales_on_its_own_resource():
+    from deployments.pool import pool_model, served_config
 
     section = BackgroundSection(min_replicas=1, max_replicas=3, target_ongoing_requests=2, max_ongoing_requests=6, upscale_delay_s=1, downscale_delay_s=5)
-    cpu = llm_config(section, {"CPU": 8})
+    cpu = served_config(section, pool_model(section), {"CPU": 8})
     assert cpu.accelerator_config.kind == "cpu" and cpu.engine_kwargs["load_format"] == "dummy"
     assert cpu.engine_kwargs["dtype"] == "float32" and cpu.engine_kwargs["enforce_eager"] and cpu.engine_kwargs["gpu_memory_utilization"] == 0.2
     # A replica's placement group: its server's share and its engine's (Serve LLM merges them).
@@ -46,25 +46,84 @@ def test_llm_config_autoscales_on_its_own_resource():
     assert (auto["min_replicas"], auto["max_replicas"], auto["target_ongoing_requests"], auto["upscale_delay_s"], auto["downscale_delay_s"]) == (1, 3, 2, 1, 5)
     assert cpu.deployment_config["max_ongoing_requests"] == 6
     assert "resources" not in cpu.deployment_config["ray_actor_options"]
-    placed = llm_config(section, {"CPU": 8, "background": 2})
+    placed = served_config(section, pool_model(section), {"CPU": 8, "background": 2})
     assert placed.deployment_config["ray_actor_options"]["resources"] == {"background": 1}
-    gpu = llm_config(BackgroundSection(model="/models/mine"), {"GPU": 2, "background": 2})
+    mine = BackgroundSection(model="/models/mine")
+    gpu = served_config(mine, pool_model(mine), {"GPU": 2, "background": 2})
     assert gpu.accelerator_config.kind == "gpu" and gpu.engine_kwargs["load_format"] == "auto"
     assert gpu.model_loading_config.model_source == "/models/mine"
 
 
 def test_the_speech_model_is_served_like_the_pool():
-    from deployments.pool import speech_config
+    from deployments.pool import served_config, speech_model
 
     section = BackgroundSection(speech={"engine": "whisper", "max_replicas": 2, "max_ongoing_requests": 4})
-    cpu = speech_config(section, {"CPU": 8, "background": 2})
+    cpu = served_config(section, speech_model(section), {"CPU": 8, "background": 2})
     assert cpu.accelerator_config.kind == "cpu" and cpu.engine_kwargs["load_format"] == "dummy" and cpu.engine_kwargs["max_model_len"] == 448
     assert cpu.model_loading_config.model_id == "speech" and cpu.model_loading_config.model_source.endswith("tiny-whisper")
     assert cpu.deployment_config["ray_actor_options"]["resources"] == {"background": 1} and cpu.deployment_config["max_ongoing_requests"] == 4
     assert cpu.deployment_config["autoscaling_config"]["max_replicas"] == 2
     assert cpu.placement_group_config == {"bundles": [{"CPU": 0.5}]} and cpu.deployment_config["ray_actor_options"]["num_cpus"] == 0.5
-    mine = speech_config(BackgroundSection(speech={"engine": "whisper", "model": "/models/whisper"}), {"GPU": 1})
-    assert mine.accelerator_config.kind == "gpu" and mine.engine_kwargs["load_format"] == "auto" and mine.model_loading_config.model_source == "/models/whisper"
+    mine = BackgroundSection(speech={"engine": "whisper", "model": "/models/whisper"})
+    gpu = served_config(mine, speech_model(mine), {"GPU": 1})
+    assert gpu.accelerator_config.kind == "gpu" and gpu.engine_kwargs["load_format"] == "auto" and gpu.model_loading_config.model_source == "/models/whisper"
+
+
+def test_both_models_keep_every_value_of_their_configs():
+    """Everything `served_config` sets for the pool's model and the speech model, on CPU (placed on
+    the background resource) and on GPU: the two differ only where their `Served` says."""
+    from actors.background.transcribe import default_whisper_dir
+    from deployments.model_dir import default_model_dir
+    from deployments.pool import CPU_ENV, pool_model, served_config, speech_model
+
+    section = BackgroundSection(
+        min_replicas=1, max_replicas=3, max_ongoing_requests=6, upscale_delay_s=1, downscale_delay_s=5,
+        engine_kwargs={"max_model_len": 1024}, env={"A": "1"},
+        speech={"engine": "whisper", "max_ongoing_requests": 2, "engine_kwargs": {"seed": 1}},
+    )
+
+    def values(served, resources):
+        config = served_config(section, served, resources)
+        return {
+            "model": (config.model_loading_config.model_id, config.model_loading_config.model_source),
+            "engine": config.engine_kwargs, "deployment": config.deployment_config, "accelerator": config.accelerator_config.kind,
+            "placement": config.placement_group_config, "env": config.runtime_env,
+        }
+
+    json_chat = {"structured_outputs_config": {"backend": "xgrammar", "disable_any_whitespace": True}}
+    pool_scaling = {"min_replicas": 1, "initial_replicas": 1, "max_replicas": 3, "target_ongoing_requests": 2.0, "upscale_delay_s": 1.0,
+                    "downscale_delay_s": 5.0, "metrics_interval_s": 1.0, "look_back_period_s": 2.0}
+    speech_scaling = {"min_replicas": 1, "initial_replicas": 1, "max_replicas": 1, "target_ongoing_requests": 2.0, "upscale_delay_s": 1.0,
+                      "downscale_delay_s": 5.0}
+    placed, gpu = {"CPU": 8, "background": 2}, {"GPU": 1}
+    assert values(pool_model(section), placed) == {
+        "model": ("background", str(default_model_dir())),
+        "engine": {"load_format": "dummy", "max_model_len": 1024, "enforce_eager": True, "dtype": "float32", "gpu_memory_utilization": 0.2,
+                   "max_num_seqs": 6, "enable_prefix_caching": False, **json_chat},
+        "deployment": {"autoscaling_config": pool_scaling, "max_ongoing_requests": 6, "ray_actor_options": {"num_cpus": 0.25, "resources": {"background": 1}}},
+        "accelerator": "cpu", "placement": {"bundles": [{"CPU": 1.0}]}, "env": {"env_vars": {**CPU_ENV, "A": "1"}},
+    }
+    assert values(pool_model(section), gpu) == {
+        "model": ("background", str(default_model_dir())),
+        "engine": {"load_format": "dummy", "max_model_len": 1024, "enforce_eager": False, "dtype": "auto", "gpu_memory_utilization": 0.85,
+                   "max_num_seqs": 6, "enable_prefix_caching": True, **json_chat},
+        "deployment": {"autoscaling_config": pool_scaling, "max_ongoing_requests": 6, "ray_actor_options": {"num_cpus": 0.25}},
+        "accelerator": "gpu", "placement": None, "env": {"env_vars": {"A": "1"}},
+    }
+    assert values(speech_model(section), placed) == {
+        "model": ("speech", str(default_whisper_dir())),
+        "engine": {"load_format": "dummy", "max_model_len": 448, "enforce_eager": True, "dtype": "float32", "gpu_memory_utilization": 0.1,
+                   "max_num_seqs": 4, "seed": 1},
+        "deployment": {"autoscaling_config": speech_scaling, "max_ongoing_requests": 2, "ray_actor_options": {"num_cpus": 0.5, "resources": {"background": 1}}},
+        "accelerator": "cpu", "placement": {"bundles": [{"CPU": 0.5}]}, "env": {"env_vars": {**CPU_ENV, "A": "1"}},
+    }
+    assert values(speech_model(section), gpu) == {
+        "model": ("speech", str(default_whisper_dir())),
+        "engine": {"load_format": "dummy", "max_model_len": 448, "enforce_eager": True, "dtype": "auto", "gpu_memory_utilization": 0.2,
+                   "max_num_seqs": 4, "seed": 1},
+        "deployment": {"autoscaling_config": speech_scaling, "max_ongoing_requests": 2, "ray_actor_options": {"num_cpus": 0.5}},
+        "accelerator": "gpu", "placement": None, "env": {"env_vars": {"A": "1"}},
+    }
 
 
 def _ws(app_url):
