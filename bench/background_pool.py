@@ -30,7 +30,8 @@ NAMED = {"type": "function", "name": "clock"}
 
 
 def start_pool(ray, max_tokens: int = 128):
-    from actors.background.background import BackgroundActor, RemotePool, ServeChat
+    from actors.background.background import BackgroundActor, RemotePool
+    from actors.background.chat import ServeChat
     from deployments.config import BackgroundSection
     from deployments.pool import deploy
 

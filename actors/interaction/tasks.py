@@ -4,7 +4,7 @@ A delegate or tool-call control becomes a `BackgroundTask` handed to the pool at
 a client's `TaskRequest` (a Realtime response.create) when the session has function tools (from
 the request or its `SessionSettings`) even without such a control: its instruction is the text typed since the last
 task. The task's updates are reported to the client as events on its next outputs
-(`actors.background.background.update_events`) and their texts enter the model with the session's
+(`actors.background.events.update_events`) and their texts enter the model with the session's
 next chunk (`InputChunk.updates`). A session runs one task at a time (a new one supersedes it) and
 starts them at most `burst` at once, refilled at `starts_per_s` (`TokenBucket`); a start over that
 is refused with an `error` event (rate_limit_exceeded), so no client can make the pool work every
@@ -125,7 +125,7 @@ class Tasks:
 
     def _start(self, session: JoinedSession, task: BackgroundTask) -> BackgroundTask:
         """Hand `task` to the pool (cancelling the session's running one, which it supersedes)."""
-        from actors.background.background import task_events
+        from actors.background.events import task_events
 
         self.core.totals["tasks"] += 1
         if session.runner is not None:
@@ -148,7 +148,7 @@ class Tasks:
         """Stream a task's updates to the session (its next chunks, its next outputs' events) and
         the log until it ends, is superseded or its session leaves (then this is cancelled, which
         cancels the pool's stream)."""
-        from actors.background.background import update_events
+        from actors.background.events import update_events
 
         sid, sessions = task.session_id, self.core.sessions
         updates = pool.run(task)

@@ -80,7 +80,8 @@ def _child(address: str) -> dict:
     import ray
     from ray import serve
 
-    from actors.background.background import Background, ServeChat
+    from actors.background.background import Background
+    from actors.background.chat import ServeChat
     from deployments.config import BackgroundSection
     from deployments.pool import deployment_options
     from protocols import BackgroundTask

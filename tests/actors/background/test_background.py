@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from actors.background.background import Background, step_format, update_events
+from actors.background.background import Background
 from actors.interaction.interaction import Interaction
 from actors.background.tools import Tool, default_tools
 from protocols.requests import TaskRequest
@@ -62,19 +62,6 @@ def test_a_tool_call_runs_and_its_result_goes_back_to_the_model():
     assert second[-1] == {"role": "tool", "tool_call_id": updates[1].data["tool_call"]["call_id"], "content": "42"}
     assert second[-2]["tool_calls"][0]["function"]["name"] == "calculator"
     assert any(m["role"] == "user" and m["content"] == "six times seven?" for m in second)
-
-
-def test_tool_calls_are_constrained_by_json_schema():
-    tools = default_tools()
-    fmt = step_format(tools, ["clock", "calculator"], "auto")
-    options = fmt["json_schema"]["schema"]["anyOf"]
-    assert [o["properties"].get("tool", {}).get("const") for o in options] == ["clock", "calculator", None]
-    assert options[1]["properties"]["arguments"] == tools.get("calculator").parameters
-    named = step_format(tools, ["clock", "calculator"], {"type": "function", "name": "clock"})["json_schema"]["schema"]
-    assert named["properties"]["tool"] == {"const": "clock"}
-    assert "answer" in step_format(tools, ["clock"], "none")["json_schema"]["schema"]["properties"]
-    required = step_format(tools, ["clock", "calculator"], "required")["json_schema"]["schema"]["anyOf"]
-    assert all("tool" in o["properties"] for o in required)
 
 
 def test_a_raising_tool_is_an_error_update():
@@ -213,17 +200,6 @@ def test_a_task_sees_only_its_own_session():
     asyncio.run(collect(pool, task("sess_b")))
     text = json.dumps(chat.requests[0]["messages"])
     assert "9876" in text and "1234" not in text
-
-
-def test_update_events_report_tool_calls_as_function_call_items():
-    chat = ScriptedChat({"tool": "clock", "arguments": {}})
-    updates = asyncio.run(collect(Background(chat), task()))
-    events = [e for u in updates for e in update_events(u)]
-    types = [e["type"] for e in events]
-    assert "response.function_call_arguments.delta" in types and "response.function_call_arguments.done" in types
-    outputs = [e["item"] for e in events if e["type"] == "conversation.item.done" and e["item"]["type"] == "function_call_output"]
-    assert len(outputs) == 1 and "utc" in json.loads(outputs[0]["output"])
-    assert [e["status"] for e in events if e["type"] == "interplay.background.update"] == ["progress", "progress", "partial", "final"]
 
 
 def test_response_create_with_tools_reaches_the_pool_and_results_reach_engine_and_client():

@@ -190,7 +190,7 @@ def test_the_whisper_deployment_transcribes_through_serve_and_its_text_reaches_t
     from ray import serve
 
     from deployments.config import BackgroundSection
-    from deployments.pool import build_speech_app
+    from deployments.pool import build_app, speech_model
 
     section = BackgroundSection(speech={"engine": "whisper"})
     name = "interplay-test-speech"
@@ -198,7 +198,7 @@ def test_the_whisper_deployment_transcribes_through_serve_and_its_text_reaches_t
     voice = (3000 * np.sin(np.arange(3 * 3200) * 0.07)).astype(np.int16)
     with pytest.raises(RuntimeError, match=f"the speech deployment \\({name}\\) is not up: not deployed"):
         asyncio.run(by_name.transcribe(voice))
-    handle = serve.run(build_speech_app(section, ray.cluster_resources()), name=name, route_prefix=None)
+    handle = serve.run(build_app(section, speech_model(section), ray.cluster_resources()), name=name, route_prefix=None)
     try:
         log = SessionLog(str(tmp_path), object_store=False)
         token = log.open("s")
