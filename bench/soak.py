@@ -355,7 +355,7 @@ def plot_rss(samples: list[dict], roles: dict[int, str], t_start: float, path: s
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt  # pyright: ignore[reportMissingImports]
     except ImportError:
-        from training.evaluate import write_png
+        from training.eval_report import write_png
 
         write_png(path, _raster(series))
         return "raster"
@@ -411,7 +411,7 @@ _MORE_GLYPHS = {
 
 
 def _text(img: np.ndarray, s: str, x: int, y: int, scale: int = 3) -> None:
-    from training.evaluate import _GLYPHS
+    from training.eval_report import _GLYPHS
 
     glyphs = {**_GLYPHS, **_MORE_GLYPHS}
     for ch in s.upper():
