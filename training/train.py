@@ -396,8 +396,8 @@ def ensure_data(recipe: Recipe, workers: int) -> None:
     root = Path(recipe.data)
     if (root / "manifest.json").is_file() and any((root / "train").glob("*.parquet")):
         return
-    from training.dialogues import DialogueConfig
     from training.generate import generate_set
+    from training.script import DialogueConfig
 
     print(f"[train] generating {recipe.n_train} + {recipe.n_heldout} dialogues into {root}", flush=True)
     generate_set(root, recipe.n_train, recipe.n_heldout, cfg=DialogueConfig.from_model(InteractionConfig.preset(recipe.preset)),

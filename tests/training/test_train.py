@@ -15,8 +15,9 @@ from models.config import CONTROLS, InteractionConfig
 from models.inputs import InputBuilder
 from models.model import build_model
 from training import data
-from training.dialogues import DialogueConfig, generate
+from training.dialogues import generate
 from training.generate import HELDOUT_SEED0, generate_set
+from training.script import DialogueConfig
 from training.train import STATE_FILE, Recipe, feed_back_own_speech, load_dialogues, loss_parts, train_loop, window
 from training.voices import Synth
 
