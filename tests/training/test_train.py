@@ -17,9 +17,13 @@ from models.model import build_model
 from training import data
 from training.dialogues import generate
 from training.generate import HELDOUT_SEED0, generate_set
+from training.loss import loss_parts
+from training.recipe import Recipe
 from training.script import DialogueConfig
-from training.train import STATE_FILE, Recipe, feed_back_own_speech, load_dialogues, loss_parts, train_loop, window
+from training.train_loop import train_loop
+from training.train_state import STATE_FILE
 from training.voices import Synth
+from training.windows import feed_back_own_speech, load_dialogues, window
 
 SHIPPED = Path(__file__).resolve().parents[2] / "checkpoints" / "tiny"
 CFG = InteractionConfig.preset("tiny")
