@@ -48,7 +48,7 @@ from typing import Any, cast
 import numpy as np
 
 from bench.common import actor, percentiles, print_table, write_json
-from bench.soak import KEY, CallLog, soak_call
+from bench.soak_calls import KEY, CallLog, soak_call
 
 ROOT = Path(__file__).resolve().parents[1]
 RAY = str(Path(sys.executable).with_name("ray"))
