@@ -26,96 +26,29 @@ calls up (aiortc peers over loopback playing speech, `interplay.tick` events on)
 
 Prints a table, writes bench/results/failover.json; exits 1 if a call was lost or an output
 differs. Aim: every resume within 2 s.
+
+The cluster is `bench/local_cluster.py`'s; the log check (step 4) is `bench/failover_log.py`'s.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import dataclasses
-import json
 import logging
 import os
-import signal
-import socket
-import subprocess
 import sys
 import tempfile
 import time
-from pathlib import Path
-from typing import Any, cast
-
-import numpy as np
+from typing import cast
 
 from bench.common import actor, percentiles, print_table, write_json
-from bench.soak import KEY, CallLog, soak_call
-
-ROOT = Path(__file__).resolve().parents[1]
-RAY = str(Path(sys.executable).with_name("ray"))
+from bench.failover_log import check_logs
+from bench.local_cluster import LocalCluster
+from bench.soak_calls import KEY, CallLog, soak_call
 
 
 def say(message: str) -> None:
     print(f"[failover] {message}", flush=True)
-
-
-class LocalCluster:
-    """Ray nodes started here with `ray start`, in a temp dir of their own (so no other Ray user on
-    the machine attaches to them). Nodes are told apart by their node-manager ports."""
-
-    def __init__(self):
-        self.temp_dir = tempfile.mkdtemp(prefix="fo-", dir="/tmp")  # short: Ray's socket paths have a length limit
-        self.port = _free_port()
-        self.env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled"}
-        self.env.pop("RAY_ADDRESS", None)
-        self.address = f"127.0.0.1:{self.port}"
-
-    def start_head(self, num_cpus: int, resources: dict) -> None:
-        self._start(["--head", f"--port={self.port}", "--include-dashboard=false"], num_cpus, resources)
-
-    def add_node(self, num_cpus: int, resources: dict) -> int:
-        """Start a worker node; -> its node-manager port."""
-        port = _free_port()
-        self._start([f"--address={self.address}", f"--node-manager-port={port}"], num_cpus, resources)
-        return port
-
-    def _start(self, args: list[str], num_cpus: int, resources: dict) -> None:
-        # Loopback only: the test suite runs in a network namespace with nothing else.
-        # A small object store each: several nodes (and maybe a test's own cluster) share this machine's memory.
-        cmd = [RAY, "start", *args, "--node-ip-address=127.0.0.1", "--object-store-memory=400000000", f"--num-cpus={num_cpus}", "--resources", json.dumps(resources), "--temp-dir", self.temp_dir, "--disable-usage-stats"]
-        # Not through pipes: the daemons `ray start` leaves behind inherit them and would die of
-        # SIGPIPE on their next write once this process stops reading.
-        subprocess.run(cmd, check=True, env=self.env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL, timeout=180)
-
-    def kill_node(self, node_manager_port: int) -> int:
-        """SIGKILL a worker node's raylet and every process under it; -> how many were killed."""
-        import psutil
-
-        killed = 0
-        for proc in psutil.process_iter(["cmdline"]):
-            cmd = " ".join(proc.info["cmdline"] or [])
-            if "raylet" in cmd and f"--node_manager_port={node_manager_port}" in cmd:
-                for p in [*proc.children(recursive=True), proc]:
-                    try:
-                        p.kill()
-                        killed += 1
-                    except psutil.Error:
-                        pass
-        return killed
-
-    def shutdown(self) -> None:
-        for entry in os.listdir("/proc"):
-            if entry.isdigit() and int(entry) != os.getpid():
-                try:
-                    if self.temp_dir.encode() in Path(f"/proc/{entry}/cmdline").read_bytes():
-                        os.kill(int(entry), signal.SIGKILL)
-                except (OSError, ProcessLookupError):
-                    pass
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # --- the scenario -------------------------------------------------------------------------------
@@ -376,64 +309,6 @@ def _fmt(times: list) -> str:
     lost = len(times) - len(ok)
     text = ", ".join(f"{t:.2f} s" for t in ok) or "-"
     return text + (f" ({lost} not resumed)" if lost else "")
-
-
-async def check_logs(app, session_ids: list[str | None], lsb: int) -> dict:
-    """Each session's log in order, and its outputs equal to a fresh engine's from its inputs."""
-    from actors.interaction.interaction import EngineSpec
-    from deployments.plan import engine_spec
-    from protocols import InputChunk, OutputChunk
-    from protocols.background import SessionEvent
-    from protocols.deltas import from_table
-
-    spec: EngineSpec = engine_spec(app.config)
-    out: dict[str, Any] = {
-        "sessions": 0, "ordered": 0, "gaps": 0, "ticks_compared": 0, "control_or_text_mismatches": 0, "level_mismatches": 0,
-        "audio_exact_ticks": 0, "audio_max_diff": 0,
-    }
-    for sid in session_ids:
-        if sid is None:
-            continue
-        try:
-            recovery = await app.log.recovery.remote(sid, take_over=False)
-            table = await app.log.read.remote(sid, recovery.log_token)
-        except Exception as exc:  # closed under a live call (it should not be), or unreadable
-            out.setdefault("unreadable", []).append(f"{sid}: {str(exc).splitlines()[-1][:120]}")
-            continue
-        deltas = from_table(table)
-        indices = table.column("index").to_pylist()
-        inputs = [d for d in deltas if isinstance(d, InputChunk)]
-        outputs = {d.seq: d for d in deltas if isinstance(d, OutputChunk)}
-        seqs = [c.seq for c in inputs]
-        out["sessions"] += 1
-        out["ordered"] += int(indices == sorted(set(indices)) and seqs == sorted(set(seqs)))
-        out["gaps"] += sum(1 for a, b in zip(seqs, seqs[1:]) if b != a + 1)
-        back = [(a, b) for a, b in zip(seqs, seqs[1:]) if b <= a]
-        if back:  # where it went wrong: the steps back, and who joined, resumed or released the call when
-            events = [(i, d.type, d.data) for i, d in zip(indices, deltas) if isinstance(d, SessionEvent)]
-            out.setdefault("disorder", {})[sid] = {"steps_back": back[:8], "events": events[:12]}
-        engine = dataclasses.replace(spec, device="cpu", max_sessions=1).build()
-        engine.add_session(sid)
-        for chunk in inputs:
-            outs, _ = engine.step([chunk])
-            logged = outputs.get(chunk.seq)
-            if logged is None or not outs:
-                continue
-            mine = outs[0]
-            out["ticks_compared"] += 1
-            if mine.controls != logged.controls or mine.text != logged.text:
-                out["control_or_text_mismatches"] += 1
-            a, b = _level(mine.audio), _level(logged.audio)
-            if abs(a - b) > 0.01 * max(a, b) + 1e-4:
-                out["level_mismatches"] += 1
-            diff = int(np.abs(mine.audio.astype(np.int32) - logged.audio.astype(np.int32)).max()) if len(mine.audio) else 0
-            out["audio_max_diff"] = max(out["audio_max_diff"], diff)
-            out["audio_exact_ticks"] += int(diff <= lsb)
-    return out
-
-
-def _level(audio: np.ndarray) -> float:
-    return float(np.sqrt(np.mean(audio.astype(np.float64) ** 2)) / 32768) if len(audio) else 0.0
 
 
 def summarise(report: dict) -> list[dict]:

@@ -154,7 +154,7 @@ def session_config(raw: Any) -> dict:
     """A client's session config validated and in canonical form (what the ingress would make of
     it); HttpError 400 with a clean message otherwise."""
     from actors.ingress.ingress import check_config
-    from protocols.realtime import SessionConfig
+    from protocols.realtime_config import SessionConfig
 
     if not isinstance(raw, dict):
         raise HttpError(400, "'session' must be a JSON object", "invalid_value", "session")

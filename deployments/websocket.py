@@ -26,7 +26,7 @@ from fastapi import WebSocket
 from fastapi.responses import JSONResponse
 
 from protocols import ProtocolError
-from protocols.realtime import error_event
+from protocols.realtime_events import error_event
 
 from .auth import Auth, AuthError, Grant, origin_allowed
 from .errors import HTTP_STATUS, UNAVAILABLE, clean

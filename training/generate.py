@@ -14,7 +14,9 @@ import sys
 import time
 from pathlib import Path
 
-from training.dialogues import SCENARIOS, DialogueConfig, generate
+from training.dialogues import generate
+from training.scenarios import SCENARIOS
+from training.script import DialogueConfig
 from training.voices import DEFAULT_CACHE, Synth
 
 HELDOUT_SEED0 = 1_000_000

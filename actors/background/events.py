@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 
 from protocols import BackgroundTask, BackgroundUpdate, new_id
-from protocols.realtime import event_id, server_event
+from protocols.realtime_events import event_id, server_event
 
 
 def task_events(task: BackgroundTask) -> list[dict]:

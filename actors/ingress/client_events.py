@@ -24,7 +24,8 @@ import json
 from typing import Any
 
 from protocols import ProtocolError
-from protocols.realtime import MAX_CONTROL_EVENT_BYTES, error_event, is_error, parse_client_event
+from protocols.realtime_config import MAX_CONTROL_EVENT_BYTES
+from protocols.realtime_events import error_event, is_error, parse_client_event
 
 MAX_TOOLS_BYTES = 16 * 1024  # function tools of a session.update or response.create, as JSON
 FORWARD_CHARS = 4_000  # longer strings forwarded to the model (instructions, a tool's output) are clipped

@@ -34,7 +34,7 @@ import numpy as np
 from protocols import InputChunk, OutputChunk, ProtocolError
 from protocols.clock import TickClock
 from protocols.ports import Interaction
-from protocols.realtime import error_from
+from protocols.realtime_events import error_from
 
 from actors.ingress.realtime_session import RealtimeSession
 from actors.ingress.transports import TellsComplete, Transport

@@ -29,7 +29,8 @@ from protocols import ProtocolError
 from protocols.chunks import MAX_FRAME_EDGE, PATCH
 from protocols.clock import TickClock
 from protocols.ports import Interaction, Placement
-from protocols.realtime import error_event, expired_error, rate_of, session_config
+from protocols.realtime_config import rate_of
+from protocols.realtime_events import error_event, expired_error, session_config
 
 from actors.ingress.gatherer import COUNTS, Call, Gatherer, estimate_offset
 from actors.ingress.ice import use_ice_addresses

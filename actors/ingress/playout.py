@@ -18,7 +18,7 @@ import numpy as np
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 
 from protocols.chunks import SAMPLE_RATE
-from protocols.realtime import encode_audio
+from protocols.realtime_audio import encode_audio
 
 from actors.ingress.audio_frames import resample_all, to_av_frame
 

@@ -34,7 +34,8 @@ import numpy as np
 from pydantic import ValidationError
 
 from protocols import OutputChunk, ProtocolError, new_id
-from protocols.realtime import DEFAULT_RATE, error_from, format_of, internal_error, is_error, server_event, user_text
+from protocols.realtime_config import DEFAULT_RATE, format_of
+from protocols.realtime_events import error_from, internal_error, is_error, server_event, user_text
 
 from actors.ingress.client_events import check_ceiling, check_tools, echoed, forwarded, merge, read_event
 from actors.ingress.model_input import FORCE_S, ModelInput, NextInput

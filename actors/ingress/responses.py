@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from protocols import SAMPLE_RATE, OutputChunk, ProtocolError, new_id
-from protocols.realtime import server_event
+from protocols.realtime_events import server_event
 
 from actors.ingress.playout import OUT_RATE
 from actors.ingress.playout import OUT_SAMPLES as OUT_FRAME

@@ -38,8 +38,10 @@ from aiortc.mediastreams import MediaStreamError
 
 from protocols import ProtocolError
 from protocols.clock import TickClock
-from protocols.realtime import MAX_EVENT_BYTES as REALTIME_MAX_EVENT_BYTES
-from protocols.realtime import audio_format, decode_audio, internal_error, server_event
+from protocols.realtime_config import MAX_EVENT_BYTES as REALTIME_MAX_EVENT_BYTES
+from protocols.realtime_audio import decode_audio
+from protocols.realtime_config import audio_format
+from protocols.realtime_events import internal_error, server_event
 
 from actors.ingress.audio_chunker import AudioChunker
 from actors.ingress.audio_frames import frame_to_samples

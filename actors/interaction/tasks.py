@@ -18,7 +18,7 @@ import logging
 
 from protocols import BackgroundTask, BackgroundUpdate, InputChunk, OutputChunk
 from protocols.ports import BackgroundPool
-from protocols.realtime import error_event
+from protocols.realtime_events import error_event
 from protocols.requests import SessionSettings, TaskRequest
 
 from actors.interaction.core import Core, JoinedSession

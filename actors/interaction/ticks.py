@@ -21,7 +21,7 @@ from typing import Callable
 
 from protocols import InputChunk, OutputChunk, ProtocolError
 from protocols.chunks import MAX_UPDATES
-from protocols.realtime import error_from, server_event
+from protocols.realtime_events import error_from, server_event
 
 from actors.interaction.core import Core, JoinedSession
 from actors.interaction.log_writer import LogWriter

@@ -14,14 +14,11 @@ import torch
 from protocols.chunks import CONTROLS, InputChunk, OutputChunk
 from protocols.deltas import SCHEMA, from_table, to_batch
 from training import data
-from training.dialogues import SCENARIOS, DialogueConfig, generate
+from training.dialogues import generate
 from training.generate import generate_set, plan
+from training.scenarios import SCENARIOS
+from training.script import DialogueConfig
 from training.voices import HELDOUT_VARIANTS, MODEL_VOICE, Synth, VoicePool
-
-
-@pytest.fixture(scope="module")
-def synth(tmp_path_factory):
-    return Synth(tmp_path_factory.mktemp("cache"))
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,9 @@ from hypothesis import strategies as st
 from openai.types.realtime import RealtimeServerEvent
 from pydantic import TypeAdapter
 
-from protocols.realtime import CLIENT_EVENT_TYPES, INTERPLAY_EVENT_TYPES, SessionConfig, encode_audio
+from protocols.realtime_audio import encode_audio
+from protocols.realtime_config import SessionConfig
+from protocols.realtime_events import CLIENT_EVENT_TYPES, INTERPLAY_EVENT_TYPES
 
 openai_server_event = TypeAdapter(RealtimeServerEvent)
 

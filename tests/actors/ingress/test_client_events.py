@@ -6,7 +6,8 @@ import json
 import numpy as np
 
 from actors.ingress.client_events import ECHO_CHARS, FORWARD_CHARS, MAX_TOOLS_BYTES, merge
-from protocols.realtime import MAX_CONTROL_EVENT_BYTES, encode_pcm16
+from protocols.realtime_audio import encode_pcm16
+from protocols.realtime_config import MAX_CONTROL_EVENT_BYTES
 from tests.actors.ingress.session_fakes import send, session
 
 TOOL = {"type": "function", "name": "look_up", "description": "d" * 1000, "parameters": {"type": "object", "properties": {}}}

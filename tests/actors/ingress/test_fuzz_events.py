@@ -24,7 +24,8 @@ from actors.ingress.ingress import Ingress
 from actors.ingress.realtime_session import RealtimeSession
 from actors.ingress.transports import WebSocketTransport
 from protocols import TickClock
-from protocols.realtime import CLIENT_EVENT_TYPES, encode_audio
+from protocols.realtime_audio import encode_audio
+from protocols.realtime_events import CLIENT_EVENT_TYPES
 from tests.actors.ingress.fuzzed_events import MUTATIONS, SESSION, check_reply, drain, fuzzed, valid_event
 from tests.actors.ingress.peers import Client, Echo
 from tests.waits import TIMEOUT_S, until

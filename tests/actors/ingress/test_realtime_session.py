@@ -11,7 +11,7 @@ import pytest
 
 from actors.ingress.realtime_session import RealtimeSession
 from protocols import ProtocolError
-from protocols.realtime import encode_pcm16
+from protocols.realtime_audio import encode_pcm16
 from tests.actors.ingress.session_fakes import OUT_FRAME, OUT_RATE, SILENCE, TONE, RecordingSink, openai_server_event, out, send, session
 
 
@@ -261,7 +261,7 @@ def test_a_sink_that_carries_other_formats_reports_those():
 
 
 def test_idle_timeout_and_maximum_length():
-    from protocols.realtime import expired_error
+    from protocols.realtime_events import expired_error
 
     s, sink = session(idle_timeout_s=10, max_session_s=100)
     assert s.expired(1000.0) is None  # the session's time starts at its first look

@@ -12,7 +12,7 @@ from actors.ingress.ingress import Ingress
 from actors.ingress.realtime_session import RealtimeSession
 from actors.ingress.transports import TRACK_FORMAT, WebRTCTransport, WebSocketTransport
 from protocols import OutputChunk, TickClock
-from protocols.realtime import encode_pcm16
+from protocols.realtime_audio import encode_pcm16
 from tests.actors.ingress.peers import Client, Echo, FakeChannel
 from tests.waits import until
 
@@ -196,7 +196,7 @@ def test_a_webrtc_call_and_a_websocket_share_each_tick():
 
 def test_websocket_audio_formats_apply_both_ways():
     """G.711 in and out, and a changed output rate, as session.update confirms them."""
-    from protocols.realtime import decode_audio, encode_audio
+    from protocols.realtime_audio import decode_audio, encode_audio
 
     async def main():
         ws = WebSocketTransport(TickClock(0.0))

@@ -7,25 +7,21 @@ unknown event types, JSON nested deeper than `MAX_JSON_DEPTH`, non-finite number
 that are not Unicode (lone surrogates) are refused. Error codes follow the API's: `invalid_json`
 (not a JSON object), `missing_required_parameter`, `unknown_parameter`, `invalid_type`,
 `invalid_value`, `message_too_large`, plus `unknown_event` for an event type we do not know.
-`session_config` checks an opening session config (an offer's, a WebSocket's) the same way. `server_event(type, **fields)` builds a server event as a JSON-ready
-dict and checks it against the `openai` package's model of that event, so what we send is what
-the official clients parse.
+`session_config` checks an opening session config (an offer's, a WebSocket's) the same way.
+`server_event(type, **fields)` builds a server event as a JSON-ready dict and checks it against
+the `openai` package's model of that event, so what we send is what the official clients parse.
 
-Our own extensions are kept apart, in the marked section below: the `session` object accepts
-more PCM rates than the API (16, 24 and 48 kHz) and an `interplay` field (`tick_events`, and on
-the way out the session's clock and log token), and the `interplay.tick` server event.
+Our own extensions: `session.update` carries our session object (`realtime_config.SessionConfig`),
+and the `interplay.*` server events are ours.
 """
 
 from __future__ import annotations
 
-import base64
-import binascii
 import json
 import typing
 import uuid
 from typing import Annotated, Any, Literal, Union
 
-import numpy as np
 from openai.types.realtime import (
     ConversationItemCreateEvent,
     ConversationItemDeleteEvent,
@@ -35,7 +31,6 @@ from openai.types.realtime import (
     InputAudioBufferCommitEvent,
     OutputAudioBufferClearEvent,
     RealtimeServerEvent,
-    RealtimeSessionCreateRequest,
     ResponseCancelEvent,
     ResponseCreateEvent,
 )
@@ -43,93 +38,11 @@ from openai.types.realtime.conversation_item import ConversationItem
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, TypeAdapter, ValidationError
 
 from .chunks import ProtocolError
-
-MAX_EVENT_BYTES = 256 * 1024  # one client event: about 2.7 s of 24 kHz PCM16 in an append (the API allows 15 MB)
-MAX_CONTROL_EVENT_BYTES = 64 * 1024  # any other event: a session config with its tools, an item
-MAX_JSON_DEPTH = 32  # nesting of a client event (a tool's JSON schema included)
-DEFAULT_RATE = 24_000  # the Realtime API's audio/pcm rate
-G711_RATE = 8_000  # audio/pcmu and audio/pcma
+from .realtime_config import MAX_EVENT_BYTES, MAX_JSON_DEPTH, SessionConfig
 
 
 def event_id() -> str:
     return f"event_{uuid.uuid4().hex[:20]}"
-
-
-# --- our extensions: the session object ---------------------------------------------------------
-# The API's session allows audio/pcm at 24 kHz only; we also take 16 and 48 kHz (no resampling on
-# the client), default `type` to "realtime", and carry our own `interplay` field.
-
-SUPPORTED_RATES = (16_000, 24_000, 48_000)
-
-
-class _Open(BaseModel):
-    """Config objects: unknown keys are kept, so newer clients still work."""
-
-    model_config = ConfigDict(extra="allow")
-
-
-class AudioFormat(_Open):
-    type: Literal["audio/pcm", "audio/pcmu", "audio/pcma"] = "audio/pcm"
-    rate: int | None = None
-
-    def model_post_init(self, _ctx: Any) -> None:
-        if self.type == "audio/pcm":
-            self.rate = DEFAULT_RATE if self.rate is None else self.rate
-            if self.rate not in SUPPORTED_RATES:
-                raise ValueError(f"unsupported audio/pcm rate {self.rate}; supported: {list(SUPPORTED_RATES)}")
-        elif self.rate not in (None, 8_000):
-            raise ValueError(f"{self.type} is 8 kHz; got rate {self.rate}")
-
-
-class AudioInput(_Open):
-    format: AudioFormat | None = None
-    turn_detection: dict | None = None
-    transcription: dict | None = None
-    noise_reduction: dict | None = None
-
-
-class AudioOutput(_Open):
-    format: AudioFormat | None = None
-    voice: str | None = None
-    speed: float | None = Field(default=None, ge=0.25, le=1.5)
-
-
-class AudioConfig(_Open):
-    input: AudioInput | None = None
-    output: AudioOutput | None = None
-
-
-class InterplaySession(_Open):
-    """`session.interplay`: `tick_events` asks for one `interplay.tick` event per tick."""
-
-    tick_events: bool | None = None
-
-
-class SessionConfig(RealtimeSessionCreateRequest):
-    """The API's realtime session (typed by the `openai` package) with our wider audio and field."""
-
-    model_config = ConfigDict(extra="allow")
-    type: Literal["realtime"] = "realtime"
-    # Wider than the API's own audio config on purpose (our formats and rates): pydantic takes the override.
-    audio: AudioConfig | None = None  # pyright: ignore[reportIncompatibleVariableOverride]
-    interplay: InterplaySession | None = None
-
-
-def audio_format(fmt: dict | None) -> tuple[str, int]:
-    """A (dumped) audio format object as (type, rate): G.711 is 8 kHz, audio/pcm 24 kHz unless said."""
-    fmt = fmt or {}
-    kind = fmt.get("type") or "audio/pcm"
-    return kind, G711_RATE if kind != "audio/pcm" else int(fmt.get("rate") or DEFAULT_RATE)
-
-
-def format_of(config: dict, direction: str) -> tuple[str, int]:
-    """The audio format (type, rate) of a (dumped) session config's "input" or "output" audio."""
-    return audio_format(((config.get("audio") or {}).get(direction) or {}).get("format"))
-
-
-def rate_of(config: dict, direction: str) -> int:
-    """The sample rate of a (dumped) session config's "input" or "output" audio."""
-    return format_of(config, direction)[1]
 
 
 # --- client events: the API's models, strict at the top level -----------------------------------
@@ -391,73 +304,3 @@ def user_text(item: Any) -> str:
         elif part.type == "input_text":
             raise ProtocolError("input_text content needs a string 'text'", "invalid_value", "item.content")
     return "\n".join(parts)
-
-
-# --- audio payloads -----------------------------------------------------------------------------
-
-
-def _g711_tables() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """ITU-T G.711 as lookup tables: byte -> int16 for mu-law and A-law, and int16 (as uint16
-    index) -> byte for each, built by decoding every byte and taking the nearest code."""
-    codes = np.arange(256)
-    # mu-law: complement, sign, 3-bit exponent, 4-bit mantissa; bias 132
-    u = ~codes & 0xFF
-    ulaw = ((((u & 0x0F) << 3) + 0x84) << ((u >> 4) & 0x07)) - 0x84
-    ulaw = np.where(u & 0x80, -ulaw, ulaw).astype(np.int16)
-    # A-law: even bits inverted, sign (1 = positive), exponent, mantissa
-    a = codes ^ 0x55
-    mant, exp = a & 0x0F, (a >> 4) & 0x07
-    alaw = np.where(exp == 0, (mant << 4) + 8, ((mant << 4) + 0x108) << np.maximum(exp - 1, 0))
-    alaw = np.where(a & 0x80, alaw, -alaw).astype(np.int16)
-    encode = []
-    for table in (ulaw, alaw):
-        order = np.argsort(table, kind="stable")
-        values = table[order].astype(np.int32)
-        x = np.arange(-32768, 32768)
-        i = np.clip(np.searchsorted(values, x), 1, 255)
-        nearer_low = (x - values[i - 1]) <= (values[i] - x)
-        encode.append(order[np.where(nearer_low, i - 1, i)].astype(np.uint8)[np.arange(65536) ^ 0x8000])
-    return ulaw, alaw, encode[0], encode[1]
-
-
-ULAW_DECODE, ALAW_DECODE, ULAW_ENCODE, ALAW_ENCODE = _g711_tables()
-_DECODE = {"audio/pcmu": ULAW_DECODE, "audio/pcma": ALAW_DECODE}
-_ENCODE = {"audio/pcmu": ULAW_ENCODE, "audio/pcma": ALAW_ENCODE}
-
-
-def decode_audio(b64: Any, kind: str = "audio/pcm", max_bytes: int = MAX_EVENT_BYTES) -> np.ndarray:
-    """An append's base64 audio in format `kind` (audio/pcm: little-endian PCM16 mono; audio/pcmu,
-    audio/pcma: G.711 bytes) -> int16 samples. ProtocolError "invalid_value" for empty audio,
-    bad base64 or a PCM16 payload with an odd number of bytes."""
-    if not isinstance(b64, str):
-        raise ProtocolError("audio must be a base64 string", "invalid_type", "audio")
-    if len(b64) > max_bytes * 4 // 3 + 4:
-        raise ProtocolError("audio is larger than the event limit", "message_too_large", "audio")
-    try:
-        data = base64.b64decode(b64, validate=True)
-    except (binascii.Error, ValueError):
-        raise ProtocolError("audio is not valid base64", "invalid_value", "audio") from None
-    if not data:
-        raise ProtocolError("audio is empty", "invalid_value", "audio")
-    if kind in _DECODE:
-        return _DECODE[kind][np.frombuffer(data, np.uint8)]
-    if len(data) % 2:
-        raise ProtocolError("PCM16 audio must have an even number of bytes", "invalid_value", "audio")
-    return np.frombuffer(data, dtype="<i2").astype(np.int16)
-
-
-def encode_audio(samples: np.ndarray, kind: str = "audio/pcm") -> str:
-    """int16 samples -> base64 in format `kind` (the inverse of `decode_audio`)."""
-    x = np.asarray(samples, dtype=np.int16)
-    if kind in _ENCODE:
-        return base64.b64encode(_ENCODE[kind][x.view(np.uint16)].tobytes()).decode()
-    return base64.b64encode(x.astype("<i2").tobytes()).decode()
-
-
-def decode_pcm16(b64: str, max_bytes: int = MAX_EVENT_BYTES) -> np.ndarray:
-    """base64 little-endian PCM16 mono -> int16 samples (see `decode_audio`)."""
-    return decode_audio(b64, "audio/pcm", max_bytes)
-
-
-def encode_pcm16(samples: np.ndarray) -> str:
-    return encode_audio(samples, "audio/pcm")

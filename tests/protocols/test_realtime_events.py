@@ -4,9 +4,10 @@ import numpy as np
 import pytest
 
 from protocols import ProtocolError
-from protocols.realtime import (
-    CLIENT_EVENT_TYPES, ConversationItemTruncate, InputAudioBufferAppend, SessionUpdate, decode_audio, decode_pcm16,
-    encode_audio, encode_pcm16, error_from, format_of, internal_error, is_error, parse_client_event, server_event,
+from protocols.realtime_audio import encode_pcm16
+from protocols.realtime_events import (
+    CLIENT_EVENT_TYPES, ConversationItemTruncate, InputAudioBufferAppend, SessionUpdate, error_from, internal_error, is_error,
+    parse_client_event, server_event,
 )
 
 VALID = {
@@ -73,40 +74,6 @@ def test_bad_client_events_become_error_events(raw, code, param):
 def test_oversized_event_is_refused_before_parsing():
     event = parse_client_event("x" * 2000, max_bytes=1000)
     assert is_error(event) and event["error"]["code"] == "message_too_large"
-
-
-def test_pcm16_round_trip_and_bad_audio():
-    samples = np.array([0, 1, -1, 32767, -32768], dtype=np.int16)
-    assert np.array_equal(decode_pcm16(encode_pcm16(samples)), samples)
-    for bad, message in [("***", "base64"), ("", "empty"), ("AAA", "base64"), ("é", "base64")]:
-        with pytest.raises(ProtocolError, match=message) as info:
-            decode_pcm16(bad)
-        assert info.value.code == "invalid_value" and info.value.param == "audio"
-
-
-def test_g711_tables_are_the_standard_ones():
-    import base64
-    import warnings
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)
-        import audioop  # the standard library's G.711 (until Python 3.13): the reference
-    every_byte = bytes(range(256))
-    for kind, to_linear, from_linear in [("audio/pcmu", audioop.ulaw2lin, audioop.lin2ulaw), ("audio/pcma", audioop.alaw2lin, audioop.lin2alaw)]:
-        reference = np.frombuffer(to_linear(every_byte, 2), "<i2")
-        assert np.array_equal(decode_audio(base64.b64encode(every_byte).decode(), kind), reference)
-        x = np.arange(-32768, 32768, dtype=np.int16)
-        ours = decode_audio(encode_audio(x, kind), kind).astype(np.int64)
-        theirs = np.frombuffer(to_linear(from_linear(x.tobytes(), 2), 2), "<i2").astype(np.int64)
-        assert np.all(np.abs(ours - x) <= np.abs(theirs - x))  # the nearest code: never worse than audioop's
-        assert len(base64.b64decode(encode_audio(x[:160], kind))) == 160  # a byte a sample
-
-
-def test_odd_byte_count_is_refused():
-    import base64
-
-    with pytest.raises(ProtocolError, match="even number"):
-        decode_pcm16(base64.b64encode(b"\x01\x02\x03").decode())
 
 
 def test_server_events_have_ids_and_refuse_typos():
@@ -187,19 +154,13 @@ def test_nesting_up_to_the_limit_is_fine():
     assert not is_error(event), event
 
 
-def test_formats_and_rates_of_a_session_config():
-    assert format_of({}, "input") == ("audio/pcm", 24000)
-    assert format_of({"audio": {"input": {"format": {"type": "audio/pcmu"}}}}, "input") == ("audio/pcmu", 8000)
-    assert format_of({"audio": {"output": {"format": {"type": "audio/pcm", "rate": 16000}}}}, "output") == ("audio/pcm", 16000)
-
-
 def test_internal_errors_say_nothing_of_the_inside():
     error = internal_error("c1")["error"]
     assert error["type"] == "server_error" and error["code"] == "server_error" and error["event_id"] == "c1"
 
 
 def test_opening_session_configs_are_checked_like_updates():
-    from protocols.realtime import session_config
+    from protocols.realtime_events import session_config
 
     assert session_config(None) == {"type": "realtime"}
     assert session_config({"instructions": "hi", "audio": {"input": {"format": {"type": "audio/pcmu"}}}})["audio"]["input"]["format"] == {"type": "audio/pcmu"}
