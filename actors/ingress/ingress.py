@@ -46,7 +46,7 @@ MAX_OFFSET_RTT_S = 0.02  # a clock offset is taken from round trips no longer th
 
 def check_config(config: dict | None) -> dict:
     """A session config as the client gave it (offer or WebSocket), validated and dumped; the
-    same checks as a session.update's (`protocols.realtime.session_config`)."""
+    same checks as a session.update's (`protocols.realtime_events.session_config`)."""
     return session_config(config)
 
 

@@ -22,7 +22,7 @@ Audio formats (`session.audio.input/output.format`) are the transport's to apply
 
 The session ends when the host says so; `expired(now)` tells it when: after `idle_timeout_s`
 without client activity (`touch`: any event, or media arriving, see `Sink.last_arrival`) or
-`max_session_s` after it began (None: never). `protocols.realtime.expired_error` is the error
+`max_session_s` after it began (None: never). `protocols.realtime_events.expired_error` is the error
 event to send before closing it.
 """
 
@@ -106,7 +106,7 @@ class RealtimeSession:
     def expired(self, now: float) -> str | None:
         """Why the session must end at `now` (wall time), or None: idle for `idle_timeout_s` (no
         client event, no media arriving), or `max_session_s` since it began (its first touch or
-        expired call). The host sends `protocols.realtime.expired_error(reason)`, then closes it."""
+        expired call). The host sends `protocols.realtime_events.expired_error(reason)`, then closes it."""
         if self.started is None:
             self.started = now
         if self.max_session_s is not None and now - self.started >= self.max_session_s:

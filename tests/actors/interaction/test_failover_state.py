@@ -23,7 +23,7 @@ from tests.waits import until
 SIDS = ("a", "b", "c")
 SAMPLES = 3_200
 # A replay steps a session alone, so its float32 sums differ from the batched ones in the last bits
-# (as batching does, see tests/models/test_engine.py). What the model decides (text, controls, its
+# (as batching does, see tests/models/test_engine_step.py). What the model decides (text, controls, its
 # positions) is compared exactly; two things amplify the last bits and are compared loosely: the
 # vocoder's peak-locked phase (a near tie between two bins changes the waveform for good, not its
 # level) and the dMel codes of what the model said (a value on a step's edge; a rare code).
