@@ -12,12 +12,14 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass, field, replace
+from functools import partial
 from typing import Any, Callable, Mapping
 
 import ray
 
 from actors.remote import Remote
 from protocols import ProtocolError
+from protocols.ports import Interaction
 
 from .spec import NAMESPACE, ActorSpec, named_actors, resolve
 
@@ -70,9 +72,9 @@ class Interactions:
     """Every interaction actor's figures summed (through the router's handles), the step times
     as the worst actor's."""
 
-    def __init__(self, router: Any, port: Callable[[Any], Any] = Remote):
+    def __init__(self, router: Any, port: Callable[[Any], Any] = partial(Remote, port=Interaction)):
         self.router = router
-        self.port = port  # an actor handle as awaitable methods
+        self.port = port  # an actor handle as its `Interaction` port
 
     async def stats(self) -> dict:
         handles = await self.router.handles()
@@ -139,7 +141,7 @@ class InteractionFleet:
         handles = [ray.get_actor(name, namespace=NAMESPACE) for name in missed]
         answers = await asyncio.gather(*(asyncio.wait_for(h.clock_info.remote(), 5.0) for h in handles), return_exceptions=True)
         # One that does not answer is not placed right now (its node left): looked at next time.
-        found = [(name, Remote(h), self.max_sessions, h) for name, h, a in zip(missed, handles, answers) if not isinstance(a, BaseException)]
+        found = [(name, Remote(h, Interaction), self.max_sessions, h) for name, h, a in zip(missed, handles, answers) if not isinstance(a, BaseException)]
         if found:
             return found
         want = self.units(ray.cluster_resources())
@@ -151,7 +153,7 @@ class InteractionFleet:
                 await asyncio.wait_for(handle.ready.remote(), READY_TIMEOUT_S)
             except Exception:
                 break
-            found.append((name, Remote(handle), self.max_sessions, handle))
+            found.append((name, Remote(handle, Interaction), self.max_sessions, handle))
             known.add(name)
             i += 1
         return found

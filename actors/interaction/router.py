@@ -11,15 +11,14 @@ An ingress asks its `Placement` three things (`protocols.ports.Placement`):
   (`Interaction.resume`), on that actor if it answers and has room, else on another;
 - `leave(session_id)`.
 
-`Direct(interaction)` is the placement of one interaction port (tests, a single actor).
-`Router` places over many: the interaction actors of the deployment, named `interaction-<i>`,
-packed (a new session goes to the fullest actor that has room: batches stay large, and the
+`Router` places over many interaction ports (`actors.interaction.placement.Direct` over one):
+the interaction actors of the deployment, named `interaction-<i>`, packed (a new session goes to the fullest actor that has room: batches stay large, and the
 others stay warm for failover), never onto one that is draining or does not answer. `watch`
 adds an actor for each new unit of capacity the cluster offers (a node with the `interaction`
 resource joining) through the `grow` callback, so capacity grows without a restart. `drain(name)`
 stops placing on an actor and moves its live sessions to the others (`release` there, `resume`
-here). `RouterActor` is the Ray actor; ingresses reach it through `Routed`, which turns the actor
-names it answers into ports.
+here). `RouterActor` is the Ray actor; ingresses reach it as `Remote(handle, Placement)`, and the
+`Placed` it answers holds the actor's port (a `Remote`, which crosses processes as itself).
 """
 
 from __future__ import annotations
@@ -32,6 +31,7 @@ from typing import Any, Awaitable, Callable
 from protocols import ProtocolError
 from protocols.ports import Interaction
 
+from actors.interaction.placement import Placed
 from actors.interaction.quotas import Tenants
 from actors.remote import actor_class
 
@@ -39,42 +39,6 @@ log = logging.getLogger("interplay.router")
 
 PING_TIMEOUT_S = 0.5  # an actor that does not answer a ping this fast is not placed on
 _FREE = asyncio.Lock()  # stands for "no one is moving this session"
-
-
-@dataclass
-class Placed:
-    """Where a session lives: the actor's name, its port (an `Interaction`: in process, or a Ray
-    actor through `actors.remote.Remote`, which crosses processes as itself) and what its join (or
-    resume) answered."""
-
-    actor: str
-    port: Interaction
-    joined: dict = field(default_factory=dict)
-
-
-class Direct:
-    """One interaction port: every session lives there; a lost one is resumed there."""
-
-    def __init__(self, interaction: Interaction, name: str = "interaction", sessions_per_tenant: int | None = None):
-        self.port, self.name = interaction, name
-        self.tenants = Tenants(sessions_per_tenant)
-
-    async def place(self, session_id: str, tenant: str | None = None) -> Placed:
-        self.tenants.admit(session_id, tenant)
-        try:
-            return Placed(self.name, self.port, await self.port.join(session_id) or {})
-        except BaseException:
-            self.tenants.release(session_id)
-            raise
-
-    async def locate(self, session_id: str, lost_on: str | None = None, gone: bool = False) -> Placed:
-        if lost_on is None:
-            return Placed(self.name, self.port, {})
-        return Placed(self.name, self.port, await self.port.resume(session_id) or {})
-
-    async def leave(self, session_id: str) -> None:
-        self.tenants.release(session_id)
-        await self.port.leave(session_id)
 
 
 @dataclass
@@ -417,24 +381,6 @@ class Router:
     @staticmethod
     def _placed(actor: _Actor, joined: dict) -> Placed:
         return Placed(actor.name, actor.port, joined or {})
-
-
-class Routed:
-    """An ingress's placement through the `RouterActor` (or an in-process `Router`)."""
-
-    def __init__(self, router: Any):
-        from actors.remote import Remote
-
-        self.router = Remote(router) if not isinstance(router, Router) else router
-
-    async def place(self, session_id: str, tenant: str | None = None) -> Placed:
-        return await self.router.place(session_id, tenant)
-
-    async def locate(self, session_id: str, lost_on: str | None = None, gone: bool = False) -> Placed:
-        return await self.router.locate(session_id, lost_on, gone)
-
-    async def leave(self, session_id: str) -> None:
-        await self.router.leave(session_id)
 
 
 # One event loop: placements are serialised by the router's lock, pings and joins interleave.

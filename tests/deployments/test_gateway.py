@@ -17,7 +17,7 @@ import pytest
 import uvicorn
 
 from actors.ingress.ingress import Ingress
-from actors.interaction.router import Direct
+from actors.interaction.placement import Direct
 from deployments.auth import Auth
 from deployments.config import AppConfig
 from deployments.gateway import Edge, make_api

@@ -16,6 +16,7 @@ from actors.remote import Remote
 from actors.log.log_actor import SessionLogActor
 from actors.log.session_log import SessionLog
 from protocols import BackgroundTask, BackgroundUpdate, InputChunk, OutputChunk, ProtocolError, SessionEvent, from_table
+from protocols.ports import Log
 from protocols.requests import TaskRequest
 from tests.fakes import FakePool, LocalLog, MockEngine
 from tests.waits import TIMEOUT_S, until
@@ -317,7 +318,7 @@ def test_ray_actor_builds_the_real_engine_and_keeps_time_when_a_client_stops_sen
     B stops after 3 ticks; A's and B's outputs keep coming every tick; everything is logged.
     A tick the actor sheds (a machine too busy to keep up) is no tick for either: counted, not stepped."""
     log_actor = SessionLogActor.remote(str(tmp_path / "log"), tick_ms=200)
-    actor = InteractionActor.remote(EngineSpec("tiny", device="cpu", max_sessions=4), log=Remote(log_actor), grace_ms=60, max_sessions=4)
+    actor = InteractionActor.remote(EngineSpec("tiny", device="cpu", max_sessions=4), log=Remote(log_actor, Log), grace_ms=60, max_sessions=4)
     clock = ray_cluster.get(actor.ready.remote(), timeout=120)
     assert clock["tick_ms"] == 200
 

@@ -5,7 +5,8 @@ import asyncio
 import pytest
 
 from actors.interaction.quotas import Tenants, TokenBucket
-from actors.interaction.router import Direct, Router
+from actors.interaction.placement import Direct
+from actors.interaction.router import Router
 from protocols import ProtocolError
 from tests.fakes import FakePool
 

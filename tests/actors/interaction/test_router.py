@@ -7,7 +7,8 @@ import time
 import pytest
 
 from actors.ingress.ingress import Ingress
-from actors.interaction.router import Direct, Router
+from actors.interaction.placement import Direct
+from actors.interaction.router import Router
 from protocols import OutputChunk, ProtocolError, TickClock
 from protocols.ports import Placement
 from tests.waits import until
