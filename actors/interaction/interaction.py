@@ -27,7 +27,7 @@ from typing import Callable
 
 import ray
 
-from protocols import InputChunk, OutputChunk, ProtocolError, TickClock
+from protocols import InputChunk, OutputChunk, TickClock
 from protocols.ports import BackgroundPool, Engine, Log
 
 from actors.interaction.admission import Admission
@@ -178,13 +178,6 @@ class Interaction:
         # actor was too busy to answer); a session that truly ended is closed by its ingress's
         # leave, or ages out of the log's retention.
         self.admission.left(session, "orphaned", close=False)
-
-    async def push_update(self, session_id: str, text: str) -> None:
-        """Text of a background update: it enters the model with the session's next chunk."""
-        session = self.sessions.get(session_id)
-        if session is None:
-            raise ProtocolError(f"unknown session {session_id!r}", "unknown_session", "session_id")
-        self.tasks.pend(session, text)
 
     async def exchange(self, tick: int, chunks: list[InputChunk], session_ids: list[str]) -> list[OutputChunk]:
         """Hand in chunk `tick` of some sessions; get back tick `tick`'s outputs of `session_ids`

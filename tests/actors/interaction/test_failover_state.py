@@ -41,13 +41,14 @@ class FakeTime:
 
 
 def make_chunk(sid: str, k: int) -> InputChunk:
-    """Tick k of a session: its own noisy tone; typed text, a forced turn, function tools (tick 3)
-    and a request that starts a background task with them (tick 10) at fixed ticks."""
+    """Tick k of a session: its own noisy tone; typed text, a forced turn, function tools (tick 0)
+    and requests that start a background task with them (the tick before each update, so that an
+    actor a session was just resumed on has a task to stream it) at fixed ticks."""
     rng = np.random.default_rng([ord(sid), k])
     t = np.arange(SAMPLES) / 16_000 + k * 0.2
     audio = (3000 * np.sin(2 * np.pi * (180 + 40 * ord(sid) % 7) * t) + rng.normal(0, 900, SAMPLES)).astype(np.int16)
-    events = {3: [{"type": "session.update", "session": {"tools": TOOLS}}], 10: [{"type": "response.create"}]}.get(k, [])
-    requests = {3: [SessionSettings(tools=TOOLS)], 10: [TaskRequest()]}.get(k, [])
+    events = [{"type": "session.update", "session": {"tools": TOOLS}}] if k == 0 else [{"type": "response.create"}] if k % 11 == 1 else []
+    requests = [SessionSettings(tools=TOOLS)] if k == 0 else [TaskRequest()] if k % 11 == 1 else []
     return InputChunk(sid, k, k * 0.2, audio, text="and the weather?" if k % 13 == 5 else "",
                       forced="speak" if k % 17 in (8, 9) else None, events=events, requests=requests)
 
@@ -57,18 +58,29 @@ def update_for(sid: str, k: int) -> str | None:
 
 
 class Run:
-    """An `Interaction` on the real tiny engine, stepped tick by tick on a fake clock."""
+    """An `Interaction` on the real tiny engine, stepped tick by tick on a fake clock; its pool
+    holds every task, streaming the updates a test feeds it."""
 
-    def __init__(self, log=None, time=None, snapshot_s=2.0, background=None):
+    def __init__(self, log=None, time=None, snapshot_s=2.0):
         self.time = time or FakeTime()
         engine = StreamingEngine("tiny", max_sessions=4, temperature=1.0, mute_when_silent=False)
-        self.inter = Interaction(engine, log=log, background=background, t0=0.0, now=self.time, snapshot_s=snapshot_s)
+        self.pool = FakePool(replies=(), hold=True)
+        self.inter = Interaction(engine, log=log, background=self.pool, t0=0.0, now=self.time, snapshot_s=snapshot_s)
+
+    async def update(self, sid: str, text: str) -> None:
+        """`text` streamed by the session's running task, as the pool's updates come; returns once
+        it waits to enter the session's next chunk."""
+        session = self.inter.sessions[sid]
+        task_id = session.task.task_id
+        await until(lambda: task_id in self.pool.inboxes)
+        self.pool.feed(task_id, text)
+        await until(lambda: text in session.updates)
 
     async def tick(self, k: int, sids, updates: bool = True) -> dict[str, OutputChunk]:
         self.time.t = k * 0.2 + 0.05
         for sid in sids:
             if updates and update_for(sid, k):
-                await self.inter.push_update(sid, update_for(sid, k))
+                await self.update(sid, update_for(sid, k))
         chunks = [make_chunk(sid, k) for sid in sids]
         got = asyncio.create_task(self.inter.exchange(k, chunks, list(sids)))
         await asyncio.sleep(0)
@@ -201,15 +213,15 @@ def test_a_released_session_resumes_on_another_actor_exactly(tmp_path):
 
     async def scenario():
         log = LocalLog(session_log)
-        pool = FakePool(replies=(), hold=True)  # no updates: the model's inputs stay the reference's
-        x = Run(log, background=pool)
+        x = Run(log)
+        pool = x.pool
         for sid in ("a", "b"):
             await x.inter.join(sid)
         for k in range(13):
             same(x, await x.tick(k, ("a", "b")), want[k], "ab")
-        running = x.inter.sessions["a"].task  # asked for at tick 10 (or delegated since): running when A moves
+        running = x.inter.sessions["a"].task  # asked for at tick 12 (or delegated since): running when A moves
         assert running.task_id not in pool.cancelled
-        await x.inter.push_update("a", update_for("a", 13))  # waits for tick 13, which is stepped on Y
+        await x.update("a", update_for("a", 13))  # waits for tick 13, which is stepped on Y
         await x.inter.release("a")
         assert list(x.inter.sessions) == ["b"] and x.inter.engine.sessions == ["b"]
         await until(lambda: running.task_id in pool.cancelled)
