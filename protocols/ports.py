@@ -18,7 +18,7 @@ from typing import Any, AsyncIterator, Protocol, runtime_checkable
 
 from .background import BackgroundTask, BackgroundUpdate
 from .chunks import InputChunk, OutputChunk, ProtocolError
-from .seams import AppendResult, Recovery
+from .seams import AppendResult, Joined, Recovery
 
 
 @runtime_checkable
@@ -65,17 +65,17 @@ class Interaction(Protocol):
 
     async def clock_info(self) -> dict: ...
 
-    async def join(self, session_id: str, seed: int | None = None) -> dict: ...
+    async def join(self, session_id: str, seed: int | None = None) -> Joined: ...
 
     async def leave(self, session_id: str) -> None: ...
 
     async def exchange(self, tick: int, chunks: list[InputChunk], session_ids: list[str]) -> list[OutputChunk]: ...
 
-    async def resume(self, session_id: str) -> dict:
+    async def resume(self, session_id: str) -> Joined:
         """Join a session that was live elsewhere (a dead or draining interaction actor): its model
         state is rebuilt from the log (the newest snapshot, then its logged input chunks replayed)
-        and it is stepped on from the next tick. Answers like `join`; a session already here is
-        answered as it is."""
+        and it is stepped on from the next tick. Answers like `join`, with what the rebuild did
+        (`Joined.resumed`); a session already here is answered as it is (`resumed` None)."""
         ...
 
     async def release(self, session_id: str) -> None:

@@ -1,5 +1,6 @@
 """What crosses the interaction actor's ports besides chunks, typed: the log's `AppendResult` and
-`Recovery`. Plain (picklable) classes, so they cross Ray actors as they are.
+`Recovery`, what joining or resuming a session answers (`Joined`, `Resumed`) and the figures of
+one tick (`TickStats`). Plain (picklable) classes, so they cross Ray actors as they are.
 """
 
 from __future__ import annotations
@@ -42,3 +43,42 @@ class Recovery:
     def last_tick(self) -> int | None:
         """The last tick the session's model stepped, as far as the log knows."""
         return self.inputs[-1].seq if self.inputs else self.tick
+
+
+@dataclass(frozen=True)
+class Resumed:
+    """What rebuilding a session from the log did: the last tick the log had of it (`from_tick`;
+    None if none), how many logged ticks were `replayed` onto its snapshot, and how many of those
+    gave other outputs than the logged ones (`mismatches`)."""
+
+    from_tick: int | None
+    replayed: int
+    mismatches: int
+
+
+@dataclass(frozen=True)
+class Joined:
+    """What `Interaction.join` (and `resume`) answers: the session, the first tick it is stepped
+    on, its `log_token` (None with no log), the actor's `clock` (its `clock_info` as it answered)
+    and, when `resume` rebuilt it from the log just now, what that did (`resumed`; None for a
+    join, or a session that was there already)."""
+
+    session_id: str
+    first_tick: int
+    log_token: str | None
+    clock: dict[str, Any]
+    resumed: Resumed | None = None
+
+
+@dataclass(frozen=True)
+class TickStats:
+    """One tick's figures, as the interaction actor keeps them for its last few hundred ticks and
+    exports them as metrics."""
+
+    tick: int
+    sessions: int
+    late: int  # chunks that arrived after their tick was stepped (or shed)
+    missing: int  # sessions stepped without a chunk
+    step_ms: float
+    lag_ms: float  # how long after the deadline the step started
+    shed: int = 0  # ticks skipped just before this one, the loop being behind

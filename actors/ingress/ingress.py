@@ -256,8 +256,7 @@ class Ingress:
         except asyncio.CancelledError:  # the join may have landed before the caller gave up: take it back
             self._spawn(self._leave_quietly(call.id))
             raise
-        joined = placed.joined if isinstance(placed.joined, dict) else {}
-        call.session.log_token = joined.get("log_token")
+        call.session.log_token = placed.joined.log_token if placed.joined is not None else None
         call.actor = placed.actor
         self._group(placed)
 

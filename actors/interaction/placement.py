@@ -9,9 +9,10 @@ many actors is `actors.interaction.router.Router`'s; an ingress reaches the rout
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from protocols.ports import Interaction
+from protocols.seams import Joined
 
 from actors.interaction.quotas import Tenants
 
@@ -19,11 +20,11 @@ from actors.interaction.quotas import Tenants
 @dataclass
 class Placed:
     """Where a session lives: the actor's name, its port and what its join (or resume) answered
-    (empty when the session was only located)."""
+    (None when the session was only located)."""
 
     actor: str
     port: Interaction
-    joined: dict = field(default_factory=dict)
+    joined: Joined | None = None
 
 
 class Direct:
@@ -36,15 +37,15 @@ class Direct:
     async def place(self, session_id: str, tenant: str | None = None) -> Placed:
         self.tenants.admit(session_id, tenant)
         try:
-            return Placed(self.name, self.port, await self.port.join(session_id) or {})
+            return Placed(self.name, self.port, await self.port.join(session_id))
         except BaseException:
             self.tenants.release(session_id)
             raise
 
     async def locate(self, session_id: str, lost_on: str | None = None, gone: bool = False) -> Placed:
         if lost_on is None:
-            return Placed(self.name, self.port, {})
-        return Placed(self.name, self.port, await self.port.resume(session_id) or {})
+            return Placed(self.name, self.port)
+        return Placed(self.name, self.port, await self.port.resume(session_id))
 
     async def leave(self, session_id: str) -> None:
         self.tenants.release(session_id)

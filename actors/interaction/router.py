@@ -30,6 +30,7 @@ from typing import Any, Awaitable, Callable
 
 from protocols import ProtocolError
 from protocols.ports import Interaction
+from protocols.seams import Joined
 
 from actors.interaction.placement import Placed
 from actors.interaction.quotas import Tenants
@@ -115,7 +116,7 @@ class Router:
                 continue
             self._put(session_id, actor)
             self.counts["placed"] += 1
-            return self._placed(actor, joined)
+            return Placed(actor.name, actor.port, joined)
         self.counts["refused"] += 1
         if last is not None and last.code != "capacity":
             raise last
@@ -138,7 +139,7 @@ class Router:
             actor = self.actors.get(name)
             if lost_on is None or lost_on != name:
                 if actor is not None:
-                    return self._placed(actor, {})  # it moved already: tell the ingress where
+                    return Placed(actor.name, actor.port)  # it moved already: tell the ingress where
             return await self._resume(session_id, prefer=actor, gone=gone)
 
     async def leave(self, session_id: str) -> None:
@@ -331,11 +332,11 @@ class Router:
                 continue
             self._put(session_id, actor)
             self.counts["resumed"] += 1
-            return self._placed(actor, joined)
+            return Placed(actor.name, actor.port, joined)
         # Still known (where it was): the ingress asks again until an actor can take it.
         raise ProtocolError("no interaction actor can take this session now", "capacity")
 
-    async def _join(self, actor: _Actor, session_id: str) -> dict:
+    async def _join(self, actor: _Actor, session_id: str) -> Joined:
         """`join` on `actor`, seen through: if the caller gives up meanwhile, the join still
         finishes there and is then taken back, so a dropped request leaks no slot."""
         joining = asyncio.ensure_future(actor.port.join(session_id))
@@ -377,10 +378,6 @@ class Router:
         name = self.where.get(session_id)
         if name in self.actors:
             self.actors[name].sessions.discard(session_id)
-
-    @staticmethod
-    def _placed(actor: _Actor, joined: dict) -> Placed:
-        return Placed(actor.name, actor.port, joined or {})
 
 
 # One event loop: placements are serialised by the router's lock, pings and joins interleave.

@@ -18,6 +18,7 @@ from actors.remote import Remote
 from actors.ingress.transports import check_sdp
 from protocols import OutputChunk, ProtocolError
 from protocols.ports import Interaction
+from protocols.seams import Joined
 from tests.actors.ingress.peers import Client, Echo, call, now_clock
 from tests.waits import TIMEOUT_S, until
 
@@ -319,7 +320,7 @@ class FakeInteraction:
         if len(self.members) >= self.max_sessions:
             raise ProtocolError("the interaction actor is full", "capacity")
         self.members.append(session_id)
-        return {"session_id": session_id, "log_token": "t"}
+        return Joined(session_id, 0, "t", {})
 
     async def leave(self, session_id):
         self.members.remove(session_id)

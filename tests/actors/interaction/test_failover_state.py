@@ -8,6 +8,7 @@ difference in a rebuilt state shows."""
 from __future__ import annotations
 
 import asyncio
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -146,10 +147,10 @@ def test_sessions_resumed_on_a_restarted_actor_go_on_exactly(tmp_path):
         second = Run(log, time)
         answers = {sid: await second.inter.resume(sid) for sid in SIDS}
         for sid, a in answers.items():
-            assert a["first_tick"] == 40 and a["resumed_from"] == 39 and a["mismatches"] == 0
-            assert 0 < a["replayed"] <= 10  # from a snapshot, not from the start
-        assert len({a["replayed"] for a in answers.values()}) > 1  # snapshots were taken on different ticks
-        assert await second.inter.resume("a") == {k: v for k, v in answers["a"].items() if k not in ("resumed_from", "replayed", "mismatches")}
+            assert a.first_tick == 40 and a.resumed.from_tick == 39 and a.resumed.mismatches == 0
+            assert 0 < a.resumed.replayed <= 10  # from a snapshot, not from the start
+        assert len({a.resumed.replayed for a in answers.values()}) > 1  # snapshots were taken on different ticks
+        assert await second.inter.resume("a") == replace(answers["a"], resumed=None)
         assert second.inter.sessions["a"].tools == TOOLS  # what the chunks told the actor comes back too
         for k in range(40, 60):
             same(second, await second.tick(k, SIDS), want[k])
@@ -159,7 +160,7 @@ def test_sessions_resumed_on_a_restarted_actor_go_on_exactly(tmp_path):
         return answers
 
     answers = asyncio.run(scenario())
-    deltas = from_table(session_log.read("a", answers["a"]["log_token"]))
+    deltas = from_table(session_log.read("a", answers["a"].log_token))
     assert [c.seq for c in deltas if isinstance(c, InputChunk)] == list(range(60))  # one complete record
     assert [e.type for e in deltas if isinstance(e, SessionEvent)] == ["session.joined", "session.resumed"]
     assert [c.updates for c in deltas if isinstance(c, InputChunk) and c.updates] == [[update_for("a", k)] for k in (2, 13, 24, 35, 46, 57)]
@@ -185,7 +186,7 @@ def test_a_session_that_was_nowhere_for_a_while_resumes_across_a_gap_and_replays
         time.t = 30 * 0.2 + 0.01
         second = Run(log, time, snapshot_s=None)
         answer = await second.inter.resume("a")
-        assert (answer["first_tick"], answer["resumed_from"], answer["replayed"]) == (30, 24, 25)
+        assert (answer.first_tick, answer.resumed.from_tick, answer.resumed.replayed) == (30, 24, 25)
         for k in range(30, 40):
             same(second, await second.tick(k, "a"), want[k], "a")
         await second.inter.flush()
@@ -193,11 +194,11 @@ def test_a_session_that_was_nowhere_for_a_while_resumes_across_a_gap_and_replays
 
         third = Run(log, time, snapshot_s=None)
         answer = await third.inter.resume("a")
-        assert answer["replayed"] == 25 + 10 and answer["mismatches"] == 0 and answer["first_tick"] == 40
+        assert answer.resumed.replayed == 25 + 10 and answer.resumed.mismatches == 0 and answer.first_tick == 40
         for k in range(40, 45):
             same(third, await third.tick(k, "a"), want[k], "a")
         await third.inter.flush()
-        return answer["log_token"]
+        return answer.log_token
 
     token = asyncio.run(scenario())
     inputs = [c.seq for c in from_table(session_log.read("a", token)) if isinstance(c, InputChunk)]
@@ -228,7 +229,7 @@ def test_a_released_session_resumes_on_another_actor_exactly(tmp_path):
 
         y = Run(log, x.time)
         answer = await y.inter.resume("a")
-        assert answer["replayed"] == 0 and answer["first_tick"] == 13 and answer["resumed_from"] == 12
+        assert answer.resumed.replayed == 0 and answer.first_tick == 13 and answer.resumed.from_tick == 12
         assert y.inter.sessions["a"].updates == [update_for("a", 13)]
         for k in range(13, 30):
             x.time.t = y.time.t = k * 0.2 + 0.05
@@ -236,7 +237,7 @@ def test_a_released_session_resumes_on_another_actor_exactly(tmp_path):
             same(y, await y.tick(k, ("a",), updates=k != 13), want[k], "a")
             same(x, await got_b, want[k], "b")
         await y.inter.flush()
-        return answer["log_token"], running
+        return answer.log_token, running
 
     token, running = asyncio.run(scenario())
     deltas = from_table(session_log.read("a", token))
@@ -265,7 +266,7 @@ def test_an_actor_too_slow_to_answer_is_fenced_off_when_its_session_resumes_else
 
         y = Run(log, x.time)
         answer = await y.inter.resume("a")  # X is not asked: it did not answer in time
-        assert answer["first_tick"] == 10 and y.inter.sessions["a"].epoch == 1
+        assert answer.first_tick == 10 and y.inter.sessions["a"].epoch == 1
         for k in range(10, 20):
             x.time.t = y.time.t = k * 0.2 + 0.05
             got_b = asyncio.create_task(x.tick(k, ("b",)))  # the ingress feeds A to Y now
@@ -278,7 +279,7 @@ def test_an_actor_too_slow_to_answer_is_fenced_off_when_its_session_resumes_else
         await x.inter.leave("b")
         await y.inter.leave("a")
         await y.inter.flush()
-        return answer["log_token"]
+        return answer.log_token
 
     token = asyncio.run(scenario())
     deltas = from_table(session_log.read("a", token))

@@ -65,7 +65,7 @@ def test_the_clock_comes_from_the_engine():
 def test_missing_chunk_is_stepped_as_silence_and_others_get_their_output():
     async def scenario():
         inter = make()
-        assert (await inter.join("a"))["first_tick"] == 0
+        assert (await inter.join("a")).first_tick == 0
         await inter.join("b")
         got, stepped = await exchange_then_step(inter, 0, [chunk("a", 0)], ["a", "b"])
         assert [o.session_id for o in got] == ["a", "b"] and all(o.seq == 0 for o in got)
@@ -153,7 +153,7 @@ def test_every_chunk_and_output_lands_in_the_log_in_order(tmp_path):
         await inter.leave("b")
         await inter.flush()
         assert inter.sessions["a"].log_index == 8  # joined event + 4 ticks of (input, output)
-        return a["log_token"], sent
+        return a.log_token, sent
 
     token, sent = asyncio.run(scenario())
     deltas = from_table(session_log.read("a", token))
@@ -189,7 +189,7 @@ def test_a_tick_is_stepped_as_soon_as_every_chunk_is_in():
     async def scenario():
         clock = FakeTime()
         inter = Interaction(MockEngine(max_sessions=2), t0=0.0, now=clock, grace_ms=3_600_000)
-        first = (await inter.join("a"))["first_tick"]
+        first = (await inter.join("a")).first_tick
         await inter.ready()
         for k in range(first, first + 3):
             clock.t = inter.clock.start(k)
@@ -198,8 +198,8 @@ def test_a_tick_is_stepped_as_soon_as_every_chunk_is_in():
         return (await inter.stats())["ticks"]
 
     ticks = asyncio.run(scenario())
-    assert [t["tick"] for t in ticks] == [0, 1, 2]
-    assert all(t["lag_ms"] < 0 for t in ticks)  # before the deadline, by the actor's own clock
+    assert [t.tick for t in ticks] == [0, 1, 2]
+    assert all(t.lag_ms < 0 for t in ticks)  # before the deadline, by the actor's own clock
 
 
 # --- delegation --------------------------------------------------------------------------------
@@ -233,7 +233,7 @@ def test_delegation_does_not_wait_on_a_slow_log_and_the_log_records_task_and_upd
     async def scenario():
         pool = FakePool(replies=("done",))
         inter = make(log=LocalLog(session_log, delay_s=0.0), background=pool)
-        token = (await inter.join("a"))["log_token"]
+        token = (await inter.join("a")).log_token
         await exchange_then_step(inter, 0, [chunk("a", 0)], ["a"])
         await inter.flush()
         inter.log.held = asyncio.Event()  # the log hangs: nothing it is asked returns until released
@@ -264,7 +264,7 @@ def test_leaving_cancels_the_running_task(tmp_path):
     async def scenario():
         pool = FakePool(replies=("thinking",), hold=True)
         inter = make(log=LocalLog(session_log), background=pool)
-        token = (await inter.join("a"))["log_token"]
+        token = (await inter.join("a")).log_token
         await exchange_then_step(inter, 0, [chunk("a", 0, text="please delegate")], ["a"])
         await until(lambda: inter.sessions["a"].updates == ["thinking"])
         assert pool.cancelled == []
@@ -301,7 +301,7 @@ def test_with_no_pool_a_delegated_task_is_still_logged(tmp_path):
 
     async def scenario():
         inter = make(log=LocalLog(session_log))
-        token = (await inter.join("a"))["log_token"]
+        token = (await inter.join("a")).log_token
         await exchange_then_step(inter, 0, [chunk("a", 0, text="please delegate")], ["a"])
         await inter.flush()
         return token
@@ -324,7 +324,7 @@ def test_ray_actor_builds_the_real_engine_and_keeps_time_when_a_client_stops_sen
 
     async def client(sid, ticks_sending, n_ticks):
         info = await actor.join.remote(sid)
-        first = info["first_tick"]
+        first = info.first_tick
         got = []
         for k in range(first, first + n_ticks):
             delay = clock["t0"] + k * clock["tick_s"] - time.time()
@@ -344,13 +344,13 @@ def test_ray_actor_builds_the_real_engine_and_keeps_time_when_a_client_stops_sen
     shed = stats["totals"]["shed_ticks"]
     seqs_a, seqs_b = [o.seq for o in outs_a], [o.seq for o in outs_b]
     for info, seqs in ((ia, seqs_a), (ib, seqs_b)):  # B's too: stepped as missing, never waited for
-        assert seqs == sorted(set(seqs)) and set(seqs) <= set(range(info["first_tick"], info["first_tick"] + 12))
+        assert seqs == sorted(set(seqs)) and set(seqs) <= set(range(info.first_tick, info.first_tick + 12))
         assert len(seqs) + shed >= 12, (seqs, shed)
-    both_on = range(max(ia["first_tick"], ib["first_tick"]), min(ia["first_tick"], ib["first_tick"]) + 12)
+    both_on = range(max(ia.first_tick, ib.first_tick), min(ia.first_tick, ib.first_tick) + 12)
     assert [k for k in seqs_a if k in both_on] == [k for k in seqs_b if k in both_on]  # one batched step for both
     assert all(o.audio.shape == (SAMPLES,) for o in outs_a + outs_b)
     assert stats["sessions"] == 0 and stats["totals"]["missing_chunks"] + shed >= 9
-    table = ray_cluster.get(log_actor.read.remote("b", ib["log_token"]))
+    table = ray_cluster.get(log_actor.read.remote("b", ib.log_token))
     logged = [d for d in from_table(table) if isinstance(d, InputChunk)]
     assert [c.seq for c in logged][: len(seqs_b)] == seqs_b  # every tick stepped is on record (and any stepped before B left)
     assert sum(c.missing for c in logged) + shed >= 9  # B's silence is on record
@@ -416,7 +416,7 @@ def test_join_is_refused_while_steps_run_hot_and_accepted_again_after():
         inter.engine.step_s = 0.0
         for k in range(3, 3 + 25):
             await inter.step(k)
-        assert (await inter.join("b"))["first_tick"] == 28
+        assert (await inter.join("b")).first_tick == 28
 
     asyncio.run(scenario())
 
@@ -461,7 +461,7 @@ def test_a_failing_log_is_retried_in_order_and_a_refusal_is_not(tmp_path):
     async def scenario():
         log = FlakyLog(session_log)
         inter = make(log=log)
-        token = (await inter.join("a"))["log_token"]
+        token = (await inter.join("a")).log_token
         await inter.flush()
         log.fail = 3
         for k in range(3):
@@ -487,7 +487,7 @@ def test_the_log_backlog_is_bounded_and_drops_the_oldest(tmp_path):
     async def scenario():
         log = FlakyLog(session_log)
         inter = Interaction(MockEngine(max_sessions=4), log=log, t0=0.0, now=FakeTime(), log_backlog=3, snapshot_s=None)
-        token = (await inter.join("a"))["log_token"]
+        token = (await inter.join("a")).log_token
         await inter.flush()
         log.fail = 10**9  # down
         for k in range(8):
@@ -512,7 +512,7 @@ def test_a_session_whose_ingress_is_gone_leaves_on_its_own(tmp_path):
     async def scenario():
         inter = Interaction(MockEngine(max_sessions=4), log=LocalLog(session_log), t0=0.0, now=FakeTime(), orphan_s=1.0)
         await inter.join("a")
-        token = (await inter.join("b"))["log_token"]
+        token = (await inter.join("b")).log_token
         inter.now.t = 0.1
         assert (await inter.clock_info())["now"] == 0.1
         for k in range(7):

@@ -11,6 +11,7 @@ from actors.interaction.placement import Direct
 from actors.interaction.router import Router
 from protocols import OutputChunk, ProtocolError, TickClock
 from protocols.ports import Placement
+from protocols.seams import Joined
 from tests.waits import until
 
 pytestmark = pytest.mark.timeout(180)
@@ -45,7 +46,7 @@ class Fake:
         if len(self.members) >= self.capacity:
             raise ProtocolError("full", "capacity")
         self.members.append(session_id)
-        return {"session_id": session_id, "first_tick": 0, "log_token": "t"}
+        return Joined(session_id, 0, "t", {})
 
     async def resume(self, session_id):
         self._check()
@@ -54,7 +55,7 @@ class Fake:
                 raise ProtocolError("full", "capacity")
             self.members.append(session_id)
             self.resumed.append(session_id)
-        return {"session_id": session_id, "first_tick": 0, "log_token": "t"}
+        return Joined(session_id, 0, "t", {})
 
     async def release(self, session_id):
         self._check()
