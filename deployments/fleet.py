@@ -20,6 +20,7 @@ import ray
 from actors.remote import Remote
 from protocols import ProtocolError
 from protocols.ports import Interaction
+from protocols.seams import InteractionStats
 
 from .spec import NAMESPACE, ActorSpec, named_actors, resolve
 
@@ -79,17 +80,17 @@ class Interactions:
     async def stats(self) -> dict:
         handles = await self.router.handles()
         answers = await asyncio.gather(*(self.port(h).stats() for h in handles.values()), return_exceptions=True)
-        alive = [a for a in answers if isinstance(a, dict)]
+        alive = [a for a in answers if isinstance(a, InteractionStats)]
         if not alive:
             raise RuntimeError("no interaction actor answers")
         totals: dict = {}
         for a in alive:
-            for key, value in a["totals"].items():
+            for key, value in a.totals.items():
                 totals[key] = totals.get(key, 0) + value
         return {
-            "sessions": sum(a["sessions"] for a in alive), "tick": max(a["tick"] for a in alive),
-            "step_ms_p50": max(a["step_ms_p50"] for a in alive), "step_ms_p99": max(a["step_ms_p99"] for a in alive),
-            "late_chunks": sum(a["late_chunks"] for a in alive), "missing_chunks": sum(a["missing_chunks"] for a in alive),
+            "sessions": sum(a.sessions for a in alive), "tick": max(a.tick for a in alive),
+            "step_ms_p50": max(a.step_ms_p50 for a in alive), "step_ms_p99": max(a.step_ms_p99 for a in alive),
+            "late_chunks": sum(a.late_chunks for a in alive), "missing_chunks": sum(a.missing_chunks for a in alive),
             "totals": totals, "actors": len(handles), "actors_answering": len(alive),
         }
 

@@ -18,7 +18,7 @@ from typing import Any, AsyncIterator, Protocol, runtime_checkable
 
 from .background import BackgroundTask, BackgroundUpdate
 from .chunks import InputChunk, OutputChunk, ProtocolError
-from .seams import AppendResult, Joined, Recovery
+from .seams import AppendResult, InteractionStats, Joined, Recovery
 
 
 @runtime_checkable
@@ -87,7 +87,7 @@ class Interaction(Protocol):
         """Let a session go that lives elsewhere now: nothing snapshotted or logged, its log open."""
         ...
 
-    async def stats(self, last: int = 50) -> dict:
+    async def stats(self, last: int = 50) -> InteractionStats:
         """Recent figures (the last `last` ticks) and totals since the actor started."""
         ...
 

@@ -29,7 +29,7 @@ import ray
 
 from protocols import InputChunk, OutputChunk, TickClock
 from protocols.ports import BackgroundPool, Engine, Log
-from protocols.seams import Joined, Resumed, TickStats
+from protocols.seams import InteractionStats, Joined, Resumed, TickStats
 
 from actors.interaction.admission import Admission
 from actors.interaction.core import Core, JoinedSession
@@ -195,20 +195,14 @@ class Interaction:
 
     # --- figures -----------------------------------------------------------------------------
 
-    async def stats(self, last: int = 50) -> dict:
+    async def stats(self, last: int = 50) -> InteractionStats:
         """Recent figures (the last `last` ticks) and totals since the actor started."""
         self._restarted()
-        return {
-            "sessions": len(self.sessions),
-            "session_ids": sorted(self.sessions),
-            "tick": self.core.next_tick - 1,
-            "tick_ms": self.clock.tick_ms,
-            **self.figures.summary(last),
-            "hot": self.hot(),
-            "log_backlog": len(self.logs.queue),
-            "totals": dict(self.core.totals),
-            "node_id": ray.get_runtime_context().get_node_id() if _in_ray_actor() else None,
-        }
+        return InteractionStats(
+            sessions=len(self.sessions), session_ids=sorted(self.sessions), tick=self.core.next_tick - 1, tick_ms=self.clock.tick_ms,
+            **self.figures.summary(last), hot=self.hot(), log_backlog=len(self.logs.queue), totals=dict(self.core.totals),
+            node_id=ray.get_runtime_context().get_node_id() if _in_ray_actor() else None,
+        )
 
 
 def _in_ray_actor() -> bool:

@@ -209,8 +209,7 @@ class Router:
                 stats = await asyncio.wait_for(actor.port.stats(), self.ping_timeout_s * 4)
             except Exception:
                 continue
-            if isinstance(stats, dict) and stats.get("session_ids") is not None:
-                present[actor.name] = set(stats["session_ids"])
+            present[actor.name] = set(stats.session_ids)
         async with self._lock:
             for sid, name in list(self.where.items()):
                 if name not in present or self._session_locks.get(sid, _FREE).locked():
@@ -262,7 +261,7 @@ class Router:
         found = 0
         async def held(actor: _Actor) -> list:
             stats = await asyncio.wait_for(actor.port.stats(), 2.0)
-            return list(stats.get("session_ids") or [])
+            return list(stats.session_ids)
 
         answers = await asyncio.gather(*(held(a) for a in self.actors.values()), return_exceptions=True)
         async with self._lock:

@@ -60,12 +60,13 @@ def update_for(sid: str, k: int) -> str | None:
 
 class Run:
     """An `Interaction` on the real tiny engine, stepped tick by tick on a fake clock; its pool
-    holds every task, streaming the updates a test feeds it."""
+    (its own, or the one of the actor it takes over from: the pool outlives an actor) holds every
+    task, streaming the updates a test feeds it."""
 
-    def __init__(self, log=None, time=None, snapshot_s=2.0):
+    def __init__(self, log=None, time=None, snapshot_s=2.0, pool=None):
         self.time = time or FakeTime()
         engine = StreamingEngine("tiny", max_sessions=4, temperature=1.0, mute_when_silent=False)
-        self.pool = FakePool(replies=(), hold=True)
+        self.pool = pool or FakePool(replies=(), hold=True)
         self.inter = Interaction(engine, log=log, background=self.pool, t0=0.0, now=self.time, snapshot_s=snapshot_s)
 
     async def update(self, sid: str, text: str) -> None:
@@ -142,9 +143,8 @@ def test_sessions_resumed_on_a_restarted_actor_go_on_exactly(tmp_path):
         assert first.inter.core.totals["snapshots"] >= 3 * 4
         await first.inter.flush()
         time = first.time
+        second = Run(log, time, pool=first.pool)
         del first
-
-        second = Run(log, time)
         answers = {sid: await second.inter.resume(sid) for sid in SIDS}
         for sid, a in answers.items():
             assert a.first_tick == 40 and a.resumed.from_tick == 39 and a.resumed.mismatches == 0
@@ -155,7 +155,7 @@ def test_sessions_resumed_on_a_restarted_actor_go_on_exactly(tmp_path):
         for k in range(40, 60):
             same(second, await second.tick(k, SIDS), want[k])
         stats = await second.inter.stats()
-        assert stats["totals"]["resumed"] == 3 and stats["totals"]["replay_mismatches"] == 0
+        assert stats.totals["resumed"] == 3 and stats.totals["replay_mismatches"] == 0
         await second.inter.flush()
         return answers
 
@@ -181,18 +181,16 @@ def test_a_session_that_was_nowhere_for_a_while_resumes_across_a_gap_and_replays
             await first.tick(k, "a")
         await first.inter.flush()
         time = first.time
-        del first
-
         time.t = 30 * 0.2 + 0.01
-        second = Run(log, time, snapshot_s=None)
+        second = Run(log, time, snapshot_s=None, pool=first.pool)
+        del first
         answer = await second.inter.resume("a")
         assert (answer.first_tick, answer.resumed.from_tick, answer.resumed.replayed) == (30, 24, 25)
         for k in range(30, 40):
             same(second, await second.tick(k, "a"), want[k], "a")
         await second.inter.flush()
+        third = Run(log, time, snapshot_s=None, pool=second.pool)
         del second
-
-        third = Run(log, time, snapshot_s=None)
         answer = await third.inter.resume("a")
         assert answer.resumed.replayed == 25 + 10 and answer.resumed.mismatches == 0 and answer.first_tick == 40
         for k in range(40, 45):
@@ -275,7 +273,7 @@ def test_an_actor_too_slow_to_answer_is_fenced_off_when_its_session_resumes_else
             await x.inter.flush()
         stats = await x.inter.stats()
         assert list(x.inter.sessions) == ["b"] and x.inter.engine.sessions == ["b"]
-        assert stats["totals"]["fenced"] == 1 and stats["totals"]["log_refused"] >= 1  # its snapshot of A too
+        assert stats.totals["fenced"] == 1 and stats.totals["log_refused"] >= 1  # its snapshot of A too
         await x.inter.leave("b")
         await y.inter.leave("a")
         await y.inter.flush()

@@ -73,7 +73,7 @@ def test_missing_chunk_is_stepped_as_silence_and_others_get_their_output():
         handed = {c.session_id: c for c in inter.engine.steps[-1]}
         assert handed["b"].missing and not handed["b"].audio.any() and not handed["a"].missing
         stats = await inter.stats()
-        assert stats["missing_chunks"] == 1 and stats["totals"]["missing_chunks"] == 1
+        assert stats.missing_chunks == 1 and stats.totals["missing_chunks"] == 1
         assert stepped["a"].audio.any() and not stepped["b"].audio.any()  # a's level echoed, b silent
 
     asyncio.run(scenario())
@@ -88,8 +88,8 @@ def test_late_chunk_is_counted_and_still_gets_the_tick_output():
         assert late == [stepped["a"]]
         await exchange_then_step(inter, 1, [chunk("a", 1)], ["a"])
         stats = await inter.stats()
-        assert stats["late_chunks"] == 1 and stats["missing_chunks"] == 1
-        assert {k: v for k, v in stats["totals"].items() if v} == {"ticks": 2, "late_chunks": 1, "missing_chunks": 1}
+        assert stats.late_chunks == 1 and stats.missing_chunks == 1
+        assert {k: v for k, v in stats.totals.items() if v} == {"ticks": 2, "late_chunks": 1, "missing_chunks": 1}
 
     asyncio.run(scenario())
 
@@ -114,7 +114,7 @@ def test_a_late_chunk_loses_only_its_sound_its_text_events_and_forced_control_go
         assert carried.requests == [TaskRequest()]
         await inter.step(3)  # carried once, not again
         assert next(c for c in inter.engine.steps[-1] if c.session_id == "a").text == ""
-        assert (await inter.stats())["totals"]["late_chunks"] == 2
+        assert (await inter.stats()).totals["late_chunks"] == 2
 
     asyncio.run(scenario())
 
@@ -195,7 +195,7 @@ def test_a_tick_is_stepped_as_soon_as_every_chunk_is_in():
             clock.t = inter.clock.start(k)
             got = await asyncio.wait_for(inter.exchange(k, [chunk("a", k)], ["a"]), TIMEOUT_S)
             assert [o.seq for o in got] == [k]
-        return (await inter.stats())["ticks"]
+        return (await inter.stats()).ticks
 
     ticks = asyncio.run(scenario())
     assert [t.tick for t in ticks] == [0, 1, 2]
@@ -222,7 +222,7 @@ def test_delegation_reaches_the_pool_with_no_log_and_its_updates_enter_with_the_
         (task,) = pool.tasks
         assert task.session_id == "a" and task.kind == "delegate" and task.instruction == "please delegate the weather"
         assert task.context_upto == -1  # nothing is logged
-        assert (await inter.stats())["totals"]["updates"] == 2
+        assert (await inter.stats()).totals["updates"] == 2
 
     asyncio.run(scenario())
 
@@ -341,7 +341,7 @@ def test_ray_actor_builds_the_real_engine_and_keeps_time_when_a_client_stops_sen
 
     (ia, outs_a), (ib, outs_b) = asyncio.run(both())
     stats = ray_cluster.get(actor.stats.remote())
-    shed = stats["totals"]["shed_ticks"]
+    shed = stats.totals["shed_ticks"]
     seqs_a, seqs_b = [o.seq for o in outs_a], [o.seq for o in outs_b]
     for info, seqs in ((ia, seqs_a), (ib, seqs_b)):  # B's too: stepped as missing, never waited for
         assert seqs == sorted(set(seqs)) and set(seqs) <= set(range(info.first_tick, info.first_tick + 12))
@@ -349,7 +349,7 @@ def test_ray_actor_builds_the_real_engine_and_keeps_time_when_a_client_stops_sen
     both_on = range(max(ia.first_tick, ib.first_tick), min(ia.first_tick, ib.first_tick) + 12)
     assert [k for k in seqs_a if k in both_on] == [k for k in seqs_b if k in both_on]  # one batched step for both
     assert all(o.audio.shape == (SAMPLES,) for o in outs_a + outs_b)
-    assert stats["sessions"] == 0 and stats["totals"]["missing_chunks"] + shed >= 9
+    assert stats.sessions == 0 and stats.totals["missing_chunks"] + shed >= 9
     table = ray_cluster.get(log_actor.read.remote("b", ib.log_token))
     logged = [d for d in from_table(table) if isinstance(d, InputChunk)]
     assert [c.seq for c in logged][: len(seqs_b)] == seqs_b  # every tick stepped is on record (and any stepped before B left)
@@ -395,8 +395,8 @@ def test_a_loop_that_falls_behind_sheds_to_the_newest_due_tick_and_tells_the_ses
         assert [[e["ticks"] for e in shed[k]] for k in stepped] == [[], [1, 1], [2, 2], [1, 1]]
         assert shed[2][0]["reason"] == "overload" and shed[2][0]["event_id"]
         stats = await inter.stats()
-        assert stats["totals"]["shed_ticks"] == 4 and stats["shed_ticks"] == 4 and stats["totals"]["late_chunks"] == 1
-        assert stats["hot"]
+        assert stats.totals["shed_ticks"] == 4 and stats.shed_ticks == 4 and stats.totals["late_chunks"] == 1
+        assert stats.hot
         with pytest.raises(ProtocolError, match="overloaded") as refused:
             await inter.join("c")
         assert refused.value.code == "capacity"
@@ -472,7 +472,7 @@ def test_a_failing_log_is_retried_in_order_and_a_refusal_is_not(tmp_path):
         await exchange_then_step(inter, 3, [chunk("a", 3)], ["a"])
         await exchange_then_step(inter, 4, [chunk("a", 4)], ["a"])
         assert await inter.flush(timeout=30)
-        totals = (await inter.stats())["totals"]
+        totals = (await inter.stats()).totals
         assert (totals["log_retries"], totals["log_refused"], totals["log_dropped"]) == (3, 1, 0)
         return token
 
@@ -496,7 +496,7 @@ def test_the_log_backlog_is_bounded_and_drops_the_oldest(tmp_path):
         assert not await inter.flush(timeout=0.2)
         log.fail = 0  # back
         assert await inter.flush(timeout=30)
-        assert (await inter.stats())["totals"]["log_dropped"] == 5
+        assert (await inter.stats()).totals["log_dropped"] == 5
         return token
 
     token = asyncio.run(scenario())
@@ -523,7 +523,7 @@ def test_a_session_whose_ingress_is_gone_leaves_on_its_own(tmp_path):
         assert sorted(inter.sessions) == ["a", "b"]  # heard of at tick 1 (late): 5 ticks of silence so far
         await exchange_then_step(inter, 7, [chunk("a", 7)], ["a"])
         stats = await inter.stats()
-        assert stats["session_ids"] == ["a"] and stats["totals"]["orphaned"] == 1
+        assert stats.session_ids == ["a"] and stats.totals["orphaned"] == 1
         assert inter.engine.sessions.keys() == {"a"}
         await inter.flush()
         return token

@@ -11,7 +11,7 @@ from actors.interaction.placement import Direct
 from actors.interaction.router import Router
 from protocols import OutputChunk, ProtocolError, TickClock
 from protocols.ports import Placement
-from protocols.seams import Joined
+from protocols.seams import InteractionStats, Joined
 from tests.waits import until
 
 pytestmark = pytest.mark.timeout(180)
@@ -252,7 +252,7 @@ def test_sessions_an_actor_no_longer_has_free_their_slots_on_the_second_check():
         a = Fake("a", capacity=1)
 
         async def stats():
-            return {"session_ids": list(a.members)}
+            return InteractionStats(session_ids=list(a.members))
 
         a.stats = stats
         r = router(a)
@@ -321,7 +321,7 @@ def test_a_restarted_router_knows_the_sessions_from_the_actors_and_resumes_the_r
         for f in (a, b):
             async def stats(f=f):
                 f._check()
-                return {"session_ids": list(f.members)}
+                return InteractionStats(session_ids=list(f.members))
             f.stats = stats
         first = router(a, b)
         await first.place("s0")
