@@ -30,9 +30,8 @@ from typing import Any, Awaitable, Callable
 
 from protocols import ProtocolError
 from protocols.ports import Interaction
-from protocols.seams import Joined
 
-from actors.interaction.placement import Placed
+from actors.interaction.placement import Placed, drop_if_elsewhere, join_seen_through
 from actors.interaction.quotas import Tenants
 from actors.remote import actor_class
 
@@ -107,7 +106,7 @@ class Router:
         last: ProtocolError | None = None
         for actor in await self._candidates():
             try:
-                joined = await self._join(actor, session_id)
+                joined = await join_seen_through(actor.port, actor.name, session_id)
             except ProtocolError as exc:  # full or overloaded there: try the next
                 last = exc
                 continue
@@ -327,47 +326,14 @@ class Router:
             except Exception as exc:
                 log.warning("resuming %s on %s failed: %r", session_id, actor.name, exc)
                 if not isinstance(exc, ProtocolError):  # it may land there yet (a restarting actor runs it later)
-                    asyncio.get_running_loop().create_task(self._drop_if_landed(actor, attempt, session_id))
+                    landed = drop_if_elsewhere(actor.port, actor.name, attempt, session_id, lambda: self.where.get(session_id))
+                    asyncio.get_running_loop().create_task(landed)
                 continue
             self._put(session_id, actor)
             self.counts["resumed"] += 1
             return Placed(actor.name, actor.port, joined)
         # Still known (where it was): the ingress asks again until an actor can take it.
         raise ProtocolError("no interaction actor can take this session now", "capacity")
-
-    async def _join(self, actor: _Actor, session_id: str) -> Joined:
-        """`join` on `actor`, seen through: if the caller gives up meanwhile, the join still
-        finishes there and is then taken back, so a dropped request leaks no slot."""
-        joining = asyncio.ensure_future(actor.port.join(session_id))
-        try:
-            return await asyncio.shield(joining)
-        except asyncio.CancelledError:
-            asyncio.get_running_loop().create_task(self._take_back(actor, joining, session_id))
-            raise
-
-    @staticmethod
-    async def _take_back(actor: _Actor, joining: asyncio.Future, session_id: str) -> None:
-        try:
-            await joining
-        except Exception:
-            return  # it never joined
-        try:
-            await actor.port.leave(session_id)
-        except Exception:
-            log.warning("taking back %s from %s failed", session_id, actor.name, exc_info=True)
-
-    async def _drop_if_landed(self, actor: _Actor, attempt: asyncio.Future, session_id: str) -> None:
-        """A resume given up on may still land on `actor`: once it has run (or failed), and if the
-        session lives elsewhere by then, `actor` lets it go, so it holds no slot for nothing."""
-        try:
-            await attempt
-        except Exception:
-            pass  # failed, or unknowable (the actor restarted): dropping is harmless either way
-        if self.where.get(session_id) != actor.name:
-            try:
-                await actor.port.drop(session_id)
-            except Exception:
-                log.warning("dropping %s from %s failed", session_id, actor.name, exc_info=True)
 
     def _put(self, session_id: str, actor: _Actor) -> None:
         self.where[session_id] = actor.name
