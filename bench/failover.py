@@ -45,6 +45,7 @@ from bench.common import actor, percentiles, print_table, write_json
 from bench.failover_log import check_logs
 from bench.local_cluster import LocalCluster
 from bench.soak_calls import KEY, CallLog, soak_call
+from protocols.seams import InteractionStats
 
 
 def say(message: str) -> None:
@@ -295,7 +296,7 @@ def _node_port(actor_name: str) -> int | None:
     from deployments.app import NAMESPACE
 
     try:
-        node_id = cast(dict, ray.get(ray.get_actor(actor_name, namespace=NAMESPACE).stats.remote(), timeout=5))["node_id"]
+        node_id = cast(InteractionStats, ray.get(ray.get_actor(actor_name, namespace=NAMESPACE).stats.remote(), timeout=5)).node_id
     except Exception:
         return None
     for node in ray.nodes():

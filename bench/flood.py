@@ -154,9 +154,9 @@ async def phase(name: str, seconds: float, tools, python: bool, root: str) -> di
     if started and finals:
         task_ms = (finals[0] - started[0]) * 1000
     stats = await inter.stats(last=len(ticks))
-    totals = stats["totals"]
+    totals = stats.totals
     result = {
-        "phase": name, "ticks": len(ticks), "rtt_ms": percentiles(rtt), "step_ms_p50": stats["step_ms_p50"], "step_ms_p99": stats["step_ms_p99"],
+        "phase": name, "ticks": len(ticks), "rtt_ms": percentiles(rtt), "step_ms_p50": stats.step_ms_p50, "step_ms_p99": stats.step_ms_p99,
         "append_ms": percentiles(log.append_ms), "loop_lag_ms": percentiles(lag), "missing_chunks": totals["missing_chunks"],
         "calm_task_ms": task_ms, "tasks": totals["tasks"], "tasks_refused": totals["tasks_refused"],
     }

@@ -68,10 +68,10 @@ async def counters() -> dict:
             calls.append((role, ray.get_actor(name, namespace=NAMESPACE).stats.remote()))
     for role, ref in calls:
         try:
-            stats: dict = await asyncio.wait_for(asyncio.wrap_future(ref.future()), 10)
+            stats = await asyncio.wait_for(asyncio.wrap_future(ref.future()), 10)
         except Exception:
             continue
-        figures = stats.get("totals", stats) if role == "interaction" else stats
+        figures: dict = stats.totals if role == "interaction" else stats
         for key, value in figures.items():
             if isinstance(value, (int, float)) and not isinstance(value, bool):
                 out[role][key] = out[role].get(key, 0) + value

@@ -12,12 +12,15 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass, field, replace
+from functools import partial
 from typing import Any, Callable, Mapping
 
 import ray
 
 from actors.remote import Remote
 from protocols import ProtocolError
+from protocols.ports import Interaction
+from protocols.seams import InteractionStats
 
 from .spec import NAMESPACE, ActorSpec, named_actors, resolve
 
@@ -70,24 +73,24 @@ class Interactions:
     """Every interaction actor's figures summed (through the router's handles), the step times
     as the worst actor's."""
 
-    def __init__(self, router: Any, port: Callable[[Any], Any] = Remote):
+    def __init__(self, router: Any, port: Callable[[Any], Any] = partial(Remote, port=Interaction)):
         self.router = router
-        self.port = port  # an actor handle as awaitable methods
+        self.port = port  # an actor handle as its `Interaction` port
 
     async def stats(self) -> dict:
         handles = await self.router.handles()
         answers = await asyncio.gather(*(self.port(h).stats() for h in handles.values()), return_exceptions=True)
-        alive = [a for a in answers if isinstance(a, dict)]
+        alive = [a for a in answers if isinstance(a, InteractionStats)]
         if not alive:
             raise RuntimeError("no interaction actor answers")
         totals: dict = {}
         for a in alive:
-            for key, value in a["totals"].items():
+            for key, value in a.totals.items():
                 totals[key] = totals.get(key, 0) + value
         return {
-            "sessions": sum(a["sessions"] for a in alive), "tick": max(a["tick"] for a in alive),
-            "step_ms_p50": max(a["step_ms_p50"] for a in alive), "step_ms_p99": max(a["step_ms_p99"] for a in alive),
-            "late_chunks": sum(a["late_chunks"] for a in alive), "missing_chunks": sum(a["missing_chunks"] for a in alive),
+            "sessions": sum(a.sessions for a in alive), "tick": max(a.tick for a in alive),
+            "step_ms_p50": max(a.step_ms_p50 for a in alive), "step_ms_p99": max(a.step_ms_p99 for a in alive),
+            "late_chunks": sum(a.late_chunks for a in alive), "missing_chunks": sum(a.missing_chunks for a in alive),
             "totals": totals, "actors": len(handles), "actors_answering": len(alive),
         }
 
@@ -139,7 +142,7 @@ class InteractionFleet:
         handles = [ray.get_actor(name, namespace=NAMESPACE) for name in missed]
         answers = await asyncio.gather(*(asyncio.wait_for(h.clock_info.remote(), 5.0) for h in handles), return_exceptions=True)
         # One that does not answer is not placed right now (its node left): looked at next time.
-        found = [(name, Remote(h), self.max_sessions, h) for name, h, a in zip(missed, handles, answers) if not isinstance(a, BaseException)]
+        found = [(name, Remote(h, Interaction), self.max_sessions, h) for name, h, a in zip(missed, handles, answers) if not isinstance(a, BaseException)]
         if found:
             return found
         want = self.units(ray.cluster_resources())
@@ -151,7 +154,7 @@ class InteractionFleet:
                 await asyncio.wait_for(handle.ready.remote(), READY_TIMEOUT_S)
             except Exception:
                 break
-            found.append((name, Remote(handle), self.max_sessions, handle))
+            found.append((name, Remote(handle, Interaction), self.max_sessions, handle))
             known.add(name)
             i += 1
         return found

@@ -25,7 +25,7 @@ import functools
 import json
 import logging
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 from fastapi import FastAPI, Request, WebSocket
 from fastapi.exceptions import RequestValidationError
@@ -39,6 +39,7 @@ from starlette.requests import ClientDisconnect
 
 from actors.remote import Remote
 from protocols import ProtocolError, TickClock
+from protocols.ports import Ingress as IngressPort, Routing
 
 from .auth import Auth, AuthError, Grant, origin_allowed
 from .config import AppConfig
@@ -373,15 +374,14 @@ class Gateway:
 
     def __init__(self, config: dict, signing_key: bytes, router: ActorHandle, ingresses: list[ActorHandle], clock: dict):
         from actors.ingress.ingress import Ingress
-        from actors.interaction.router import Routed
 
         from .fleet import Ingresses, Interactions
 
         settings = AppConfig.model_validate(config)
         auth = Auth(settings.auth.keys(), signing_key, settings.auth.client_secret_ttl_s)
-        websockets = Ingress(Routed(router), TickClock.from_dict(clock), **settings.ingress_kwargs())
-        interactions = Interactions(Remote(router))
-        self.edge = Edge(settings, auth, interactions, Ingresses([Remote(h) for h in ingresses]), websockets)
+        routing = cast(Routing, Remote(router, Routing))  # a Remote answers what its port declares
+        websockets = Ingress(routing, TickClock.from_dict(clock), **settings.ingress_kwargs())
+        self.edge = Edge(settings, auth, Interactions(routing), Ingresses([Remote(h, IngressPort) for h in ingresses]), websockets)
 
     def __serve_build_asgi_app__(self) -> FastAPI:
         return make_api(self.edge)

@@ -15,14 +15,16 @@ pool replica 1.25 (its server 0.25, its vLLM engine 1), so the defaults fit in 1
 
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
 from typing import Any, Mapping
 
 from actors.background.background import BackgroundActor, RemotePool
 from actors.interaction.interaction import EngineSpec, InteractionActor
-from actors.interaction.router import RouterActor, Routed
+from actors.interaction.router import RouterActor
 from actors.log.log_actor import SessionLogActor
 from actors.remote import Remote
+from protocols.ports import Interaction, Log, Placement
 
 from .config import AppConfig
 from .fleet import InteractionFleet, units
@@ -63,11 +65,11 @@ def plan(config: AppConfig, resources: Mapping[str, float]) -> list[ActorSpec]:
     fleet = interaction_fleet(config, options["interaction"], background=config.background.active())
     names = [f"interaction-{i}" for i in range(fleet.units(resources))]
     specs += [fleet.template.named(name) for name in names]
-    placed = {name: (Ref(name, Remote), fleet.max_sessions, Ref(name)) for name in names}
+    placed = {name: (Ref(name, partial(Remote, port=Interaction)), fleet.max_sessions, Ref(name)) for name in names}
     specs.append(ActorSpec("router", "router", RouterActor, (placed,),
                            {"grow": None if fleet.fixed else fleet, "sessions_per_tenant": config.limits.sessions_per_key}, options["router"]))
     ingress = {**config.ingress_kwargs(), "ice_addresses": config.ice_addresses()}
-    specs += [ActorSpec("ingress", f"ingress-{i}", IngressActor, (Ref("router", Routed), CLOCK), ingress, options["ingress"])
+    specs += [ActorSpec("ingress", f"ingress-{i}", IngressActor, (Ref("router", partial(Remote, port=Placement)), CLOCK), ingress, options["ingress"])
               for i in range(config.ingress.actors)]
     return specs
 
@@ -75,7 +77,7 @@ def plan(config: AppConfig, resources: Mapping[str, float]) -> list[ActorSpec]:
 def interaction_fleet(config: AppConfig, options: dict, background: bool) -> InteractionFleet:
     """The interaction actors' maker: their spec (on the shared clock origin `T0`) and how many."""
     kwargs = {
-        "log": Ref("session_log", Remote), "background": Ref("background", RemotePool) if background else None,
+        "log": Ref("session_log", partial(Remote, port=Log)), "background": Ref("background", RemotePool) if background else None,
         "grace_ms": config.interaction.grace_ms, "max_sessions": config.interaction.max_sessions, "t0": T0,
         "snapshot_s": config.interaction.snapshot_s,
         "task_starts_per_s": config.limits.task_starts_per_minute / 60, "task_burst": config.limits.task_burst,

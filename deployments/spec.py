@@ -26,7 +26,7 @@ class StartupError(RuntimeError):
 @dataclass(frozen=True)
 class Ref:
     """What `made[key]` holds when the spec is resolved (an actor's handle by its name, or "clock",
-    "t0"), passed through `wrap` (`Remote`, `RemotePool`, `Routed`) when given."""
+    "t0"), passed through `wrap` (a `Remote` of a port, `RemotePool`) when given."""
 
     key: str
     wrap: Callable[[Any], Any] | None = None

@@ -7,7 +7,9 @@ application binds Ray handles (through `actors.remote.Remote`) in one builder.
   and moving a session between interaction actors: `release` here, `resume` there).
 - `Log`: the session log's write side, and what a session's state is rebuilt from.
 - `BackgroundPool`: runs a delegated task and streams its updates back.
-- `Placement`: which interaction actor steps a session (actors/interaction/router.py: `Direct`, `Router`).
+- `Placement`: which interaction actor steps a session (`actors.interaction.placement.Direct`,
+  `actors.interaction.router.Router`); `Routing`: the router actor as the deployment sees it.
+- `Ingress`: what the gateway asks of an ingress actor (offer a call, close it, figures).
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from typing import Any, AsyncIterator, Protocol, runtime_checkable
 
 from .background import BackgroundTask, BackgroundUpdate
 from .chunks import InputChunk, OutputChunk, ProtocolError
-from .seams import AppendResult, Recovery
+from .seams import AppendResult, InteractionStats, Joined, Recovery
 
 
 @runtime_checkable
@@ -63,17 +65,17 @@ class Interaction(Protocol):
 
     async def clock_info(self) -> dict: ...
 
-    async def join(self, session_id: str, seed: int | None = None) -> dict: ...
+    async def join(self, session_id: str, seed: int | None = None) -> Joined: ...
 
     async def leave(self, session_id: str) -> None: ...
 
     async def exchange(self, tick: int, chunks: list[InputChunk], session_ids: list[str]) -> list[OutputChunk]: ...
 
-    async def resume(self, session_id: str) -> dict:
+    async def resume(self, session_id: str) -> Joined:
         """Join a session that was live elsewhere (a dead or draining interaction actor): its model
         state is rebuilt from the log (the newest snapshot, then its logged input chunks replayed)
-        and it is stepped on from the next tick. Answers like `join`; a session already here is
-        answered as it is."""
+        and it is stepped on from the next tick. Answers like `join`, with what the rebuild did
+        (`Joined.resumed`); a session already here is answered as it is (`resumed` None)."""
         ...
 
     async def release(self, session_id: str) -> None:
@@ -85,7 +87,7 @@ class Interaction(Protocol):
         """Let a session go that lives elsewhere now: nothing snapshotted or logged, its log open."""
         ...
 
-    async def stats(self, last: int = 50) -> dict:
+    async def stats(self, last: int = 50) -> InteractionStats:
         """Recent figures (the last `last` ticks) and totals since the actor started."""
         ...
 
@@ -125,10 +127,31 @@ class Placement(Protocol):
     """Where sessions are stepped. `place` joins a new session somewhere with room; `locate` says
     where a session lives now, resuming it from the log when the actor named `lost_on` (where the
     ingress last found it) no longer has it (`gone`: that actor did not answer at all). Each
-    answers an `actors.interaction.router.Placed`."""
+    answers an `actors.interaction.placement.Placed`."""
 
     async def place(self, session_id: str, tenant: str | None = None) -> Any: ...
 
     async def locate(self, session_id: str, lost_on: str | None = None, gone: bool = False) -> Any: ...
 
     async def leave(self, session_id: str) -> None: ...
+
+
+@runtime_checkable
+class Routing(Placement, Protocol):
+    """The router: a `Placement` that also names the Ray handle of each interaction actor it
+    places on (`handles`: the fleet's figures are read from every actor through them)."""
+
+    async def handles(self) -> dict[str, Any]: ...
+
+
+@runtime_checkable
+class Ingress(Protocol):
+    """An ingress actor as the gateway sees it: `offer` takes a WebRTC call (SDP offer in,
+    {"session_id", "sdp"} out), `close` ends one (its `owner` only), `stats` counts its calls."""
+
+    async def offer(self, sdp: str, session_config: dict | None = None, owner: str | None = None, tenant: str | None = None,
+                    ceiling: dict | None = None) -> dict: ...
+
+    async def close(self, session_id: str, owner: str | None = None) -> None: ...
+
+    async def stats(self) -> dict: ...

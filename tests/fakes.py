@@ -7,8 +7,9 @@
   as `step` does and record what they were given in `rebuilt`. `step_s` makes a step slow.
 - `LocalLog`: a `SessionLog` in this process as the async `Log` port, optionally slow, or held
   (hanging) until a test releases it.
-- `FakePool`: a `BackgroundPool` streaming scripted `BackgroundUpdate`s, recording what it ran
-  and what was cancelled.
+- `FakePool`: a `BackgroundPool` streaming scripted `BackgroundUpdate`s, then (held) whatever a
+  test feeds each task, as a pool streams a task's updates; it records what it ran and what was
+  cancelled.
 """
 
 from __future__ import annotations
@@ -147,7 +148,8 @@ class LocalLog:
 
 class FakePool:
     """Streams `replies` (one update each, `interval_s` apart, the last one "final") for every
-    task; with `hold`, then waits until cancelled. Records tasks run and task ids cancelled."""
+    task; with `hold`, then streams a "partial" update for each text `feed` gives the task, until
+    cancelled. Records tasks run and task ids cancelled."""
 
     def __init__(self, replies: tuple[str, ...] = ("working on it", "it is sunny"), interval_s: float = 0.0, hold: bool = False):
         self.replies = replies
@@ -156,6 +158,11 @@ class FakePool:
         self.tasks: list[BackgroundTask] = []
         self.received_at: list[float] = []
         self.cancelled: list[str] = []
+        self.inboxes: dict[str, asyncio.Queue[str]] = {}  # task id -> texts fed to its held stream
+
+    def feed(self, task_id: str, text: str) -> None:
+        """An update with `text` on task `task_id`'s stream (held, and started: see `inboxes`)."""
+        self.inboxes[task_id].put_nowait(text)
 
     async def run(self, task: BackgroundTask):
         self.tasks.append(task)
@@ -166,7 +173,9 @@ class FakePool:
                 status = "final" if i == len(self.replies) - 1 and not self.hold else "partial"
                 yield BackgroundUpdate(task.session_id, time.time(), task.task_id, status, text)
             if self.hold:
-                await asyncio.Event().wait()
+                inbox = self.inboxes[task.task_id] = asyncio.Queue()
+                while True:
+                    yield BackgroundUpdate(task.session_id, time.time(), task.task_id, "partial", await inbox.get())
         except (asyncio.CancelledError, GeneratorExit):
             self.cancelled.append(task.task_id)
             raise

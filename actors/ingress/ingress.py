@@ -10,7 +10,7 @@
 
 `Ingress(interaction, clock, ...)` takes the interaction side as a port (in process, or a Ray
 actor through `actors.remote.Remote`) or as a `protocols.ports.Placement` over many interaction
-actors (`actors.interaction.router.Routed`), and the `TickClock` (or the clock's dict) they share; `IngressActor`
+actors (the router actor as `Remote(handle, Placement)`), and the `TickClock` (or the clock's dict) they share; `IngressActor`
 is the Ray actor of the same class. There is one gatherer per interaction actor the calls are
 placed on, each exchanging once a tick with its actor on that actor's clock as seen from here.
 When a gatherer finds its actor gone or without a call's session, the call stays connected while
@@ -35,7 +35,7 @@ from protocols.realtime_events import error_event, expired_error, session_config
 from actors.ingress.gatherer import COUNTS, Call, Gatherer, estimate_offset
 from actors.ingress.ice import use_ice_addresses
 from actors.ingress.realtime_session import RealtimeSession
-from actors.interaction.router import Direct, Placed, Router, Routed
+from actors.interaction.placement import Direct, Placed
 from actors.ingress.transports import MAX_CHANNEL_EVENT_BYTES, WebRTCTransport, WebSocketTransport, check_sdp
 from actors.remote import actor_class
 
@@ -70,7 +70,7 @@ class Ingress:
 
     def __init__(
         self,
-        interaction: Interaction | Direct | Router | Routed,
+        interaction: Interaction | Placement,
         clock: TickClock | dict,
         *,
         max_sessions: int = 32,
@@ -97,8 +97,8 @@ class Ingress:
             raise ValueError(f"frame_size must be a multiple of {PATCH} up to {MAX_FRAME_EDGE}")
         if ice_addresses is not None:
             use_ice_addresses(ice_addresses)
-        # A port object answers any method name (actors.remote.Remote), so placements are told apart by type.
-        self.placement: Placement = interaction if isinstance(interaction, (Direct, Router, Routed)) else Direct(interaction)
+        # A port answers only what it declares (a `Remote` too), so a placement is told by its methods.
+        self.placement: Placement = interaction if isinstance(interaction, Placement) else Direct(interaction)
         self.clock = clock if isinstance(clock, TickClock) else TickClock.from_dict(clock)
         self.max_sessions = max_sessions
         self.jitter_ms = jitter_ms
@@ -256,8 +256,7 @@ class Ingress:
         except asyncio.CancelledError:  # the join may have landed before the caller gave up: take it back
             self._spawn(self._leave_quietly(call.id))
             raise
-        joined = placed.joined if isinstance(placed.joined, dict) else {}
-        call.session.log_token = joined.get("log_token")
+        call.session.log_token = placed.joined.log_token if placed.joined is not None else None
         call.actor = placed.actor
         self._group(placed)
 

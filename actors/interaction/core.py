@@ -62,7 +62,7 @@ class Core:
         self.max_sessions = min(max_sessions, engine.max_sessions)
         self.sessions: dict[str, JoinedSession] = {}
         self.next_tick = self.current_tick()
-        self.totals = dict.fromkeys(TOTALS, 0)
+        self.totals: dict[str, int] = dict.fromkeys(TOTALS, 0)
 
     def current_tick(self) -> int:
         return self.clock.tick_at(self.now())

@@ -27,14 +27,15 @@ from typing import Callable
 
 import ray
 
-from protocols import InputChunk, OutputChunk, ProtocolError, TickClock
+from protocols import InputChunk, OutputChunk, TickClock
 from protocols.ports import BackgroundPool, Engine, Log
+from protocols.seams import InteractionStats, Joined, Resumed, TickStats
 
 from actors.interaction.admission import Admission
 from actors.interaction.core import Core, JoinedSession
 from actors.interaction.engine_spec import EngineSpec
 from actors.interaction.log_writer import LogWriter
-from actors.interaction.metrics import Figures, TickMetrics, TickStats
+from actors.interaction.metrics import Figures, TickMetrics
 from actors.interaction.migration import Migration
 from actors.interaction.tasks import Tasks
 from actors.interaction.ticks import Ticks
@@ -147,21 +148,21 @@ class Interaction:
 
     # --- sessions ----------------------------------------------------------------------------
 
-    async def join(self, session_id: str, seed: int | None = None) -> dict:
-        """Add a session from the next tick stepped; returns its first tick, log token and the clock.
+    async def join(self, session_id: str, seed: int | None = None) -> Joined:
+        """Add a session from the next tick stepped; answers its first tick, log token and the clock.
         Refused ("capacity") when full, or while steps run hot: new sessions wait, live ones don't."""
         self._restarted()
         return await self._answer(await self.admission.join(session_id, seed))
 
-    async def resume(self, session_id: str) -> dict:
+    async def resume(self, session_id: str) -> Joined:
         """Join a session that was live elsewhere, rebuilt from the log (`Migration.resume`).
-        Answers like `join`; a session already here is answered as it is."""
+        Answers like `join`, with what the rebuild did; a session already here is answered as it is."""
         self._restarted()
         session, resumed = await self.migration.resume(session_id)
-        return {**await self._answer(session), **(resumed or {})}
+        return await self._answer(session, resumed)
 
-    async def _answer(self, session: JoinedSession) -> dict:
-        return {"session_id": session.session_id, "first_tick": session.first_tick, "log_token": session.log_token, **await self.clock_info()}
+    async def _answer(self, session: JoinedSession, resumed: Resumed | None = None) -> Joined:
+        return Joined(session.session_id, session.first_tick, session.log_token, await self.clock_info(), resumed)
 
     async def leave(self, session_id: str) -> None:
         """Remove a session; its background task is cancelled and its log closed once complete."""
@@ -179,13 +180,6 @@ class Interaction:
         # leave, or ages out of the log's retention.
         self.admission.left(session, "orphaned", close=False)
 
-    async def push_update(self, session_id: str, text: str) -> None:
-        """Text of a background update: it enters the model with the session's next chunk."""
-        session = self.sessions.get(session_id)
-        if session is None:
-            raise ProtocolError(f"unknown session {session_id!r}", "unknown_session", "session_id")
-        self.tasks.pend(session, text)
-
     async def exchange(self, tick: int, chunks: list[InputChunk], session_ids: list[str]) -> list[OutputChunk]:
         """Hand in chunk `tick` of some sessions; get back tick `tick`'s outputs of `session_ids`
         (`Ticks.exchange`)."""
@@ -201,20 +195,14 @@ class Interaction:
 
     # --- figures -----------------------------------------------------------------------------
 
-    async def stats(self, last: int = 50) -> dict:
+    async def stats(self, last: int = 50) -> InteractionStats:
         """Recent figures (the last `last` ticks) and totals since the actor started."""
         self._restarted()
-        return {
-            "sessions": len(self.sessions),
-            "session_ids": sorted(self.sessions),
-            "tick": self.core.next_tick - 1,
-            "tick_ms": self.clock.tick_ms,
-            **self.figures.summary(last),
-            "hot": self.hot(),
-            "log_backlog": len(self.logs.queue),
-            "totals": dict(self.core.totals),
-            "node_id": ray.get_runtime_context().get_node_id() if _in_ray_actor() else None,
-        }
+        return InteractionStats(
+            sessions=len(self.sessions), session_ids=sorted(self.sessions), tick=self.core.next_tick - 1, tick_ms=self.clock.tick_ms,
+            **self.figures.summary(last), hot=self.hot(), log_backlog=len(self.logs.queue), totals=dict(self.core.totals),
+            node_id=ray.get_runtime_context().get_node_id() if _in_ray_actor() else None,
+        )
 
 
 def _in_ray_actor() -> bool:

@@ -1,4 +1,4 @@
-"""The interaction actor's figures: per-tick `TickStats`, the recent ones kept in `Figures` (which
+"""The interaction actor's figures: per-tick `TickStats` (`protocols.seams`), the recent ones kept in `Figures` (which
 also says whether steps run hot), and `TickMetrics`, each tick through Ray's metrics (scraped with
 the cluster's Prometheus) when the actor runs in Ray.
 """
@@ -6,24 +6,12 @@ the cluster's Prometheus) when the actor runs in Ray.
 from __future__ import annotations
 
 from collections import deque
-from dataclasses import dataclass
 
 import numpy as np
 
+from protocols.seams import TickStats
+
 HOT_TICKS, HOT_FRACTION = 25, 0.7  # join refuses while recent steps run this hot (or shed)
-
-
-@dataclass
-class TickStats:
-    """Per-tick figures, kept for the last few hundred ticks and exported as metrics."""
-
-    tick: int
-    sessions: int
-    late: int  # chunks that arrived after their tick was stepped (or shed)
-    missing: int  # sessions stepped without a chunk
-    step_ms: float
-    lag_ms: float  # how long after the deadline the step started
-    shed: int = 0  # ticks skipped just before this one, the loop being behind
 
 
 class Figures:
@@ -60,7 +48,7 @@ class Figures:
             "late_chunks": int(sum(s.late for s in recent)),
             "missing_chunks": int(sum(s.missing for s in recent)),
             "shed_ticks": int(sum(s.shed for s in recent)),
-            "ticks": [vars(s) for s in recent[-10:]],
+            "ticks": recent[-10:],
         }
 
 

@@ -20,7 +20,7 @@ import numpy as np
 from protocols import OutputChunk, ProtocolError, SessionEvent
 from protocols.chunks import check_session_id
 from protocols.ports import Log
-from protocols.seams import Recovery
+from protocols.seams import Recovery, Resumed
 
 from actors.interaction.admission import refuse_if_full
 from actors.interaction.core import Core, JoinedSession
@@ -39,9 +39,9 @@ class Migration:
         self.core, self.log, self.logs, self.tasks = core, log_port, logs, tasks
         self._removals: set[asyncio.Task] = set()  # held so a pending removal is not garbage-collected
 
-    async def resume(self, session_id: str) -> tuple[JoinedSession, dict | None]:
-        """-> the session, and what its resume did ({"resumed_from", "replayed", "mismatches"});
-        None for a session already here, answered as it is."""
+    async def resume(self, session_id: str) -> tuple[JoinedSession, Resumed | None]:
+        """-> the session, and what rebuilding it did; None for a session already here, answered
+        as it is."""
         core = self.core
         check_session_id(session_id)
         if session_id in core.sessions:
@@ -70,7 +70,7 @@ class Migration:
                 log.warning("session %r: %d of %d replayed ticks differ from the log", session_id, mismatches, len(replayed))
             self.logs.append([SessionEvent(session_id, core.now(), "session.resumed",
                                            {"first_tick": first, "from_tick": last, "replayed": len(inputs), "mismatches": mismatches})])
-        return session, {"resumed_from": last, "replayed": len(inputs), "mismatches": mismatches}
+        return session, Resumed(last, len(inputs), mismatches)
 
     def _rejoined(self, session_id: str, rec: Recovery, first: int, last: int | None, replayed: list[OutputChunk]) -> JoinedSession:
         """The session as the log rebuilds it, joined here from tick `first`."""

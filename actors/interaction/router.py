@@ -11,15 +11,14 @@ An ingress asks its `Placement` three things (`protocols.ports.Placement`):
   (`Interaction.resume`), on that actor if it answers and has room, else on another;
 - `leave(session_id)`.
 
-`Direct(interaction)` is the placement of one interaction port (tests, a single actor).
-`Router` places over many: the interaction actors of the deployment, named `interaction-<i>`,
-packed (a new session goes to the fullest actor that has room: batches stay large, and the
+`Router` places over many interaction ports (`actors.interaction.placement.Direct` over one):
+the interaction actors of the deployment, named `interaction-<i>`, packed (a new session goes to the fullest actor that has room: batches stay large, and the
 others stay warm for failover), never onto one that is draining or does not answer. `watch`
 adds an actor for each new unit of capacity the cluster offers (a node with the `interaction`
 resource joining) through the `grow` callback, so capacity grows without a restart. `drain(name)`
 stops placing on an actor and moves its live sessions to the others (`release` there, `resume`
-here). `RouterActor` is the Ray actor; ingresses reach it through `Routed`, which turns the actor
-names it answers into ports.
+here). `RouterActor` is the Ray actor; ingresses reach it as `Remote(handle, Placement)`, and the
+`Placed` it answers holds the actor's port (a `Remote`, which crosses processes as itself).
 """
 
 from __future__ import annotations
@@ -32,6 +31,7 @@ from typing import Any, Awaitable, Callable
 from protocols import ProtocolError
 from protocols.ports import Interaction
 
+from actors.interaction.placement import Placed, drop_if_elsewhere, join_seen_through
 from actors.interaction.quotas import Tenants
 from actors.remote import actor_class
 
@@ -39,42 +39,6 @@ log = logging.getLogger("interplay.router")
 
 PING_TIMEOUT_S = 0.5  # an actor that does not answer a ping this fast is not placed on
 _FREE = asyncio.Lock()  # stands for "no one is moving this session"
-
-
-@dataclass
-class Placed:
-    """Where a session lives: the actor's name, its port (an `Interaction`: in process, or a Ray
-    actor through `actors.remote.Remote`, which crosses processes as itself) and what its join (or
-    resume) answered."""
-
-    actor: str
-    port: Interaction
-    joined: dict = field(default_factory=dict)
-
-
-class Direct:
-    """One interaction port: every session lives there; a lost one is resumed there."""
-
-    def __init__(self, interaction: Interaction, name: str = "interaction", sessions_per_tenant: int | None = None):
-        self.port, self.name = interaction, name
-        self.tenants = Tenants(sessions_per_tenant)
-
-    async def place(self, session_id: str, tenant: str | None = None) -> Placed:
-        self.tenants.admit(session_id, tenant)
-        try:
-            return Placed(self.name, self.port, await self.port.join(session_id) or {})
-        except BaseException:
-            self.tenants.release(session_id)
-            raise
-
-    async def locate(self, session_id: str, lost_on: str | None = None, gone: bool = False) -> Placed:
-        if lost_on is None:
-            return Placed(self.name, self.port, {})
-        return Placed(self.name, self.port, await self.port.resume(session_id) or {})
-
-    async def leave(self, session_id: str) -> None:
-        self.tenants.release(session_id)
-        await self.port.leave(session_id)
 
 
 @dataclass
@@ -142,7 +106,7 @@ class Router:
         last: ProtocolError | None = None
         for actor in await self._candidates():
             try:
-                joined = await self._join(actor, session_id)
+                joined = await join_seen_through(actor.port, actor.name, session_id)
             except ProtocolError as exc:  # full or overloaded there: try the next
                 last = exc
                 continue
@@ -151,7 +115,7 @@ class Router:
                 continue
             self._put(session_id, actor)
             self.counts["placed"] += 1
-            return self._placed(actor, joined)
+            return Placed(actor.name, actor.port, joined)
         self.counts["refused"] += 1
         if last is not None and last.code != "capacity":
             raise last
@@ -174,7 +138,7 @@ class Router:
             actor = self.actors.get(name)
             if lost_on is None or lost_on != name:
                 if actor is not None:
-                    return self._placed(actor, {})  # it moved already: tell the ingress where
+                    return Placed(actor.name, actor.port)  # it moved already: tell the ingress where
             return await self._resume(session_id, prefer=actor, gone=gone)
 
     async def leave(self, session_id: str) -> None:
@@ -244,8 +208,7 @@ class Router:
                 stats = await asyncio.wait_for(actor.port.stats(), self.ping_timeout_s * 4)
             except Exception:
                 continue
-            if isinstance(stats, dict) and stats.get("session_ids") is not None:
-                present[actor.name] = set(stats["session_ids"])
+            present[actor.name] = set(stats.session_ids)
         async with self._lock:
             for sid, name in list(self.where.items()):
                 if name not in present or self._session_locks.get(sid, _FREE).locked():
@@ -297,7 +260,7 @@ class Router:
         found = 0
         async def held(actor: _Actor) -> list:
             stats = await asyncio.wait_for(actor.port.stats(), 2.0)
-            return list(stats.get("session_ids") or [])
+            return list(stats.session_ids)
 
         answers = await asyncio.gather(*(held(a) for a in self.actors.values()), return_exceptions=True)
         async with self._lock:
@@ -363,47 +326,14 @@ class Router:
             except Exception as exc:
                 log.warning("resuming %s on %s failed: %r", session_id, actor.name, exc)
                 if not isinstance(exc, ProtocolError):  # it may land there yet (a restarting actor runs it later)
-                    asyncio.get_running_loop().create_task(self._drop_if_landed(actor, attempt, session_id))
+                    landed = drop_if_elsewhere(actor.port, actor.name, attempt, session_id, lambda: self.where.get(session_id))
+                    asyncio.get_running_loop().create_task(landed)
                 continue
             self._put(session_id, actor)
             self.counts["resumed"] += 1
-            return self._placed(actor, joined)
+            return Placed(actor.name, actor.port, joined)
         # Still known (where it was): the ingress asks again until an actor can take it.
         raise ProtocolError("no interaction actor can take this session now", "capacity")
-
-    async def _join(self, actor: _Actor, session_id: str) -> dict:
-        """`join` on `actor`, seen through: if the caller gives up meanwhile, the join still
-        finishes there and is then taken back, so a dropped request leaks no slot."""
-        joining = asyncio.ensure_future(actor.port.join(session_id))
-        try:
-            return await asyncio.shield(joining)
-        except asyncio.CancelledError:
-            asyncio.get_running_loop().create_task(self._take_back(actor, joining, session_id))
-            raise
-
-    @staticmethod
-    async def _take_back(actor: _Actor, joining: asyncio.Future, session_id: str) -> None:
-        try:
-            await joining
-        except Exception:
-            return  # it never joined
-        try:
-            await actor.port.leave(session_id)
-        except Exception:
-            log.warning("taking back %s from %s failed", session_id, actor.name, exc_info=True)
-
-    async def _drop_if_landed(self, actor: _Actor, attempt: asyncio.Future, session_id: str) -> None:
-        """A resume given up on may still land on `actor`: once it has run (or failed), and if the
-        session lives elsewhere by then, `actor` lets it go, so it holds no slot for nothing."""
-        try:
-            await attempt
-        except Exception:
-            pass  # failed, or unknowable (the actor restarted): dropping is harmless either way
-        if self.where.get(session_id) != actor.name:
-            try:
-                await actor.port.drop(session_id)
-            except Exception:
-                log.warning("dropping %s from %s failed", session_id, actor.name, exc_info=True)
 
     def _put(self, session_id: str, actor: _Actor) -> None:
         self.where[session_id] = actor.name
@@ -413,28 +343,6 @@ class Router:
         name = self.where.get(session_id)
         if name in self.actors:
             self.actors[name].sessions.discard(session_id)
-
-    @staticmethod
-    def _placed(actor: _Actor, joined: dict) -> Placed:
-        return Placed(actor.name, actor.port, joined or {})
-
-
-class Routed:
-    """An ingress's placement through the `RouterActor` (or an in-process `Router`)."""
-
-    def __init__(self, router: Any):
-        from actors.remote import Remote
-
-        self.router = Remote(router) if not isinstance(router, Router) else router
-
-    async def place(self, session_id: str, tenant: str | None = None) -> Placed:
-        return await self.router.place(session_id, tenant)
-
-    async def locate(self, session_id: str, lost_on: str | None = None, gone: bool = False) -> Placed:
-        return await self.router.locate(session_id, lost_on, gone)
-
-    async def leave(self, session_id: str) -> None:
-        await self.router.leave(session_id)
 
 
 # One event loop: placements are serialised by the router's lock, pings and joins interleave.

@@ -22,10 +22,11 @@ from typing import Callable
 from protocols import InputChunk, OutputChunk, ProtocolError
 from protocols.chunks import MAX_UPDATES
 from protocols.realtime_events import error_from, server_event
+from protocols.seams import TickStats
 
 from actors.interaction.core import Core, JoinedSession
 from actors.interaction.log_writer import LogWriter
-from actors.interaction.metrics import Figures, TickStats
+from actors.interaction.metrics import Figures
 from actors.interaction.pacer import TickPacer
 from actors.interaction.tasks import Tasks
 

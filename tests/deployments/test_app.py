@@ -74,7 +74,7 @@ def spoken_ticks(deltas) -> int:
 
 def shed_ticks(app) -> int:
     """Ticks the interaction actors have shed so far (not stepped for anyone: they fell behind)."""
-    return sum(ray.get(actor.stats.remote())["totals"]["shed_ticks"] for actor in app.interactions.values())
+    return sum(ray.get(actor.stats.remote()).totals["shed_ticks"] for actor in app.interactions.values())
 
 
 def assert_stepped_every_tick(deltas, shed: int) -> list[int]:
@@ -113,7 +113,7 @@ def test_a_call_gets_continuous_audio_back_for_its_whole_input(app, app_url, spe
     assert report.event_types().get("session.created") == 1 and report.event_types().get("response.created", 0) >= 1
     assert report.ticks and all(t["step_ms"] > 0 for t in report.ticks)
     # the call ended: its slot is free (the ingress lets it go, then the interaction actor, through the router) and its log is whole
-    wait_for(lambda: not (stats(app.ingress)["sessions"] or stats(app.interaction)["sessions"]), interval=0.2)
+    wait_for(lambda: not (stats(app.ingress)["sessions"] or stats(app.interaction).sessions), interval=0.2)
     deltas = assert_the_model_was_heard(app, report)
     out_seqs = assert_stepped_every_tick(deltas, shed_ticks(app) - shed)  # every tick, in order
     assert out_seqs[-1] - out_seqs[0] + 1 >= seconds / app.clock.tick_s  # for as long as the caller talked
@@ -304,7 +304,7 @@ def test_a_second_build_on_the_same_cluster_refuses_while_the_first_runs(app):
     changed = app.config.model_copy(update={"http": app.config.http.model_copy(update={"port": 8125})})
     with pytest.raises(StartupError, match="already running"):
         build(changed)
-    assert stats(app.interaction)["tick"] >= 0  # the running one is untouched
+    assert stats(app.interaction).tick >= 0  # the running one is untouched
     parts = status()
     assert [parts[role] for role in ("session_log", "interaction", "ingress")] == ["alive"] * 3 and "running" in parts["http"].lower()
 

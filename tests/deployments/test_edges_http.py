@@ -35,7 +35,7 @@ def clean_error(response: httpx.Response, status: int) -> dict:
 
 
 def sessions(app) -> int:
-    return ray.get(app.ingress.stats.remote())["sessions"] + ray.get(app.interaction.stats.remote())["sessions"]
+    return ray.get(app.ingress.stats.remote())["sessions"] + ray.get(app.interaction.stats.remote()).sessions
 
 
 @pytest.fixture(scope="module")
@@ -149,7 +149,7 @@ def test_dropped_websocket_handshakes_leak_no_session(app, app_url):
     """Through Serve's proxy: clients that drop right after the upgrade, or mid-frame, leave no
     session behind on the interaction side, and a new caller gets in."""
     port = int(app_url.rsplit(":", 1)[1])
-    before = ray.get(app.interaction.stats.remote())["sessions"]
+    before = ray.get(app.interaction.stats.remote()).sessions
     for i in range(40):
         sock = socket.create_connection(("127.0.0.1", port), timeout=10)
         if i % 2:
@@ -162,7 +162,7 @@ def test_dropped_websocket_handshakes_leak_no_session(app, app_url):
         except OSError:
             pass
         sock.close()
-    wait_for(lambda: ray.get(app.interaction.stats.remote())["sessions"] == before, interval=0.1)
+    wait_for(lambda: ray.get(app.interaction.stats.remote()).sessions == before, interval=0.1)
     from websockets.exceptions import InvalidStatus
     from websockets.sync.client import connect
 

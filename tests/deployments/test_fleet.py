@@ -6,6 +6,7 @@ import pytest
 
 from deployments.fleet import Ingresses, Interactions
 from protocols import ProtocolError
+from protocols.seams import InteractionStats
 
 
 class FakeIngress:
@@ -61,8 +62,8 @@ def test_interaction_figures_add_up_over_the_actors_that_answer():
 
     async def main():
         answers = {
-            "h0": {"sessions": 2, "tick": 10, "step_ms_p50": 5.0, "step_ms_p99": 9.0, "late_chunks": 1, "missing_chunks": 0, "totals": {"ticks": 10}},
-            "h1": {"sessions": 1, "tick": 11, "step_ms_p50": 7.0, "step_ms_p99": 8.0, "late_chunks": 0, "missing_chunks": 2, "totals": {"ticks": 11}},
+            "h0": InteractionStats(sessions=2, tick=10, step_ms_p50=5.0, step_ms_p99=9.0, late_chunks=1, missing_chunks=0, totals={"ticks": 10}),
+            "h1": InteractionStats(sessions=1, tick=11, step_ms_p50=7.0, step_ms_p99=8.0, late_chunks=0, missing_chunks=2, totals={"ticks": 11}),
         }
 
         class FakeRemote:

@@ -17,11 +17,12 @@ import pytest
 import uvicorn
 
 from actors.ingress.ingress import Ingress
-from actors.interaction.router import Direct
+from actors.interaction.placement import Direct
 from deployments.auth import Auth
 from deployments.config import AppConfig
 from deployments.gateway import Edge, make_api
 from protocols import OutputChunk, ProtocolError, TickClock
+from protocols.seams import Joined
 from tests.waits import wait_for
 
 pytestmark = pytest.mark.timeout(120)
@@ -43,7 +44,7 @@ class Fake:
     async def join(self, session_id, seed=None):
         await asyncio.sleep(0.01)
         self.members.add(session_id)
-        return {"session_id": session_id, "first_tick": 0, "log_token": f"token-{session_id}"}
+        return Joined(session_id, 0, f"token-{session_id}", {})
 
     async def leave(self, session_id):
         self.members.discard(session_id)

@@ -138,7 +138,7 @@ def test_a_typed_question_with_a_tool_reaches_the_pool_and_its_result_streams_ba
     tool runs, its result enters the interaction engine (the actor's update count) and the
     client's events (function call, its output, our background events) while audio never stops."""
     assert app.pool is not None, "the app came up without its pool"
-    totals = ray.get(app.interaction.stats.remote())["totals"]
+    totals = ray.get(app.interaction.stats.remote()).totals
     before, shed_before = totals["updates"], totals["shed_ticks"]
 
     async def session():
@@ -173,7 +173,7 @@ def test_a_typed_question_with_a_tool_reaches_the_pool_and_its_result_streams_ba
     assert updates[-1]["status"] == "final"
     # Output never stopped for the task: a tick event for every tick between the request and the
     # last update, but those an overloaded actor shed (for every session alike) and one at each end.
-    after = ray.get(app.interaction.stats.remote())["totals"]
+    after = ray.get(app.interaction.stats.remote()).totals
     assert ticks and ticks[-1] - ticks[0] + 1 - len(set(ticks)) <= 2 + after["shed_ticks"] - shed_before
     assert after["updates"] >= before + 3
 

@@ -16,6 +16,7 @@ from aiortc.mediastreams import MediaStreamError, MediaStreamTrack, VideoStreamT
 
 from actors.ingress.ingress import Ingress
 from protocols import OutputChunk, ProtocolError, TickClock
+from protocols.seams import Joined
 from tests.waits import TIMEOUT_S, until
 
 
@@ -119,7 +120,7 @@ class Echo:
         if len(self.members) >= self.max_sessions:
             raise ProtocolError("the interaction side is full", "capacity")
         self.members.append(session_id)
-        return {"session_id": session_id, "first_tick": 0, "log_token": f"token-{session_id}"}
+        return Joined(session_id, 0, f"token-{session_id}", {})
 
     async def leave(self, session_id):
         self.members.remove(session_id)
@@ -128,7 +129,7 @@ class Echo:
     async def resume(self, session_id):
         if session_id not in self.members:
             self.members.append(session_id)
-        return {"session_id": session_id, "first_tick": 0, "log_token": f"token-{session_id}"}
+        return Joined(session_id, 0, f"token-{session_id}", {})
 
     async def release(self, session_id):
         self.members.remove(session_id)

@@ -17,6 +17,8 @@ from actors.ingress.ingress import Ingress, IngressActor
 from actors.remote import Remote
 from actors.ingress.transports import check_sdp
 from protocols import OutputChunk, ProtocolError
+from protocols.ports import Interaction
+from protocols.seams import Joined
 from tests.actors.ingress.peers import Client, Echo, call, now_clock
 from tests.waits import TIMEOUT_S, until
 
@@ -318,7 +320,7 @@ class FakeInteraction:
         if len(self.members) >= self.max_sessions:
             raise ProtocolError("the interaction actor is full", "capacity")
         self.members.append(session_id)
-        return {"session_id": session_id, "log_token": "t"}
+        return Joined(session_id, 0, "t", {})
 
     async def leave(self, session_id):
         self.members.remove(session_id)
@@ -335,7 +337,7 @@ def test_ingress_inside_a_ray_actor(ray_cluster):
     async def main():
         interaction = FakeInteraction.remote(max_sessions=1)
         clock = await interaction.clock_info.remote()
-        actor = IngressActor.remote(Remote(interaction), clock, ice_addresses=["127.0.0.1"])
+        actor = IngressActor.remote(Remote(interaction, Interaction), clock, ice_addresses=["127.0.0.1"])
         with pytest.raises(ProtocolError) as info:  # what the HTTP layer maps to 400
             await actor.offer.remote("v=0\r\nm=audio 9 X 0\r\n")
         assert info.value.code == "invalid_sdp"

@@ -8,6 +8,7 @@ difference in a rebuilt state shows."""
 from __future__ import annotations
 
 import asyncio
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -41,13 +42,14 @@ class FakeTime:
 
 
 def make_chunk(sid: str, k: int) -> InputChunk:
-    """Tick k of a session: its own noisy tone; typed text, a forced turn, function tools (tick 3)
-    and a request that starts a background task with them (tick 10) at fixed ticks."""
+    """Tick k of a session: its own noisy tone; typed text, a forced turn, function tools (tick 0)
+    and requests that start a background task with them (the tick before each update, so that an
+    actor a session was just resumed on has a task to stream it) at fixed ticks."""
     rng = np.random.default_rng([ord(sid), k])
     t = np.arange(SAMPLES) / 16_000 + k * 0.2
     audio = (3000 * np.sin(2 * np.pi * (180 + 40 * ord(sid) % 7) * t) + rng.normal(0, 900, SAMPLES)).astype(np.int16)
-    events = {3: [{"type": "session.update", "session": {"tools": TOOLS}}], 10: [{"type": "response.create"}]}.get(k, [])
-    requests = {3: [SessionSettings(tools=TOOLS)], 10: [TaskRequest()]}.get(k, [])
+    events = [{"type": "session.update", "session": {"tools": TOOLS}}] if k == 0 else [{"type": "response.create"}] if k % 11 == 1 else []
+    requests = [SessionSettings(tools=TOOLS)] if k == 0 else [TaskRequest()] if k % 11 == 1 else []
     return InputChunk(sid, k, k * 0.2, audio, text="and the weather?" if k % 13 == 5 else "",
                       forced="speak" if k % 17 in (8, 9) else None, events=events, requests=requests)
 
@@ -57,18 +59,30 @@ def update_for(sid: str, k: int) -> str | None:
 
 
 class Run:
-    """An `Interaction` on the real tiny engine, stepped tick by tick on a fake clock."""
+    """An `Interaction` on the real tiny engine, stepped tick by tick on a fake clock; its pool
+    (its own, or the one of the actor it takes over from: the pool outlives an actor) holds every
+    task, streaming the updates a test feeds it."""
 
-    def __init__(self, log=None, time=None, snapshot_s=2.0, background=None):
+    def __init__(self, log=None, time=None, snapshot_s=2.0, pool=None):
         self.time = time or FakeTime()
         engine = StreamingEngine("tiny", max_sessions=4, temperature=1.0, mute_when_silent=False)
-        self.inter = Interaction(engine, log=log, background=background, t0=0.0, now=self.time, snapshot_s=snapshot_s)
+        self.pool = pool or FakePool(replies=(), hold=True)
+        self.inter = Interaction(engine, log=log, background=self.pool, t0=0.0, now=self.time, snapshot_s=snapshot_s)
+
+    async def update(self, sid: str, text: str) -> None:
+        """`text` streamed by the session's running task, as the pool's updates come; returns once
+        it waits to enter the session's next chunk."""
+        session = self.inter.sessions[sid]
+        task_id = session.task.task_id
+        await until(lambda: task_id in self.pool.inboxes)
+        self.pool.feed(task_id, text)
+        await until(lambda: text in session.updates)
 
     async def tick(self, k: int, sids, updates: bool = True) -> dict[str, OutputChunk]:
         self.time.t = k * 0.2 + 0.05
         for sid in sids:
             if updates and update_for(sid, k):
-                await self.inter.push_update(sid, update_for(sid, k))
+                await self.update(sid, update_for(sid, k))
         chunks = [make_chunk(sid, k) for sid in sids]
         got = asyncio.create_task(self.inter.exchange(k, chunks, list(sids)))
         await asyncio.sleep(0)
@@ -129,25 +143,24 @@ def test_sessions_resumed_on_a_restarted_actor_go_on_exactly(tmp_path):
         assert first.inter.core.totals["snapshots"] >= 3 * 4
         await first.inter.flush()
         time = first.time
+        second = Run(log, time, pool=first.pool)
         del first
-
-        second = Run(log, time)
         answers = {sid: await second.inter.resume(sid) for sid in SIDS}
         for sid, a in answers.items():
-            assert a["first_tick"] == 40 and a["resumed_from"] == 39 and a["mismatches"] == 0
-            assert 0 < a["replayed"] <= 10  # from a snapshot, not from the start
-        assert len({a["replayed"] for a in answers.values()}) > 1  # snapshots were taken on different ticks
-        assert await second.inter.resume("a") == {k: v for k, v in answers["a"].items() if k not in ("resumed_from", "replayed", "mismatches")}
+            assert a.first_tick == 40 and a.resumed.from_tick == 39 and a.resumed.mismatches == 0
+            assert 0 < a.resumed.replayed <= 10  # from a snapshot, not from the start
+        assert len({a.resumed.replayed for a in answers.values()}) > 1  # snapshots were taken on different ticks
+        assert await second.inter.resume("a") == replace(answers["a"], resumed=None)
         assert second.inter.sessions["a"].tools == TOOLS  # what the chunks told the actor comes back too
         for k in range(40, 60):
             same(second, await second.tick(k, SIDS), want[k])
         stats = await second.inter.stats()
-        assert stats["totals"]["resumed"] == 3 and stats["totals"]["replay_mismatches"] == 0
+        assert stats.totals["resumed"] == 3 and stats.totals["replay_mismatches"] == 0
         await second.inter.flush()
         return answers
 
     answers = asyncio.run(scenario())
-    deltas = from_table(session_log.read("a", answers["a"]["log_token"]))
+    deltas = from_table(session_log.read("a", answers["a"].log_token))
     assert [c.seq for c in deltas if isinstance(c, InputChunk)] == list(range(60))  # one complete record
     assert [e.type for e in deltas if isinstance(e, SessionEvent)] == ["session.joined", "session.resumed"]
     assert [c.updates for c in deltas if isinstance(c, InputChunk) and c.updates] == [[update_for("a", k)] for k in (2, 13, 24, 35, 46, 57)]
@@ -168,24 +181,22 @@ def test_a_session_that_was_nowhere_for_a_while_resumes_across_a_gap_and_replays
             await first.tick(k, "a")
         await first.inter.flush()
         time = first.time
-        del first
-
         time.t = 30 * 0.2 + 0.01
-        second = Run(log, time, snapshot_s=None)
+        second = Run(log, time, snapshot_s=None, pool=first.pool)
+        del first
         answer = await second.inter.resume("a")
-        assert (answer["first_tick"], answer["resumed_from"], answer["replayed"]) == (30, 24, 25)
+        assert (answer.first_tick, answer.resumed.from_tick, answer.resumed.replayed) == (30, 24, 25)
         for k in range(30, 40):
             same(second, await second.tick(k, "a"), want[k], "a")
         await second.inter.flush()
+        third = Run(log, time, snapshot_s=None, pool=second.pool)
         del second
-
-        third = Run(log, time, snapshot_s=None)
         answer = await third.inter.resume("a")
-        assert answer["replayed"] == 25 + 10 and answer["mismatches"] == 0 and answer["first_tick"] == 40
+        assert answer.resumed.replayed == 25 + 10 and answer.resumed.mismatches == 0 and answer.first_tick == 40
         for k in range(40, 45):
             same(third, await third.tick(k, "a"), want[k], "a")
         await third.inter.flush()
-        return answer["log_token"]
+        return answer.log_token
 
     token = asyncio.run(scenario())
     inputs = [c.seq for c in from_table(session_log.read("a", token)) if isinstance(c, InputChunk)]
@@ -201,22 +212,22 @@ def test_a_released_session_resumes_on_another_actor_exactly(tmp_path):
 
     async def scenario():
         log = LocalLog(session_log)
-        pool = FakePool(replies=(), hold=True)  # no updates: the model's inputs stay the reference's
-        x = Run(log, background=pool)
+        x = Run(log)
+        pool = x.pool
         for sid in ("a", "b"):
             await x.inter.join(sid)
         for k in range(13):
             same(x, await x.tick(k, ("a", "b")), want[k], "ab")
-        running = x.inter.sessions["a"].task  # asked for at tick 10 (or delegated since): running when A moves
+        running = x.inter.sessions["a"].task  # asked for at tick 12 (or delegated since): running when A moves
         assert running.task_id not in pool.cancelled
-        await x.inter.push_update("a", update_for("a", 13))  # waits for tick 13, which is stepped on Y
+        await x.update("a", update_for("a", 13))  # waits for tick 13, which is stepped on Y
         await x.inter.release("a")
         assert list(x.inter.sessions) == ["b"] and x.inter.engine.sessions == ["b"]
         await until(lambda: running.task_id in pool.cancelled)
 
         y = Run(log, x.time)
         answer = await y.inter.resume("a")
-        assert answer["replayed"] == 0 and answer["first_tick"] == 13 and answer["resumed_from"] == 12
+        assert answer.resumed.replayed == 0 and answer.first_tick == 13 and answer.resumed.from_tick == 12
         assert y.inter.sessions["a"].updates == [update_for("a", 13)]
         for k in range(13, 30):
             x.time.t = y.time.t = k * 0.2 + 0.05
@@ -224,7 +235,7 @@ def test_a_released_session_resumes_on_another_actor_exactly(tmp_path):
             same(y, await y.tick(k, ("a",), updates=k != 13), want[k], "a")
             same(x, await got_b, want[k], "b")
         await y.inter.flush()
-        return answer["log_token"], running
+        return answer.log_token, running
 
     token, running = asyncio.run(scenario())
     deltas = from_table(session_log.read("a", token))
@@ -253,7 +264,7 @@ def test_an_actor_too_slow_to_answer_is_fenced_off_when_its_session_resumes_else
 
         y = Run(log, x.time)
         answer = await y.inter.resume("a")  # X is not asked: it did not answer in time
-        assert answer["first_tick"] == 10 and y.inter.sessions["a"].epoch == 1
+        assert answer.first_tick == 10 and y.inter.sessions["a"].epoch == 1
         for k in range(10, 20):
             x.time.t = y.time.t = k * 0.2 + 0.05
             got_b = asyncio.create_task(x.tick(k, ("b",)))  # the ingress feeds A to Y now
@@ -262,11 +273,11 @@ def test_an_actor_too_slow_to_answer_is_fenced_off_when_its_session_resumes_else
             await x.inter.flush()
         stats = await x.inter.stats()
         assert list(x.inter.sessions) == ["b"] and x.inter.engine.sessions == ["b"]
-        assert stats["totals"]["fenced"] == 1 and stats["totals"]["log_refused"] >= 1  # its snapshot of A too
+        assert stats.totals["fenced"] == 1 and stats.totals["log_refused"] >= 1  # its snapshot of A too
         await x.inter.leave("b")
         await y.inter.leave("a")
         await y.inter.flush()
-        return answer["log_token"]
+        return answer.log_token
 
     token = asyncio.run(scenario())
     deltas = from_table(session_log.read("a", token))

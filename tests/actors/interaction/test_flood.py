@@ -47,7 +47,7 @@ def test_a_session_flooding_tasks_and_tools_does_not_hold_up_another_sessions_ti
                 assert out.session_id == "flood" or not errors, errors  # nothing of the flood reaches the calm session
                 refused += errors.count("rate_limit_exceeded")
             await asyncio.sleep(0)  # the pool's work and the log writer run between ticks
-        stats = (await inter.stats())["totals"]
+        stats = (await inter.stats()).totals
         started = stats["tasks"]
         # the flooder got its burst and the refill of 6 s at 0.5 a second, no more; the rest were refused out loud
         assert started - 1 <= 3 + 3 and stats["tasks_refused"] == TICKS - (started - 1)

@@ -16,6 +16,7 @@ from actors.remote import Remote
 from actors.log.log_actor import SessionLogActor
 from actors.log.session_log import SessionLog
 from protocols import BackgroundTask, BackgroundUpdate, InputChunk, OutputChunk, ProtocolError, SessionEvent, from_table
+from protocols.ports import Log
 from protocols.requests import TaskRequest
 from tests.fakes import FakePool, LocalLog, MockEngine
 from tests.waits import TIMEOUT_S, until
@@ -64,7 +65,7 @@ def test_the_clock_comes_from_the_engine():
 def test_missing_chunk_is_stepped_as_silence_and_others_get_their_output():
     async def scenario():
         inter = make()
-        assert (await inter.join("a"))["first_tick"] == 0
+        assert (await inter.join("a")).first_tick == 0
         await inter.join("b")
         got, stepped = await exchange_then_step(inter, 0, [chunk("a", 0)], ["a", "b"])
         assert [o.session_id for o in got] == ["a", "b"] and all(o.seq == 0 for o in got)
@@ -72,7 +73,7 @@ def test_missing_chunk_is_stepped_as_silence_and_others_get_their_output():
         handed = {c.session_id: c for c in inter.engine.steps[-1]}
         assert handed["b"].missing and not handed["b"].audio.any() and not handed["a"].missing
         stats = await inter.stats()
-        assert stats["missing_chunks"] == 1 and stats["totals"]["missing_chunks"] == 1
+        assert stats.missing_chunks == 1 and stats.totals["missing_chunks"] == 1
         assert stepped["a"].audio.any() and not stepped["b"].audio.any()  # a's level echoed, b silent
 
     asyncio.run(scenario())
@@ -87,8 +88,8 @@ def test_late_chunk_is_counted_and_still_gets_the_tick_output():
         assert late == [stepped["a"]]
         await exchange_then_step(inter, 1, [chunk("a", 1)], ["a"])
         stats = await inter.stats()
-        assert stats["late_chunks"] == 1 and stats["missing_chunks"] == 1
-        assert {k: v for k, v in stats["totals"].items() if v} == {"ticks": 2, "late_chunks": 1, "missing_chunks": 1}
+        assert stats.late_chunks == 1 and stats.missing_chunks == 1
+        assert {k: v for k, v in stats.totals.items() if v} == {"ticks": 2, "late_chunks": 1, "missing_chunks": 1}
 
     asyncio.run(scenario())
 
@@ -113,7 +114,7 @@ def test_a_late_chunk_loses_only_its_sound_its_text_events_and_forced_control_go
         assert carried.requests == [TaskRequest()]
         await inter.step(3)  # carried once, not again
         assert next(c for c in inter.engine.steps[-1] if c.session_id == "a").text == ""
-        assert (await inter.stats())["totals"]["late_chunks"] == 2
+        assert (await inter.stats()).totals["late_chunks"] == 2
 
     asyncio.run(scenario())
 
@@ -152,7 +153,7 @@ def test_every_chunk_and_output_lands_in_the_log_in_order(tmp_path):
         await inter.leave("b")
         await inter.flush()
         assert inter.sessions["a"].log_index == 8  # joined event + 4 ticks of (input, output)
-        return a["log_token"], sent
+        return a.log_token, sent
 
     token, sent = asyncio.run(scenario())
     deltas = from_table(session_log.read("a", token))
@@ -188,17 +189,17 @@ def test_a_tick_is_stepped_as_soon_as_every_chunk_is_in():
     async def scenario():
         clock = FakeTime()
         inter = Interaction(MockEngine(max_sessions=2), t0=0.0, now=clock, grace_ms=3_600_000)
-        first = (await inter.join("a"))["first_tick"]
+        first = (await inter.join("a")).first_tick
         await inter.ready()
         for k in range(first, first + 3):
             clock.t = inter.clock.start(k)
             got = await asyncio.wait_for(inter.exchange(k, [chunk("a", k)], ["a"]), TIMEOUT_S)
             assert [o.seq for o in got] == [k]
-        return (await inter.stats())["ticks"]
+        return (await inter.stats()).ticks
 
     ticks = asyncio.run(scenario())
-    assert [t["tick"] for t in ticks] == [0, 1, 2]
-    assert all(t["lag_ms"] < 0 for t in ticks)  # before the deadline, by the actor's own clock
+    assert [t.tick for t in ticks] == [0, 1, 2]
+    assert all(t.lag_ms < 0 for t in ticks)  # before the deadline, by the actor's own clock
 
 
 # --- delegation --------------------------------------------------------------------------------
@@ -221,7 +222,7 @@ def test_delegation_reaches_the_pool_with_no_log_and_its_updates_enter_with_the_
         (task,) = pool.tasks
         assert task.session_id == "a" and task.kind == "delegate" and task.instruction == "please delegate the weather"
         assert task.context_upto == -1  # nothing is logged
-        assert (await inter.stats())["totals"]["updates"] == 2
+        assert (await inter.stats()).totals["updates"] == 2
 
     asyncio.run(scenario())
 
@@ -232,7 +233,7 @@ def test_delegation_does_not_wait_on_a_slow_log_and_the_log_records_task_and_upd
     async def scenario():
         pool = FakePool(replies=("done",))
         inter = make(log=LocalLog(session_log, delay_s=0.0), background=pool)
-        token = (await inter.join("a"))["log_token"]
+        token = (await inter.join("a")).log_token
         await exchange_then_step(inter, 0, [chunk("a", 0)], ["a"])
         await inter.flush()
         inter.log.held = asyncio.Event()  # the log hangs: nothing it is asked returns until released
@@ -263,7 +264,7 @@ def test_leaving_cancels_the_running_task(tmp_path):
     async def scenario():
         pool = FakePool(replies=("thinking",), hold=True)
         inter = make(log=LocalLog(session_log), background=pool)
-        token = (await inter.join("a"))["log_token"]
+        token = (await inter.join("a")).log_token
         await exchange_then_step(inter, 0, [chunk("a", 0, text="please delegate")], ["a"])
         await until(lambda: inter.sessions["a"].updates == ["thinking"])
         assert pool.cancelled == []
@@ -300,7 +301,7 @@ def test_with_no_pool_a_delegated_task_is_still_logged(tmp_path):
 
     async def scenario():
         inter = make(log=LocalLog(session_log))
-        token = (await inter.join("a"))["log_token"]
+        token = (await inter.join("a")).log_token
         await exchange_then_step(inter, 0, [chunk("a", 0, text="please delegate")], ["a"])
         await inter.flush()
         return token
@@ -317,13 +318,13 @@ def test_ray_actor_builds_the_real_engine_and_keeps_time_when_a_client_stops_sen
     B stops after 3 ticks; A's and B's outputs keep coming every tick; everything is logged.
     A tick the actor sheds (a machine too busy to keep up) is no tick for either: counted, not stepped."""
     log_actor = SessionLogActor.remote(str(tmp_path / "log"), tick_ms=200)
-    actor = InteractionActor.remote(EngineSpec("tiny", device="cpu", max_sessions=4), log=Remote(log_actor), grace_ms=60, max_sessions=4)
+    actor = InteractionActor.remote(EngineSpec("tiny", device="cpu", max_sessions=4), log=Remote(log_actor, Log), grace_ms=60, max_sessions=4)
     clock = ray_cluster.get(actor.ready.remote(), timeout=120)
     assert clock["tick_ms"] == 200
 
     async def client(sid, ticks_sending, n_ticks):
         info = await actor.join.remote(sid)
-        first = info["first_tick"]
+        first = info.first_tick
         got = []
         for k in range(first, first + n_ticks):
             delay = clock["t0"] + k * clock["tick_s"] - time.time()
@@ -340,16 +341,16 @@ def test_ray_actor_builds_the_real_engine_and_keeps_time_when_a_client_stops_sen
 
     (ia, outs_a), (ib, outs_b) = asyncio.run(both())
     stats = ray_cluster.get(actor.stats.remote())
-    shed = stats["totals"]["shed_ticks"]
+    shed = stats.totals["shed_ticks"]
     seqs_a, seqs_b = [o.seq for o in outs_a], [o.seq for o in outs_b]
     for info, seqs in ((ia, seqs_a), (ib, seqs_b)):  # B's too: stepped as missing, never waited for
-        assert seqs == sorted(set(seqs)) and set(seqs) <= set(range(info["first_tick"], info["first_tick"] + 12))
+        assert seqs == sorted(set(seqs)) and set(seqs) <= set(range(info.first_tick, info.first_tick + 12))
         assert len(seqs) + shed >= 12, (seqs, shed)
-    both_on = range(max(ia["first_tick"], ib["first_tick"]), min(ia["first_tick"], ib["first_tick"]) + 12)
+    both_on = range(max(ia.first_tick, ib.first_tick), min(ia.first_tick, ib.first_tick) + 12)
     assert [k for k in seqs_a if k in both_on] == [k for k in seqs_b if k in both_on]  # one batched step for both
     assert all(o.audio.shape == (SAMPLES,) for o in outs_a + outs_b)
-    assert stats["sessions"] == 0 and stats["totals"]["missing_chunks"] + shed >= 9
-    table = ray_cluster.get(log_actor.read.remote("b", ib["log_token"]))
+    assert stats.sessions == 0 and stats.totals["missing_chunks"] + shed >= 9
+    table = ray_cluster.get(log_actor.read.remote("b", ib.log_token))
     logged = [d for d in from_table(table) if isinstance(d, InputChunk)]
     assert [c.seq for c in logged][: len(seqs_b)] == seqs_b  # every tick stepped is on record (and any stepped before B left)
     assert sum(c.missing for c in logged) + shed >= 9  # B's silence is on record
@@ -394,8 +395,8 @@ def test_a_loop_that_falls_behind_sheds_to_the_newest_due_tick_and_tells_the_ses
         assert [[e["ticks"] for e in shed[k]] for k in stepped] == [[], [1, 1], [2, 2], [1, 1]]
         assert shed[2][0]["reason"] == "overload" and shed[2][0]["event_id"]
         stats = await inter.stats()
-        assert stats["totals"]["shed_ticks"] == 4 and stats["shed_ticks"] == 4 and stats["totals"]["late_chunks"] == 1
-        assert stats["hot"]
+        assert stats.totals["shed_ticks"] == 4 and stats.shed_ticks == 4 and stats.totals["late_chunks"] == 1
+        assert stats.hot
         with pytest.raises(ProtocolError, match="overloaded") as refused:
             await inter.join("c")
         assert refused.value.code == "capacity"
@@ -415,7 +416,7 @@ def test_join_is_refused_while_steps_run_hot_and_accepted_again_after():
         inter.engine.step_s = 0.0
         for k in range(3, 3 + 25):
             await inter.step(k)
-        assert (await inter.join("b"))["first_tick"] == 28
+        assert (await inter.join("b")).first_tick == 28
 
     asyncio.run(scenario())
 
@@ -460,7 +461,7 @@ def test_a_failing_log_is_retried_in_order_and_a_refusal_is_not(tmp_path):
     async def scenario():
         log = FlakyLog(session_log)
         inter = make(log=log)
-        token = (await inter.join("a"))["log_token"]
+        token = (await inter.join("a")).log_token
         await inter.flush()
         log.fail = 3
         for k in range(3):
@@ -471,7 +472,7 @@ def test_a_failing_log_is_retried_in_order_and_a_refusal_is_not(tmp_path):
         await exchange_then_step(inter, 3, [chunk("a", 3)], ["a"])
         await exchange_then_step(inter, 4, [chunk("a", 4)], ["a"])
         assert await inter.flush(timeout=30)
-        totals = (await inter.stats())["totals"]
+        totals = (await inter.stats()).totals
         assert (totals["log_retries"], totals["log_refused"], totals["log_dropped"]) == (3, 1, 0)
         return token
 
@@ -486,7 +487,7 @@ def test_the_log_backlog_is_bounded_and_drops_the_oldest(tmp_path):
     async def scenario():
         log = FlakyLog(session_log)
         inter = Interaction(MockEngine(max_sessions=4), log=log, t0=0.0, now=FakeTime(), log_backlog=3, snapshot_s=None)
-        token = (await inter.join("a"))["log_token"]
+        token = (await inter.join("a")).log_token
         await inter.flush()
         log.fail = 10**9  # down
         for k in range(8):
@@ -495,7 +496,7 @@ def test_the_log_backlog_is_bounded_and_drops_the_oldest(tmp_path):
         assert not await inter.flush(timeout=0.2)
         log.fail = 0  # back
         assert await inter.flush(timeout=30)
-        assert (await inter.stats())["totals"]["log_dropped"] == 5
+        assert (await inter.stats()).totals["log_dropped"] == 5
         return token
 
     token = asyncio.run(scenario())
@@ -511,7 +512,7 @@ def test_a_session_whose_ingress_is_gone_leaves_on_its_own(tmp_path):
     async def scenario():
         inter = Interaction(MockEngine(max_sessions=4), log=LocalLog(session_log), t0=0.0, now=FakeTime(), orphan_s=1.0)
         await inter.join("a")
-        token = (await inter.join("b"))["log_token"]
+        token = (await inter.join("b")).log_token
         inter.now.t = 0.1
         assert (await inter.clock_info())["now"] == 0.1
         for k in range(7):
@@ -522,7 +523,7 @@ def test_a_session_whose_ingress_is_gone_leaves_on_its_own(tmp_path):
         assert sorted(inter.sessions) == ["a", "b"]  # heard of at tick 1 (late): 5 ticks of silence so far
         await exchange_then_step(inter, 7, [chunk("a", 7)], ["a"])
         stats = await inter.stats()
-        assert stats["session_ids"] == ["a"] and stats["totals"]["orphaned"] == 1
+        assert stats.session_ids == ["a"] and stats.totals["orphaned"] == 1
         assert inter.engine.sessions.keys() == {"a"}
         await inter.flush()
         return token

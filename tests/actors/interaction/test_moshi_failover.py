@@ -62,7 +62,7 @@ def test_moshi_sessions_resume_from_the_log_on_a_new_actor_and_go_on_as_if_unint
         session_log = SessionLog(tmp_path / "log", tick_ms=80)
         log = LocalLog(session_log)
         first = Run(moshi_dir, log)
-        tokens = {sid: (await first.inter.join(sid))["log_token"] for sid in SIDS}
+        tokens = {sid: (await first.inter.join(sid)).log_token for sid in SIDS}
         outs = [await first.tick(k) for k in range(15)]
         await first.inter.flush()
         clock = first.clock
@@ -76,7 +76,7 @@ def test_moshi_sessions_resume_from_the_log_on_a_new_actor_and_go_on_as_if_unint
     want = asyncio.run(uninterrupted())
     got, answers, session_log, tokens = asyncio.run(interrupted())
     for sid, a in answers.items():
-        assert a["first_tick"] == 15 and a["mismatches"] == 0 and 0 < a["replayed"] <= 5, a  # from a snapshot
+        assert a.first_tick == 15 and a.resumed.mismatches == 0 and 0 < a.resumed.replayed <= 5, a  # from a snapshot
     for k in range(24):
         for sid in SIDS:
             g, w = got[k][sid], want[k][sid]

@@ -5,7 +5,8 @@ import asyncio
 import pytest
 
 from actors.interaction.quotas import Tenants, TokenBucket
-from actors.interaction.router import Direct, Router
+from actors.interaction.placement import Direct
+from actors.interaction.router import Router
 from protocols import ProtocolError
 from tests.fakes import FakePool
 
@@ -89,6 +90,6 @@ def test_a_session_asking_for_a_task_every_tick_gets_its_burst_and_the_other_ses
         # its updates reached it (those the following ticks carried into the model, and any waiting)
         await until(lambda: inter.engine.sessions["calm"]["updates"] + inter.sessions["calm"].updates == ["working", "done"])
         assert calm.instruction == "please delegate the weather"
-        assert (await inter.stats())["totals"]["tasks_refused"] == 20 - len(flood)
+        assert (await inter.stats()).totals["tasks_refused"] == 20 - len(flood)
 
     asyncio.run(scenario())

@@ -7,9 +7,11 @@ import time
 import pytest
 
 from actors.ingress.ingress import Ingress
-from actors.interaction.router import Direct, Router
+from actors.interaction.placement import Direct
+from actors.interaction.router import Router
 from protocols import OutputChunk, ProtocolError, TickClock
 from protocols.ports import Placement
+from protocols.seams import InteractionStats, Joined
 from tests.waits import until
 
 pytestmark = pytest.mark.timeout(180)
@@ -44,7 +46,7 @@ class Fake:
         if len(self.members) >= self.capacity:
             raise ProtocolError("full", "capacity")
         self.members.append(session_id)
-        return {"session_id": session_id, "first_tick": 0, "log_token": "t"}
+        return Joined(session_id, 0, "t", {})
 
     async def resume(self, session_id):
         self._check()
@@ -53,7 +55,7 @@ class Fake:
                 raise ProtocolError("full", "capacity")
             self.members.append(session_id)
             self.resumed.append(session_id)
-        return {"session_id": session_id, "first_tick": 0, "log_token": "t"}
+        return Joined(session_id, 0, "t", {})
 
     async def release(self, session_id):
         self._check()
@@ -250,7 +252,7 @@ def test_sessions_an_actor_no_longer_has_free_their_slots_on_the_second_check():
         a = Fake("a", capacity=1)
 
         async def stats():
-            return {"session_ids": list(a.members)}
+            return InteractionStats(session_ids=list(a.members))
 
         a.stats = stats
         r = router(a)
@@ -319,7 +321,7 @@ def test_a_restarted_router_knows_the_sessions_from_the_actors_and_resumes_the_r
         for f in (a, b):
             async def stats(f=f):
                 f._check()
-                return {"session_ids": list(f.members)}
+                return InteractionStats(session_ids=list(f.members))
             f.stats = stats
         first = router(a, b)
         await first.place("s0")
