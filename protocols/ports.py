@@ -14,7 +14,7 @@ application binds Ray handles (through `actors.remote.Remote`) in one builder.
 
 from __future__ import annotations
 
-from typing import Any, AsyncIterator, Protocol, runtime_checkable
+from typing import Any, AsyncGenerator, Protocol, runtime_checkable
 
 from .background import BackgroundTask, BackgroundUpdate
 from .chunks import InputChunk, OutputChunk, ProtocolError
@@ -119,7 +119,7 @@ class Log(Protocol):
 class BackgroundPool(Protocol):
     """Runs one task; its updates stream back. Cancelling the consumer cancels the task."""
 
-    def run(self, task: BackgroundTask) -> AsyncIterator[BackgroundUpdate]: ...
+    def run(self, task: BackgroundTask) -> AsyncGenerator[BackgroundUpdate, None]: ...
 
 
 @runtime_checkable

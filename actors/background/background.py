@@ -39,7 +39,7 @@ import functools
 import logging
 import time
 from collections import OrderedDict
-from typing import Any, AsyncIterator, Awaitable, Callable
+from typing import Any, AsyncGenerator, Awaitable, Callable
 
 import ray
 
@@ -113,7 +113,7 @@ class Background:
         is one of the last `keep_prompts` tasks; else None."""
         return self.prompts.get(task_id)
 
-    async def run(self, task: BackgroundTask) -> AsyncIterator[BackgroundUpdate]:
+    async def run(self, task: BackgroundTask) -> AsyncGenerator[BackgroundUpdate, None]:
         self.counts["tasks"] += 1
         if task.supersedes and task.supersedes in self.running:
             self.running[task.supersedes].cancel()
@@ -234,7 +234,7 @@ class RemotePool:
     def __init__(self, handle: Any):
         self.handle = handle
 
-    async def run(self, task: BackgroundTask) -> AsyncIterator[BackgroundUpdate]:
+    async def run(self, task: BackgroundTask) -> AsyncGenerator[BackgroundUpdate, None]:
         stream = self.handle.run.options(num_returns="streaming").remote(task)
         finished = False
         try:

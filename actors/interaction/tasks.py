@@ -170,6 +170,4 @@ class Tasks:
             if sessions.get(sid) is session:
                 self.logs.append([BackgroundUpdate(sid, self.core.now(), task.task_id, "error", f"background task failed: {type(exc).__name__}")], [session])
         finally:
-            aclose = getattr(updates, "aclose", None)
-            if aclose is not None:
-                await aclose()
+            await updates.aclose()
