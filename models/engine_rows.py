@@ -17,6 +17,7 @@ import torch
 from models.config import InteractionConfig
 from models.inputs import InputBuilder
 from models.session_state import Rows, Session
+from models.step_checks import session_of
 from protocols.chunks import ProtocolError, check_session_id
 
 STATE_VERSION = 2
@@ -67,10 +68,7 @@ class EngineRows:
             raise ProtocolError(f"session {session_id!r}: {e}", e.code, e.param) from None
 
     def _get(self, session_id: Any) -> Session:
-        sess = self._sessions.get(session_id) if isinstance(session_id, str) else None
-        if sess is None:
-            raise ProtocolError(f"unknown session {session_id!r}", "unknown_session", "session_id")
-        return sess
+        return session_of(self._sessions, session_id)
 
     def _can_add(self, session_id: str) -> None:
         check_session_id(session_id)

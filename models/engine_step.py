@@ -31,6 +31,7 @@ from models.config import CONTROLS
 from models.engine_rows import EngineRows
 from models.model import InteractionModel, TickInputs, _mix, flow_noise
 from models.session_state import Session
+from models.step_checks import validate
 from models.transformer import additive_mask, visible
 from models.vocoder import Vocoder
 from protocols.chunks import InputChunk, OutputChunk, ProtocolError, check_audio
@@ -94,25 +95,8 @@ class EngineStep(EngineRows):
         return [outs[self._sessions[sid].row] for sid in accepted], errors
 
     def _validate(self, chunks: list[Any]) -> tuple[dict[str, InputChunk], dict[str, ProtocolError]]:
-        """-> a chunk for every live session (good chunks in their order, then silent ones for
-        the sessions stepped as missing), and the errors."""
-        accepted: dict[str, InputChunk] = {}
-        errors: dict[str, ProtocolError] = {}
-        bad: dict[str, Any] = {}
-        for c in chunks:
-            try:
-                sid, good = self._check(c, accepted)
-                accepted[sid] = good
-            except ProtocolError as e:
-                sid = getattr(c, "session_id", None)
-                key = sid if isinstance(sid, str) else repr(c)[:64]
-                errors.setdefault(key, e)
-                bad.setdefault(key, c)
-        for sid in self._by_row:
-            if sid not in accepted:
-                errors.setdefault(sid, ProtocolError(f"no chunk for session {sid!r}; stepped as missing", "missing_session", "session_id"))
-                accepted[sid] = self._missing(self._sessions[sid], bad.get(sid))
-        return accepted, errors
+        """-> a chunk for every live session, and the errors (`models.step_checks.validate`)."""
+        return validate(chunks, self._check, list(self._by_row), lambda sid, like: self._missing(self._sessions[sid], like))
 
     def _check(self, chunk: Any, accepted: dict[str, InputChunk]) -> tuple[str, InputChunk]:
         """The one validation: a private copy of the chunk, re-checked whole (fields may have

@@ -224,17 +224,8 @@ class SessionLog:
         await log_failover.put_snapshot(self.store, self.sessions.writable(session_id), tick, state, epoch)
 
     async def recovery(self, session_id: str, take_over: bool = True) -> Recovery:
-        """What rebuilds an open session on another interaction actor (`protocols.seams.Recovery`):
-        its token (None if not kept: a session opened before tokens were kept), the writer epoch
-        the caller now holds (with `take_over`, raised by one: whoever wrote before is fenced off;
-        without, the current one, for a caller that only reads), the newest snapshot and its tick,
-        and the chunks logged after it (the first logged of each seq), from memory and, where
-        older, Parquet. Without a snapshot they are every chunk of the session.
-
-        This hands out the token in clear, so it is for the trusted internal caller only (an
-        actor-to-actor call; no client-facing route leads here). ProtocolError for an unknown or
-        closed session.
-        """
+        """What rebuilds an open session on another interaction actor, token included: for the
+        trusted internal caller only (see `actors.log.log_failover.recovery`)."""
         return await log_failover.recovery(self.store, self.sessions.writable(session_id), take_over)
 
     # --- reads -------------------------------------------------------------------------------

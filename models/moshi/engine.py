@@ -51,6 +51,7 @@ from models.moshi.checkpoint import MoshiModels, load
 from models.moshi.resample import Resampler
 from models.moshi.rows import export_row, load_row
 from models.moshi.session import MoshiSession
+from models.step_checks import session_of, validate
 from protocols.chunks import SAMPLE_RATE, InputChunk, OutputChunk, ProtocolError, check_audio, check_session_id, check_text
 
 STATE_VERSION = 1
@@ -154,10 +155,7 @@ class MoshiEngine:
         sess.forced_text.extend(tokens)
 
     def _get(self, session_id: Any) -> MoshiSession:
-        sess = self._sessions.get(session_id) if isinstance(session_id, str) else None
-        if sess is None:
-            raise ProtocolError(f"unknown session {session_id!r}", "unknown_session", "session_id")
-        return sess
+        return session_of(self._sessions, session_id)
 
     def _can_add(self, session_id: str) -> None:
         check_session_id(session_id)
@@ -253,23 +251,7 @@ class MoshiEngine:
         return outs
 
     def _validate(self, chunks: list[Any]) -> tuple[dict[str, InputChunk], dict[str, ProtocolError]]:
-        accepted: dict[str, InputChunk] = {}
-        errors: dict[str, ProtocolError] = {}
-        bad: dict[str, Any] = {}
-        for c in chunks:
-            try:
-                sid, good = self._check(c, accepted)
-                accepted[sid] = good
-            except ProtocolError as e:
-                sid = getattr(c, "session_id", None)
-                key = sid if isinstance(sid, str) else repr(c)[:64]
-                errors.setdefault(key, e)
-                bad.setdefault(key, c)
-        for sid, sess in self._sessions.items():
-            if sid not in accepted:
-                errors.setdefault(sid, ProtocolError(f"no chunk for session {sid!r}; stepped as missing", "missing_session", "session_id"))
-                accepted[sid] = self._missing(sess, bad.get(sid))
-        return accepted, errors
+        return validate(chunks, self._check, list(self._sessions), lambda sid, like: self._missing(self._sessions[sid], like))
 
     def _check(self, chunk: Any, accepted: dict[str, InputChunk]) -> tuple[str, InputChunk]:
         if not isinstance(chunk, InputChunk):

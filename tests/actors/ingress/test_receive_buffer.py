@@ -1,18 +1,15 @@
 """aiortc's receiver releases audio as it arrives once `release_on_arrival` switched it."""
 
 import asyncio
-import fractions
-import time
 
-import av
 import numpy as np
 import pytest
 from aiortc import RTCPeerConnection, RTCSessionDescription
-from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 from aiortc.rtp import RtpPacket
 
 from actors.ingress.receive_buffer import ArrivalBuffer, release_on_arrival
 from actors.ingress.ice import use_ice_addresses
+from tests.actors.ingress.peers import Sine
 from tests.waits import TIMEOUT_S
 
 
@@ -32,38 +29,13 @@ def test_arrival_buffer_releases_each_packet_in_order():
     assert buf.released == 5 and buf.dropped == 2
 
 
-class Beeps(MediaStreamTrack):
-    """20 ms 48 kHz frames in real time; `n` frames have left so far."""
-
-    kind = "audio"
-
-    def __init__(self):
-        super().__init__()
-        self.n = 0
-        self.start = None
-
-    async def recv(self):
-        if self.readyState != "live":
-            raise MediaStreamError
-        if self.start is None:
-            self.start = time.time()
-        wait = self.start + self.n * 0.02 - time.time()
-        if wait > 0:
-            await asyncio.sleep(wait)
-        x = (3000 * np.sin(np.arange(960) * 2 * np.pi * 440 / 48000)).astype(np.int16)
-        frame = av.AudioFrame.from_ndarray(x.reshape(1, -1), format="s16", layout="mono")
-        frame.sample_rate, frame.pts, frame.time_base = 48000, self.n * 960, fractions.Fraction(1, 48000)
-        self.n += 1
-        return frame
-
-
 async def held_frames(release: bool, frames: int = 75) -> tuple[float, list]:
     """Median count of frames the sender had sent after each frame by the time the receiving
     track handed that frame out. Counted in frames, not milliseconds: both peers share one event
     loop, so a busy machine delays them alike and the count stays what the buffer makes it."""
     use_ice_addresses(["127.0.0.1"])
     sender, receiver = RTCPeerConnection(), RTCPeerConnection()
-    beeps = Beeps()
+    beeps = Sine()  # `n`: the frames it has sent so far
     sender.addTrack(beeps)
     ahead: list[int] = []
     done = asyncio.Event()
