@@ -22,7 +22,7 @@ from protocols import ProtocolError
 from protocols.ports import Interaction
 from protocols.seams import InteractionStats
 
-from .spec import NAMESPACE, ActorSpec, named_actors, resolve
+from .spec import NAMESPACE, ActorSpec, Resolves, named_actors, resolve
 
 READY_TIMEOUT_S = 60.0  # a new interaction actor loads its model in this
 
@@ -109,7 +109,7 @@ def units(options: dict, fixed: int | None, resources: Mapping[str, float]) -> i
 
 
 @dataclass
-class InteractionFleet:
+class InteractionFleet(Resolves):
     """Makes the interaction actors, named `interaction-<i>`, from one `template` spec (so all on
     one clock origin), as many as `units` says. Called with the names that exist, it makes the
     missing ones: the router calls it every few seconds, so a node joining with the resource adds

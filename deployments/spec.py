@@ -38,9 +38,17 @@ class Ref:
         return self.wrap(found) if self.wrap is not None else found
 
 
+class Resolves:
+    """An argument in a plan that holds `Ref`s of its own (an `ActorSpec`, an `InteractionFleet`):
+    `resolve(made)` gives it with them filled in."""
+
+    def resolve(self, made: dict[str, Any]) -> Any:
+        raise NotImplementedError
+
+
 def resolve(value: Any, made: dict[str, Any]) -> Any:
-    """`value` with every `Ref` in it (in tuples, lists, dict values, or an object's own
-    `resolve`) replaced by what it stands for."""
+    """`value` with every `Ref` in it (in tuples, lists, dict values, or a `Resolves`) replaced by
+    what it stands for."""
     if isinstance(value, Ref):
         return value.value(made)
     if isinstance(value, tuple):
@@ -49,13 +57,13 @@ def resolve(value: Any, made: dict[str, Any]) -> Any:
         return [resolve(v, made) for v in value]
     if isinstance(value, dict):
         return {k: resolve(v, made) for k, v in value.items()}
-    if hasattr(value, "resolve") and not isinstance(value, type):
+    if isinstance(value, Resolves):
         return value.resolve(made)
     return value
 
 
 @dataclass(frozen=True)
-class ActorSpec:
+class ActorSpec(Resolves):
     """One actor of the deployment: `cls` (a `ray.remote` class) made as `name` in `NAMESPACE`
     with `options` (its CPU share, custom resources, restart policy) and `args`/`kwargs`."""
 

@@ -39,6 +39,14 @@ def test_refs_are_filled_in_from_what_is_made_and_a_missing_one_is_named():
         resolve(Ref("clock"), {})
 
 
+def test_the_routers_fleet_is_resolved_with_the_spec_that_holds_it():
+    config = AppConfig.model_validate({"background": {"enabled": False}})
+    router = next(s for s in plan(config, {"CPU": 2}) if s.role == "router")
+    made = router.resolve({"session_log": "log", "interaction-0": "a0", "interaction-1": "a1", "clock": {"t0": 5.0}, "t0": 5.0, "how": {"lifetime": "detached"}})
+    fleet = made.kwargs["grow"]  # an InteractionFleet inside the router's arguments, with Refs of its own
+    assert fleet.template.kwargs["t0"] == 5.0 and fleet.how == {"lifetime": "detached"}
+
+
 def test_the_default_pool_driver_hears_speech_through_pocketsphinx():
     """What production runs by default (`background.speech.engine: pocketsphinx`), as the plan
     hands it to the driver: tests/actors/background/test_transcribe.py tests that transcriber."""
