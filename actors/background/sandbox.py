@@ -230,13 +230,17 @@ class Sandbox:
             argv = command(limits)
         except (OSError, ValueError) as exc:
             raise ToolError(f"python: the sandbox could not start: {exc}") from None
+        spawn = asyncio.ensure_future(asyncio.create_subprocess_exec(
+            *argv, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+            env={}, start_new_session=True, **_host_user(),
+        ))
         try:
-            proc = await asyncio.create_subprocess_exec(
-                *argv, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-                env={}, start_new_session=True, **_host_user(),
-            )
+            proc = await asyncio.shield(spawn)
         except OSError as exc:
             raise ToolError(f"python: the sandbox could not start: {exc}") from None
+        except asyncio.CancelledError:  # cancelled while it starts: it may be running already
+            await asyncio.shield(_stop_started(spawn))
+            raise
         stdin, stdout, stderr = proc.stdin, proc.stdout, proc.stderr
         assert stdin is not None and stdout is not None and stderr is not None  # all three were asked for as pipes
         stopped = []  # why we stopped it, if we did
@@ -274,13 +278,13 @@ class Sandbox:
             out, out_cut, err, err_cut, status = await asyncio.wait_for(communicate(), limits.timeout_s)
         except asyncio.TimeoutError:
             stop("time")
-            await _reap(proc)
+            await _reap(proc, killed=True)
             raise ToolError(f"python: exceeded the {limits.timeout_s:g} s time limit") from None
         except BaseException:  # cancelled: the sandbox goes too
             stop("cancelled")
-            await asyncio.shield(_reap(proc))
+            await asyncio.shield(_reap(proc, killed=True))
             raise
-        await _reap(proc)
+        await _reap(proc, killed=bool(stopped))
         text = out.decode("utf-8", "replace")
         error = err.decode("utf-8", "replace").strip()
         if out_cut:
@@ -299,16 +303,41 @@ class Sandbox:
         raise ToolError(f"python: {last}")
 
 
-async def _reap(proc) -> None:
+async def _reap(proc, killed: bool = False) -> None:
     """Wait for the sandbox to end and read its pipes to their end, discarding, so that nothing of
-    it stays open (it has ended, or was killed: this is quick)."""
+    it stays open (it has ended, or was killed: this is quick).
+
+    bwrap's init in the sandbox's PID namespace can miss a SIGKILL sent while it is still being set
+    up: the outer bwrap dies, the init lives on holding the pipes, and the snippet with it. So
+    where it was `killed`, its process group (which that init stays in, keeping the group's id
+    taken) is killed again every half second until the pipes close."""
 
     async def drain(stream: asyncio.StreamReader) -> None:
         while await stream.read(64 * 1024):
             pass
 
     proc.stdin.close()
-    await asyncio.gather(proc.wait(), drain(proc.stdout), drain(proc.stderr))
+    await proc.wait()
+    pipes = asyncio.ensure_future(asyncio.gather(drain(proc.stdout), drain(proc.stderr)))
+    while not pipes.done():
+        await asyncio.wait({pipes}, timeout=0.5)
+        if killed and not pipes.done():
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+    await pipes
+
+
+async def _stop_started(spawn: asyncio.Future) -> None:
+    """Kill and reap a sandbox whose start was being awaited when its run was cancelled (left to
+    asyncio, only bwrap itself would be killed, and its PID namespace's init could outlive it)."""
+    try:
+        proc = await spawn
+    except OSError:
+        return
+    _kill(proc)
+    await _reap(proc, killed=True)
 
 
 def _kill(proc) -> None:
