@@ -1,6 +1,6 @@
 """Per-caller limits at the edge, as a hostile or careless caller meets them: browser origins,
 sessions per API key (its client secrets included), a secret's bound config as a ceiling, and no
-credential ever echoed back. Served in process (`tests.deployments.test_gateway.Server`)."""
+credential ever echoed back. Served in process (`tests.deployments.edge_server.Server`)."""
 
 import json
 
@@ -13,7 +13,7 @@ from websockets.exceptions import InvalidStatus
 from deployments.auth import origin_allowed
 from tests.waits import wait_for
 
-from .test_gateway import KEY, Server, assert_clean_error, bearer, offer, ws_connect  # noqa: F401 (offer: a fixture)
+from .edge_server import KEY, Server, assert_clean_error, bearer, offer, ws_connect  # noqa: F401 (offer: a fixture)
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -15,7 +15,7 @@ import ray
 
 from protocols import OutputChunk, from_table
 from tests.conftest import API_KEY
-from tests.deployments.test_gateway import INTERNALS, _frame, _upgrade
+from tests.deployments.edge_server import INTERNALS, _frame, _upgrade
 from tests.deployments.test_gateway_fuzz import PROPERTIES, Target
 from tests.waits import wait_for
 

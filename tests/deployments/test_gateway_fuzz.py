@@ -20,9 +20,9 @@ import pytest
 from hypothesis import HealthCheck, given, reject, settings
 from hypothesis import strategies as st
 
-from tests.deployments.test_gateway import INTERNALS, KEY, Server, _upgrade
+from tests.deployments.edge_server import INTERNALS, KEY, Server, _upgrade
 from tests.waits import wait_for
-from tests.deployments.test_gateway import offer as offer  # noqa: F401  (the fixture)
+from tests.deployments.edge_server import offer as offer  # noqa: F401  (the fixture)
 
 pytestmark = pytest.mark.timeout(600)
 
