@@ -15,7 +15,9 @@ from protocols import BackgroundTask, BackgroundUpdate, InputChunk, from_table
 from tests.fakes import LocalLog, MockEngine
 from tests.sandboxes import sandbox_python
 
-from .test_interaction import FakeTime, chunk, exchange_then_step, until
+from tests.waits import until
+
+from .helpers import FakeTime, chunk, exchange_then_step
 
 TICKS = 30
 

@@ -15,12 +15,8 @@ from actors.log.log_actor import SessionLogActor
 from protocols import InputChunk, from_table
 from protocols.ports import Log
 from tests.fakes import MockEngine
-from tests.waits import until
 
-from .helpers import SAMPLES, FakeTime, chunk, exchange_then_step, make
-
-# test_flood and test_quotas import these from here.
-__all__ = ["FakeTime", "chunk", "exchange_then_step", "make", "until"]
+from .helpers import SAMPLES, chunk
 
 
 def test_the_clock_comes_from_the_engine():

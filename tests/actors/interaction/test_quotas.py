@@ -10,7 +10,9 @@ from actors.interaction.router import Router
 from protocols import ProtocolError
 from tests.fakes import FakePool
 
-from .test_interaction import chunk, exchange_then_step, make, until
+from tests.waits import until
+
+from .helpers import chunk, exchange_then_step, make
 from .test_router import Fake
 
 
