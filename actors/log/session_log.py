@@ -211,16 +211,8 @@ class SessionLog:
     # --- failover ----------------------------------------------------------------------------
 
     async def put_snapshot(self, session_id: str, tick: int, state: dict, epoch: int | None = None) -> None:
-        """Keep `state` (an `Engine.export_session` taken after tick `tick` was stepped) as the
-        session's newest snapshot: in memory (a copy), and in its folder (written to a temporary file and
-        renamed; fsynced if the log fsyncs), so a restarted log has it. An older snapshot goes; one
-        older than the kept one changes nothing, one of the same tick replaces it (a retry).
-
-        ProtocolError: unknown or closed session ("unknown_session", "session_closed"), a tick that
-        is not an integer >= 0, or a state that is not a dict of plain values and numpy arrays
-        ("invalid_state"), or an `epoch` that is not the session's writer epoch ("session_moved").
-        The file is written off the event loop; appends go on meanwhile.
-        """
+        """Keep `state` as the session's newest snapshot, durably and off the event loop (see
+        `actors.log.log_failover.put_snapshot`)."""
         await log_failover.put_snapshot(self.store, self.sessions.writable(session_id), tick, state, epoch)
 
     async def recovery(self, session_id: str, take_over: bool = True) -> Recovery:

@@ -15,7 +15,7 @@ import ray
 
 from protocols import OutputChunk, from_table
 from tests.conftest import API_KEY
-from tests.deployments.edge_server import INTERNALS, _frame, _upgrade
+from tests.deployments.edge_server import INTERNALS, _frame, _upgrade, offer  # noqa: F401 (offer: a fixture)
 from tests.deployments.test_gateway_fuzz import PROPERTIES, Target
 from tests.waits import wait_for
 
@@ -36,22 +36,6 @@ def clean_error(response: httpx.Response, status: int) -> dict:
 
 def sessions(app) -> int:
     return ray.get(app.ingress.stats.remote())["sessions"] + ray.get(app.interaction.stats.remote()).sessions
-
-
-@pytest.fixture(scope="module")
-def offer() -> str:
-    from aiortc import RTCPeerConnection
-
-    async def make():
-        pc = RTCPeerConnection()
-        pc.addTransceiver("audio", direction="sendrecv")
-        pc.createDataChannel("oai-events")
-        await pc.setLocalDescription(await pc.createOffer())
-        sdp = pc.localDescription.sdp
-        await pc.close()
-        return sdp
-
-    return asyncio.run(make())
 
 
 def until_taken(attempt, timeout=90.0):
