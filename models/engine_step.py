@@ -98,16 +98,12 @@ class EngineStep(EngineRows):
         """-> a chunk for every live session, and the errors (`models.step_checks.validate`)."""
         return validate(chunks, self._check, list(self._by_row), lambda sid, like: self._missing(self._sessions[sid], like))
 
-    def _check(self, chunk: Any, accepted: dict[str, InputChunk]) -> tuple[str, InputChunk]:
-        """The one validation: a private copy of the chunk, re-checked whole (fields may have
-        changed since it was made), then against this model. Queues its text last, so a refused
-        chunk changes nothing."""
-        if not isinstance(chunk, InputChunk):
-            raise ProtocolError(f"expected an InputChunk, got {type(chunk).__name__}", "invalid_value", "chunk")
+    def _check(self, chunk: InputChunk) -> tuple[str, InputChunk]:
+        """The one validation past `models.step_checks.validate`'s: a private copy of the chunk,
+        re-checked whole (fields may have changed since it was made), then against this model.
+        Queues its text last, so a refused chunk changes nothing."""
         sess = self._get(chunk.session_id)
         sid = sess.sid
-        if sid in accepted:
-            raise ProtocolError(f"session {sid!r} has more than one chunk in this step", "duplicate_session", "session_id")
         try:
             check_audio(chunk.audio, samples=self.cfg.samples_per_tick)
             chunk = dataclasses.replace(chunk)

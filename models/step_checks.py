@@ -1,10 +1,11 @@
 """What every engine checks of a tick's chunks before stepping them, written once for all families.
 
-`validate(chunks, check, live, missing)` -> (a chunk for every live session, the errors): each
-chunk goes through the engine's own `check` (which returns its session id and a private, checked
-copy, or raises `ProtocolError`); a refused chunk's error is keyed by its session id (or its repr
-where it has none) and the session is stepped as missing, as is every live session that sent no
-chunk. `session_of` is the lookup that refuses an unknown session id.
+`validate(chunks, check, live, missing)` -> (a chunk for every live session, the errors): what is
+not an `InputChunk`, and a second chunk for one session, are refused here; every other chunk goes
+through the engine's own `check` (which returns its session id and a private, checked copy, or
+raises `ProtocolError`, for an unknown session among others). A refused chunk's error is keyed by
+its session id (or its repr where it has none) and the session is stepped as missing, as is every
+live session that sent no chunk. `session_of` is the lookup that refuses an unknown session id.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ S = TypeVar("S")
 
 def validate(
     chunks: list[Any],
-    check: Callable[[Any, dict[str, InputChunk]], tuple[str, InputChunk]],
+    check: Callable[[InputChunk], tuple[str, InputChunk]],
     live: Iterable[str],
     missing: Callable[[str, Any], InputChunk],
 ) -> tuple[dict[str, InputChunk], dict[str, ProtocolError]]:
@@ -31,7 +32,11 @@ def validate(
     bad: dict[str, Any] = {}
     for c in chunks:
         try:
-            sid, good = check(c, accepted)
+            if not isinstance(c, InputChunk):
+                raise ProtocolError(f"expected an InputChunk, got {type(c).__name__}", "invalid_value", "chunk")
+            if isinstance(c.session_id, str) and c.session_id in accepted:  # any other id is refused by `check`
+                raise ProtocolError(f"session {c.session_id!r} has more than one chunk in this step", "duplicate_session", "session_id")
+            sid, good = check(c)
             accepted[sid] = good
         except ProtocolError as e:
             sid = getattr(c, "session_id", None)

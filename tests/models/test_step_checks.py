@@ -10,11 +10,8 @@ def chunk(sid: str, seq: int = 0) -> InputChunk:
     return InputChunk.silent(sid, seq, 0.0, 160, missing=False)
 
 
-def check(c, accepted):
-    if not isinstance(c, InputChunk):
-        raise ProtocolError("not a chunk", "invalid_value", "chunk")
-    if c.session_id in accepted:
-        raise ProtocolError("twice", "duplicate_session", "session_id")
+def check(c):
+    """An engine's own check: here, only the seq."""
     if c.seq < 0:
         raise ProtocolError("bad seq", "out_of_order", "seq")
     return c.session_id, c
@@ -41,6 +38,18 @@ def test_a_refused_chunk_is_an_error_under_its_session_and_its_session_is_steppe
     assert errors["a"].code == "out_of_order" and accepted["a"].missing  # the first error is kept, not missing_session
     assert errors["b"].code == "duplicate_session" and not accepted["b"].missing
     assert errors[repr("junk")[:64]].code == "invalid_value"
+
+
+def test_an_unhashable_session_id_is_left_to_the_engines_check_not_a_crash():
+    odd = chunk("a")
+    object.__setattr__(odd, "session_id", ["a"])
+
+    def engine_check(c):
+        session_of({"a": 1}, c.session_id)
+        return c.session_id, c
+
+    accepted, errors = validate([chunk("a"), odd], engine_check, ["a"], lambda sid, like: InputChunk.silent(sid, 0, 0.0, 160))
+    assert not accepted["a"].missing and errors[repr(odd)[:64]].code == "unknown_session"
 
 
 def test_session_of_refuses_unknown_and_non_string_ids():

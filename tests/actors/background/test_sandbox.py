@@ -49,3 +49,4 @@ def test_a_run_cancelled_at_any_point_of_its_start_ends_and_leaves_no_process():
 
     asyncio.run(main())
     wait_for(lambda: not sandbox_pids(), message=lambda: f"sandbox processes still alive: {sandbox_pids()}")
+    assert box.counts["runs"] >= 1 and not sandbox_pids()  # runs did start, and none outlived its cancel

@@ -159,8 +159,9 @@ def test_typed_text_and_session_updates_reach_the_interaction_side():
             client.send({"type": "conversation.item.create", "item": {"type": "message", "role": "user", "content": [{"type": "input_text", "text": "hello there"}]}})
             await client.wait_for("session.updated")
             await client.wait_for("conversation.item.added")
-            await until(lambda: any(c.text == "hello there" for c in echo.chunks))
-            await until(lambda: any(e["type"] == "session.update" for c in echo.chunks for e in c.events))
+            await until(lambda: "hello there" in "".join(c.text for c in echo.chunks))
+            updates = await until(lambda: [e for c in echo.chunks for e in c.events if e["type"] == "session.update"])
+            assert updates[0]["session"]["instructions"] == "be brief"  # forwarded as the client sent it
 
     asyncio.run(main())
 
