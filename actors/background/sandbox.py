@@ -42,6 +42,7 @@ import glob
 import json
 import os
 import shutil
+import secrets
 import signal
 import subprocess
 import sys
@@ -228,6 +229,10 @@ class Sandbox:
         limits = self.limits
         try:
             argv = command(limits)
+            # A mark on this run's command line (bwrap's, and its PID-namespace init's, a fork of
+            # it): what finds the init to kill when it has outlived bwrap in a session of its own.
+            mark = f"interplay-sandbox-{secrets.token_hex(8)}"
+            argv[argv.index("--"):argv.index("--")] = ["--setenv", "INTERPLAY_SANDBOX_RUN", mark]
         except (OSError, ValueError) as exc:
             raise ToolError(f"python: the sandbox could not start: {exc}") from None
         spawn = asyncio.ensure_future(asyncio.create_subprocess_exec(
@@ -239,7 +244,7 @@ class Sandbox:
         except OSError as exc:
             raise ToolError(f"python: the sandbox could not start: {exc}") from None
         except asyncio.CancelledError:  # cancelled while it starts: it may be running already
-            await asyncio.shield(_stop_started(spawn))
+            await asyncio.shield(_stop_started(spawn, mark))
             raise
         stdin, stdout, stderr = proc.stdin, proc.stdout, proc.stderr
         assert stdin is not None and stdout is not None and stderr is not None  # all three were asked for as pipes
@@ -249,7 +254,7 @@ class Sandbox:
             if not stopped:
                 stopped.append(why)
                 self.counts["stopped"] += 1
-            _kill(proc)
+            _kill(proc, mark)
 
         async def feed() -> None:
             try:
@@ -278,13 +283,13 @@ class Sandbox:
             out, out_cut, err, err_cut, status = await asyncio.wait_for(communicate(), limits.timeout_s)
         except asyncio.TimeoutError:
             stop("time")
-            await _reap(proc, killed=True)
+            await _reap(proc, mark, killed=True)
             raise ToolError(f"python: exceeded the {limits.timeout_s:g} s time limit") from None
         except BaseException:  # cancelled: the sandbox goes too
             stop("cancelled")
-            await asyncio.shield(_reap(proc, killed=True))
+            await asyncio.shield(_reap(proc, mark, killed=True))
             raise
-        await _reap(proc, killed=bool(stopped))
+        await _reap(proc, mark, killed=bool(stopped))
         text = out.decode("utf-8", "replace")
         error = err.decode("utf-8", "replace").strip()
         if out_cut:
@@ -303,51 +308,55 @@ class Sandbox:
         raise ToolError(f"python: {last}")
 
 
-async def _reap(proc, killed: bool = False) -> None:
+async def _reap(proc, mark: str, killed: bool = False) -> None:
     """Wait for the sandbox to end and read its pipes to their end, discarding, so that nothing of
     it stays open (it has ended, or was killed: this is quick).
 
-    bwrap's init in the sandbox's PID namespace can miss a SIGKILL sent while it is still being set
-    up: the outer bwrap dies, the init lives on holding the pipes, and the snippet with it. So
-    where it was `killed`, its process group (which that init stays in, keeping the group's id
-    taken) is killed again every half second until the pipes close."""
+    bwrap's init in the sandbox's PID namespace can outlive a bwrap killed while it was still
+    setting up (its parent-death signal is set after the fork, and it has its own session, out of
+    reach of bwrap's group), holding the pipes and the snippet. So where it was `killed`, every
+    process carrying this run's `mark` is killed again every half second until all has ended."""
 
     async def drain(stream: asyncio.StreamReader) -> None:
         while await stream.read(64 * 1024):
             pass
 
     proc.stdin.close()
-    await proc.wait()
-    pipes = asyncio.ensure_future(asyncio.gather(drain(proc.stdout), drain(proc.stderr)))
-    while not pipes.done():
-        await asyncio.wait({pipes}, timeout=0.5)
-        if killed and not pipes.done():
-            try:
-                os.killpg(proc.pid, signal.SIGKILL)
-            except (ProcessLookupError, PermissionError):
-                pass
-    await pipes
+    ended = asyncio.ensure_future(asyncio.gather(proc.wait(), drain(proc.stdout), drain(proc.stderr)))
+    while not ended.done():
+        await asyncio.wait({ended}, timeout=0.5)
+        if killed and not ended.done():
+            _kill(proc, mark)
+    await ended
 
 
-async def _stop_started(spawn: asyncio.Future) -> None:
-    """Kill and reap a sandbox whose start was being awaited when its run was cancelled (left to
-    asyncio, only bwrap itself would be killed, and its PID namespace's init could outlive it)."""
+async def _stop_started(spawn: asyncio.Future, mark: str) -> None:
+    """Kill and reap a sandbox whose start was being awaited when its run was cancelled."""
     try:
         proc = await spawn
     except OSError:
         return
-    _kill(proc)
-    await _reap(proc, killed=True)
+    _kill(proc, mark)
+    await _reap(proc, mark, killed=True)
 
 
-def _kill(proc) -> None:
-    """Kill bwrap's process group; --die-with-parent and the PID namespace take the rest."""
-    if proc.returncode is not None:  # reaped already: its group id may be another's by now
-        return
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass
+def _kill(proc, mark: str) -> None:
+    """Kill bwrap's process group and every process on the host carrying this run's `mark` (its
+    PID namespace's init among them: the namespace, the snippet included, goes with it)."""
+    if proc.returncode is None:  # once reaped, its group id may be another's
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+    needle = mark.encode()
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/cmdline", "rb") as f:
+                    if needle in f.read():
+                        os.kill(int(entry), signal.SIGKILL)
+            except (OSError, ProcessLookupError):
+                pass
 
 
 async def run_python(code: str, limits: SandboxLimits = SandboxLimits()) -> dict:
